@@ -1,0 +1,63 @@
+"""Forward + backward of the loss, side by side: original, reference, each fused backend, the floor.
+
+    pytest benchmarks --benchmark-only --benchmark-columns=median,iqr,rounds --benchmark-group-by=param:yolov3_batch
+
+Ratios (x floor, speed-up over the original) come from the medians of one run; no timing is asserted.
+"""
+
+import pytest
+import torch
+
+import original
+import yolo_kernels as yk
+
+
+def forward_backward(loss_fn, p):
+    def step():
+        for x in p:
+            x.grad = None
+        loss, _ = loss_fn()
+        loss.backward()
+
+    return step
+
+
+def _record(benchmark, p):
+    benchmark.extra_info.update(
+        shapes=[list(x.shape) for x in p], dtype=str(p[0].dtype), threads=torch.get_num_threads(),
+        torch=torch.__version__,
+    )  # fmt: skip
+
+
+def test_original(benchmark, yolov3_batch):
+    model, p, targets = yolov3_batch
+    _record(benchmark, p)
+    benchmark(forward_backward(lambda: original.compute_loss(p, targets, model), p))
+
+
+@pytest.mark.parametrize("backend", yk.available_backends("cpu"))
+def test_backend(benchmark, yolov3_batch, backend):
+    model, p, targets = yolov3_batch
+    _record(benchmark, p)
+    benchmark(forward_backward(lambda: yk.compute_loss(p, targets, model, backend=backend), p))
+
+
+def test_floor_zero_fill(benchmark, yolov3_batch):
+    _, p, _ = yolov3_batch
+    buffers = [torch.empty_like(x) for x in p]
+    _record(benchmark, p)
+    benchmark(lambda: [b.zero_() for b in buffers])
+
+
+def test_fresh_zeros_like(benchmark, yolov3_batch):
+    _, p, _ = yolov3_batch
+    _record(benchmark, p)
+    benchmark(lambda: [torch.zeros_like(x) for x in p])
+
+
+def test_original_and_reference_agree(yolov3_batch):
+    """The baseline is timed only because it computes the same loss (no duplicates-order issue on CPU)."""
+    model, p, targets = yolov3_batch
+    a = original.compute_loss(p, targets, model)[1]
+    b = yk.compute_loss(p, targets, model, backend="reference")[1]
+    assert torch.allclose(a, b, rtol=1e-5)

@@ -1,0 +1,47 @@
+"""Builds ``yolo_kernels._C`` from ``csrc/`` (kernels, no Python) and ``python/src/`` (the pybind11
+entry point) with torch's BuildExtension and ninja. Nothing is compiled while ``csrc/`` has no
+sources: the package is then pure Python (the reference backend).
+
+Environment: ``YOLO_KERNELS_NO_EXT=1`` skips the extension; ``YOLO_KERNELS_DEBUG=1`` builds with
+``-O0 -g``.
+"""
+
+import glob
+import os
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+MIN_TORCH = "2.4"
+
+
+def _sources():
+    kernels = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    bindings = sorted(glob.glob(os.path.join("python", "src", "*.cpp")))
+    return kernels, bindings
+
+
+def extension_modules():
+    kernels, bindings = _sources()
+    if not kernels or os.environ.get("YOLO_KERNELS_NO_EXT") == "1":
+        return [], {}
+    import torch
+    from packaging.version import Version
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+    if Version(torch.__version__).release < Version(MIN_TORCH).release:
+        raise RuntimeError(f"yolo_kernels needs torch >= {MIN_TORCH} to build its extension, found {torch.__version__}")
+    debug = os.environ.get("YOLO_KERNELS_DEBUG") == "1"
+    flags = ["-std=c++17", "-O0", "-g"] if debug else ["-std=c++17", "-O3", "-g0"]
+    ext = CppExtension(
+        "yolo_kernels._C",
+        kernels + bindings,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": flags},
+        define_macros=[("YOLO_KERNELS_CXX_FLAGS", '"' + " ".join(flags) + '"')],
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extension_modules()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

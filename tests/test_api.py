@@ -1,0 +1,103 @@
+"""The public API: the drop-in, the module, build_targets and the backend dispatch."""
+
+import pytest
+import torch
+
+import yolo_kernels as yk
+from helpers import duck_model, make_p, make_targets, random_anchors
+
+
+def test_available_backends_and_dispatch_errors():
+    assert yk.available_backends()[0] == "reference"
+    assert "reference" in yk.available_backends("cpu")
+    p = [torch.zeros(1, 1, 2, 2, 6)]
+    model = duck_model([torch.ones(1, 2)], 1)
+    for name in ("cpp", "triton"):
+        if name in yk.available_backends("cpu"):
+            continue
+        with pytest.raises(yk.BackendUnavailableError, match=f"backend '{name}' cannot run on cpu: .*"):
+            yk.compute_loss(p, torch.zeros(0, 6), model, backend=name)
+    with pytest.raises(ValueError, match=r"backend: expected 'auto' or one of .* got 'cuda'"):
+        yk.compute_loss(p, torch.zeros(0, 6), model, backend="cuda")
+    auto, _ = yk.compute_loss(p, torch.zeros(0, 6), model, backend="auto")
+    ref, _ = yk.compute_loss(p, torch.zeros(0, 6), model, backend="reference")
+    assert torch.allclose(auto, ref)
+
+
+def test_drop_in_equals_reference_and_unwraps_module(gen):
+    nas, grids, nc = [3, 3], [(4, 4), (8, 8)], 6
+    anchors = random_anchors(nas, gen)
+    model = duck_model(anchors, nc, hyp=dict(yk.DEFAULT_HYP, lr0=0.01, momentum=0.9), gr=0.4)
+    p = make_p(2, nas, grids, nc, gen)
+    t = make_targets(7, 2, nc, gen)
+    loss, items = yk.compute_loss(p, t, model, backend="reference")
+    ref_loss, ref_items = yk.reference.compute_loss(p, t, model)
+    assert torch.equal(items, ref_items) and loss.shape == (1,) and items.shape == (4,)
+
+    class Wrapper(torch.nn.Module):  # what DataParallel / DDP look like to the loss
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    wrapped = Wrapper(yk.models.Darknet("yolov3-tiny"))
+    q = [x.detach() for x in wrapped.module(torch.rand(2, 3, 64, 64))]
+    t2 = make_targets(5, 2, 80, gen)
+    a = yk.compute_loss(q, t2, wrapped)[1]
+    b = yk.compute_loss(q, t2, wrapped.module)[1]
+    assert torch.equal(a, b)
+    tc, tb, ind, an = yk.build_targets(q, t2, wrapped)
+    assert len(tc) == len(tb) == len(ind) == len(an) == 2
+
+
+@pytest.mark.parametrize("options", [{}, {"box_loss": "ciou", "reduction": "sum", "label_smoothing": 0.05}])
+def test_module_equals_drop_in(options, gen):
+    model = yk.models.Darknet("yolov3-tiny")
+    model.gr = 0.6
+    model.hyp = dict(yk.DEFAULT_HYP, fl_gamma=1.5, cls=20.0)
+    p = [x.detach() for x in model(torch.rand(2, 3, 64, 64))]
+    t = make_targets(6, 2, 80, gen)
+    want = yk.compute_loss(p, t, model, **options)
+    heads = [model.module_list[j] for j in model.yolo_layers]
+    crit = yk.YOLOv3Loss([h.anchors for h in heads], [h.stride for h in heads], 80, hyp=model.hyp,
+                         giou_ratio=0.6, **options)  # fmt: skip
+    got = crit(p, t)
+    assert torch.allclose(got[1], want[1], rtol=1e-6)
+    got_from_model = yk.YOLOv3Loss.from_model(model, **options)(p, t)
+    assert torch.allclose(got_from_model[1], want[1], rtol=1e-6)
+    crit.gr = 0.0  # ramped by the training loop
+    model.gr = 0.0
+    assert torch.allclose(crit(p, t)[1], yk.compute_loss(p, t, model, **options)[1], rtol=1e-6)
+    assert "nc=80" in repr(crit)
+
+
+def test_module_moves_anchors_with_to():
+    crit = yk.YOLOv3Loss([[[10, 13], [16, 30]]], [8], 3).to(torch.float64)
+    assert crit.anchor_vecs[0].dtype == torch.float64
+    assert torch.allclose(crit.anchor_vecs[0], torch.tensor([[10, 13], [16, 30]], dtype=torch.float64) / 8)
+
+
+def test_half_precision_inputs_match_upcast_reference(gen):
+    nas, grids, nc = [3], [(6, 5)], 4
+    anchors = random_anchors(nas, gen)
+    model = duck_model(anchors, nc)
+    p32 = make_p(2, nas, grids, nc, gen)
+    t = make_targets(6, 2, nc, gen)
+    for dtype in (torch.float16, torch.bfloat16):
+        ph = [x.to(dtype).requires_grad_() for x in p32]
+        loss, items = yk.compute_loss(ph, t, model)
+        loss.backward()
+        up = [x.detach().float().requires_grad_() for x in ph]
+        loss_up, items_up = yk.compute_loss(up, t, model, backend="reference")
+        loss_up.backward()
+        assert torch.allclose(items, items_up, rtol=1e-2)
+        assert ph[0].grad.dtype == dtype
+        err = (ph[0].grad.float() - up[0].grad).abs().max() / up[0].grad.abs().max()
+        assert err < 1e-2
+
+
+def test_targets_device_and_anchor_device_handling(gen):
+    # anchors stored on another device/dtype than p are moved (ultralytics keeps anchor_vec as a plain attribute)
+    anchors = [torch.tensor([[1.0, 1.0]], dtype=torch.float64)]
+    p = make_p(1, [1], [(3, 3)], 2, gen)
+    loss, _ = yk.compute_loss(p, make_targets(2, 1, 2, gen), duck_model(anchors, 2))
+    assert loss.dtype == torch.float32

@@ -1,0 +1,154 @@
+"""Loss options and the reading of an ultralytics-style ``model`` (SPEC §1, "What the drop-in reads").
+
+One home for the hyperparameter defaults and for the duck-typed model attributes, shared by the
+reference, the public API and every backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Sequence
+
+import torch
+
+__all__ = ["DEFAULT_HYP", "BOX_LOSSES", "REDUCTIONS", "LossOptions", "unwrap_model", "model_anchors"]
+
+#: Defaults of the original ``train.py`` (``cls`` is *not* scaled by nc/80: that is the caller's job).
+DEFAULT_HYP: dict[str, float] = {
+    "giou": 3.54,
+    "cls": 37.4,
+    "cls_pw": 1.0,
+    "obj": 64.3,
+    "obj_pw": 1.0,
+    "iou_t": 0.20,
+    "fl_gamma": 0.0,
+}
+
+BOX_LOSSES = ("giou", "iou", "diou", "ciou")
+REDUCTIONS = ("mean", "sum")
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name}: expected a scalar, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__} ({value!r})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class LossOptions:
+    """Every scalar the loss depends on, validated once.
+
+    ``giou``/``cls``/``obj`` are the gains of the three terms, ``cls_pw``/``obj_pw`` the BCE
+    ``pos_weight``s, ``iou_t`` the anchor-matching threshold, ``fl_gamma`` the focal gamma
+    (0 disables it), ``gr`` the objectness target's IoU ratio, ``nc`` the number of classes,
+    ``box_loss`` one of ``BOX_LOSSES``, ``reduction`` one of ``REDUCTIONS`` and
+    ``label_smoothing`` the ε of ``smooth_BCE``.
+    """
+
+    nc: int
+    gr: float = 1.0
+    giou: float = DEFAULT_HYP["giou"]
+    cls: float = DEFAULT_HYP["cls"]
+    cls_pw: float = DEFAULT_HYP["cls_pw"]
+    obj: float = DEFAULT_HYP["obj"]
+    obj_pw: float = DEFAULT_HYP["obj_pw"]
+    iou_t: float = DEFAULT_HYP["iou_t"]
+    fl_gamma: float = DEFAULT_HYP["fl_gamma"]
+    box_loss: str = "giou"
+    reduction: str = "mean"
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        nc = self.nc
+        if isinstance(nc, torch.Tensor) and nc.numel() == 1:
+            nc = nc.item()
+        if isinstance(nc, bool) or not isinstance(nc, int) and not (isinstance(nc, float) and nc.is_integer()):
+            raise TypeError(f"nc: expected an integer number of classes, got {type(nc).__name__} ({nc!r})")
+        if int(nc) < 1:
+            raise ValueError(f"nc: expected at least 1 class, got {int(nc)}")
+        object.__setattr__(self, "nc", int(nc))
+        for field in ("gr", "giou", "cls", "cls_pw", "obj", "obj_pw", "iou_t", "fl_gamma", "label_smoothing"):
+            object.__setattr__(self, field, _number(field, getattr(self, field)))
+        if self.cls_pw <= 0 or self.obj_pw <= 0:
+            raise ValueError(f"cls_pw/obj_pw: expected positive pos_weights, got {self.cls_pw}, {self.obj_pw}")
+        if self.fl_gamma < 0:
+            raise ValueError(f"fl_gamma: expected >= 0, got {self.fl_gamma}")
+        if not 0.0 <= self.label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing: expected a value in [0, 1], got {self.label_smoothing}")
+        if self.box_loss not in BOX_LOSSES:
+            raise ValueError(f"box_loss: expected one of {BOX_LOSSES}, got {self.box_loss!r}")
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {self.reduction!r}")
+
+    @classmethod
+    def from_hyp(cls, hyp: Mapping[str, Any] | None, *, nc: int, gr: float = 1.0, **options: Any) -> "LossOptions":
+        """Options from an ultralytics ``hyp`` dict; missing keys take ``DEFAULT_HYP``, extra keys are ignored."""
+        if hyp is None:
+            hyp = {}
+        if not isinstance(hyp, Mapping):
+            raise TypeError(f"hyp: expected a dict of hyperparameters, got {type(hyp).__name__}")
+        values = {key: hyp.get(key, default) for key, default in DEFAULT_HYP.items()}
+        return cls(nc=nc, gr=gr, **values, **options)
+
+    @property
+    def smooth_targets(self) -> tuple[float, float]:
+        """``(cp, cn)``: the positive and negative class targets after label smoothing."""
+        return 1.0 - 0.5 * self.label_smoothing, 0.5 * self.label_smoothing
+
+
+def unwrap_model(model: Any) -> Any:
+    """The model inside DataParallel / DistributedDataParallel (anything with ``.module`` and no ``yolo_layers``)."""
+    while not hasattr(model, "yolo_layers") and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def model_anchors(model: Any) -> list[torch.Tensor]:
+    """``model.module_list[j].anchor_vec`` for each ``j`` in ``model.yolo_layers`` (grid units, ``[na, 2]``)."""
+    model = unwrap_model(model)
+    for attr in ("yolo_layers", "module_list"):
+        if not hasattr(model, attr):
+            raise TypeError(f"model: expected a YOLO model with a '{attr}' attribute, got {type(model).__name__}")
+    anchors = []
+    for j in model.yolo_layers:
+        layer = model.module_list[j]
+        if not hasattr(layer, "anchor_vec"):
+            raise TypeError(
+                f"model: module_list[{j}] (listed in yolo_layers) has no 'anchor_vec'; got {type(layer).__name__}"
+            )
+        anchors.append(layer.anchor_vec)
+    return anchors
+
+
+def model_options(model: Any, **options: Any) -> LossOptions:
+    """``LossOptions`` from ``model.hyp``, ``model.gr`` and ``model.nc`` plus keyword overrides."""
+    model = unwrap_model(model)
+    for attr in ("hyp", "nc"):
+        if not hasattr(model, attr):
+            raise TypeError(f"model: expected a '{attr}' attribute (set model.{attr} before computing the loss)")
+    return LossOptions.from_hyp(model.hyp, nc=model.nc, gr=getattr(model, "gr", 1.0), **options)
+
+
+def as_anchor_list(anchors: Sequence[Any], name: str = "anchors") -> list[torch.Tensor]:
+    """Per-layer anchors as float tensors of shape ``[na, 2]``."""
+    if isinstance(anchors, torch.Tensor) and anchors.dim() == 3:
+        anchors = list(anchors)
+    if not isinstance(anchors, (list, tuple)) or len(anchors) == 0:
+        raise TypeError(f"{name}: expected a non-empty list of per-layer [na, 2] anchors, got {type(anchors).__name__}")
+    out = []
+    for i, a in enumerate(anchors):
+        t = torch.as_tensor(a, dtype=torch.float32) if not isinstance(a, torch.Tensor) else a
+        if t.dim() == 1 and t.numel() % 2 == 0:
+            t = t.reshape(-1, 2)
+        if t.dim() != 2 or t.shape[1] != 2 or t.shape[0] == 0:
+            raise ValueError(f"{name}[{i}]: expected shape [na, 2] with na >= 1, got {tuple(t.shape)}")
+        out.append(t)
+    return out

@@ -1,0 +1,226 @@
+"""The public loss API: ``compute_loss`` (the drop-in), ``YOLOv3Loss``, ``build_targets`` and the
+backend dispatch.
+
+Data flows one way: public call -> ``validate.check_inputs`` -> ``resolve_backend`` -> one backend
+call ``backend.loss(p, targets, anchors, options)``. A backend is an object with a ``name``, an
+``unavailable_reason(device)`` (``None`` when it can run there) and that ``loss`` method; the
+fused backends register themselves in ``BACKENDS`` when their module loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+
+from . import reference
+from .config import DEFAULT_HYP, LossOptions, as_anchor_list, model_anchors, model_options
+from .validate import check_inputs
+
+__all__ = [
+    "BackendUnavailableError",
+    "BACKENDS",
+    "available_backends",
+    "resolve_backend",
+    "compute_loss",
+    "build_targets",
+    "YOLOv3Loss",
+]
+
+
+class BackendUnavailableError(RuntimeError):
+    """A requested backend cannot run here; the message says why and how to get it."""
+
+
+class ReferenceBackend:
+    """Plain PyTorch (``yolo_kernels.reference``): any device, any floating dtype."""
+
+    name = "reference"
+
+    def unavailable_reason(self, device: torch.device | None) -> str | None:
+        return None
+
+    def loss(self, p, targets, anchors, options):
+        return reference.loss(p, targets, anchors, options)
+
+
+class MissingBackend:
+    """A backend this installation does not have; asking for it raises with ``reason``."""
+
+    def __init__(self, name: str, reason: str):
+        self.name = name
+        self.reason = reason
+
+    def unavailable_reason(self, device: torch.device | None) -> str | None:
+        return self.reason
+
+    def loss(self, p, targets, anchors, options):
+        raise BackendUnavailableError(f"backend {self.name!r} is not available: {self.reason}")
+
+
+BACKENDS: dict[str, Any] = {
+    "reference": ReferenceBackend(),
+    "cpp": MissingBackend("cpp", "the fused C++ CPU kernels are not built yet in this version of yolo_kernels"),
+    "triton": MissingBackend("triton", "the fused Triton GPU kernels are not built yet in this version of yolo_kernels"),
+}
+#: What ``backend="auto"`` tries, by device type, before falling back to the reference.
+AUTO_ORDER = {"cuda": ("triton",), "cpu": ("cpp",)}
+
+
+def available_backends(device: str | torch.device | None = None) -> list[str]:
+    """Names of the backends that can run (on ``device`` when given), reference first."""
+    device = torch.device(device) if device is not None else None
+    return [name for name, backend in BACKENDS.items() if backend.unavailable_reason(device) is None]
+
+
+def resolve_backend(backend: str, device: torch.device):
+    """The backend object for a name (or ``"auto"``) on ``device``; raises when it cannot run there."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend: expected a backend name, got {type(backend).__name__}")
+    if backend == "auto":
+        for name in AUTO_ORDER.get(device.type, ()):
+            if BACKENDS[name].unavailable_reason(device) is None:
+                return BACKENDS[name]
+        return BACKENDS["reference"]
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
+    reason = BACKENDS[backend].unavailable_reason(device)
+    if reason is not None:
+        raise BackendUnavailableError(f"backend {backend!r} cannot run on {device}: {reason}")
+    return BACKENDS[backend]
+
+
+def _first_device(p: Any) -> torch.device:
+    if isinstance(p, (list, tuple)) and p and isinstance(p[0], torch.Tensor):
+        return p[0].device
+    return torch.device("cpu")
+
+
+def _run(p, targets, anchors, options: LossOptions, backend: str, validate: bool):
+    device = _first_device(p)
+    anchors = [a.to(device=device) for a in anchors]
+    p = check_inputs(p, targets, anchors, options, validate)
+    return resolve_backend(backend, device).loss(p, targets, anchors, options)
+
+
+def compute_loss(
+    p: Sequence[torch.Tensor],
+    targets: torch.Tensor,
+    model: Any,
+    backend: str = "auto",
+    *,
+    box_loss: str = "giou",
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    validate: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop-in for ultralytics' ``compute_loss(p, targets, model)``.
+
+    Reads ``model.hyp``, ``model.gr``, ``model.nc``, ``model.yolo_layers`` and
+    ``model.module_list[j].anchor_vec`` (``.module`` of DataParallel/DDP is unwrapped).
+    Returns ``(loss [1], loss_items [4] = (lbox, lobj, lcls, loss))``, float32 (float64 for
+    float64 ``p``). ``validate=False`` skips the value checks of the targets (see ``validate``).
+    """
+    anchors = model_anchors(model)
+    options = model_options(model, box_loss=box_loss, reduction=reduction, label_smoothing=label_smoothing)
+    return _run(p, targets, anchors, options, backend, validate)
+
+
+def build_targets(p: Sequence[torch.Tensor], targets: torch.Tensor, model: Any, *, validate: bool = True):
+    """The original's ``build_targets``: ``(tcls, tbox, indices, anch)``, one entry per layer, where
+    ``indices[i] = (b, a, gj, gi)``; pairs in anchor-major order."""
+    anchors = [a.to(_first_device(p)) for a in model_anchors(model)]
+    options = model_options(model)
+    check_inputs(p, targets, anchors, options, validate)
+    return reference.build_targets(p, targets, model)
+
+
+class YOLOv3Loss(nn.Module):
+    """The YOLOv3 loss as a module that holds its anchors, strides and hyperparameters.
+
+    Args:
+        anchors: per layer, ``[na, 2]`` anchor sizes in **pixels**, in the order of ``p``.
+        strides: per layer, the stride in pixels (anchors are divided by it).
+        num_classes: ``nc``; ``p[i]`` has ``nc + 5`` channels.
+        hyp: ultralytics hyperparameters (keys of ``DEFAULT_HYP``; missing keys take defaults).
+        giou_ratio: ``gr``, the weight of the IoU in the objectness target (settable, e.g. ramped).
+        box_loss: ``"giou"`` (default), ``"iou"``, ``"diou"`` or ``"ciou"``.
+        reduction: ``"mean"`` (default) or ``"sum"`` (the original's alternative path).
+        label_smoothing: ε of ``smooth_BCE``.
+        backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"triton"``.
+        validate: check target values (see ``yolo_kernels.validate``).
+
+    ``forward(p, targets)`` returns ``(loss [1], loss_items [4])``, the same numbers as
+    ``compute_loss`` on a model with those anchors and settings.
+    """
+
+    def __init__(
+        self,
+        anchors: Sequence[Any],
+        strides: Sequence[float],
+        num_classes: int,
+        hyp: Mapping[str, Any] | None = None,
+        giou_ratio: float = 1.0,
+        box_loss: str = "giou",
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        backend: str = "auto",
+        validate: bool = True,
+    ):
+        super().__init__()
+        anchors = as_anchor_list(anchors)
+        strides = list(strides) if isinstance(strides, (list, tuple)) else strides
+        if not isinstance(strides, list) or len(strides) != len(anchors):
+            raise ValueError(f"strides: expected {len(anchors)} strides (one per anchor set), got {strides!r}")
+        for i, s in enumerate(strides):
+            if isinstance(s, bool) or not isinstance(s, (int, float)) or not s > 0:
+                raise ValueError(f"strides[{i}]: expected a positive number, got {s!r}")
+        self.strides = [float(s) for s in strides]
+        self.options = LossOptions.from_hyp(
+            hyp, nc=num_classes, gr=giou_ratio, box_loss=box_loss, reduction=reduction, label_smoothing=label_smoothing
+        )
+        self.backend = backend
+        self.validate = validate
+        for i, (a, s) in enumerate(zip(anchors, self.strides)):
+            self.register_buffer(f"anchor_vec{i}", a.detach().to(torch.float32) / s, persistent=False)
+        self.nl = len(anchors)
+
+    @classmethod
+    def from_model(cls, model: Any, **kwargs: Any) -> "YOLOv3Loss":
+        """A criterion with ``model``'s anchors, ``hyp``, ``gr`` and ``nc`` (anchors kept in grid units)."""
+        m = model_options(model)
+        anchors = model_anchors(model)
+        kwargs.setdefault("hyp", {k: getattr(m, k) for k in DEFAULT_HYP})
+        kwargs.setdefault("giou_ratio", m.gr)
+        return cls([a.detach().cpu() for a in anchors], [1.0] * len(anchors), m.nc, **kwargs)
+
+    @property
+    def anchor_vecs(self) -> list[torch.Tensor]:
+        """Per-layer anchors in grid units (pixels / stride)."""
+        return [getattr(self, f"anchor_vec{i}") for i in range(self.nl)]
+
+    @property
+    def nc(self) -> int:
+        return self.options.nc
+
+    @property
+    def gr(self) -> float:
+        return self.options.gr
+
+    @gr.setter
+    def gr(self, value: float) -> None:
+        self.options = dataclasses.replace(self.options, gr=value)
+
+    giou_ratio = gr
+
+    def forward(self, p: Sequence[torch.Tensor], targets: torch.Tensor):
+        return _run(p, targets, self.anchor_vecs, self.options, self.backend, self.validate)
+
+    def extra_repr(self) -> str:
+        o = self.options
+        return (
+            f"nl={self.nl}, nc={o.nc}, strides={self.strides}, box_loss={o.box_loss!r}, reduction={o.reduction!r}, "
+            f"gr={o.gr}, label_smoothing={o.label_smoothing}, backend={self.backend!r}"
+        )

@@ -1,0 +1,264 @@
+"""The oracle: the YOLOv3 loss of ultralytics/yolov3 (archive branch, v8) in plain PyTorch (SPEC §1).
+
+Every fast backend is tested against these functions. They are written to be read, not to be
+fast, but they are no slower than the original. Differences from the original, all deliberate:
+
+* the two crashes on modern PyTorch are gone (a CPU ``arange`` indexed by a CUDA mask, a long
+  tensor clamped with float bounds); the cell indices are clamped into the grid and the box
+  offsets are taken from the clamped cell, as the original meant;
+* duplicates (several pairs on one ``(image, anchor, gj, gi)``): the last pair in pair order sets
+  the objectness target, on every device (the original is undefined on CUDA);
+* ``exp`` of the w/h logits is capped before the ``clamp(max=1e3)`` (same values), so huge
+  logits give a zero gradient there instead of the original's NaN;
+* half-precision ``p`` is upcast: all arithmetic is float32 (float64 for float64 ``p``) and the
+  gradient comes back in ``p``'s dtype;
+* the loss options the original hard-codes (reduction, box-loss kind, label smoothing) are
+  arguments.
+
+The functions here do not validate their inputs; ``yolo_kernels.compute_loss(...,
+backend="reference")`` does, then calls ``loss``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Sequence
+
+import torch
+import torch.nn as nn
+
+from .config import LossOptions, model_anchors, model_options
+
+__all__ = [
+    "wh_iou",
+    "bbox_iou",
+    "box_iou_kind",
+    "smooth_BCE",
+    "FocalLoss",
+    "LayerTargets",
+    "match",
+    "build_targets",
+    "last_pair_mask",
+    "loss",
+    "compute_loss",
+    "compute_dtype",
+]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the loss is computed in: float64 for float64 inputs, float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def wh_iou(wh1: torch.Tensor, wh2: torch.Tensor) -> torch.Tensor:
+    """IoU of boxes sharing a centre, from sizes only: ``[N, 2]`` x ``[M, 2]`` -> ``[N, M]``."""
+    wh1 = wh1[:, None]  # [N, 1, 2]
+    wh2 = wh2[None]  # [1, M, 2]
+    inter = torch.min(wh1, wh2).prod(2)
+    return inter / (wh1.prod(2) + wh2.prod(2) - inter)
+
+
+def bbox_iou(box1, box2, x1y1x2y2=True, GIoU=False, DIoU=False, CIoU=False):
+    """IoU (or GIoU / DIoU / CIoU) of ``box1`` (``[4]`` or ``[4, n]``, coordinates first) with
+    ``box2`` (``[n, 4]``), element by element; the original's signature and constants.
+
+    Boxes are corners ``(x1, y1, x2, y2)`` when ``x1y1x2y2`` else centre ``(x, y, w, h)``.
+    """
+    box2 = box2.t()
+    if x1y1x2y2:
+        b1_x1, b1_y1, b1_x2, b1_y2 = box1[0], box1[1], box1[2], box1[3]
+        b2_x1, b2_y1, b2_x2, b2_y2 = box2[0], box2[1], box2[2], box2[3]
+    else:
+        b1_x1, b1_x2 = box1[0] - box1[2] / 2, box1[0] + box1[2] / 2
+        b1_y1, b1_y2 = box1[1] - box1[3] / 2, box1[1] + box1[3] / 2
+        b2_x1, b2_x2 = box2[0] - box2[2] / 2, box2[0] + box2[2] / 2
+        b2_y1, b2_y2 = box2[1] - box2[3] / 2, box2[1] + box2[3] / 2
+
+    inter = (torch.min(b1_x2, b2_x2) - torch.max(b1_x1, b2_x1)).clamp(0) * (
+        torch.min(b1_y2, b2_y2) - torch.max(b1_y1, b2_y1)
+    ).clamp(0)
+    w1, h1 = b1_x2 - b1_x1, b1_y2 - b1_y1
+    w2, h2 = b2_x2 - b2_x1, b2_y2 - b2_y1
+    union = (w1 * h1 + 1e-16) + w2 * h2 - inter
+    iou = inter / union
+    if not (GIoU or DIoU or CIoU):
+        return iou
+
+    cw = torch.max(b1_x2, b2_x2) - torch.min(b1_x1, b2_x1)  # enclosing box
+    ch = torch.max(b1_y2, b2_y2) - torch.min(b1_y1, b2_y1)
+    if GIoU:
+        c_area = cw * ch + 1e-16
+        return iou - (c_area - union) / c_area
+    c2 = cw**2 + ch**2 + 1e-16  # enclosing diagonal squared
+    rho2 = ((b2_x1 + b2_x2) - (b1_x1 + b1_x2)) ** 2 / 4 + ((b2_y1 + b2_y2) - (b1_y1 + b1_y2)) ** 2 / 4
+    if DIoU:
+        return iou - rho2 / c2
+    v = (4 / math.pi**2) * torch.pow(torch.atan(w2 / h2) - torch.atan(w1 / h1), 2)
+    with torch.no_grad():
+        alpha = v / (1 - iou + v)
+    return iou - (rho2 / c2 + v * alpha)
+
+
+def box_iou_kind(pbox: torch.Tensor, tbox: torch.Tensor, kind: str = "giou") -> torch.Tensor:
+    """``bbox_iou`` of centre-xywh ``pbox [P, 4]`` against ``tbox [P, 4]`` for a ``kind`` of ``BOX_LOSSES``."""
+    return bbox_iou(pbox.t(), tbox, x1y1x2y2=False, GIoU=kind == "giou", DIoU=kind == "diou", CIoU=kind == "ciou")
+
+
+def smooth_BCE(eps: float = 0.1) -> tuple[float, float]:
+    """Positive and negative BCE targets with label smoothing ``eps``."""
+    return 1.0 - 0.5 * eps, 0.5 * eps
+
+
+class FocalLoss(nn.Module):
+    """Focal loss around a ``BCEWithLogitsLoss``: element loss x ``alpha_t * (1 - p_t) ** gamma``."""
+
+    def __init__(self, loss_fcn: nn.BCEWithLogitsLoss, gamma: float = 1.5, alpha: float = 0.25):
+        super().__init__()
+        self.loss_fcn = loss_fcn
+        self.gamma = gamma
+        self.alpha = alpha
+        self.reduction = loss_fcn.reduction
+        self.loss_fcn.reduction = "none"  # the factor applies element by element
+
+    def forward(self, pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+        loss = self.loss_fcn(pred, true)
+        pred_prob = torch.sigmoid(pred)
+        p_t = true * pred_prob + (1 - true) * (1 - pred_prob)
+        alpha_factor = true * self.alpha + (1 - true) * (1 - self.alpha)
+        loss = loss * alpha_factor * (1.0 - p_t) ** self.gamma
+        if self.reduction == "mean":
+            return loss.mean()
+        if self.reduction == "sum":
+            return loss.sum()
+        return loss
+
+
+class LayerTargets(NamedTuple):
+    """The matched pairs of one layer, in pair order (``P`` pairs)."""
+
+    b: torch.Tensor  # [P] image index
+    a: torch.Tensor  # [P] anchor index
+    gj: torch.Tensor  # [P] cell row, clamped into the grid
+    gi: torch.Tensor  # [P] cell column, clamped into the grid
+    tbox: torch.Tensor  # [P, 4] (x offset in the cell, y offset, w, h), grid units
+    anch: torch.Tensor  # [P, 2] the pair's anchor, grid units
+    tcls: torch.Tensor  # [P] class index
+
+
+def match(
+    grid: tuple[int, int], targets: torch.Tensor, anchor_vec: torch.Tensor, iou_t: float, dtype=torch.float32
+) -> LayerTargets:
+    """Match ``targets [nt, 6]`` to the anchors ``anchor_vec [na, 2]`` of one layer with grid ``(ny, nx)``.
+
+    Pairs are every (anchor, target) with ``wh_iou > iou_t``, anchor-major then target order.
+    """
+    ny, nx = grid
+    device = targets.device
+    t = targets.to(dtype)
+    anchor_vec = anchor_vec.to(device=device, dtype=dtype)
+    scale = torch.tensor([nx, ny], device=device, dtype=dtype)
+    gxy = t[:, 2:4] * scale
+    gwh = t[:, 4:6] * scale
+
+    a, k = (wh_iou(anchor_vec, gwh) > iou_t).nonzero(as_tuple=True)  # row-major: anchor-major order
+    b = t[k, 0].long()
+    tcls = t[k, 1].long()
+    gxy, gwh = gxy[k], gwh[k]
+    # trunc toward zero, then clamp into the grid == trunc of the clamped value (no int overflow)
+    gi = gxy[:, 0].clamp(0, nx - 1).long()
+    gj = gxy[:, 1].clamp(0, ny - 1).long()
+    tbox = torch.cat((gxy - torch.stack((gi, gj), 1).to(dtype), gwh), 1)
+    return LayerTargets(b, a, gj, gi, tbox, anchor_vec[a], tcls)
+
+
+def build_targets(p: Sequence[torch.Tensor], targets: torch.Tensor, model: Any):
+    """The original's outputs ``(tcls, tbox, indices, anch)``, one entry per layer of ``p``."""
+    options = model_options(model)
+    anchors = model_anchors(model)
+    tcls, tbox, indices, anch = [], [], [], []
+    for pi, anchor_vec in zip(p, anchors):
+        m = match(tuple(pi.shape[2:4]), targets, anchor_vec, options.iou_t, compute_dtype(pi.dtype))
+        tcls.append(m.tcls)
+        tbox.append(m.tbox)
+        indices.append((m.b, m.a, m.gj, m.gi))
+        anch.append(m.anch)
+    return tcls, tbox, indices, anch
+
+
+def last_pair_mask(b, a, gj, gi, shape) -> torch.Tensor:
+    """True for the pairs that set their cell's objectness target: the last pair on each cell."""
+    _, na, ny, nx = shape
+    cell = ((b * na + a) * ny + gj) * nx + gi
+    cells, inverse = torch.unique(cell, return_inverse=True)
+    order = torch.arange(cell.numel(), device=cell.device)
+    last = torch.full((cells.numel(),), -1, dtype=order.dtype, device=cell.device)
+    last.scatter_reduce_(0, inverse, order, reduce="amax")
+    return last[inverse] == order
+
+
+def loss(
+    p: Sequence[torch.Tensor], targets: torch.Tensor, anchors: Sequence[torch.Tensor], options: LossOptions
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The YOLOv3 loss of ``p`` (per-layer ``[bs, na, ny, nx, nc + 5]`` logits) against ``targets``.
+
+    ``anchors[i]`` is layer ``i``'s ``anchor_vec`` in grid units. Returns ``(loss [1], loss_items [4])``
+    with ``loss_items = (lbox, lobj, lcls, loss)``, detached.
+    """
+    dtype = compute_dtype(p[0].dtype)
+    device = p[0].device
+    sum_reduction = options.reduction == "sum"
+    red = options.reduction
+
+    pos_weight = dict(device=device, dtype=dtype)
+    bce_cls = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([options.cls_pw], **pos_weight), reduction=red)
+    bce_obj = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([options.obj_pw], **pos_weight), reduction=red)
+    if options.fl_gamma > 0:
+        bce_cls, bce_obj = FocalLoss(bce_cls, options.fl_gamma), FocalLoss(bce_obj, options.fl_gamma)
+    cp, cn = smooth_BCE(options.label_smoothing)
+
+    lbox = torch.zeros(1, device=device, dtype=dtype)
+    lobj = torch.zeros(1, device=device, dtype=dtype)
+    lcls = torch.zeros(1, device=device, dtype=dtype)
+    n_pairs = 0
+    for pi, anchor_vec in zip(p, anchors):
+        pi = pi.to(dtype)
+        m = match(tuple(pi.shape[2:4]), targets, anchor_vec, options.iou_t, dtype)
+        tobj = torch.zeros_like(pi[..., 4])
+        n = m.b.shape[0]
+        if n:
+            n_pairs += n
+            ps = pi[m.b, m.a, m.gj, m.gi]
+            pxy = ps[:, :2].sigmoid()
+            # exp(x).clamp(max=1e3), with x first capped at 30 (exp(30) >> 1e3): same values, but a
+            # zero instead of 0 * inf = NaN gradient for huge logits
+            pwh = ps[:, 2:4].clamp(max=30.0).exp().clamp(max=1e3) * m.anch
+            iou = box_iou_kind(torch.cat((pxy, pwh), 1), m.tbox, options.box_loss)
+            lbox += (1.0 - iou).sum() if sum_reduction else (1.0 - iou).mean()
+
+            last = last_pair_mask(m.b, m.a, m.gj, m.gi, tobj.shape)
+            score = (1.0 - options.gr) + options.gr * iou.detach().clamp(0)
+            tobj[m.b[last], m.a[last], m.gj[last], m.gi[last]] = score[last]
+
+            if options.nc > 1:
+                t = torch.full_like(ps[:, 5:], cn)
+                t[torch.arange(n, device=device), m.tcls] = cp
+                lcls += bce_cls(ps[:, 5:], t)
+        lobj += bce_obj(pi[..., 4], tobj)
+
+    lbox *= options.giou
+    lobj *= options.obj
+    lcls *= options.cls
+    if sum_reduction:
+        gain = 3.0
+        lobj *= gain / p[0].shape[0]
+        if n_pairs:
+            lcls *= gain / n_pairs / options.nc
+            lbox *= gain / n_pairs
+    total = lbox + lobj + lcls
+    return total, torch.cat((lbox, lobj, lcls, total)).detach()
+
+
+def compute_loss(p: Sequence[torch.Tensor], targets: torch.Tensor, model: Any, **options: Any):
+    """The original's ``compute_loss(p, targets, model)``; ``options`` override ``LossOptions`` fields
+    (``box_loss``, ``reduction``, ``label_smoothing``)."""
+    return loss(p, targets, model_anchors(model), model_options(model, **options))

@@ -1,0 +1,104 @@
+"""The input checks of SPEC §4, shared by every backend.
+
+Structural checks (types, ranks, sizes, dtypes, devices) read only tensor metadata and always run.
+Data checks (image and class ids, box sizes, anchors) look at values:
+
+* on CPU tensors they run in Python and raise ``ValueError`` naming the first bad row and value;
+* on other devices they are queued as device-side asserts (``torch._assert_async``): no host
+  synchronisation; a bad value makes a later synchronising call fail with a ``RuntimeError``
+  carrying the same message (on CUDA the context is then unusable, as after any device assert);
+* ``validate=False`` skips the data checks (the caller vouches for the data).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from .config import LossOptions
+
+__all__ = ["check_inputs"]
+
+
+def _check_layer(i: int, pi: Any, first: torch.Tensor | None, na: int, options: LossOptions) -> None:
+    name = f"p[{i}]"
+    if not isinstance(pi, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(pi).__name__}")
+    if not pi.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor (float16/bfloat16/float32/float64), got {pi.dtype}")
+    if pi.dim() != 5:
+        raise ValueError(f"{name}: expected a 5-D tensor [bs, na, ny, nx, nc + 5], got shape {tuple(pi.shape)}")
+    if pi.shape[4] != options.nc + 5:
+        raise ValueError(
+            f"{name}: expected last dim nc + 5 = {options.nc + 5} (nc = {options.nc}), got {pi.shape[4]} "
+            f"(shape {tuple(pi.shape)})"
+        )
+    if pi.shape[1] != na:
+        raise ValueError(f"{name}: expected dim 1 = {na} anchors (anchors[{i}] has {na}), got {pi.shape[1]}")
+    if pi.shape[0] < 1 or pi.shape[2] < 1 or pi.shape[3] < 1:
+        raise ValueError(f"{name}: expected a non-empty batch and grid, got shape {tuple(pi.shape)}")
+    if first is not None:
+        if pi.shape[0] != first.shape[0]:
+            raise ValueError(f"{name}: expected batch size {first.shape[0]} (as p[0]), got {pi.shape[0]}")
+        if pi.device != first.device:
+            raise ValueError(f"{name}: expected device {first.device} (as p[0]), got {pi.device}")
+        if pi.dtype != first.dtype:
+            raise TypeError(f"{name}: expected dtype {first.dtype} (as p[0]), got {pi.dtype}")
+
+
+def _fail_first(bad: torch.Tensor, values: torch.Tensor, message: str) -> None:
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        value = values[row].tolist()
+        shown = [float(f"{v:.7g}") for v in value] if isinstance(value, list) else float(f"{value:.7g}")
+        raise ValueError(f"{message}, got {shown} at row {row}")
+
+
+def _check_values(targets: torch.Tensor, anchors: Sequence[torch.Tensor], bs: int, nc: int) -> None:
+    b, c, xy, wh = targets[:, 0], targets[:, 1], targets[:, 2:4], targets[:, 4:6]
+    checks = [
+        (~((b >= 0) & (b < bs) & (b == b.trunc())), b, f"targets[:, 0] (image index): expected integers in [0, {bs})"),
+        (~((c >= 0) & (c < nc) & (c == c.trunc())), c, f"targets[:, 1] (class): expected integers in [0, {nc})"),
+        (~torch.isfinite(xy).all(1), xy, "targets[:, 2:4] (box centre x, y): expected finite values"),
+        (~(torch.isfinite(wh) & (wh > 0)).all(1), wh, "targets[:, 4:6] (box w, h): expected finite values > 0"),
+    ]
+    for i, a in enumerate(anchors):
+        checks.append((~(torch.isfinite(a) & (a > 0)).all(1), a, f"anchors[{i}]: expected finite sizes > 0"))
+    if targets.device.type == "cpu":
+        for bad, values, message in checks:
+            _fail_first(bad, values, message)
+    else:
+        for bad, _, message in checks:
+            torch._assert_async(~bad.any(), f"{message} (device-side check; the offending value is not reported)")
+
+
+def check_inputs(
+    p: Any, targets: Any, anchors: Sequence[torch.Tensor], options: LossOptions, validate: bool = True
+) -> list[torch.Tensor]:
+    """Raise ``TypeError``/``ValueError`` for bad ``p``/``targets``/``anchors``; return ``p`` as a list."""
+    if isinstance(p, torch.Tensor) or not isinstance(p, (list, tuple)):
+        raise TypeError(f"p: expected a list of per-layer tensors, got {type(p).__name__}")
+    if len(p) == 0:
+        raise ValueError("p: expected at least one layer, got an empty list")
+    if len(p) != len(anchors):
+        raise ValueError(
+            f"p: expected {len(anchors)} layers (one per anchor set of the model/criterion), got {len(p)}"
+        )
+    for i, (pi, a) in enumerate(zip(p, anchors)):
+        _check_layer(i, pi, p[0] if i else None, a.shape[0], options)
+
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets: expected a torch.Tensor [nt, 6], got {type(targets).__name__}")
+    if not targets.is_floating_point():
+        raise TypeError(f"targets: expected a floating-point tensor, got {targets.dtype}")
+    if targets.dim() != 2 or targets.shape[1] != 6:
+        raise ValueError(
+            f"targets: expected shape [nt, 6] (image, class, x, y, w, h), got {tuple(targets.shape)}"
+        )
+    if targets.device != p[0].device:
+        raise ValueError(f"targets: expected device {p[0].device} (as p), got {targets.device}")
+
+    if validate:
+        _check_values(targets.detach(), [a.detach() for a in anchors], p[0].shape[0], options.nc)
+    return list(p)
