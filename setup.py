@@ -32,12 +32,16 @@ def extension_modules():
     if Version(torch.__version__).release < Version(MIN_TORCH).release:
         raise RuntimeError(f"yolo_kernels needs torch >= {MIN_TORCH} to build its extension, found {torch.__version__}")
     debug = os.environ.get("YOLO_KERNELS_DEBUG") == "1"
-    flags = ["-std=c++17", "-O0", "-g"] if debug else ["-std=c++17", "-O3", "-g0"]
+    # -ffp-contract=off: no fused multiply-add, so float results match the reference's op order
+    # -fopenmp: at::parallel_for is an inline OpenMP region (torch's CPU builds use OpenMP)
+    # -fno-trapping-math: lets the compiler vectorise branch-free selects (no change to results)
+    flags = ["-std=c++17", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp"] + (["-O0", "-g"] if debug else ["-O3", "-g0"])
     ext = CppExtension(
         "yolo_kernels._C",
         kernels + bindings,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={"cxx": flags},
+        extra_link_args=["-fopenmp"],
         define_macros=[("YOLO_KERNELS_CXX_FLAGS", '"' + " ".join(flags) + '"')],
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

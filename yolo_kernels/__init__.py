@@ -5,9 +5,9 @@
     crit = yk.YOLOv3Loss(anchors, strides, num_classes)            # the same as a module
 """
 
-from . import models, reference
-from .config import BOX_LOSSES, DEFAULT_HYP, REDUCTIONS, LossOptions
-from .loss import BackendUnavailableError, YOLOv3Loss, available_backends, build_targets, compute_loss
+from . import models, ops, reference
+from .config import BOX_LOSSES, DEFAULT_HYP, REDUCTIONS, BackendUnavailableError, LossOptions
+from .loss import YOLOv3Loss, available_backends, build_targets, compute_loss
 
 __version__ = "0.1.0"
 
@@ -22,5 +22,6 @@ __all__ = [
     "build_targets",
     "compute_loss",
     "models",
+    "ops",
     "reference",
 ]

@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-__all__ = ["DEFAULT_HYP", "BOX_LOSSES", "REDUCTIONS", "LossOptions", "unwrap_model", "model_anchors"]
+__all__ = ["BackendUnavailableError", "DEFAULT_HYP", "BOX_LOSSES", "REDUCTIONS", "LossOptions", "unwrap_model", "model_anchors"]
 
 #: Defaults of the original ``train.py`` (``cls`` is *not* scaled by nc/80: that is the caller's job).
 DEFAULT_HYP: dict[str, float] = {
@@ -24,6 +24,12 @@ DEFAULT_HYP: dict[str, float] = {
     "iou_t": 0.20,
     "fl_gamma": 0.0,
 }
+
+
+
+class BackendUnavailableError(RuntimeError):
+    """A requested backend cannot run here; the message says why and how to get it."""
+
 
 BOX_LOSSES = ("giou", "iou", "diou", "ciou")
 REDUCTIONS = ("mean", "sum")

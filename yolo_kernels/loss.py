@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 
 from . import reference
-from .config import DEFAULT_HYP, LossOptions, as_anchor_list, model_anchors, model_options
+from .cpp import CppBackend
+from .config import DEFAULT_HYP, BackendUnavailableError, LossOptions, as_anchor_list, model_anchors, model_options
 from .validate import check_inputs
 
 __all__ = [
@@ -28,10 +29,6 @@ __all__ = [
     "build_targets",
     "YOLOv3Loss",
 ]
-
-
-class BackendUnavailableError(RuntimeError):
-    """A requested backend cannot run here; the message says why and how to get it."""
 
 
 class ReferenceBackend:
@@ -62,7 +59,7 @@ class MissingBackend:
 
 BACKENDS: dict[str, Any] = {
     "reference": ReferenceBackend(),
-    "cpp": MissingBackend("cpp", "the fused C++ CPU kernels are not built yet in this version of yolo_kernels"),
+    "cpp": CppBackend(),
     "triton": MissingBackend("triton", "the fused Triton GPU kernels are not built yet in this version of yolo_kernels"),
 }
 #: What ``backend="auto"`` tries, by device type, before falling back to the reference.

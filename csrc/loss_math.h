@@ -1,0 +1,314 @@
+// Element math of the YOLOv3 loss shared by the CPU kernels: the IoU family on values or on dual
+// numbers (value + gradient), BCE-with-logits with pos_weight and focal factor, and target matching.
+// Plain C++17 (no ATen): every formula follows yolo_kernels/reference.py operation by operation.
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace yolo_kernels {
+
+enum class BoxKind { kIoU, kGIoU, kDIoU, kCIoU };
+enum class Reduction { kMean, kSum };
+
+// ---------------------------------------------------------------------------------------------
+// Forward-mode dual numbers: a value and its partial derivatives with respect to N inputs. The
+// box loss is written once over a scalar type S and instantiated with Dual<T, 4> to get the
+// gradient with respect to the four box logits. min/max split the gradient evenly on ties and
+// clamps pass it at the boundary, as PyTorch's autograd does.
+template <typename T, int N>
+struct Dual {
+  T v;
+  std::array<T, N> d;
+  Dual(T value = T(0)) : v(value) { d.fill(T(0)); }  // a constant
+  static Dual variable(T value, int i, T derivative) {
+    Dual x(value);
+    x.d[i] = derivative;
+    return x;
+  }
+};
+
+template <typename T, int N>
+Dual<T, N> operator+(const Dual<T, N>& a, const Dual<T, N>& b) {
+  Dual<T, N> r(a.v + b.v);
+  for (int i = 0; i < N; ++i) r.d[i] = a.d[i] + b.d[i];
+  return r;
+}
+template <typename T, int N>
+Dual<T, N> operator-(const Dual<T, N>& a, const Dual<T, N>& b) {
+  Dual<T, N> r(a.v - b.v);
+  for (int i = 0; i < N; ++i) r.d[i] = a.d[i] - b.d[i];
+  return r;
+}
+template <typename T, int N>
+Dual<T, N> operator*(const Dual<T, N>& a, const Dual<T, N>& b) {
+  Dual<T, N> r(a.v * b.v);
+  for (int i = 0; i < N; ++i) r.d[i] = a.d[i] * b.v + a.v * b.d[i];
+  return r;
+}
+template <typename T, int N>
+Dual<T, N> operator/(const Dual<T, N>& a, const Dual<T, N>& b) {
+  Dual<T, N> r(a.v / b.v);
+  for (int i = 0; i < N; ++i) r.d[i] = (a.d[i] - r.v * b.d[i]) / b.v;
+  return r;
+}
+template <typename T, int N>
+Dual<T, N> operator+(const Dual<T, N>& a, T b) { return a + Dual<T, N>(b); }
+template <typename T, int N>
+Dual<T, N> operator-(const Dual<T, N>& a, T b) { return a - Dual<T, N>(b); }
+template <typename T, int N>
+Dual<T, N> operator-(T a, const Dual<T, N>& b) { return Dual<T, N>(a) - b; }
+template <typename T, int N>
+Dual<T, N> operator*(const Dual<T, N>& a, T b) { return a * Dual<T, N>(b); }
+template <typename T, int N>
+Dual<T, N> operator/(const Dual<T, N>& a, T b) { return a / Dual<T, N>(b); }
+
+template <typename T, int N>
+T value(const Dual<T, N>& x) { return x.v; }
+inline float value(float x) { return x; }
+inline double value(double x) { return x; }
+
+template <typename T, int N>
+Dual<T, N> min2(const Dual<T, N>& a, const Dual<T, N>& b) {
+  if (a.v == b.v) {
+    Dual<T, N> r(a.v);
+    for (int i = 0; i < N; ++i) r.d[i] = (a.d[i] + b.d[i]) / T(2);
+    return r;
+  }
+  return a.v < b.v ? a : b;
+}
+template <typename T, int N>
+Dual<T, N> max2(const Dual<T, N>& a, const Dual<T, N>& b) {
+  if (a.v == b.v) return min2(a, b);
+  return a.v > b.v ? a : b;
+}
+template <typename T>
+T min2(T a, T b) { return a < b ? a : b; }
+template <typename T>
+T max2(T a, T b) { return a > b ? a : b; }
+
+// clamp(x, min=lo): the gradient passes where x >= lo
+template <typename T, int N>
+Dual<T, N> clamp_min(const Dual<T, N>& x, T lo) { return x.v >= lo ? x : Dual<T, N>(lo); }
+template <typename T>
+T clamp_min(T x, T lo) { return x >= lo ? x : lo; }
+
+template <typename T, int N>
+Dual<T, N> atan_(const Dual<T, N>& x) {
+  Dual<T, N> r(std::atan(x.v));
+  const T g = T(1) / (T(1) + x.v * x.v);
+  for (int i = 0; i < N; ++i) r.d[i] = x.d[i] * g;
+  return r;
+}
+template <typename T>
+T atan_(T x) { return std::atan(x); }
+
+template <typename T, int N>
+Dual<T, N> detach(const Dual<T, N>& x) { return Dual<T, N>(x.v); }
+template <typename T>
+T detach(T x) { return x; }
+
+// ---------------------------------------------------------------------------------------------
+// bbox_iou of a predicted centre-xywh box (px, py, pw, ph) against a target (tx, ty, tw, th).
+template <typename S, typename T>
+S box_iou(const S& px, const S& py, const S& pw, const S& ph, T tx, T ty, T tw, T th, BoxKind kind) {
+  const S b1_x1 = px - pw / T(2), b1_x2 = px + pw / T(2);
+  const S b1_y1 = py - ph / T(2), b1_y2 = py + ph / T(2);
+  const S b2_x1 = S(tx - tw / T(2)), b2_x2 = S(tx + tw / T(2));
+  const S b2_y1 = S(ty - th / T(2)), b2_y2 = S(ty + th / T(2));
+
+  const S inter = clamp_min(min2(b1_x2, b2_x2) - max2(b1_x1, b2_x1), T(0)) *
+                  clamp_min(min2(b1_y2, b2_y2) - max2(b1_y1, b2_y1), T(0));
+  const S w1 = b1_x2 - b1_x1, h1 = b1_y2 - b1_y1;
+  const S w2 = b2_x2 - b2_x1, h2 = b2_y2 - b2_y1;
+  const S uni = (w1 * h1 + T(1e-16)) + w2 * h2 - inter;
+  const S iou = inter / uni;
+  if (kind == BoxKind::kIoU) return iou;
+
+  const S cw = max2(b1_x2, b2_x2) - min2(b1_x1, b2_x1);  // enclosing box
+  const S ch = max2(b1_y2, b2_y2) - min2(b1_y1, b2_y1);
+  if (kind == BoxKind::kGIoU) {
+    const S c_area = cw * ch + T(1e-16);
+    return iou - (c_area - uni) / c_area;
+  }
+  const S c2 = cw * cw + ch * ch + T(1e-16);
+  const S dx = (b2_x1 + b2_x2) - (b1_x1 + b1_x2), dy = (b2_y1 + b2_y2) - (b1_y1 + b1_y2);
+  const S rho2 = dx * dx / T(4) + dy * dy / T(4);
+  if (kind == BoxKind::kDIoU) return iou - rho2 / c2;
+  const S da = atan_(w2 / h2) - atan_(w1 / h1);
+  const S v = da * da * T(4.0 / (M_PI * M_PI));
+  const S alpha = detach(v / ((T(1) - iou) + v));  // no gradient through alpha (as the original)
+  return iou - (rho2 / c2 + v * alpha);
+}
+
+// The predicted box of a row's logits: sigmoid(x, y), exp(w, h).clamp(max=1e3) * anchor, with
+// the logits as the dual variables 0..3.
+template <typename T>
+std::array<Dual<T, 4>, 4> predicted_box(const T* logits, T aw, T ah) {
+  std::array<Dual<T, 4>, 4> box;
+  for (int i = 0; i < 2; ++i) {
+    const T s = T(1) / (T(1) + std::exp(-logits[i]));
+    box[i] = Dual<T, 4>::variable(s, i, s * (T(1) - s));
+  }
+  const T anchor[2] = {aw, ah};
+  for (int i = 0; i < 2; ++i) {
+    const T e = std::exp(std::min(logits[2 + i], T(30)));  // exp(30) >> 1e3: same values, no inf
+    const bool passes = e <= T(1e3);
+    box[2 + i] = Dual<T, 4>::variable((passes ? e : T(1e3)) * anchor[i], 2 + i, passes ? e * anchor[i] : T(0));
+  }
+  return box;
+}
+
+// ---------------------------------------------------------------------------------------------
+// BCE with logits, pos_weight w, optional focal factor alpha_t * (1 - p_t)^gamma (alpha 0.25):
+// the element loss and its derivative with respect to the logit x.
+template <typename T>
+struct LossGrad {
+  T loss;
+  T grad;
+};
+
+template <typename T>
+inline LossGrad<T> bce_with_logits(T x, T y, T w, T gamma) {
+  const T e = std::exp(-std::abs(x));  // in (0, 1]: no overflow for any x
+  const T sig = x >= T(0) ? T(1) / (T(1) + e) : e / (T(1) + e);
+  const T log1pe = std::log1p(e);
+  const T neg_log_sig = log1pe + std::max(-x, T(0));     // -log(sigmoid(x))
+  const T neg_log_1msig = log1pe + std::max(x, T(0));    // -log(1 - sigmoid(x))
+  const T loss = w * y * neg_log_sig + (T(1) - y) * neg_log_1msig;
+  const T grad = sig * (T(1) - y + w * y) - w * y;
+  if (gamma <= T(0)) return {loss, grad};
+  const T alpha = T(0.25);
+  const T p_t = y * sig + (T(1) - y) * (T(1) - sig);
+  const T alpha_t = y * alpha + (T(1) - y) * (T(1) - alpha);
+  const T one_m_pt = T(1) - p_t;
+  const T mod = std::pow(one_m_pt, gamma);
+  const T dp_t = (T(2) * y - T(1)) * sig * (T(1) - sig);
+  const T dmod = gamma * std::pow(one_m_pt, gamma - T(1)) * -dp_t;
+  return {loss * alpha_t * mod, alpha_t * (grad * mod + loss * dmod)};
+}
+
+// ---------------------------------------------------------------------------------------------
+// The objectness BCE of cells whose target is 0 (all but the matched ones), over a row of logits,
+// in branch-free arithmetic the compiler vectorises. exp and log1p are evaluated by polynomials
+// (float: a few ulp; double: the C library) on arguments where they are well conditioned:
+// exp on [-87, 0], log1p on [0, 1] through log1p(e) = 2 atanh(e / (2 + e)).
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);  // below: 2^n would leave the normal range; the result is ~1e-38 either way
+  // round to nearest by adding and subtracting 1.5 * 2^23 (a library call would block vectorisation)
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723212e-6f;  // x - n ln2, two parts
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 0]
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+inline double exp_nonpositive(double x) { return std::exp(x); }
+
+inline float log1p_unit(float e) {  // log1p(e) for e in [0, 1]
+  const float s = e / (2.0f + e), s2 = s * s;
+  float p = 1.0f / 15.0f;
+  p = p * s2 + 1.0f / 13.0f;
+  p = p * s2 + 1.0f / 11.0f;
+  p = p * s2 + 1.0f / 9.0f;
+  p = p * s2 + 1.0f / 7.0f;
+  p = p * s2 + 1.0f / 5.0f;
+  p = p * s2 + 1.0f / 3.0f;
+  p = p * s2 + 1.0f;
+  return 2.0f * s * p;
+}
+inline double log1p_unit(double e) { return std::log1p(e); }
+
+// loss[i], grad[i] of BCE(x[i], y) for one target y shared by the row, pos_weight w, focal gamma
+// (0: plain). Vectorised for gamma == 0 and for y == 0; focal with y != 0 takes the scalar path.
+template <typename T>
+void bce_const_target_row(const T* x, T* loss, T* grad, int64_t n, T y, T w, T gamma) {
+  if (gamma > T(0) && y != T(0)) {
+    for (int64_t i = 0; i < n; ++i) {
+      const auto r = bce_with_logits<T>(x[i], y, w, gamma);
+      loss[i] = r.loss;
+      grad[i] = r.grad;
+    }
+    return;
+  }
+  if (gamma > T(0)) {  // y == 0: alpha_t = 0.75, 1 - p_t = sigmoid(x)
+    for (int64_t i = 0; i < n; ++i) {
+      const T e = exp_nonpositive(-std::abs(x[i]));
+      const T l = log1p_unit(e);
+      const T inv = T(1) / (T(1) + e);
+      const T sig = x[i] >= T(0) ? inv : e * inv;
+      const T bce = l + std::max(x[i], T(0));                               // -log(1 - sigmoid)
+      const T mod = exp_nonpositive(-gamma * (l + std::max(-x[i], T(0))));  // sigmoid^gamma
+      loss[i] = T(0.75) * bce * mod;
+      grad[i] = T(0.75) * mod * (sig + bce * gamma * (T(1) - sig));
+    }
+    return;
+  }
+  const T wy = w * y, one_m_y = T(1) - y, grad_sig = T(1) - y + w * y;
+  for (int64_t i = 0; i < n; ++i) {
+    const T e = exp_nonpositive(-std::abs(x[i]));
+    const T l = log1p_unit(e);
+    const T inv = T(1) / (T(1) + e);
+    const T sig = x[i] >= T(0) ? inv : e * inv;
+    loss[i] = wy * (l + std::max(-x[i], T(0))) + one_m_y * (l + std::max(x[i], T(0)));
+    grad[i] = sig * grad_sig - wy;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Target matching of one layer (SPEC §1): every (anchor, target) with wh_iou > iou_t, anchor-major.
+template <typename T>
+struct Pair {
+  int64_t b, a, gj, gi, cls;
+  T tbox[4];
+  T anch[2];
+};
+
+// targets: [nt, 6] contiguous rows (image, class, x, y, w, h); anchors: [na, 2] contiguous.
+template <typename T>
+std::vector<Pair<T>> match_layer(const T* targets, int64_t nt, const T* anchors, int64_t na, int64_t ny,
+                                 int64_t nx, T iou_t) {
+  std::vector<Pair<T>> pairs;
+  const T sx = T(nx), sy = T(ny);
+  for (int64_t a = 0; a < na; ++a) {
+    const T aw = anchors[2 * a], ah = anchors[2 * a + 1];
+    for (int64_t k = 0; k < nt; ++k) {
+      const T* t = targets + 6 * k;
+      const T gw = t[4] * sx, gh = t[5] * sy;
+      const T inter = std::min(aw, gw) * std::min(ah, gh);
+      const T iou = inter / (aw * ah + gw * gh - inter);
+      if (!(iou > iou_t)) continue;
+      const T gx = t[2] * sx, gy = t[3] * sy;
+      Pair<T> p;
+      p.b = static_cast<int64_t>(t[0]);
+      p.cls = static_cast<int64_t>(t[1]);
+      p.a = a;
+      // trunc toward zero then clamp == trunc of the clamped value, without integer overflow
+      p.gi = static_cast<int64_t>(std::min(std::max(gx, T(0)), T(nx - 1)));
+      p.gj = static_cast<int64_t>(std::min(std::max(gy, T(0)), T(ny - 1)));
+      p.tbox[0] = gx - T(p.gi);
+      p.tbox[1] = gy - T(p.gj);
+      p.tbox[2] = gw;
+      p.tbox[3] = gh;
+      p.anch[0] = aw;
+      p.anch[1] = ah;
+      pairs.push_back(p);
+    }
+  }
+  return pairs;
+}
+
+}  // namespace yolo_kernels
