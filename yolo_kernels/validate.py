@@ -60,6 +60,15 @@ def _check_values_cpu(targets: torch.Tensor, anchors: Sequence[torch.Tensor], bs
     # numpy on the CPU copy: microseconds, where a dozen tiny torch ops cost half a millisecond
     t = targets.to(torch.float64).numpy()
     b, c, xy, wh = t[:, 0], t[:, 1], t[:, 2:4], t[:, 4:6]
+    ok = True
+    if len(t):  # column minima and maxima (NaN and inf propagate into them) cover all but integrality
+        lo, hi = t.min(0), t.max(0)
+        ok = bool(np.isfinite(lo).all() and np.isfinite(hi).all() and lo[0] >= 0 and hi[0] < bs and lo[1] >= 0)
+        ok = ok and bool(hi[1] < nc and lo[4] > 0 and lo[5] > 0 and (t[:, :2] == np.trunc(t[:, :2])).all())
+    sizes = torch.cat([a.reshape(-1) for a in anchors])
+    ok = ok and bool(((sizes > 0) & torch.isfinite(sizes)).all())
+    if ok:  # the common case in a few vector operations; the details below only on failure
+        return
     with np.errstate(invalid="ignore"):
         _first_bad_row(~((b >= 0) & (b < bs) & (b == np.trunc(b))), b,
                        f"targets[:, 0] (image index): expected integers in [0, {bs})")  # fmt: skip

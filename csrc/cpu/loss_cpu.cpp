@@ -223,7 +223,11 @@ struct Layer {
   std::vector<double> cls_loss;  // [P]: the pair's summed class BCE
   std::vector<T> cls_grad;       // [P, nc]: d BCE / d class logits
   std::vector<std::pair<int64_t, T>> tobj;  // (cell, target), sorted by cell, last pair per cell
+  std::vector<std::pair<int64_t, int64_t>> by_cell;  // (cell, pair), sorted by cell, pair order kept
+  T box_scale = 0, cls_scale = 0;                    // d loss / d (1 - iou), d loss / d class BCE
 
+  // The gradient of each (image, anchor) plane is one contiguous block of whole rows (p contiguous).
+  bool block_rows() const { return g != nullptr && gs[4] == 1 && gs[3] == no && gs[2] == nx * no; }
   int64_t row_offset(const Pair<T>& q) const { return q.b * ps[0] + q.a * ps[1] + q.gj * ps[2] + q.gi * ps[3]; }
   int64_t grad_row_offset(const Pair<T>& q) const {
     return q.b * gs[0] + q.a * gs[1] + q.gj * gs[2] + q.gi * gs[3];
@@ -267,11 +271,26 @@ void pair_terms(Layer<scalar_t, T>& L, const Options& o, int64_t nc) {
     const T score = T(1.0 - o.gr) + T(o.gr) * std::max(L.iou[j], T(0));
     cells[j] = {((q.b * L.na + q.a) * L.ny + q.gj) * L.nx + q.gi, score};
   }
-  std::stable_sort(cells.begin(), cells.end(), [](const auto& x, const auto& y) { return x.first < y.first; });
+  L.by_cell.resize(P);
+  for (int64_t j = 0; j < P; ++j) L.by_cell[j] = {cells[j].first, j};
+  std::stable_sort(L.by_cell.begin(), L.by_cell.end(), [](const auto& x, const auto& y) { return x.first < y.first; });
   L.tobj.clear();
-  for (int64_t j = 0; j < P; ++j) {
-    if (j + 1 < P && cells[j + 1].first == cells[j].first) continue;
-    L.tobj.push_back(cells[j]);
+  for (int64_t k = 0; k < P; ++k) {
+    if (k + 1 < P && L.by_cell[k + 1].first == L.by_cell[k].first) continue;
+    L.tobj.push_back(cells[L.by_cell[k].second]);
+  }
+}
+
+// Add the box and class terms of pair j to its gradient row (element stride `step`).
+template <typename scalar_t, typename T>
+inline void add_pair_terms(const Layer<scalar_t, T>& L, int64_t j, int64_t nc, scalar_t* row, int64_t step) {
+  for (int k = 0; k < 4; ++k) {
+    scalar_t& gk = row[k * step];
+    gk = scalar_t(T(gk) - L.box_scale * L.diou[4 * j + k]);
+  }
+  for (int64_t c = 0; nc > 1 && c < nc; ++c) {
+    scalar_t& gc = row[(5 + c) * step];
+    gc = scalar_t(T(gc) + L.cls_scale * L.cls_grad[j * nc + c]);
   }
 }
 
@@ -322,9 +341,9 @@ void stream_zero_tensor(const at::Tensor& t) {
 // cache-resident staging block when the plane is one contiguous block of rows, else into the
 // pre-zeroed gradient.
 template <typename scalar_t, typename T>
-double objectness_pass(const Layer<scalar_t, T>& L, const Options& o, T grad_scale) {
+double objectness_pass(const Layer<scalar_t, T>& L, const Options& o, T grad_scale, int64_t nc) {
   const int64_t planes = L.bs * L.na, cells = L.ny * L.nx, no = L.no;
-  const bool block_rows = L.g != nullptr && L.gs[4] == 1 && L.gs[3] == no && L.gs[2] == L.nx * no;
+  const bool block_rows = L.block_rows();
   std::vector<double> partial(planes, 0.0);
   at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> xs(cells), loss(cells), grad(cells);
@@ -357,12 +376,21 @@ double objectness_pass(const Layer<scalar_t, T>& L, const Options& o, T grad_sca
 
       scalar_t* gp = L.g + b * L.gs[0] + a * L.gs[1];
       if (block_rows) {
+        // The matched rows get their box and class terms in the staging block, in pair order.
+        auto pair = std::lower_bound(L.by_cell.begin(), L.by_cell.end(), plane * cells,
+                                     [](const auto& e, int64_t cell) { return e.first < cell; });
         for (int64_t k0 = 0; k0 < cells; k0 += staging_rows) {
           const int64_t rows = std::min(staging_rows, cells - k0);
           for (int64_t r = 0; r < rows; ++r) staging[r * no + 4] = scalar_t(grad[k0 + r] * grad_scale);
+          const auto first = pair;
+          for (; pair != L.by_cell.end() && pair->first < plane * cells + k0 + rows; ++pair)
+            add_pair_terms(L, pair->second, nc, staging.data() + (pair->first - plane * cells - k0) * no, 1);
           stream_store(reinterpret_cast<char*>(gp + k0 * no), reinterpret_cast<const char*>(staging.data()),
                        sizeof(scalar_t) * rows * no);
           for (int64_t r = 0; r < rows; ++r) staging[r * no + 4] = scalar_t(0);
+          for (auto q = first; q != pair; ++q)
+            std::memset(static_cast<void*>(staging.data() + (q->first - plane * cells - k0) * no), 0,
+                        sizeof(scalar_t) * no);
         }
       } else {
         scalar_t* obj = gp + 4 * L.gs[4];
@@ -409,10 +437,9 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> fused_loss_impl(cons
       const auto strides = p[i].is_non_overlapping_and_dense() ? p[i].strides().vec()
                                                                 : at::infer_dense_strides(p[i].sizes(), p[i].strides());
       grads[i] = pooled_empty_strided(p[i].sizes(), strides, p[i].scalar_type());
-      const bool block_rows = grads[i].stride(4) == 1 && grads[i].stride(3) == no && grads[i].stride(2) == L.nx * no;
-      if (!block_rows) stream_zero_tensor(grads[i]);  // else the objectness pass writes whole rows
       L.g = grads[i].data_ptr<scalar_t>();
       for (int d = 0; d < 5; ++d) L.gs[d] = grads[i].stride(d);
+      if (!L.block_rows()) stream_zero_tensor(grads[i]);  // else the objectness pass writes whole rows
     } else {
       grads[i] = at::empty({0}, p[i].options());
     }
@@ -424,33 +451,24 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> fused_loss_impl(cons
     auto& L = layers[i];
     const int64_t P = int64_t(L.pairs.size());
     pair_terms(L, o, nc);
+    if (P > 0) {
+      const double box_scale = sum_red ? o.giou * 3.0 / double(n_total) : o.giou / double(P);
+      const double cls_scale = sum_red ? o.cls * 3.0 / double(n_total * nc) : o.cls / double(P * nc);
+      L.box_scale = T(box_scale), L.cls_scale = T(cls_scale);
+      double box_sum = 0.0, cls_sum = 0.0;
+      for (int64_t j = 0; j < P; ++j) {
+        box_sum += double(T(1) - L.iou[j]);
+        cls_sum += L.cls_loss[j];
+      }
+      lbox += box_scale * box_sum;
+      if (nc > 1) lcls += cls_scale * cls_sum;
+    }
     const double n_cells = double(L.bs * L.na * L.ny * L.nx);
     const double obj_scale = sum_red ? o.obj * 3.0 / double(bs) : o.obj / n_cells;
-    lobj += obj_scale * objectness_pass(L, o, T(obj_scale));
-    if (P == 0) continue;
-    const double box_scale = sum_red ? o.giou * 3.0 / double(n_total) : o.giou / double(P);
-    const double cls_scale = sum_red ? o.cls * 3.0 / double(n_total * nc) : o.cls / double(P * nc);
-    double box_sum = 0.0, cls_sum = 0.0;
-    for (int64_t j = 0; j < P; ++j) {
-      box_sum += double(T(1) - L.iou[j]);
-      cls_sum += L.cls_loss[j];
-    }
-    lbox += box_scale * box_sum;
-    if (nc > 1) lcls += cls_scale * cls_sum;
-    if (!compute_grad) continue;
-    // Box and class terms of the matched rows, in pair order: duplicates add up.
-    for (int64_t j = 0; j < P; ++j) {
-      scalar_t* row = L.g + L.grad_row_offset(L.pairs[j]);
-      for (int k = 0; k < 4; ++k) {
-        scalar_t& gk = row[k * L.gs[4]];
-        gk = scalar_t(T(gk) - T(box_scale) * L.diou[4 * j + k]);
-      }
-      if (nc > 1) {
-        for (int64_t c = 0; c < nc; ++c) {
-          scalar_t& gc = row[(5 + c) * L.gs[4]];
-          gc = scalar_t(T(gc) + T(cls_scale) * L.cls_grad[j * nc + c]);
-        }
-      }
+    lobj += obj_scale * objectness_pass(L, o, T(obj_scale), nc);
+    if (L.g && !L.block_rows()) {
+      // Other layouts: the box and class terms go to the matched rows after the pass, in pair order.
+      for (int64_t j = 0; j < P; ++j) add_pair_terms(L, j, nc, L.g + L.grad_row_offset(L.pairs[j]), L.gs[4]);
     }
   }
   at::Tensor items = at::empty({4}, T_type);
