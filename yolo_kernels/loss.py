@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from . import reference
 from .cpp import CppBackend
+from .triton import TritonBackend, _register_cuda_kernel
 from .config import DEFAULT_HYP, BackendUnavailableError, LossOptions, as_anchor_list, model_anchors, model_options
 from .validate import check_inputs
 
@@ -43,25 +44,12 @@ class ReferenceBackend:
         return reference.loss(p, targets, anchors, options)
 
 
-class MissingBackend:
-    """A backend this installation does not have; asking for it raises with ``reason``."""
-
-    def __init__(self, name: str, reason: str):
-        self.name = name
-        self.reason = reason
-
-    def unavailable_reason(self, device: torch.device | None) -> str | None:
-        return self.reason
-
-    def loss(self, p, targets, anchors, options):
-        raise BackendUnavailableError(f"backend {self.name!r} is not available: {self.reason}")
-
-
 BACKENDS: dict[str, Any] = {
     "reference": ReferenceBackend(),
     "cpp": CppBackend(),
-    "triton": MissingBackend("triton", "the fused Triton GPU kernels are not built yet in this version of yolo_kernels"),
+    "triton": TritonBackend(),
 }
+_register_cuda_kernel()
 #: What ``backend="auto"`` tries, by device type, before falling back to the reference.
 AUTO_ORDER = {"cuda": ("triton",), "cpu": ("cpp",)}
 

@@ -1,0 +1,197 @@
+"""Element math shared by the Triton kernels: stable BCE pieces, atan, and forward-mode dual numbers
+for the IoU family (value and derivatives with respect to the four box logits, as separate values).
+
+No libdevice: everything is written with ``tl.exp`` / ``tl.log`` / arithmetic, so the kernels run on
+Triton 3.6 to 3.9 and under the CPU interpreter.
+"""
+
+import triton
+import triton.language as tl
+
+PI = 3.141592653589793
+
+
+@triton.jit
+def log1p_unit(e):
+    """log1p(e) for e in [0, 1] as 2 atanh(e / (2 + e)): accurate for tiny e too."""
+    s = e / (2.0 + e)
+    s2 = s * s
+    q = 1.0 / 15.0
+    q = q * s2 + 1.0 / 13.0
+    q = q * s2 + 1.0 / 11.0
+    q = q * s2 + 1.0 / 9.0
+    q = q * s2 + 1.0 / 7.0
+    q = q * s2 + 1.0 / 5.0
+    q = q * s2 + 1.0 / 3.0
+    q = q * s2 + 1.0
+    return 2.0 * s * q
+
+
+@triton.jit
+def sigmoid(x):
+    """1 / (1 + exp(-x)) without overflowing exp for very negative x."""
+    e = tl.exp(-tl.abs(x))
+    inv = 1.0 / (1.0 + e)
+    return tl.where(x >= 0, inv, e * inv)
+
+
+@triton.jit
+def bce_with_logits(x, y, pos_weight, gamma, FOCAL: tl.constexpr):
+    """BCE with logits (pos_weight; focal factor alpha_t (1 - p_t)^gamma, alpha 0.25, when FOCAL):
+    the element loss and its derivative with respect to x."""
+    e = tl.exp(-tl.abs(x))
+    l1p = log1p_unit(e)
+    inv = 1.0 / (1.0 + e)
+    sig = tl.where(x >= 0, inv, e * inv)
+    neg_log_sig = l1p + tl.maximum(-x, 0.0)
+    neg_log_1msig = l1p + tl.maximum(x, 0.0)
+    loss = pos_weight * y * neg_log_sig + (1.0 - y) * neg_log_1msig
+    grad = sig * (1.0 - y + pos_weight * y) - pos_weight * y
+    if FOCAL:
+        p_t = y * sig + (1.0 - y) * (1.0 - sig)
+        alpha_t = y * 0.25 + (1.0 - y) * 0.75
+        one_m_pt = 1.0 - p_t
+        safe = tl.maximum(one_m_pt, 1e-38)
+        mod = tl.where(one_m_pt > 0, tl.exp(gamma * tl.log(safe)), 0.0)
+        dmod = tl.where(one_m_pt > 0, gamma * tl.exp((gamma - 1.0) * tl.log(safe)), 0.0)
+        dmod = dmod * -((2.0 * y - 1.0) * sig * (1.0 - sig))
+        grad = alpha_t * (grad * mod + loss * dmod)
+        loss = loss * alpha_t * mod
+    return loss, grad
+
+
+@triton.jit
+def atan(x):
+    """arctan by argument reduction (|x| > 1 -> 1/x, then x -> (x - 1)/(x + 1)) and a series."""
+    t = tl.abs(x)
+    big = t > 1.0
+    t = tl.where(big, 1.0 / tl.maximum(t, 1e-30), t)
+    mid = t > 0.41421356237309503
+    u = tl.where(mid, (t - 1.0) / (t + 1.0), t)
+    u2 = u * u
+    q = 1.0 / 23.0
+    q = -q * u2 + 1.0 / 21.0
+    q = -q * u2 + 1.0 / 19.0
+    q = -q * u2 + 1.0 / 17.0
+    q = -q * u2 + 1.0 / 15.0
+    q = -q * u2 + 1.0 / 13.0
+    q = -q * u2 + 1.0 / 11.0
+    q = -q * u2 + 1.0 / 9.0
+    q = -q * u2 + 1.0 / 7.0
+    q = -q * u2 + 1.0 / 5.0
+    q = -q * u2 + 1.0 / 3.0
+    q = -q * u2 + 1.0
+    r = u * q + tl.where(mid, PI / 4, 0.0)
+    r = tl.where(big, PI / 2 - r, r)
+    return tl.where(x < 0, -r, r)
+
+
+# Dual numbers: (v, d0, d1, d2, d3) = a value and its derivatives with respect to the 4 box logits.
+@triton.jit
+def d_add(av, a0, a1, a2, a3, bv, b0, b1, b2, b3):
+    return av + bv, a0 + b0, a1 + b1, a2 + b2, a3 + b3
+
+
+@triton.jit
+def d_sub(av, a0, a1, a2, a3, bv, b0, b1, b2, b3):
+    return av - bv, a0 - b0, a1 - b1, a2 - b2, a3 - b3
+
+
+@triton.jit
+def d_mul(av, a0, a1, a2, a3, bv, b0, b1, b2, b3):
+    return av * bv, a0 * bv + av * b0, a1 * bv + av * b1, a2 * bv + av * b2, a3 * bv + av * b3
+
+
+@triton.jit
+def d_div(av, a0, a1, a2, a3, bv, b0, b1, b2, b3):
+    v = av / bv
+    return v, (a0 - v * b0) / bv, (a1 - v * b1) / bv, (a2 - v * b2) / bv, (a3 - v * b3) / bv
+
+
+@triton.jit
+def d_scale(av, a0, a1, a2, a3, c):
+    return av * c, a0 * c, a1 * c, a2 * c, a3 * c
+
+
+@triton.jit
+def d_min(av, a0, a1, a2, a3, bv, b0, b1, b2, b3):
+    """min with the gradient split evenly on ties (as PyTorch's autograd)."""
+    wa = tl.where(av < bv, 1.0, tl.where(av == bv, 0.5, 0.0))
+    wb = 1.0 - wa
+    return tl.minimum(av, bv), wa * a0 + wb * b0, wa * a1 + wb * b1, wa * a2 + wb * b2, wa * a3 + wb * b3
+
+
+@triton.jit
+def d_max(av, a0, a1, a2, a3, bv, b0, b1, b2, b3):
+    wa = tl.where(av > bv, 1.0, tl.where(av == bv, 0.5, 0.0))
+    wb = 1.0 - wa
+    return tl.maximum(av, bv), wa * a0 + wb * b0, wa * a1 + wb * b1, wa * a2 + wb * b2, wa * a3 + wb * b3
+
+
+@triton.jit
+def d_clamp0(av, a0, a1, a2, a3):
+    """clamp(min=0): the gradient passes where the value is >= 0."""
+    keep = av >= 0
+    return tl.where(keep, av, 0.0), tl.where(keep, a0, 0.0), tl.where(keep, a1, 0.0), tl.where(keep, a2, 0.0), tl.where(keep, a3, 0.0)
+
+
+@triton.jit
+def d_atan(av, a0, a1, a2, a3):
+    g = 1.0 / (1.0 + av * av)
+    return atan(av), a0 * g, a1 * g, a2 * g, a3 * g
+
+
+@triton.jit
+def box_iou_dual(x0, x1, x2, x3, aw, ah, tx, ty, tw, th, KIND: tl.constexpr):
+    """IoU-family (KIND 0 iou, 1 giou, 2 diou, 3 ciou) of the box predicted by logits x0..x3 with
+    anchor (aw, ah) against the centre-xywh target: (value, d/dx0, d/dx1, d/dx2, d/dx3)."""
+    z = x0 * 0.0
+    # predicted box: sigmoid(xy), exp(wh).clamp(max=1e3) * anchor
+    sx = sigmoid(x0)
+    sy = sigmoid(x1)
+    ew = tl.exp(tl.minimum(x2, 30.0))
+    eh = tl.exp(tl.minimum(x3, 30.0))
+    pw = tl.minimum(ew, 1e3) * aw
+    ph = tl.minimum(eh, 1e3) * ah
+    dpw = tl.where(ew <= 1e3, ew * aw, 0.0)
+    dph = tl.where(eh <= 1e3, eh * ah, 0.0)
+    # corners of the prediction (duals) and of the target (constants)
+    l1v, l1a, l1b, l1c, l1d = sx - pw / 2, sx * (1 - sx), z, -dpw / 2, z
+    r1v, r1a, r1b, r1c, r1d = sx + pw / 2, sx * (1 - sx), z, dpw / 2, z
+    t1v, t1a, t1b, t1c, t1d = sy - ph / 2, z, sy * (1 - sy), z, -dph / 2
+    b1v, b1a, b1b, b1c, b1d = sy + ph / 2, z, sy * (1 - sy), z, dph / 2
+    l2 = tx - tw / 2
+    r2 = tx + tw / 2
+    t2 = ty - th / 2
+    b2 = ty + th / 2
+    # intersection, union, iou
+    iw = d_sub(*d_min(r1v, r1a, r1b, r1c, r1d, r2 + z, z, z, z, z), *d_max(l1v, l1a, l1b, l1c, l1d, l2 + z, z, z, z, z))
+    ih = d_sub(*d_min(b1v, b1a, b1b, b1c, b1d, b2 + z, z, z, z, z), *d_max(t1v, t1a, t1b, t1c, t1d, t2 + z, z, z, z, z))
+    inter = d_mul(*d_clamp0(*iw), *d_clamp0(*ih))
+    w1 = d_sub(r1v, r1a, r1b, r1c, r1d, l1v, l1a, l1b, l1c, l1d)
+    h1 = d_sub(b1v, b1a, b1b, b1c, b1d, t1v, t1a, t1b, t1c, t1d)
+    w2 = r2 - l2
+    h2 = b2 - t2
+    a1 = d_mul(*w1, *h1)
+    union = d_sub(a1[0] + 1e-16 + w2 * h2, a1[1], a1[2], a1[3], a1[4], *inter)
+    iou = d_div(*inter, *union)
+    if KIND == 0:
+        return iou
+    cw = d_sub(*d_max(r1v, r1a, r1b, r1c, r1d, r2 + z, z, z, z, z), *d_min(l1v, l1a, l1b, l1c, l1d, l2 + z, z, z, z, z))
+    ch = d_sub(*d_max(b1v, b1a, b1b, b1c, b1d, b2 + z, z, z, z, z), *d_min(t1v, t1a, t1b, t1c, t1d, t2 + z, z, z, z, z))
+    if KIND == 1:
+        c_area = d_mul(*cw, *ch)
+        c_area = (c_area[0] + 1e-16, c_area[1], c_area[2], c_area[3], c_area[4])
+        return d_sub(*iou, *d_div(*d_sub(*c_area, *union), *c_area))
+    c2 = d_add(*d_mul(*cw, *cw), *d_mul(*ch, *ch))
+    c2 = (c2[0] + 1e-16, c2[1], c2[2], c2[3], c2[4])
+    dx = d_sub((l2 + r2) + z, z, z, z, z, *d_add(l1v, l1a, l1b, l1c, l1d, r1v, r1a, r1b, r1c, r1d))
+    dy = d_sub((t2 + b2) + z, z, z, z, z, *d_add(t1v, t1a, t1b, t1c, t1d, b1v, b1a, b1b, b1c, b1d))
+    rho2 = d_add(*d_scale(*d_mul(*dx, *dx), 0.25), *d_scale(*d_mul(*dy, *dy), 0.25))
+    diou = d_sub(*iou, *d_div(*rho2, *c2))
+    if KIND == 2:
+        return diou
+    da = d_sub((atan(w2 / h2)) + z, z, z, z, z, *d_atan(*d_div(*w1, *h1)))
+    v = d_scale(*d_mul(*da, *da), 4.0 / (PI * PI))
+    alpha = v[0] / ((1.0 - iou[0]) + v[0])  # no gradient through alpha (as the original)
+    return d_sub(*diou, *d_scale(*v, alpha))
