@@ -8,30 +8,34 @@ import re
 import sys
 from collections import defaultdict
 
+NAME = re.compile(r"test_(?P<test>\w+)\[batch(?P<batch>\d+)-img(?P<img>\d+)-?(?P<rest>.*)\]")
 
-def rows(path):
+
+def load(path):
+    """``(machine_info, {(batch, img): {label: median ms}})``."""
     with open(path) as f:
         data = json.load(f)
-    groups = defaultdict(dict)  # batch -> name -> median ms
+    groups = defaultdict(dict)
     for b in data["benchmarks"]:
-        batch = re.search(r"batch(\d+)", b["name"]).group(1)
-        name = re.sub(r"\[?batch\d+-?", "[", b["name"]).replace("[]", "").replace("test_", "")
-        name = name.replace("[", " [").rstrip("[ ")
-        groups[int(batch)][name] = b["stats"]["median"] * 1e3
+        m = NAME.fullmatch(b["name"])
+        if not m:
+            continue
+        label = m["test"] + (f" [{m['rest']}]" if m["rest"] else "")
+        groups[int(m["batch"]), int(m["img"])][label] = b["stats"]["median"] * 1e3
     return data.get("machine_info", {}), groups
 
 
 def table(groups):
-    lines = ["| batch | provider | median ms | x floor | vs original (same mode) |", "|---|---|---|---|---|"]
-    for batch in sorted(groups):
-        g = groups[batch]
+    lines = ["| batch | img | benchmark | median ms | x floor | vs original (same mode) |", "|---|---|---|---|---|---|"]
+    for (batch, img), g in sorted(groups.items()):
         floor = g.get("floor_zero_fill")
-        for name, ms in sorted(g.items(), key=lambda kv: kv[1]):
-            mode = "forward" if name.endswith("forward]") else "forward+backward"
+        for label, ms in sorted(g.items(), key=lambda kv: kv[1]):
+            mode = "forward" if label.endswith("-forward]") or label.endswith("[forward]") else "forward+backward"
             original = g.get(f"original [{mode}]")
+            comparable = label.startswith(("backend", "original", "compiled_reference"))
             x_floor = f"{ms / floor:.2f}" if floor else "-"
-            speedup = f"{original / ms:.1f}x" if original and "]" in name else "-"
-            lines.append(f"| {batch} | {name} | {ms:.2f} | {x_floor} | {speedup} |")
+            speedup = f"{original / ms:.1f}x" if original and comparable else "-"
+            lines.append(f"| {batch} | {img} | {label} | {ms:.3f} | {x_floor} | {speedup} |")
     return "\n".join(lines)
 
 
@@ -39,7 +43,7 @@ def main(argv):
     if len(argv) != 2:
         print(__doc__)
         return 2
-    machine, groups = rows(argv[1])
+    machine, groups = load(argv[1])
     cpu = machine.get("cpu", {}).get("brand_raw", machine.get("processor", "?"))
     print(f"machine: {cpu}, Python {machine.get('python_version', '?')}\n")
     print(table(groups))

@@ -1,20 +1,40 @@
 """The main command runs end to end on small settings (no timing is asserted)."""
 
+import json
+
+import pytest
+
 from yolo_kernels import bench
 
 
-def test_bench_rows_and_table():
-    rows = bench.run(cfg="yolov3-tiny", img=64, batch=2, targets_per_image=3, repeats=2, warmup=1)
-    providers = [r["provider"] for r in rows]
-    assert providers[0] == "floor" and "reference" in providers
-    ref = rows[providers.index("reference")]
+def test_bench_rows_fields_and_table():
+    rows = bench.run(batches=[1, 2], imgs=[64], backends=["reference", "cpp"], repeats=2, warmup=1)
+    assert [r["provider"] for r in rows] == ["floor", "reference", "cpp"] * 2
+    for r in rows:
+        assert {"provider", "batch", "img", "dtype", "device", "median_ms", "p20_ms", "p80_ms", "x_floor",
+                "speedup_vs_reference", "peak_extra_mb", "max_rel_err"} <= set(r)  # fmt: skip
+        assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+    ref, cpp = rows[1], rows[2]
     assert ref["max_rel_err"] == 0.0 and ref["speedup_vs_reference"] == 1.0
-    assert all(r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] for r in rows)
+    assert cpp["max_rel_err"] < 1e-4
+    # the gradients (and, for the reference, its full-size temporaries) are seen by the memory measurement
+    grad_mb = sum(x.numel() * 4 for x in bench.yolov3_inputs(1, 64)[1]) / 2**20
+    assert cpp["peak_extra_mb"] >= grad_mb * 0.99 and ref["peak_extra_mb"] >= grad_mb
     table = bench.format_table(rows)
-    assert table.count("\n") == len(rows) + 1 and "| reference |" in table
+    assert table.count("\n") == len(rows) + 1 and "| cpp | 1 | 64 |" in table
 
 
-def test_bench_main_prints_machine_and_table(capsys):
-    assert bench.main(["--cfg", "yolov3-tiny", "--img", "64", "--batch", "1", "--repeats", "2", "--warmup", "0"]) == 0
-    out = capsys.readouterr().out
-    assert "machine:" in out and "| reference |" in out and "yolov3-tiny at 64, batch 1" in out
+def test_bench_main_json_and_plot(tmp_path, capsys):
+    out, png = tmp_path / "rows.json", tmp_path / "plot.png"
+    argv = ["--batch", "1", "2", "--img", "64", "--repeats", "2", "--warmup", "0", "--json", str(out), "--plot", str(png)]
+    assert bench.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "machine:" in text and "| reference | 2 | 64 |" in text
+    data = json.loads(out.read_text())
+    assert {r["provider"] for r in data["rows"]} >= {"floor", "reference"}
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_rejects_unavailable_backend():
+    with pytest.raises(Exception, match="backend"):
+        bench.run(batches=[1], imgs=[64], backends=["nope"], repeats=1, warmup=0)

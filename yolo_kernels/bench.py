@@ -1,18 +1,22 @@
 """The main job: time the YOLOv3 loss (forward + backward) with every available backend.
 
-    python -m yolo_kernels.bench                       # YOLOv3 at 416, batch 16, 10 targets/image
-    python -m yolo_kernels.bench --cfg yolov3-tiny --img 320 --batch 4 --repeats 5
+    python -m yolo_kernels.bench                                  # this machine's device, batch 16, 416
+    python -m yolo_kernels.bench --batch 1 16 64 --json out.json --plot out.png
+    python -m yolo_kernels.bench --device cuda --img 416 640 --dtype bfloat16
 
-It builds the Darknet model, runs it once on a batch of synthetic images to get realistic head
-outputs ``p`` (the loss's input), draws synthetic targets, then times forward + backward of the
-loss for each backend, side by side in one run, next to the floor (zero-filling buffers of
-``p``'s size, which a fused loss must at least do for its gradient). Each backend's loss and
-gradients are compared with the reference on the same inputs.
+Inputs are YOLOv3-shaped head outputs ``p`` (the shipped yolov3's three heads; random logits with
+the heads' initial objectness bias, since the loss's cost does not depend on the values) and 10
+random targets per image. Each provider's forward + backward is timed side by side in one run, next
+to the floor (zero-filling existing buffers of ``p``'s size, which writing the gradient costs at
+least). Every backend's loss and gradients are compared with the reference on the same inputs, and
+its peak extra memory is measured: on CUDA from the caching allocator's peak, on CPU from the
+profiler's memory timeline (every ATen allocation, and the C++ backend's pooled gradients).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
 import sys
@@ -24,42 +28,72 @@ import torch
 from . import loss as loss_api
 from .models import Darknet
 
-__all__ = ["synthetic_batch", "time_call", "run", "format_table", "main"]
+__all__ = ["yolov3_inputs", "time_call", "peak_extra_bytes", "run", "format_table", "plot", "main"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_MODELS: dict[str, Darknet] = {}
 
 
-def synthetic_batch(model: Darknet, batch: int, img: int, targets_per_image: int, dtype: torch.dtype, seed: int = 0):
-    """Head outputs of ``model`` on random images (as leaves requiring grad) and random targets."""
+def yolov3_inputs(batch: int, img: int = 416, targets_per_image: int = 10, seed: int = 0,
+                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", cfg: str = "yolov3"):  # fmt: skip
+    """``(model, p, targets)``: the model (for its anchors and hyperparameters), head outputs
+    ``p`` as leaves requiring grad, and ``targets [batch * targets_per_image, 6]``."""
+    if cfg not in _MODELS:
+        _MODELS[cfg] = Darknet(cfg)
+    model = _MODELS[cfg].to(device)
     g = torch.Generator().manual_seed(seed)
-    images = torch.rand(batch, 3, img, img, generator=g)
-    model.train()
-    with torch.no_grad():
-        p = [x.to(dtype).requires_grad_() for x in model(images)]
+    p = []
+    for j in model.yolo_layers:
+        head = model.module_list[j]
+        n = img // head.stride
+        x = torch.randn(batch, head.na, n, n, head.no, generator=g) * 0.5
+        x[..., 4] -= 4.5  # the head's initial objectness bias
+        p.append(x.to(device=device, dtype=dtype).requires_grad_())
     nt = batch * targets_per_image
     boxes = torch.rand(nt, 4, generator=g)
     boxes[:, 2:] = boxes[:, 2:] * 0.5 + 0.02  # widths/heights 2%..52% of the image
-    targets = torch.cat(
-        (
-            torch.arange(batch).repeat_interleave(targets_per_image)[:, None].float(),
-            torch.randint(0, model.nc, (nt, 1), generator=g).float(),
-            boxes,
-        ),
-        1,
-    )
-    return p, targets
+    classes = torch.randint(0, model.nc, (nt, 1), generator=g).float()
+    image = torch.arange(batch).repeat_interleave(targets_per_image)[:, None].float()
+    return model, p, torch.cat((image, classes, boxes), 1).to(device)
 
 
-def time_call(fn: Callable[[], Any], repeats: int, warmup: int) -> list[float]:
-    """Wall-clock milliseconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
+def time_call(fn: Callable[[], Any], repeats: int, warmup: int, device: torch.device) -> list[float]:
+    """Wall-clock milliseconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs (CUDA synchronised)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
+    sync()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        sync()
         times.append((time.perf_counter() - start) * 1e3)
     return times
+
+
+def peak_extra_bytes(fn: Callable[[], Any], device: torch.device) -> int:
+    """Peak memory allocated by ``fn()`` beyond what existed before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler._memory_profiler import Action
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True,
+                                record_shapes=True, with_stack=True) as prof:  # fmt: skip
+        fn()
+    current = peak = 0
+    for _, action, _, size in prof._memory_profile().timeline:
+        if action == Action.CREATE:
+            current += size
+        elif action == Action.DESTROY:
+            current -= size
+        peak = max(peak, current)
+    return peak
 
 
 def _percentile(xs: list[float], q: float) -> float:
@@ -67,7 +101,12 @@ def _percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
 
 
-def _forward_backward(name: str, p, targets, model):
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def _step(name: str, p, targets, model):
     def step():
         for x in p:
             x.grad = None
@@ -77,41 +116,35 @@ def _forward_backward(name: str, p, targets, model):
     return step
 
 
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-
-
-def run(cfg="yolov3", img=416, batch=16, targets_per_image=10, backends=None, dtype="float32",
-        repeats=20, warmup=3, seed=0) -> list[dict[str, Any]]:  # fmt: skip
-    """Rows of ``{provider, median_ms, p20_ms, p80_ms, x_floor, speedup_vs_reference, loss, max_rel_err}``."""
-    torch.manual_seed(seed)
-    model = Darknet(cfg, img_size=img)
-    p, targets = synthetic_batch(model, batch, img, targets_per_image, DTYPES[dtype], seed)
-    names = backends or loss_api.available_backends(p[0].device)
-
-    # The reference's loss and gradients on the same inputs, to check every backend against.
-    for x in p:
-        x.grad = None
-    ref_loss, ref_items = loss_api.compute_loss(p, targets, model, backend="reference")
+def _measure_batch(batch, img, backends, dtype, device, repeats, warmup, seed, progress):
+    model, p, targets = yolov3_inputs(batch, img, 10, seed, DTYPES[dtype], device)
+    up = [x.detach().float().requires_grad_() for x in p]  # the reference on the same values, upcast
+    ref_loss, ref_items = loss_api.compute_loss(up, targets, model, backend="reference")
     ref_loss.backward()
-    ref_grads = [x.grad.clone() for x in p]
 
     rows = []
     buffers = [torch.empty_like(x) for x in p]
-    floor = time_call(lambda: [b.zero_() for b in buffers], repeats, warmup)
-    rows.append({"provider": "floor", "times": floor})
-    for name in names:
-        step = _forward_backward(name, p, targets, model)
-        times = time_call(step, repeats, warmup)
+    zero_fill = lambda: [b.zero_() for b in buffers]  # noqa: E731
+    rows.append({"provider": "floor", "times": time_call(zero_fill, repeats, warmup, device), "peak_extra_bytes": 0})
+    progress()
+    for name in backends:
+        step = _step(name, p, targets, model)
+        times = time_call(step, repeats, warmup, device)
+        for x in p:
+            x.grad = None
+        peak = peak_extra_bytes(step, device)
         for x in p:
             x.grad = None
         loss, items = loss_api.compute_loss(p, targets, model, backend=name)
         loss.backward()
-        err = max([_rel_err(items, ref_items)] + [_rel_err(x.grad, g) for x, g in zip(p, ref_grads)])
-        rows.append({"provider": name, "times": times, "loss": float(loss.detach()), "max_rel_err": err})
+        err = max([_rel_err(items, ref_items)] + [_rel_err(x.grad.float(), r.grad) for x, r in zip(p, up)])
+        rows.append({"provider": name, "times": times, "loss": float(loss.detach()), "max_rel_err": err,
+                     "peak_extra_bytes": peak})  # fmt: skip
+        for x in p:
+            x.grad = None
+        progress()
 
-    floor_ms = statistics.median(floor)
+    floor_ms = statistics.median(rows[0]["times"])
     ref_ms = next((statistics.median(r["times"]) for r in rows if r["provider"] == "reference"), None)
     for r in rows:
         times = r.pop("times")
@@ -119,58 +152,133 @@ def run(cfg="yolov3", img=416, batch=16, targets_per_image=10, backends=None, dt
         r["p20_ms"], r["p80_ms"] = _percentile(times, 0.2), _percentile(times, 0.8)
         r["x_floor"] = r["median_ms"] / floor_ms
         r["speedup_vs_reference"] = ref_ms / r["median_ms"] if ref_ms and r["provider"] != "floor" else None
-        r.update(cfg=cfg, img=img, batch=batch, dtype=dtype, device=str(p[0].device))
+        r["peak_extra_mb"] = r.pop("peak_extra_bytes") / 2**20
+        r.setdefault("max_rel_err", None)
+        r.update(batch=batch, img=img, dtype=dtype, device=str(device))
+    return rows
+
+
+def run(batches=(16,), imgs=(416,), backends=None, dtype="float32", device=None, repeats=20, warmup=3, seed=0,
+        progress: Callable[[], None] = lambda: None) -> list[dict[str, Any]]:  # fmt: skip
+    """Rows with ``provider, batch, img, dtype, device, median_ms, p20_ms, p80_ms, x_floor,
+    speedup_vs_reference, peak_extra_mb, max_rel_err, loss``: one per provider, batch and image size."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if backends is None:
+        backends = [b for b in loss_api.available_backends(device) if not (b == "triton" and device.type == "cpu")]
+    for name in backends:
+        loss_api.resolve_backend(name, device)  # a clear error now, not after the first batch
+    rows = []
+    for img in imgs:
+        for batch in batches:
+            rows += _measure_batch(batch, img, backends, dtype, device, repeats, warmup, seed, progress)
     return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = ["provider", "median ms", "p20-p80 ms", "x floor", "vs reference", "loss", "max rel err"]
+    head = ["provider", "batch", "img", "median ms (p20-p80)", "x floor", "vs reference", "peak extra MB",
+            "max rel err"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         cells = [
-            r["provider"],
-            f"{r['median_ms']:.2f}",
-            f"{r['p20_ms']:.2f}-{r['p80_ms']:.2f}",
-            f"{r['x_floor']:.1f}",
-            f"{r['speedup_vs_reference']:.2f}x" if r["speedup_vs_reference"] else "-",
-            f"{r['loss']:.4f}" if "loss" in r else "-",
-            f"{r['max_rel_err']:.1e}" if "max_rel_err" in r else "-",
-        ]
+            r["provider"], str(r["batch"]), str(r["img"]),
+            f"{r['median_ms']:.2f} ({r['p20_ms']:.2f}-{r['p80_ms']:.2f})", f"{r['x_floor']:.2f}",
+            f"{r['speedup_vs_reference']:.1f}x" if r["speedup_vs_reference"] else "-",
+            f"{r['peak_extra_mb']:.1f}" if r["provider"] != "floor" else "-",
+            f"{r['max_rel_err']:.1e}" if r["max_rel_err"] is not None else "-",
+        ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def machine_line(threads: int) -> str:
-    cpu = platform.processor() or platform.machine()
+def plot(rows: list[dict[str, Any]], path: str) -> None:
+    """Median ms against batch size per provider (log axes), one panel per image size."""
     try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {threads} threads, torch {torch.__version__}, Python {platform.python_version()}"
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install matplotlib (or yolo_kernels[plot])") from None
+    imgs = sorted({r["img"] for r in rows})
+    fig, axes = plt.subplots(1, len(imgs), figsize=(6 * len(imgs), 4.5), squeeze=False)
+    for ax, img in zip(axes[0], imgs):
+        for provider in dict.fromkeys(r["provider"] for r in rows):
+            pts = sorted((r["batch"], r["median_ms"]) for r in rows if r["provider"] == provider and r["img"] == img)
+            ax.plot([b for b, _ in pts], [m for _, m in pts], marker="o", label=provider,
+                    linestyle="--" if provider == "floor" else "-")  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("forward + backward, median ms")
+        ax.set_title(f"YOLOv3 loss at {img}x{img} ({rows[0]['device']}, {rows[0]['dtype']})")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def machine_line(device: torch.device, threads: int) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        name = f"{name}, {threads} threads"
+    return f"{name}, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+class _Progress:
+    """A one-line progress bar on stderr, silent when stderr is not a terminal."""
+
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
+        self.enabled = sys.stderr.isatty()
+
+    def __call__(self) -> None:
+        self.done += 1
+        if self.enabled:
+            filled = int(30 * self.done / self.total)
+            print(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total}", end="", file=sys.stderr)
+            if self.done == self.total:
+                print(file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m yolo_kernels.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cfg", default="yolov3", help="cfg path or shipped name (default yolov3)")
-    parser.add_argument("--img", type=int, default=416, help="image size in pixels (default 416)")
-    parser.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
-    parser.add_argument("--targets-per-image", type=int, default=10)
-    parser.add_argument("--backends", nargs="+", help="backends to time (default: all available)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
+    parser.add_argument("--batch", type=int, nargs="+", default=[16], help="batch sizes (default 16)")
+    parser.add_argument("--img", type=int, nargs="+", default=[416], help="image sizes in pixels (default 416)")
+    parser.add_argument("--backends", nargs="+", help="backends to time (default: all available on the device)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of p")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", metavar="FILE", help="write the rows as JSON")
+    parser.add_argument("--plot", metavar="FILE.png", help="plot ms vs batch per provider (needs matplotlib)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = run(args.cfg, args.img, args.batch, args.targets_per_image, args.backends, args.dtype,
-               args.repeats, args.warmup, args.seed)  # fmt: skip
-    print(f"YOLOv3 loss, forward + backward: {args.cfg} at {args.img}, batch {args.batch}, "
-          f"{args.targets_per_image} targets/image, p {args.dtype}, medians of {args.repeats} runs")  # fmt: skip
-    print(f"machine: {machine_line(torch.get_num_threads())}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    n_providers = 1 + len(args.backends or [b for b in loss_api.available_backends(device)
+                                            if not (b == "triton" and device.type == "cpu")])  # fmt: skip
+    progress = _Progress(n_providers * len(args.batch) * len(args.img))
+    rows = run(args.batch, args.img, args.backends, args.dtype, device, args.repeats, args.warmup, args.seed,
+               progress)  # fmt: skip
+    machine = machine_line(device, torch.get_num_threads())
+    print(f"YOLOv3 loss, forward + backward, 10 targets/image, p {args.dtype}, medians of {args.repeats} runs")
+    print(f"machine: {machine}")
     print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "rows": rows}, f, indent=2)
+    if args.plot:
+        plot(rows, args.plot)
     return 0
 
 

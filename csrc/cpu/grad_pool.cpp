@@ -1,5 +1,6 @@
 #include "grad_pool.h"
 
+#include <c10/core/Allocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 
 #include <atomic>
@@ -114,8 +115,15 @@ at::Tensor pooled_empty_strided(at::IntArrayRef sizes, at::IntArrayRef strides, 
   if (!pool().enabled) return at::empty_strided(sizes, strides, options);
   const size_t nbytes = size_t(span) * at::elementSize(dtype);
   void* ptr = pool().acquire(nbytes);
+  // Tell the profiler (profile_memory=True) about the buffer's life, as ATen's allocator would.
+  c10::reportMemoryUsageToProfiler(ptr, int64_t(nbytes), 0, 0, c10::Device(c10::DeviceType::CPU));
   return at::from_blob(
-      ptr, sizes, strides, [nbytes](void* p) { pool().release(p, nbytes); }, options);
+      ptr, sizes, strides,
+      [nbytes](void* p) {
+        c10::reportMemoryUsageToProfiler(p, -int64_t(nbytes), 0, 0, c10::Device(c10::DeviceType::CPU));
+        pool().release(p, nbytes);
+      },
+      options);
 }
 
 GradPoolStats grad_pool_stats() { return pool().stats(); }
