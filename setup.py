@@ -3,7 +3,8 @@ entry point) with torch's BuildExtension and ninja. Nothing is compiled while ``
 sources: the package is then pure Python (the reference backend).
 
 Environment: ``YOLO_KERNELS_NO_EXT=1`` skips the extension; ``YOLO_KERNELS_DEBUG=1`` builds with
-``-O0 -g``.
+``-O0 -g``; ``YOLO_KERNELS_SANITIZE=1`` builds with AddressSanitizer and UndefinedBehaviorSanitizer
+(run it with the sanitizer runtimes preloaded: ``make sanitize``).
 """
 
 import glob
@@ -36,12 +37,17 @@ def extension_modules():
     # -fopenmp: at::parallel_for is an inline OpenMP region (torch's CPU builds use OpenMP)
     # -fno-trapping-math: lets the compiler vectorise branch-free selects (no change to results)
     flags = ["-std=c++17", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp"] + (["-O0", "-g"] if debug else ["-O3", "-g0"])
+    link = ["-fopenmp"]
+    if os.environ.get("YOLO_KERNELS_SANITIZE") == "1":
+        sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
+        flags = [f for f in flags if not f.startswith(("-O", "-g"))] + ["-O1", "-g"] + sanitize
+        link += sanitize
     ext = CppExtension(
         "yolo_kernels._C",
         kernels + bindings,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={"cxx": flags},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link,
         define_macros=[("YOLO_KERNELS_CXX_FLAGS", '"' + " ".join(flags) + '"')],
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
