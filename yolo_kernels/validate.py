@@ -4,9 +4,10 @@ Structural checks (types, ranks, sizes, dtypes, devices) read only tensor metada
 Data checks (image and class ids, box sizes, anchors) look at values:
 
 * on CPU tensors they run in Python and raise ``ValueError`` naming the first bad row and value;
-* on other devices they are queued as device-side asserts (``torch._assert_async``): no host
-  synchronisation; a bad value makes a later synchronising call fail with a ``RuntimeError``
-  carrying the same message (on CUDA the context is then unusable, as after any device assert);
+* on other devices, and inside ``torch.compile``, they are device-side asserts
+  (``torch._assert_async``): no host synchronisation and no graph break; a bad value makes a
+  later synchronising call fail with a ``RuntimeError`` carrying the same message (on CUDA the
+  context is then unusable, as after any device assert);
 * ``validate=False`` skips the data checks (the caller vouches for the data).
 """
 
@@ -122,6 +123,7 @@ def check_inputs(
         raise ValueError(f"targets: expected device {p[0].device} (as p), got {targets.device}")
 
     if validate:
-        check = _check_values_cpu if targets.device.type == "cpu" else _check_values_async
+        eager_cpu = targets.device.type == "cpu" and not torch.compiler.is_compiling()
+        check = _check_values_cpu if eager_cpu else _check_values_async
         check(targets.detach(), [a.detach() for a in anchors], p[0].shape[0], options.nc)
     return list(p)
