@@ -1,6 +1,6 @@
 """Train the package's Darknet on synthetic shapes with the ultralytics recipe the loss expects.
 
-    python -m yolo_kernels.train                                   # yolov3-tiny, 300 steps, CPU/GPU
+    python -m yolo_kernels.train                                   # yolov3-tiny, 300 steps of 8 at 96px
     python -m yolo_kernels.train --steps 20 --batch 4 --img 64 --backend reference --plot loss.png
     python -m yolo_kernels.train --cfg path/to/model.cfg --amp
 
@@ -200,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cfg", default="yolov3-tiny", help="shipped name or cfg path (default yolov3-tiny)")
     parser.add_argument("--nc", type=int, default=6, help="classes for a shipped architecture (1..6; default 6)")
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--img", type=int, default=128, help="image size, a multiple of 32 (default 128)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--img", type=int, default=96, help="image size, a multiple of 32 (default 96)")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--amp", action="store_true", help="autocast (bf16 on CPU, fp16 + GradScaler on CUDA)")
     parser.add_argument("--lr", type=float, default=0.01)
@@ -215,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--img: expected a multiple of 32, got {args.img}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)  # the initial weights too: same seed, same run
     model = build_model(args.cfg, args.nc)
     history = train(model, args.steps, args.batch, args.img, args.backend, args.amp, args.lr, args.seed, args.device,
                     progress=True)  # fmt: skip
