@@ -140,7 +140,7 @@ S box_iou(const S& px, const S& py, const S& pw, const S& ph, T tx, T ty, T tw, 
   const S dx = (b2_x1 + b2_x2) - (b1_x1 + b1_x2), dy = (b2_y1 + b2_y2) - (b1_y1 + b1_y2);
   const S rho2 = dx * dx / T(4) + dy * dy / T(4);
   if (kind == BoxKind::kDIoU) return iou - rho2 / c2;
-  const S da = atan_(w2 / h2) - atan_(w1 / h1);
+  const S da = atan_(w2 / h2) - atan_(w1 / (h1 + T(1e-16)));  // + 1e-16: no 0/0 when w, h underflow
   const S v = da * da * T(4.0 / (M_PI * M_PI));
   const S alpha = detach(v / ((T(1) - iou) + v));  // no gradient through alpha (as the original)
   return iou - (rho2 / c2 + v * alpha);

@@ -43,7 +43,7 @@ def box_iou(b1, b2, kind):
     rho2 = ((l2 + r2) - (l1 + r1)) ** 2 / 4 + ((t2 + d2) - (t1 + d1)) ** 2 / 4
     if kind == "diou":
         return iou - rho2 / c2
-    v = 4 / math.pi**2 * (math.atan((r2 - l2) / (d2 - t2)) - math.atan((r1 - l1) / (d1 - t1))) ** 2
+    v = 4 / math.pi**2 * (math.atan((r2 - l2) / (d2 - t2)) - math.atan((r1 - l1) / ((d1 - t1) + 1e-16))) ** 2
     return iou - (rho2 / c2 + v * v / (1 - iou + v))
 
 

@@ -22,7 +22,7 @@ def run(backend, p, targets, anchors, options):
 
 
 @pytest.mark.parametrize("backend", ALL)
-@pytest.mark.parametrize("box_loss", ["giou", "iou", "diou"])
+@pytest.mark.parametrize("box_loss", ["giou", "iou", "diou", "ciou"])
 @pytest.mark.parametrize("magnitude", [1e4, 80.0])
 def test_extreme_logits_give_finite_loss_and_gradients(backend, box_loss, magnitude, gen):
     anchors = random_anchors([2, 3], gen)

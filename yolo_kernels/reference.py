@@ -9,7 +9,8 @@ fast, but they are no slower than the original. Differences from the original, a
 * duplicates (several pairs on one ``(image, anchor, gj, gi)``): the last pair in pair order sets
   the objectness target, on every device (the original is undefined on CUDA);
 * ``exp`` of the w/h logits is capped before the ``clamp(max=1e3)`` (same values), so huge
-  logits give a zero gradient there instead of the original's NaN;
+  logits give a zero gradient there instead of the original's NaN; likewise CIoU's
+  ``atan(w / h)`` of the predicted box divides by ``h + 1e-16`` (no 0/0 when both underflow);
 * half-precision ``p`` is upcast: all arithmetic is float32 (float64 for float64 ``p``) and the
   gradient comes back in ``p``'s dtype;
 * the loss options the original hard-codes (reduction, box-loss kind, label smoothing) are
@@ -93,7 +94,8 @@ def bbox_iou(box1, box2, x1y1x2y2=True, GIoU=False, DIoU=False, CIoU=False):
     rho2 = ((b2_x1 + b2_x2) - (b1_x1 + b1_x2)) ** 2 / 4 + ((b2_y1 + b2_y2) - (b1_y1 + b1_y2)) ** 2 / 4
     if DIoU:
         return iou - rho2 / c2
-    v = (4 / math.pi**2) * torch.pow(torch.atan(w2 / h2) - torch.atan(w1 / h1), 2)
+    # + 1e-16: a predicted box whose w and h both underflow to 0 gives atan(0) instead of 0/0 = NaN
+    v = (4 / math.pi**2) * torch.pow(torch.atan(w2 / h2) - torch.atan(w1 / (h1 + 1e-16)), 2)
     with torch.no_grad():
         alpha = v / (1 - iou + v)
     return iou - (rho2 / c2 + v * alpha)

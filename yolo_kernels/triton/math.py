@@ -191,7 +191,8 @@ def box_iou_dual(x0, x1, x2, x3, aw, ah, tx, ty, tw, th, KIND: tl.constexpr):
     diou = d_sub(*iou, *d_div(*rho2, *c2))
     if KIND == 2:
         return diou
-    da = d_sub((atan(w2 / h2)) + z, z, z, z, z, *d_atan(*d_div(*w1, *h1)))
+    h1_safe = (h1[0] + 1e-16, h1[1], h1[2], h1[3], h1[4])  # no 0/0 when w and h underflow
+    da = d_sub((atan(w2 / h2)) + z, z, z, z, z, *d_atan(*d_div(*w1, *h1_safe)))
     v = d_scale(*d_mul(*da, *da), 4.0 / (PI * PI))
     alpha = v[0] / ((1.0 - iou[0]) + v[0])  # no gradient through alpha (as the original)
     return d_sub(*diou, *d_scale(*v, alpha))
