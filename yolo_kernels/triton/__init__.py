@@ -58,11 +58,10 @@ class TritonBackend:
     def unavailable_reason(self, device: torch.device | None) -> str | None:
         if _loss is None:
             return IMPORT_ERROR
-        if device is None or device.type == "cuda":
-            return None if device is not None or torch.cuda.is_available() or interpreter_active() else (
-                "no CUDA device (the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1)"
-            )
-        if device.type == "cpu" and interpreter_active():
+        if device is None:  # "can it run anywhere here?"
+            ok = torch.cuda.is_available() or interpreter_active()
+            return None if ok else "no CUDA device (CPU tensors run only under TRITON_INTERPRET=1)"
+        if device.type == "cuda" or (device.type == "cpu" and interpreter_active()):
             return None
         return f"the triton backend runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), got {device}"
 
