@@ -274,7 +274,7 @@ def test_non_contiguous_p_equals_contiguous(gen):
 
 
 def test_extreme_logits_give_finite_loss_and_grad(gen):
-    nas, grids, nc = [3], [(4, 4)], 5
+    nas, nc = [3], 5
     anchors = random_anchors(nas, gen)
     targets = make_targets(6, 2, nc, gen)
     for sign in (1.0, -1.0):

@@ -200,7 +200,7 @@ def fused_loss(p, targets, anchors, options: LossOptions, compute_grad: bool = T
     device = p[0].device
     dtype = torch.float64 if p[0].dtype == torch.float64 else torch.float32
     cdt = tl.float64 if dtype == torch.float64 else tl.float32
-    nl, bs, no = len(p), p[0].shape[0], p[0].shape[4]
+    bs, no = p[0].shape[0], p[0].shape[4]
     nc = no - 5
     t = targets.to(device=device, dtype=dtype).contiguous()
     nt = t.shape[0]
