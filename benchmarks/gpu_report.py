@@ -1,14 +1,21 @@
 """One command for a GPU machine: correctness, speed, memory, sync-freedom and CUDA-graph capture of
 the Triton loss, written to ``benchmarks/results/gpu-<card>.json`` and ``.md``.
 
+    bash benchmarks/gpu_report.sh [--out DIR]       # on a bare GPU machine: build in place, then this
     python benchmarks/gpu_report.py                 # batches 16 64, images 416 640
     python benchmarks/gpu_report.py --batch 16 --img 416 --quick
 
+Exits 1 when a parity check is out of its limits, a host sync happens or a captured graph differs
+from eager (2 without a usable GPU). The files are rewritten after every section, so a run cut
+short keeps what it measured.
+
 Sections:
-* parity: triton vs the reference on CUDA, float32 and bfloat16 ``p`` (max relative error of the
-  loss items and of the gradients; bf16 against the reference on the same values upcast);
-* speed: forward + backward medians (``triton.testing.do_bench``, which synchronises) of the
-  reference, ``torch.compile(reference)`` and triton, YOLOv3 shapes, 10 targets per image;
+* parity: triton vs the reference on CUDA, float32 and bfloat16 ``p``, default options and a set
+  with CIoU, focal, sum reduction, label smoothing and gr (max relative error of the loss items
+  and of the gradients; bf16 against the reference on the same values upcast);
+* speed: forward + backward medians of the reference, ``torch.compile(reference)`` and triton,
+  taken in turns with the L2 cache evicted before each call (CUDA events), YOLOv3 shapes, 10
+  targets per image;
 * the DRAM floor: bytes that must move (the gradient written once, the objectness logit of every
   cell read once) over the device-to-device copy bandwidth measured in the same run, and each
   provider's ratio to it;
@@ -26,14 +33,20 @@ import os
 import platform
 import re
 import sys
+import time
 
 import torch
 
-import yolo_kernels as yk
-
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from conftest import yolov3_inputs  # noqa: E402
+sys.path.insert(0, os.path.dirname(HERE))  # the source tree, installed or not (no pytest needed)
+
+import yolo_kernels as yk  # noqa: E402
+from yolo_kernels.bench import yolov3_inputs  # noqa: E402
+
+#: Parity limits (max relative error against the reference): bf16 gradients are rounded to bf16.
+TOLERANCES = {"float32": {"loss": 1e-5, "grad": 1e-4}, "bfloat16": {"loss": 1e-5, "grad": 1e-2}}
+#: Option sets checked for parity besides the defaults: every kernel constexpr path on the GPU.
+PARITY_OPTIONS = [{}, {"box_loss": "ciou", "fl_gamma": 1.5, "reduction": "sum", "label_smoothing": 0.1, "gr": 0.5}]
 
 
 def floor_bytes(p) -> int:
@@ -72,43 +85,87 @@ def forward_backward(p, targets, model, backend=None, loss_fn=None):
     return loss, items
 
 
+def _criterion(model, options: dict, backend: str):
+    hyp = dict(model.hyp, fl_gamma=options.get("fl_gamma", model.hyp["fl_gamma"]))
+    extra = {k: options[k] for k in ("box_loss", "reduction", "label_smoothing") if k in options}
+    criterion = yk.YOLOv3Loss.from_model(model, hyp=hyp, giou_ratio=options.get("gr", model.gr), backend=backend, **extra)
+    return criterion.cuda()  # anchors on the device: no host-to-device copy per call
+
+
 def parity(batch, img):
+    """Triton vs the reference (float32 on the same values) for float32 and bfloat16 ``p``."""
     rows = []
-    for dtype in (torch.float32, torch.bfloat16):
-        model, p, targets = cuda_inputs(batch, img, dtype)
-        _, items = forward_backward(p, targets, model, "triton")
-        grads = [x.grad.clone() for x in p]
-        up = [x.detach().float().requires_grad_() for x in p]
-        _, ref_items = forward_backward(up, targets, model, "reference")
-        err_grad = max(rel_err(g.float(), r.grad) for g, r in zip(grads, up))
-        rows.append({"dtype": str(dtype).replace("torch.", ""), "batch": batch, "img": img,
-                     "loss_rel_err": rel_err(items, ref_items), "grad_rel_err": err_grad})  # fmt: skip
+    for options in PARITY_OPTIONS:
+        for dtype in (torch.float32, torch.bfloat16):
+            model, p, targets = cuda_inputs(batch, img, dtype)
+            fast, ref = _criterion(model, options, "triton"), _criterion(model, options, "reference")
+            _, items = forward_backward(p, targets, model, loss_fn=lambda q, t, m: fast(q, t))
+            grads = [x.grad.clone() for x in p]
+            up = [x.detach().float().requires_grad_() for x in p]
+            _, ref_items = forward_backward(up, targets, model, loss_fn=lambda q, t, m: ref(q, t))
+            name = str(dtype).replace("torch.", "")
+            row = {"dtype": name, "batch": batch, "img": img, "options": options or "defaults",
+                   "loss_rel_err": rel_err(items, ref_items),
+                   "grad_rel_err": max(rel_err(g.float(), r.grad) for g, r in zip(grads, up))}  # fmt: skip
+            limits = TOLERANCES[name]
+            row["passed"] = row["loss_rel_err"] <= limits["loss"] and row["grad_rel_err"] <= limits["grad"]
+            rows.append(row)
     return rows
 
 
-def speed(batch, img, bandwidth, quick=False):
-    import triton.testing
+def interleaved_ms(providers: dict, rounds: int = 25) -> dict[str, list[float]]:
+    """Milliseconds per call of each provider, taken in turns (provider A, B, C, A, B, C, ...), each
+    call timed with CUDA events after the L2 cache is evicted (a training step evicts it too)."""
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")  # larger than any L2
+    times: dict[str, list[float]] = {name: [] for name in providers}
+    for _ in range(rounds):
+        for name, fn in providers.items():
+            flush.zero_()
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times[name].append(begin.elapsed_time(end))
+    return times
 
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def speed(batch, img, bandwidth, quick=False, rounds=25):
+    """Forward + backward of each provider side by side, with the DRAM floor of these shapes."""
     model, p, targets = cuda_inputs(batch, img)
     floor_ms = floor_bytes(p) / bandwidth * 1e3
-    compiled = torch.compile(yk.reference.compute_loss)
     providers = {
         "reference": lambda: forward_backward(p, targets, model, "reference"),
-        "torch.compile(reference)": lambda: forward_backward(p, targets, model, loss_fn=compiled),
         "triton": lambda: forward_backward(p, targets, model, "triton"),
     }
-    if quick:
-        providers.pop("torch.compile(reference)")
-    rows = []
-    base = torch.cuda.memory_allocated()
+    if not quick:
+        compiled = torch.compile(yk.reference.compute_loss)
+        providers["torch.compile(reference)"] = lambda: forward_backward(p, targets, model, loss_fn=compiled)
+    peaks, warmup_s = {}, {}
     for name, fn in providers.items():
-        fn()  # warm-up (and compilation)
+        t0 = time.perf_counter()
+        fn()  # warm-up (kernel and graph compilation)
+        fn()
         torch.cuda.synchronize()
+        warmup_s[name] = time.perf_counter() - t0
+        base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        ms = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
-        peak = torch.cuda.max_memory_allocated() - base
-        rows.append({"provider": name, "batch": batch, "img": img, "median_ms": ms[0], "p20_ms": ms[1],
-                     "p80_ms": ms[2], "x_dram_floor": ms[0] / floor_ms, "peak_extra_mb": peak / 2**20})  # fmt: skip
+        fn()
+        torch.cuda.synchronize()
+        peaks[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    times = interleaved_ms(providers, rounds)
+    rows = []
+    for name, values in times.items():
+        median = _quantile(values, 0.5)
+        rows.append({"provider": name, "batch": batch, "img": img, "median_ms": median,
+                     "p20_ms": _quantile(values, 0.2), "p80_ms": _quantile(values, 0.8),
+                     "x_dram_floor": median / floor_ms, "peak_extra_mb": peaks[name],
+                     "warmup_s": warmup_s[name]})  # fmt: skip
     ref = rows[0]["median_ms"]
     for r in rows:
         r["speedup_vs_reference"] = ref / r["median_ms"]
@@ -191,64 +248,123 @@ def train_step_graph_check(batch=8, img=256):
     return "training step replays like eager" if close else f"FAILED: eager {eager} vs replayed {replayed}"
 
 
+def _format_options(options) -> str:
+    return options if isinstance(options, str) else ", ".join(f"{k}={v}" for k, v in options.items())
+
+
 def markdown(report) -> str:
-    lines = [f"# Triton loss on {report['device']}", "", f"{report['versions']}", "", "## Parity vs the reference", "",
-             "| dtype | batch | img | loss rel err | grad rel err |", "|---|---|---|---|---|"]  # fmt: skip
-    lines += [f"| {r['dtype']} | {r['batch']} | {r['img']} | {r['loss_rel_err']:.1e} | {r['grad_rel_err']:.1e} |"
-              for r in report["parity"]]  # fmt: skip
-    lines += ["", f"## Forward + backward (copy bandwidth {report['copy_bandwidth_gbs']:.0f} GB/s)", "",
-              "| provider | batch | img | median ms | p20-p80 ms | x DRAM floor | vs reference | peak extra MB |",
-              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in report["speed"]:
+    lines = [f"# Triton loss on {report['device']}", "", f"{report['versions']}", "",
+             f"Install: {report.get('install', 'not recorded')}", "", "## Parity vs the reference", "",
+             "| dtype | options | batch | img | loss rel err | grad rel err | within limits |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in report.get("parity", []):
+        lines.append(f"| {r['dtype']} | {_format_options(r.get('options', 'defaults'))} | {r['batch']} | {r['img']} | "
+                     f"{r['loss_rel_err']:.1e} | {r['grad_rel_err']:.1e} | {'yes' if r.get('passed', True) else 'NO'} |")  # fmt: skip
+    if "copy_bandwidth_gbs" in report:
+        lines += ["", f"## Forward + backward (copy bandwidth {report['copy_bandwidth_gbs']:.0f} GB/s)", "",
+                  "| provider | batch | img | median ms | p20-p80 ms | x DRAM floor | vs reference | peak extra MB |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in report.get("speed", []):
         lines.append(f"| {r['provider']} | {r['batch']} | {r['img']} | {r['median_ms']:.3f} | "
                      f"{r['p20_ms']:.3f}-{r['p80_ms']:.3f} | {r['x_dram_floor']:.2f} | "
                      f"{r['speedup_vs_reference']:.1f}x | {r['peak_extra_mb']:.1f} |")  # fmt: skip
-    lines += ["", f"No host sync (set_sync_debug_mode('error')): {report['no_sync']}",
-              f"CUDA graph capture: {report['cuda_graph']}",
+    lines += ["", f"No host sync (set_sync_debug_mode('error')): {report.get('no_sync', 'not run')}",
+              f"CUDA graph capture: {report.get('cuda_graph', 'not run')}",
               f"CUDA graph of a whole training step: {report.get('train_step_graph', 'not run')}", ""]  # fmt: skip
+    problems = failures(report)
+    lines += ["Result: " + ("all checks passed" if not problems else "FAILED: " + "; ".join(problems)), ""]
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def failures(report) -> list[str]:
+    """What makes the report fail: parity out of limits, a host sync, a capture that differs."""
+    out = [f"parity {r['dtype']} {_format_options(r.get('options', 'defaults'))}: loss {r['loss_rel_err']:.1e}, "
+           f"grad {r['grad_rel_err']:.1e}" for r in report.get("parity", []) if not r.get("passed", True)]  # fmt: skip
+    for key in ("no_sync", "cuda_graph", "train_step_graph"):
+        if str(report.get(key, "")).startswith("FAILED"):
+            out.append(f"{key}: {report[key]}")
+    if "error" in report:
+        out.append(f"error: {report['error']}")
+    return out
+
+
+def report_stem(out_dir: str, device_name: str) -> str:
+    """``<out_dir>/gpu-<card>``, the card's name lower-cased with runs of other characters as ``-``."""
+    return os.path.join(out_dir, "gpu-" + re.sub(r"[^A-Za-z0-9]+", "-", device_name).strip("-").lower())
+
+
+def write_report(report, out_dir: str) -> str:
+    """Write ``gpu-<card>.json`` and ``.md`` (called after every section: a cut-short run keeps what it measured)."""
+    os.makedirs(out_dir, exist_ok=True)
+    stem = report_stem(out_dir, report["device"])
+    with open(stem + ".json", "w") as f:
+        json.dump(report, f, indent=2)
+    with open(stem + ".md", "w") as f:
+        f.write(markdown(report))
+    return stem
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--img", type=int, nargs="+", default=[416, 640])
-    parser.add_argument("--quick", action="store_true", help="skip torch.compile")
-    parser.add_argument("--out", default=os.path.join(HERE, "results"))
-    args = parser.parse_args(argv)
+    parser.add_argument("--quick", action="store_true", help="skip torch.compile(reference)")
+    parser.add_argument("--out", default=os.path.join(HERE, "results"), help="folder for gpu-<card>.json and .md")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_report: no CUDA device; run it on a GPU machine", file=sys.stderr)
         return 2
     import triton
 
+    reason = yk.loss.BACKENDS["triton"].unavailable_reason(torch.device("cuda"))
+    if reason is not None:
+        print(f"gpu_report: the triton backend cannot run here: {reason}", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
     device = torch.device("cuda")
-    name = torch.cuda.get_device_name(device)
-    bandwidth = copy_bandwidth(device)
     report = {
-        "device": name,
+        "device": torch.cuda.get_device_name(device),
         "versions": f"torch {torch.__version__}, triton {triton.__version__}, Python {platform.python_version()}",
-        "copy_bandwidth_gbs": bandwidth / 1e9,
-        "parity": parity(args.batch[0], args.img[0]),
-        "speed": [],
-        "floor_ms": {},
+        "install": os.environ.get("YK_INSTALL", "not installed by gpu_report.sh (run from the source tree)"),
     }
+
+    def section(key, fn, *fn_args):
+        t0 = time.perf_counter()
+        try:
+            report[key] = fn(*fn_args)
+        except Exception as error:  # noqa: BLE001  (recorded; the report still gets written)
+            report[key] = f"FAILED: {type(error).__name__}: {error}"
+            if key in ("parity", "speed"):
+                report.setdefault("error", f"{key}: {type(error).__name__}: {error}")
+        report.setdefault("seconds", {})[key] = round(time.perf_counter() - t0, 1)
+        write_report(report, args.out)
+        print(f"gpu_report: {key} done in {report['seconds'][key]:.0f} s", flush=True)
+
+    section("parity", parity, args.batch[0], args.img[0])
+    section("no_sync", no_sync_check, args.batch[0], args.img[0])
+    section("cuda_graph", cuda_graph_check, args.batch[0], args.img[0])
+    section("train_step_graph", train_step_graph_check)
+    bandwidth = copy_bandwidth(device)
+    report["copy_bandwidth_gbs"] = bandwidth / 1e9
+    report["speed"], report["floor_ms"] = [], {}
     for img in args.img:
         for batch in args.batch:
-            rows, floor_ms = speed(batch, img, bandwidth, args.quick)
-            report["speed"] += rows
-            report["floor_ms"][f"{batch}x{img}"] = floor_ms
-    report["no_sync"] = no_sync_check(args.batch[0], args.img[0])
-    report["cuda_graph"] = cuda_graph_check(args.batch[0], args.img[0])
-    report["train_step_graph"] = train_step_graph_check()
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, "gpu-" + re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower())
-    with open(stem + ".json", "w") as f:
-        json.dump(report, f, indent=2)
-    with open(stem + ".md", "w") as f:
-        f.write(markdown(report))
+            def measure(batch=batch, img=img):
+                rows, floor_ms = speed(batch, img, bandwidth, args.quick)
+                report["speed"] += rows
+                report["floor_ms"][f"{batch}x{img}"] = floor_ms
+                return "measured"
+
+            section(f"speed_{batch}x{img}", measure)
+    report["total_seconds"] = round(time.perf_counter() - start, 1)
+    stem = write_report(report, args.out)
     print(markdown(report))
     print(f"written: {stem}.json, {stem}.md")
-    return 0
+    return 1 if failures(report) else 0
 
 
 if __name__ == "__main__":

@@ -1,9 +1,29 @@
-"""The GPU report's pieces that run anywhere (its measurements need a GPU: see gpu_report.py)."""
+"""The GPU report's pieces that run anywhere (its measurements need a GPU: see gpu_report.py):
+argument parsing, the import path from a bare checkout, the report files and the exit status, and
+the one-command wrapper ``gpu_report.sh``."""
+
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import gpu_report
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+REPORT = {
+    "device": "NVIDIA H200 (Test)", "versions": "torch x", "install": "pip ok", "copy_bandwidth_gbs": 3000.0,
+    "parity": [{"dtype": "float32", "options": "defaults", "batch": 16, "img": 416, "loss_rel_err": 1e-7,
+                "grad_rel_err": 2e-7, "passed": True},
+               {"dtype": "bfloat16", "options": {"box_loss": "ciou"}, "batch": 16, "img": 416, "loss_rel_err": 2e-7,
+                "grad_rel_err": 3e-3, "passed": True}],
+    "speed": [{"provider": "triton", "batch": 16, "img": 416, "median_ms": 0.5, "p20_ms": 0.4, "p80_ms": 0.6,
+               "x_dram_floor": 1.2, "speedup_vs_reference": 30.0, "peak_extra_mb": 1.5}],
+    "no_sync": "passed", "cuda_graph": "replay identical to eager", "train_step_graph": "training step replays like eager",
+}  # fmt: skip
 
 
 def test_floor_bytes_counts_gradient_and_objectness():
@@ -13,19 +33,72 @@ def test_floor_bytes_counts_gradient_and_objectness():
     assert gpu_report.floor_bytes(p) == want
 
 
+def test_parse_args_defaults_and_overrides():
+    args = gpu_report.parse_args([])
+    assert args.batch == [16, 64] and args.img == [416, 640] and not args.quick
+    assert args.out == os.path.join(HERE, "results")
+    args = gpu_report.parse_args(["--batch", "8", "--img", "320", "--quick", "--out", "/tmp/x"])
+    assert args.batch == [8] and args.img == [320] and args.quick and args.out == "/tmp/x"
+
+
 def test_markdown_report():
-    report = {
-        "device": "Test GPU", "versions": "torch x", "copy_bandwidth_gbs": 3000.0,
-        "parity": [{"dtype": "float32", "batch": 16, "img": 416, "loss_rel_err": 1e-7, "grad_rel_err": 2e-7}],
-        "speed": [{"provider": "triton", "batch": 16, "img": 416, "median_ms": 0.5, "p20_ms": 0.4, "p80_ms": 0.6,
-                   "x_dram_floor": 1.2, "speedup_vs_reference": 30.0, "peak_extra_mb": 1.5}],
-        "no_sync": "passed", "cuda_graph": "replay identical to eager",
-    }  # fmt: skip
-    text = gpu_report.markdown(report)
-    assert "# Triton loss on Test GPU" in text and "| triton | 16 | 416 | 0.500 |" in text and "30.0x" in text
+    text = gpu_report.markdown(REPORT)
+    assert "# Triton loss on NVIDIA H200 (Test)" in text and "| triton | 16 | 416 | 0.500 |" in text
+    assert "30.0x" in text and "| bfloat16 | box_loss=ciou |" in text and "Result: all checks passed" in text
+
+
+def test_write_report_files_named_after_the_card(tmp_path):
+    stem = gpu_report.write_report(REPORT, str(tmp_path))
+    assert stem == str(tmp_path / "gpu-nvidia-h200-test")
+    assert json.loads((tmp_path / "gpu-nvidia-h200-test.json").read_text()) == REPORT
+    assert (tmp_path / "gpu-nvidia-h200-test.md").read_text() == gpu_report.markdown(REPORT)
+
+
+def test_failures_decide_the_exit_status():
+    assert gpu_report.failures(REPORT) == []
+    bad_parity = dict(REPORT, parity=[dict(REPORT["parity"][0], passed=False, grad_rel_err=0.5)])
+    assert "parity float32 defaults" in gpu_report.failures(bad_parity)[0]
+    for key in ("no_sync", "cuda_graph", "train_step_graph"):
+        problems = gpu_report.failures(dict(REPORT, **{key: "FAILED: replay differs from eager"}))
+        assert problems and problems[0].startswith(key)
+    assert "FAILED" in gpu_report.markdown(bad_parity)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 def test_main_without_gpu_says_so(capsys):
     assert gpu_report.main([]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_runs_from_a_bare_checkout_without_pytest_on_the_path(tmp_path):
+    """Run as a script from another folder: it finds the package in its source tree by itself."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    path = os.path.join(HERE, "gpu_report.py")
+    code = f"import runpy, sys; sys.modules['pytest'] = None; sys.argv = [{path!r}, '--help']; "
+    code += f"runpy.run_path({path!r}, run_name='__main__')"
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "--quick" in result.stdout and "--out" in result.stdout
+
+
+def test_wrapper_builds_in_place_then_runs_the_report(tmp_path):
+    """gpu_report.sh with a stand-in python: the install command it runs, the fallback without the
+    extension, and the report's arguments and install note."""
+    log = tmp_path / "calls.log"
+    fake = tmp_path / "python"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        f'echo "NO_EXT=${{YOLO_KERNELS_NO_EXT:-}} $*" >> {log}\n'
+        'if [ "$1" = "-m" ] && [ -z "${YOLO_KERNELS_NO_EXT:-}" ]; then exit 1; fi\n'  # the extension build fails
+        'if [ "$1" = "benchmarks/gpu_report.py" ]; then echo "install: $YK_INSTALL"; fi\n'
+    )
+    fake.chmod(0o755)
+    script = os.path.join(HERE, "gpu_report.sh")
+    result = subprocess.run(["bash", script, "--out", "/tmp/o", "--quick"], env=dict(os.environ, PYTHON=str(fake)),
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    calls = log.read_text().splitlines()
+    assert calls[0] == "NO_EXT= -m pip install --no-build-isolation --no-deps -e ."
+    assert calls[1] == "NO_EXT=1 -m pip install --no-build-isolation --no-deps -e ."
+    assert calls[2] == "NO_EXT= benchmarks/gpu_report.py --out /tmp/o --quick"
+    assert "install: pip install -e . with YOLO_KERNELS_NO_EXT=1" in result.stdout

@@ -9,22 +9,45 @@ registered as the CUDA implementation of ``torch.ops.yolo_kernels.fused_loss``.
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 
 from ..config import LossOptions
 
+#: The Triton releases the kernels are compiled and tested with (the compile gate), inclusive.
+SUPPORTED_TRITON = ((3, 6), (3, 9))
+
+
+def triton_version_problem(version: str) -> str | None:
+    """Why a Triton version cannot be used, or ``None`` when it is in ``SUPPORTED_TRITON``."""
+    (lo_major, lo_minor), (hi_major, hi_minor) = SUPPORTED_TRITON
+    wanted = f"{lo_major}.{lo_minor} to {hi_major}.{hi_minor}"
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match is None:
+        return f"triton {version!r} has an unreadable version; the triton backend supports triton {wanted}"
+    if not SUPPORTED_TRITON[0] <= (int(match[1]), int(match[2])) <= SUPPORTED_TRITON[1]:
+        return (
+            f"triton {version} is installed; the triton backend supports triton {wanted} "
+            f"(install one with `pip install 'triton>={lo_major}.{lo_minor},<{hi_major}.{hi_minor + 1}'`)"
+        )
+    return None
+
+
 try:
-    import triton  # noqa: F401
-
-    from . import loss as _loss
-
-    IMPORT_ERROR: str | None = None
+    import triton
 except ImportError as error:  # optional dependency
-    _loss = None
-    IMPORT_ERROR = f"triton could not be imported ({error}); install it with `pip install triton`"
+    triton = None
+    IMPORT_ERROR: str | None = f"triton could not be imported ({error}); install it with `pip install triton`"
+else:
+    IMPORT_ERROR = triton_version_problem(getattr(triton, "__version__", "unknown"))
 
-__all__ = ["TritonBackend", "IMPORT_ERROR", "interpreter_active"]
+if IMPORT_ERROR is None:
+    from . import loss as _loss
+else:  # never import the kernels with an unsupported triton: the backend says why instead
+    _loss = None
+
+__all__ = ["TritonBackend", "IMPORT_ERROR", "SUPPORTED_TRITON", "interpreter_active", "triton_version_problem"]
 
 
 def interpreter_active() -> bool:

@@ -3,11 +3,11 @@
 Per layer, with a fixed capacity of ``na * nt`` candidate pairs in pair order (anchor-major) and a
 validity mask instead of compaction:
 
-1. ``_pair_kernel``: match each candidate (wh_iou > iou_t, clamped cell), gather its row, compute
+1. ``_match_kernel``: match each candidate (wh_iou > iou_t, clamped cell), gather its row, compute
    the IoU-family value and its gradient w.r.t. the 4 box logits (dual numbers), the summed class
    BCE, and claim its cell with an int32 ``atomic_max`` of the pair index: the *last* pair wins,
    deterministically (max does not depend on the order the atomics land in).
-2. ``_tobj_kernel``: each winning pair writes its objectness target into the per-cell ``tobj``.
+2. ``_objectness_target_kernel``: each winning pair writes its objectness target into ``tobj``.
 3. ``_objectness_kernel``: every cell's objectness BCE (a partial sum per program) and, with a
    gradient, every row of the gradient: zeros and the objectness term, with p's layout.
 4. ``_pair_grad_kernel``: each winning pair adds the box and class terms of *all* pairs of its cell
@@ -16,12 +16,20 @@ validity mask instead of compaction:
 Reductions are two-stage and fixed (per-program partials, then ``torch.sum``), so results are
 bitwise reproducible. Offsets are int64 (a batch-64, 640x640 ``p`` has more than 2^31 bytes).
 
-Pointers/strides: ``p`` and the gradient are addressed as ``b*s0 + a*s1 + y*s2 + x*s3 + c*s4``
-with their own strides; candidate arrays are dense ``[na * nt]``. Constexprs: ``KIND`` (0 iou,
-1 giou, 2 diou, 3 ciou), ``FOCAL``, ``HAS_CLS`` (nc > 1), ``WRITE_GRAD``, block sizes.
+Every launch goes through ``_launch`` with keyword arguments; ``record_launches`` captures them
+instead of running them, which is how the compile gate (``compile_gate.py``) derives each kernel's
+signature from this launcher rather than from a hand-written list.
+
+Float hyperparameters are float32 kernel arguments (Triton's type for a Python float); with a
+float64 ``p`` the math runs in float64 and those scalars enter it as their float32 values.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+from typing import Any, Iterator
 
 import torch
 import triton
@@ -31,76 +39,107 @@ from ..config import LossOptions
 from .math import bce_with_logits, box_iou_dual
 
 KINDS = {"iou": 0, "giou": 1, "diou": 2, "ciou": 3}
+#: Fixed block sizes (one compiled variant per kernel and option set, whatever ``nc`` is).
+BLOCK_PAIRS = 64  # candidate pairs per program of the match kernels
+BLOCK_CLASSES = 32  # class channels per step of the class loops
+BLOCK_CELLS = 128  # cells per program of the objectness kernel
+BLOCK_CHANNELS = 32  # gradient channels per step of the objectness kernel's row writes
+BLOCK_SCAN = 64  # candidates per step of the duplicate scan
 
 
-@triton.jit
-def _pair_kernel(
-    p_ptr, s0, s1, s2, s3, s4,
-    t_ptr, anchors_ptr, nt, na, ny, nx, nc, iou_t, gr, cp, cn, cls_pw, gamma,
-    valid_ptr, cell_ptr, score_ptr, iou_ptr, diou_ptr, cls_loss_ptr, cls_ptr, winner_ptr,
-    KIND: tl.constexpr, FOCAL: tl.constexpr, HAS_CLS: tl.constexpr, CDT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+@triton.jit(do_not_specialize=["num_targets"])
+def _match_kernel(
+    p_ptr, p_stride_b, p_stride_a, p_stride_y, p_stride_x, p_stride_c,
+    targets_ptr, anchors_ptr, num_targets, num_anchors, grid_h, grid_w, num_classes,
+    iou_t, gr, cls_pos, cls_neg, cls_pos_weight, focal_gamma,
+    valid_ptr, cell_ptr, score_ptr, iou_ptr, iou_grad_ptr, cls_loss_ptr, cls_ptr, winner_ptr,
+    BOX_KIND: tl.constexpr, FOCAL: tl.constexpr, HAS_CLS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+    BLOCK_PAIRS: tl.constexpr, BLOCK_CLASSES: tl.constexpr,
 ):  # fmt: skip
+    """Match, box IoU with its gradient, class BCE and the cell claim of ``BLOCK_PAIRS`` candidates.
+
+    Args:
+        p_ptr, p_stride_*: one layer's ``p [bs, na, ny, nx, 5 + nc]`` and its strides (elements).
+        targets_ptr: ``[nt, 6]`` rows ``(image, class, x, y, w, h)`` (normalised), compute dtype.
+        anchors_ptr: ``[na, 2]`` anchor sizes in grid units, compute dtype.
+        num_targets, num_anchors, grid_h, grid_w, num_classes: ``nt``, ``na``, ``ny``, ``nx``, ``nc``.
+        iou_t: the wh-IoU above which a (target, anchor) pair is matched.
+        gr: the objectness target is ``(1 - gr) + gr * clamp(iou, 0)``.
+        cls_pos, cls_neg: the class targets after label smoothing.
+        cls_pos_weight, focal_gamma: the class BCE's ``pos_weight`` and focal gamma.
+        valid_ptr .. cls_ptr: per candidate outputs ``[na * nt]`` (``iou_grad_ptr``: ``[na * nt, 4]``):
+            matched flag (int8), flat cell index (int64), objectness target, IoU, d IoU / d box
+            logits, summed class BCE, class id (int64).
+        winner_ptr: ``[bs * na * ny * nx]`` int32, -1 initialised: the last matched candidate per cell.
+        BOX_KIND: 0 IoU, 1 GIoU, 2 DIoU, 3 CIoU. FOCAL: focal class BCE. HAS_CLS: ``nc > 1``.
+        COMPUTE_DTYPE: float32, or float64 for a float64 ``p``.
+    """
     pid = tl.program_id(0).to(tl.int64)
-    k = pid * BLOCK_P + tl.arange(0, BLOCK_P)  # candidate = a * nt + target
-    in_range = k < na * nt
-    a = k // tl.maximum(nt, 1)
-    j = k - a * nt
-    aw = tl.load(anchors_ptr + 2 * a, mask=in_range, other=1.0).to(CDT)
-    ah = tl.load(anchors_ptr + 2 * a + 1, mask=in_range, other=1.0).to(CDT)
-    row = t_ptr + 6 * j
-    b = tl.load(row, mask=in_range, other=0.0).to(CDT)
-    c = tl.load(row + 1, mask=in_range, other=0.0).to(CDT)
-    gx = tl.load(row + 2, mask=in_range, other=0.0).to(CDT) * nx
-    gy = tl.load(row + 3, mask=in_range, other=0.0).to(CDT) * ny
-    gw = tl.load(row + 4, mask=in_range, other=1.0).to(CDT) * nx
-    gh = tl.load(row + 5, mask=in_range, other=1.0).to(CDT) * ny
+    k = pid * BLOCK_PAIRS + tl.arange(0, BLOCK_PAIRS)  # candidate = anchor * nt + target
+    in_range = k < num_anchors * num_targets
+    a = k // num_targets  # launched only when nt > 0
+    j = k - a * num_targets
+    aw = tl.load(anchors_ptr + 2 * a, mask=in_range, other=1.0).to(COMPUTE_DTYPE)
+    ah = tl.load(anchors_ptr + 2 * a + 1, mask=in_range, other=1.0).to(COMPUTE_DTYPE)
+    row = targets_ptr + 6 * j
+    b = tl.load(row, mask=in_range, other=0.0).to(COMPUTE_DTYPE)
+    c = tl.load(row + 1, mask=in_range, other=0.0).to(COMPUTE_DTYPE)
+    gx = tl.load(row + 2, mask=in_range, other=0.0).to(COMPUTE_DTYPE) * grid_w
+    gy = tl.load(row + 3, mask=in_range, other=0.0).to(COMPUTE_DTYPE) * grid_h
+    gw = tl.load(row + 4, mask=in_range, other=1.0).to(COMPUTE_DTYPE) * grid_w
+    gh = tl.load(row + 5, mask=in_range, other=1.0).to(COMPUTE_DTYPE) * grid_h
     inter = tl.minimum(aw, gw) * tl.minimum(ah, gh)
     valid = in_range & (inter / (aw * ah + gw * gh - inter) > iou_t)
     # trunc toward zero then clamp == trunc of the clamped value
-    gi = tl.minimum(tl.maximum(gx, 0.0), nx - 1.0).to(tl.int64)
-    gj = tl.minimum(tl.maximum(gy, 0.0), ny - 1.0).to(tl.int64)
+    gi = tl.minimum(tl.maximum(gx, 0.0), grid_w - 1.0).to(tl.int64)
+    gj = tl.minimum(tl.maximum(gy, 0.0), grid_h - 1.0).to(tl.int64)
     bi = b.to(tl.int64)
     ci = c.to(tl.int64)
-    tx = gx - gi.to(CDT)
-    ty = gy - gj.to(CDT)
+    tx = gx - gi.to(COMPUTE_DTYPE)
+    ty = gy - gj.to(COMPUTE_DTYPE)
 
-    base = p_ptr + bi * s0 + a * s1 + gj * s2 + gi * s3
-    x0 = tl.load(base, mask=valid, other=0.0).to(CDT)
-    x1 = tl.load(base + s4, mask=valid, other=0.0).to(CDT)
-    x2 = tl.load(base + 2 * s4, mask=valid, other=0.0).to(CDT)
-    x3 = tl.load(base + 3 * s4, mask=valid, other=0.0).to(CDT)
-    iou, d0, d1, d2, d3 = box_iou_dual(x0, x1, x2, x3, aw, ah, tx, ty, gw, gh, KIND)
+    base = p_ptr + bi * p_stride_b + a * p_stride_a + gj * p_stride_y + gi * p_stride_x
+    x0 = tl.load(base, mask=valid, other=0.0).to(COMPUTE_DTYPE)
+    x1 = tl.load(base + p_stride_c, mask=valid, other=0.0).to(COMPUTE_DTYPE)
+    x2 = tl.load(base + 2 * p_stride_c, mask=valid, other=0.0).to(COMPUTE_DTYPE)
+    x3 = tl.load(base + 3 * p_stride_c, mask=valid, other=0.0).to(COMPUTE_DTYPE)
+    iou, d0, d1, d2, d3 = box_iou_dual(x0, x1, x2, x3, aw, ah, tx, ty, gw, gh, BOX_KIND)
     iou = tl.where(valid, iou, 0.0)
 
-    cls_loss = tl.zeros([BLOCK_P], dtype=CDT)
+    cls_loss = tl.zeros([BLOCK_PAIRS], dtype=COMPUTE_DTYPE)
     if HAS_CLS:
-        offs_c = tl.arange(0, BLOCK_C)
-        for c0 in range(0, nc, BLOCK_C):
+        offs_c = tl.arange(0, BLOCK_CLASSES)
+        for c0 in range(0, num_classes, BLOCK_CLASSES):
             cc = c0 + offs_c
-            m = valid[:, None] & (cc < nc)[None, :]
-            xc = tl.load(base[:, None] + (5 + cc)[None, :] * s4, mask=m, other=0.0).to(CDT)
-            yc = tl.where(cc[None, :] == ci[:, None], cp, cn)
-            lc, _ = bce_with_logits(xc, yc, cls_pw, gamma, FOCAL)
-            cls_loss += tl.sum(tl.where(m, lc, 0.0), axis=1)
+            m = valid[:, None] & (cc < num_classes)[None, :]
+            xc = tl.load(base[:, None] + (5 + cc)[None, :] * p_stride_c, mask=m, other=0.0).to(COMPUTE_DTYPE)
+            yc = tl.where(cc[None, :] == ci[:, None], cls_pos, cls_neg).to(COMPUTE_DTYPE)
+            lc, _ = bce_with_logits(xc, yc, cls_pos_weight, focal_gamma, FOCAL)
+            cls_loss += tl.sum(tl.where(m, lc, 0.0), axis=1).to(COMPUTE_DTYPE)
 
-    cell = ((bi * na + a) * ny + gj) * nx + gi
+    cell = ((bi * num_anchors + a) * grid_h + gj) * grid_w + gi
+    score = (1.0 - gr) + gr * tl.maximum(iou, 0.0)
     tl.store(valid_ptr + k, valid.to(tl.int8), mask=in_range)
     tl.store(cell_ptr + k, cell, mask=in_range)
-    tl.store(score_ptr + k, (1.0 - gr) + gr * tl.maximum(iou, 0.0), mask=in_range)
-    tl.store(iou_ptr + k, iou, mask=in_range)
-    tl.store(diou_ptr + 4 * k, d0, mask=in_range)
-    tl.store(diou_ptr + 4 * k + 1, d1, mask=in_range)
-    tl.store(diou_ptr + 4 * k + 2, d2, mask=in_range)
-    tl.store(diou_ptr + 4 * k + 3, d3, mask=in_range)
+    tl.store(score_ptr + k, score.to(COMPUTE_DTYPE), mask=in_range)
+    tl.store(iou_ptr + k, iou.to(COMPUTE_DTYPE), mask=in_range)
+    tl.store(iou_grad_ptr + 4 * k, d0.to(COMPUTE_DTYPE), mask=in_range)
+    tl.store(iou_grad_ptr + 4 * k + 1, d1.to(COMPUTE_DTYPE), mask=in_range)
+    tl.store(iou_grad_ptr + 4 * k + 2, d2.to(COMPUTE_DTYPE), mask=in_range)
+    tl.store(iou_grad_ptr + 4 * k + 3, d3.to(COMPUTE_DTYPE), mask=in_range)
     tl.store(cls_loss_ptr + k, cls_loss, mask=in_range)
     tl.store(cls_ptr + k, ci, mask=in_range)
     tl.atomic_max(winner_ptr + cell, k.to(tl.int32), mask=valid)
 
 
-@triton.jit
-def _tobj_kernel(valid_ptr, cell_ptr, score_ptr, winner_ptr, tobj_ptr, n_cand, BLOCK_P: tl.constexpr):
-    k = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    m = k < n_cand
+@triton.jit(do_not_specialize=["num_candidates"])
+def _objectness_target_kernel(
+    valid_ptr, cell_ptr, score_ptr, winner_ptr, tobj_ptr, num_candidates, BLOCK_PAIRS: tl.constexpr
+):
+    """Each winning candidate writes its objectness target (``score_ptr``) into ``tobj_ptr`` at its
+    cell (``valid_ptr``, ``cell_ptr``, ``winner_ptr`` as written by ``_match_kernel``)."""
+    k = tl.program_id(0).to(tl.int64) * BLOCK_PAIRS + tl.arange(0, BLOCK_PAIRS)
+    m = k < num_candidates
     valid = tl.load(valid_ptr + k, mask=m, other=0) != 0
     cell = tl.load(cell_ptr + k, mask=m, other=0)
     won = valid & (tl.load(winner_ptr + cell, mask=valid, other=-1) == k.to(tl.int32))
@@ -109,35 +148,66 @@ def _tobj_kernel(valid_ptr, cell_ptr, score_ptr, winner_ptr, tobj_ptr, n_cand, B
 
 @triton.jit
 def _objectness_kernel(
-    p_ptr, s0, s1, s2, s3, s4, g_ptr, g0, g1, g2, g3, g4,
-    tobj_ptr, partial_ptr, n_cells, na, ny, nx, no, obj_pw, gamma, grad_scale,
-    FOCAL: tl.constexpr, WRITE_GRAD: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_NO: tl.constexpr,
+    p_ptr, p_stride_b, p_stride_a, p_stride_y, p_stride_x, p_stride_c,
+    grad_ptr, grad_stride_b, grad_stride_a, grad_stride_y, grad_stride_x, grad_stride_c,
+    tobj_ptr, partial_ptr, num_cells, num_anchors, grid_h, grid_w, num_outputs,
+    obj_pos_weight, focal_gamma, obj_scale,
+    FOCAL: tl.constexpr, WRITE_GRAD: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+    BLOCK_CELLS: tl.constexpr, BLOCK_CHANNELS: tl.constexpr,
 ):  # fmt: skip
+    """The objectness BCE of ``BLOCK_CELLS`` cells and, with ``WRITE_GRAD``, their gradient rows.
+
+    Args:
+        p_ptr, p_stride_*: one layer's ``p`` and its strides (elements).
+        grad_ptr, grad_stride_*: its gradient (p's dtype and layout); unused without ``WRITE_GRAD``.
+        tobj_ptr: ``[bs * na * ny * nx]`` objectness targets (compute dtype).
+        partial_ptr: one partial loss sum per program (compute dtype), reduced by the caller.
+        num_cells, num_anchors, grid_h, grid_w, num_outputs: ``bs * na * ny * nx``, ``na``, ``ny``,
+            ``nx``, ``5 + nc``.
+        obj_pos_weight, focal_gamma: the objectness BCE's ``pos_weight`` and focal gamma.
+        obj_scale: the gain that turns the element gradient into d loss / d logit.
+    """
     pid = tl.program_id(0).to(tl.int64)
-    cell = pid * BLOCK + tl.arange(0, BLOCK)
-    m = cell < n_cells
-    x = cell % nx
-    y = (cell // nx) % ny
-    a = (cell // (nx * ny)) % na
-    b = cell // (nx * ny * na)
-    logit = tl.load(p_ptr + b * s0 + a * s1 + y * s2 + x * s3 + 4 * s4, mask=m, other=0.0).to(CDT)
+    cell = pid * BLOCK_CELLS + tl.arange(0, BLOCK_CELLS)
+    m = cell < num_cells
+    x = cell % grid_w
+    y = (cell // grid_w) % grid_h
+    a = (cell // (grid_w * grid_h)) % num_anchors
+    b = cell // (grid_w * grid_h * num_anchors)
+    p_row = p_ptr + b * p_stride_b + a * p_stride_a + y * p_stride_y + x * p_stride_x
+    logit = tl.load(p_row + 4 * p_stride_c, mask=m, other=0.0).to(COMPUTE_DTYPE)
     target = tl.load(tobj_ptr + cell, mask=m, other=0.0)
-    loss, grad = bce_with_logits(logit, target, obj_pw, gamma, FOCAL)
-    tl.store(partial_ptr + pid, tl.sum(tl.where(m, loss, 0.0), axis=0))
+    loss, grad = bce_with_logits(logit, target, obj_pos_weight, focal_gamma, FOCAL)
+    tl.store(partial_ptr + pid, tl.sum(tl.where(m, loss, 0.0), axis=0).to(COMPUTE_DTYPE))
     if WRITE_GRAD:
-        ch = tl.arange(0, BLOCK_NO)
-        rows = g_ptr + b * g0 + a * g1 + y * g2 + x * g3
-        values = tl.where(ch[None, :] == 4, (grad * grad_scale)[:, None], 0.0)
-        tl.store(rows[:, None] + ch[None, :] * g4, values.to(g_ptr.dtype.element_ty), mask=m[:, None] & (ch < no)[None, :])
+        g_row = grad_ptr + b * grad_stride_b + a * grad_stride_a + y * grad_stride_y + x * grad_stride_x
+        g_obj = (grad * obj_scale)[:, None]
+        # rows are written whole (zeros and the objectness term): the gradient is written once
+        for c0 in range(0, num_outputs, BLOCK_CHANNELS):
+            ch = c0 + tl.arange(0, BLOCK_CHANNELS)
+            values = tl.where(ch[None, :] == 4, g_obj, 0.0)
+            mask = m[:, None] & (ch < num_outputs)[None, :]
+            tl.store(g_row[:, None] + ch[None, :] * grad_stride_c, values.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_candidates"])
 def _pair_grad_kernel(
-    p_ptr, s0, s1, s2, s3, s4, g_ptr, g0, g1, g2, g3, g4,
-    valid_ptr, cell_ptr, diou_ptr, cls_ptr, winner_ptr, scale_ptr,
-    n_cand, na, ny, nx, nc, cp, cn, cls_pw, gamma,
-    FOCAL: tl.constexpr, HAS_CLS: tl.constexpr, CDT: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
+    p_ptr, p_stride_b, p_stride_a, p_stride_y, p_stride_x, p_stride_c,
+    grad_ptr, grad_stride_b, grad_stride_a, grad_stride_y, grad_stride_x, grad_stride_c,
+    valid_ptr, cell_ptr, iou_grad_ptr, cls_ptr, winner_ptr, scale_ptr,
+    num_candidates, num_anchors, grid_h, grid_w, num_classes, cls_pos, cls_neg, cls_pos_weight, focal_gamma,
+    FOCAL: tl.constexpr, HAS_CLS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+    BLOCK_SCAN: tl.constexpr, BLOCK_CLASSES: tl.constexpr,
 ):  # fmt: skip
+    """One program per candidate: if it won its cell, add the box and class gradient terms of every
+    candidate of that cell (in candidate order) to the cell's gradient row.
+
+    Args:
+        p_ptr, p_stride_*, grad_ptr, grad_stride_*: as in ``_objectness_kernel``.
+        valid_ptr, cell_ptr, iou_grad_ptr, cls_ptr, winner_ptr: written by ``_match_kernel``.
+        scale_ptr: ``[2]`` device scalars (compute dtype): the box and class gains over the pair count.
+        num_candidates: ``na * nt``. Other scalars as in ``_match_kernel``.
+    """
     j = tl.program_id(0).to(tl.int64)
     valid = tl.load(valid_ptr + j) != 0
     cell = tl.load(cell_ptr + j)
@@ -145,51 +215,108 @@ def _pair_grad_kernel(
     if won:
         box_scale = tl.load(scale_ptr)
         cls_scale = tl.load(scale_ptr + 1)
-        x = cell % nx
-        y = (cell // nx) % ny
-        a = (cell // (nx * ny)) % na
-        b = cell // (nx * ny * na)
-        g_row = g_ptr + b * g0 + a * g1 + y * g2 + x * g3
-        p_row = p_ptr + b * s0 + a * s1 + y * s2 + x * s3
-        # all pairs of this cell, scanned in candidate order
-        offs = tl.arange(0, BLOCK_Q)
-        acc = tl.zeros([4], dtype=CDT)
+        x = cell % grid_w
+        y = (cell // grid_w) % grid_h
+        a = (cell // (grid_w * grid_h)) % num_anchors
+        b = cell // (grid_w * grid_h * num_anchors)
+        g_row = grad_ptr + b * grad_stride_b + a * grad_stride_a + y * grad_stride_y + x * grad_stride_x
+        p_row = p_ptr + b * p_stride_b + a * p_stride_a + y * p_stride_y + x * p_stride_x
+        offs = tl.arange(0, BLOCK_SCAN)
         four = tl.arange(0, 4)
-        n_same = tl.zeros([BLOCK_Q], dtype=CDT)
-        for q0 in range(0, n_cand, BLOCK_Q):
+        acc = tl.zeros([4], dtype=COMPUTE_DTYPE)
+        n_same = tl.zeros([BLOCK_SCAN], dtype=COMPUTE_DTYPE)
+        for q0 in range(0, num_candidates, BLOCK_SCAN):
             q = q0 + offs
-            mq = q < n_cand
-            same = mq & (tl.load(valid_ptr + q, mask=mq, other=0) != 0) & (tl.load(cell_ptr + q, mask=mq, other=-1) == cell)
-            d = tl.load(diou_ptr + 4 * q[:, None] + four[None, :], mask=same[:, None], other=0.0)
-            acc += tl.sum(d, axis=0)
-            n_same += same.to(CDT)
-        g_box = g_row + four * g4
-        tl.store(g_box, (tl.load(g_box).to(CDT) - box_scale * acc).to(g_ptr.dtype.element_ty))
+            mq = q < num_candidates
+            same = mq & (tl.load(valid_ptr + q, mask=mq, other=0) != 0)
+            same = same & (tl.load(cell_ptr + q, mask=mq, other=-1) == cell)
+            d = tl.load(iou_grad_ptr + 4 * q[:, None] + four[None, :], mask=same[:, None], other=0.0)
+            acc += tl.sum(d, axis=0).to(COMPUTE_DTYPE)
+            n_same += same.to(COMPUTE_DTYPE)
+        g_box = g_row + four * grad_stride_c
+        box = tl.load(g_box).to(COMPUTE_DTYPE) - box_scale * acc
+        tl.store(g_box, box.to(grad_ptr.dtype.element_ty))
         if HAS_CLS:
             count = tl.sum(n_same, axis=0)
-            offs_c = tl.arange(0, BLOCK_C)
-            for c0 in range(0, nc, BLOCK_C):
+            offs_c = tl.arange(0, BLOCK_CLASSES)
+            for c0 in range(0, num_classes, BLOCK_CLASSES):
                 cc = c0 + offs_c
-                mc = cc < nc
-                xc = tl.load(p_row + (5 + cc) * s4, mask=mc, other=0.0).to(CDT)
-                # sum over the cell's pairs of d BCE(x, y_pair): target cn everywhere but the pair's class
-                _, g_neg = bce_with_logits(xc, cn + xc * 0.0, cls_pw, gamma, FOCAL)
-                _, g_pos = bce_with_logits(xc, cp + xc * 0.0, cls_pw, gamma, FOCAL)
-                hits = tl.zeros([BLOCK_C], dtype=CDT)
-                for q0 in range(0, n_cand, BLOCK_Q):
+                mc = cc < num_classes
+                xc = tl.load(p_row + (5 + cc) * p_stride_c, mask=mc, other=0.0).to(COMPUTE_DTYPE)
+                # sum over the cell's pairs of d BCE(x, y_pair): target cls_neg except at the pair's class
+                y_neg = tl.zeros([BLOCK_CLASSES], dtype=COMPUTE_DTYPE) + cls_neg
+                y_pos = tl.zeros([BLOCK_CLASSES], dtype=COMPUTE_DTYPE) + cls_pos
+                _, g_neg = bce_with_logits(xc, y_neg, cls_pos_weight, focal_gamma, FOCAL)
+                _, g_pos = bce_with_logits(xc, y_pos, cls_pos_weight, focal_gamma, FOCAL)
+                hits = tl.zeros([BLOCK_CLASSES], dtype=COMPUTE_DTYPE)
+                for q0 in range(0, num_candidates, BLOCK_SCAN):
                     q = q0 + offs
-                    mq = q < n_cand
-                    same = mq & (tl.load(valid_ptr + q, mask=mq, other=0) != 0) & (tl.load(cell_ptr + q, mask=mq, other=-1) == cell)
+                    mq = q < num_candidates
+                    same = mq & (tl.load(valid_ptr + q, mask=mq, other=0) != 0)
+                    same = same & (tl.load(cell_ptr + q, mask=mq, other=-1) == cell)
                     cls_q = tl.load(cls_ptr + q, mask=same, other=-1)
-                    hits += tl.sum((same[:, None] & (cls_q[:, None] == cc[None, :])).to(CDT), axis=0)
+                    hits += tl.sum((same[:, None] & (cls_q[:, None] == cc[None, :])).to(COMPUTE_DTYPE), axis=0)
                 total = count * g_neg + hits * (g_pos - g_neg)
-                g_cls = g_row + (5 + cc) * g4
-                old = tl.load(g_cls, mask=mc, other=0.0).to(CDT)
-                tl.store(g_cls, (old + cls_scale * total).to(g_ptr.dtype.element_ty), mask=mc)
+                g_cls = g_row + (5 + cc) * grad_stride_c
+                old = tl.load(g_cls, mask=mc, other=0.0).to(COMPUTE_DTYPE)
+                tl.store(g_cls, (old + cls_scale * total).to(grad_ptr.dtype.element_ty), mask=mc)
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
+@dataclasses.dataclass
+class Launch:
+    """One recorded kernel launch: the kernel, its grid and its keyword arguments."""
+
+    kernel: Any
+    grid: tuple
+    arguments: dict
+
+
+_RECORDER: contextvars.ContextVar[list | None] = contextvars.ContextVar("yolo_kernels_triton_recorder", default=None)
+
+
+def _launch(kernel, grid: tuple, **arguments) -> None:
+    recorded = _RECORDER.get()
+    if recorded is not None:
+        recorded.append(Launch(kernel, grid, arguments))
+        return
+    kernel[grid](**arguments)
+
+
+@contextlib.contextmanager
+def record_launches() -> Iterator[list[Launch]]:
+    """Within the block, ``fused_loss`` records its launches (kernel, grid, arguments) instead of
+    running them: it then runs on any tensors, with no GPU (its outputs are left uninitialised)."""
+    launches: list[Launch] = []
+    token = _RECORDER.set(launches)
+    try:
+        yield launches
+    finally:
+        _RECORDER.reset(token)
+
+
+def _strides(prefix: str, t: torch.Tensor) -> dict:
+    return {f"{prefix}_stride_{axis}": s for axis, s in zip("bayxc", t.stride())}
+
+
+@dataclasses.dataclass
+class _Candidates:
+    """Per-candidate buffers of one layer, written by ``_match_kernel``."""
+
+    valid: torch.Tensor
+    cell: torch.Tensor
+    score: torch.Tensor
+    iou: torch.Tensor
+    iou_grad: torch.Tensor
+    cls_loss: torch.Tensor
+    cls: torch.Tensor
+
+    @classmethod
+    def empty(cls, n: int, dtype: torch.dtype, device: torch.device) -> "_Candidates":
+        def new(*shape, dt=dtype):
+            return torch.empty(*shape, dtype=dt, device=device)
+
+        return cls(new(n, dt=torch.int8), new(n, dt=torch.int64), new(n), new(n), new(n, 4), new(n),
+                   new(n, dt=torch.int64))  # fmt: skip
 
 
 def fused_loss(p, targets, anchors, options: LossOptions, compute_grad: bool = True):
@@ -199,46 +326,45 @@ def fused_loss(p, targets, anchors, options: LossOptions, compute_grad: bool = T
     o = options
     device = p[0].device
     dtype = torch.float64 if p[0].dtype == torch.float64 else torch.float32
-    cdt = tl.float64 if dtype == torch.float64 else tl.float32
+    compute_dtype = tl.float64 if dtype == torch.float64 else tl.float32
     bs, no = p[0].shape[0], p[0].shape[4]
     nc = no - 5
     t = targets.to(device=device, dtype=dtype).contiguous()
     nt = t.shape[0]
-    kind, focal, has_cls = KINDS[o.box_loss], o.fl_gamma > 0, nc > 1
-    cp, cn = o.smooth_targets
-    block_c = min(128, _next_pow2(max(nc, 2)))
+    focal, has_cls = o.fl_gamma > 0, nc > 1
+    cls_pos, cls_neg = (float(v) for v in o.smooth_targets)
     sum_red = o.reduction == "sum"
+    scalars = dict(cls_pos_weight=float(o.cls_pw), focal_gamma=float(o.fl_gamma))
 
     layers = []
     for pi, anchor_vec in zip(p, anchors):
         na, ny, nx = pi.shape[1], pi.shape[2], pi.shape[3]
         n_cand, n_cells = na * nt, bs * na * ny * nx
-        cand = dict(
-            valid=torch.empty(n_cand, dtype=torch.int8, device=device),
-            cell=torch.empty(n_cand, dtype=torch.int64, device=device),
-            score=torch.empty(n_cand, dtype=dtype, device=device),
-            iou=torch.empty(n_cand, dtype=dtype, device=device),
-            diou=torch.empty(n_cand, 4, dtype=dtype, device=device),
-            cls_loss=torch.empty(n_cand, dtype=dtype, device=device),
-            cls=torch.empty(n_cand, dtype=torch.int64, device=device),
-        )
+        cand = _Candidates.empty(n_cand, dtype, device)
         winner = torch.full((n_cells,), -1, dtype=torch.int32, device=device)
         tobj = torch.zeros(n_cells, dtype=dtype, device=device)
         if n_cand:
-            block_p = 64
-            _pair_kernel[(triton.cdiv(n_cand, block_p),)](
-                pi, *pi.stride(), t, anchor_vec.to(device=device, dtype=dtype).contiguous(), nt, na, ny, nx, nc,
-                o.iou_t, o.gr, cp, cn, o.cls_pw, o.fl_gamma,
-                cand["valid"], cand["cell"], cand["score"], cand["iou"], cand["diou"], cand["cls_loss"], cand["cls"],
-                winner, KIND=kind, FOCAL=focal, HAS_CLS=has_cls, CDT=cdt, BLOCK_P=block_p, BLOCK_C=block_c,
+            grid = (triton.cdiv(n_cand, BLOCK_PAIRS),)
+            _launch(
+                _match_kernel, grid,
+                p_ptr=pi, **_strides("p", pi),
+                targets_ptr=t, anchors_ptr=anchor_vec.to(device=device, dtype=dtype).contiguous(),
+                num_targets=nt, num_anchors=na, grid_h=ny, grid_w=nx, num_classes=nc,
+                iou_t=float(o.iou_t), gr=float(o.gr), cls_pos=cls_pos, cls_neg=cls_neg, **scalars,
+                valid_ptr=cand.valid, cell_ptr=cand.cell, score_ptr=cand.score, iou_ptr=cand.iou,
+                iou_grad_ptr=cand.iou_grad, cls_loss_ptr=cand.cls_loss, cls_ptr=cand.cls, winner_ptr=winner,
+                BOX_KIND=KINDS[o.box_loss], FOCAL=focal, HAS_CLS=has_cls, COMPUTE_DTYPE=compute_dtype,
+                BLOCK_PAIRS=BLOCK_PAIRS, BLOCK_CLASSES=BLOCK_CLASSES,
             )  # fmt: skip
-            _tobj_kernel[(triton.cdiv(n_cand, block_p),)](
-                cand["valid"], cand["cell"], cand["score"], winner, tobj, n_cand, BLOCK_P=block_p
-            )
+            _launch(
+                _objectness_target_kernel, grid,
+                valid_ptr=cand.valid, cell_ptr=cand.cell, score_ptr=cand.score, winner_ptr=winner, tobj_ptr=tobj,
+                num_candidates=n_cand, BLOCK_PAIRS=BLOCK_PAIRS,
+            )  # fmt: skip
         layers.append((pi, na, ny, nx, n_cand, n_cells, cand, winner, tobj))
 
     # pair counts and the scales of the box and class terms: device tensors, no sync
-    counts = [layer[6]["valid"].sum(dtype=dtype) for layer in layers]
+    counts = [layer[6].valid.sum(dtype=dtype) for layer in layers]
     n_total = torch.stack(counts).sum()
     grads, lbox, lobj, lcls = [], 0.0, 0.0, 0.0
     for (pi, na, ny, nx, n_cand, n_cells, cand, winner, tobj), n_i in zip(layers, counts):
@@ -249,26 +375,34 @@ def fused_loss(p, targets, anchors, options: LossOptions, compute_grad: bool = T
         cls_scale = torch.where(n_pairs > 0, o.cls * gain / (safe * nc), 0.0) if has_cls else torch.zeros_like(safe)
         obj_scale = o.obj * 3.0 / bs if sum_red else o.obj / n_cells
         if n_cand:
-            lbox = lbox + box_scale * torch.where(cand["valid"] != 0, 1.0 - cand["iou"], 0.0).sum()
+            lbox = lbox + box_scale * torch.where(cand.valid != 0, 1.0 - cand.iou, 0.0).sum()
             if has_cls:
-                lcls = lcls + cls_scale * cand["cls_loss"].sum()
+                lcls = lcls + cls_scale * cand.cls_loss.sum()
 
         grad = torch.empty_like(pi) if compute_grad else pi.new_empty(0)
-        block = 128
-        n_prog = triton.cdiv(n_cells, block)
+        n_prog = triton.cdiv(n_cells, BLOCK_CELLS)
         partial = torch.empty(n_prog, dtype=dtype, device=device)
-        g_strides = grad.stride() if compute_grad else (0,) * 5
-        _objectness_kernel[(n_prog,)](
-            pi, *pi.stride(), grad, *g_strides, tobj, partial, n_cells, na, ny, nx, no, o.obj_pw, o.fl_gamma,
-            obj_scale, FOCAL=focal, WRITE_GRAD=compute_grad, CDT=cdt, BLOCK=block, BLOCK_NO=_next_pow2(no),
+        # without a gradient the kernel never touches grad_ptr: p's strides stand in for its own
+        grad_strides = _strides("grad", grad if compute_grad else pi)
+        _launch(
+            _objectness_kernel, (n_prog,),
+            p_ptr=pi, **_strides("p", pi), grad_ptr=grad if compute_grad else pi, **grad_strides,
+            tobj_ptr=tobj, partial_ptr=partial, num_cells=n_cells, num_anchors=na, grid_h=ny, grid_w=nx,
+            num_outputs=no, obj_pos_weight=float(o.obj_pw), focal_gamma=float(o.fl_gamma), obj_scale=float(obj_scale),
+            FOCAL=focal, WRITE_GRAD=compute_grad, COMPUTE_DTYPE=compute_dtype,
+            BLOCK_CELLS=BLOCK_CELLS, BLOCK_CHANNELS=BLOCK_CHANNELS,
         )  # fmt: skip
         lobj = lobj + obj_scale * partial.sum()
         if compute_grad and n_cand:
             scales = torch.stack((box_scale, cls_scale)).to(dtype)
-            _pair_grad_kernel[(n_cand,)](
-                pi, *pi.stride(), grad, *g_strides, cand["valid"], cand["cell"], cand["diou"], cand["cls"], winner,
-                scales, n_cand, na, ny, nx, nc, cp, cn, o.cls_pw, o.fl_gamma,
-                FOCAL=focal, HAS_CLS=has_cls, CDT=cdt, BLOCK_Q=64, BLOCK_C=block_c,
+            _launch(
+                _pair_grad_kernel, (n_cand,),
+                p_ptr=pi, **_strides("p", pi), grad_ptr=grad, **grad_strides,
+                valid_ptr=cand.valid, cell_ptr=cand.cell, iou_grad_ptr=cand.iou_grad, cls_ptr=cand.cls,
+                winner_ptr=winner, scale_ptr=scales, num_candidates=n_cand, num_anchors=na, grid_h=ny, grid_w=nx,
+                num_classes=nc, cls_pos=cls_pos, cls_neg=cls_neg, **scalars,
+                FOCAL=focal, HAS_CLS=has_cls, COMPUTE_DTYPE=compute_dtype,
+                BLOCK_SCAN=BLOCK_SCAN, BLOCK_CLASSES=BLOCK_CLASSES,
             )  # fmt: skip
         grads.append(grad)
 

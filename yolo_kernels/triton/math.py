@@ -3,12 +3,21 @@ for the IoU family (value and derivatives with respect to the four box logits, a
 
 No libdevice: everything is written with ``tl.exp`` / ``tl.log`` / arithmetic, so the kernels run on
 Triton 3.6 to 3.9 and under the CPU interpreter.
+
+Rules that keep the compiler and the interpreter in agreement (the compile gate,
+``python -m yolo_kernels.triton.compile_gate``, checks them for real GPU targets):
+
+* module globals read inside ``@triton.jit`` code are ``tl.constexpr`` (``PI`` below);
+* every float literal lies in float32's normal range (>= 2**-126 in magnitude): the compiler types
+  a smaller literal such as ``1e-38`` as float64, which then turns float32 math into float64;
+* values carried through a loop keep one dtype (they start as ``tl.zeros(..., dtype=...)`` of the
+  compute dtype and only absorb values of that dtype).
 """
 
 import triton
 import triton.language as tl
 
-PI = 3.141592653589793
+PI = tl.constexpr(3.141592653589793)
 
 
 @triton.jit
@@ -51,7 +60,7 @@ def bce_with_logits(x, y, pos_weight, gamma, FOCAL: tl.constexpr):
         p_t = y * sig + (1.0 - y) * (1.0 - sig)
         alpha_t = y * 0.25 + (1.0 - y) * 0.75
         one_m_pt = 1.0 - p_t
-        safe = tl.maximum(one_m_pt, 1e-38)
+        safe = tl.where(one_m_pt > 0, one_m_pt, 1.0)  # log(0) guard; those lanes are zeroed below
         mod = tl.where(one_m_pt > 0, tl.exp(gamma * tl.log(safe)), 0.0)
         dmod = tl.where(one_m_pt > 0, gamma * tl.exp((gamma - 1.0) * tl.log(safe)), 0.0)
         dmod = dmod * -((2.0 * y - 1.0) * sig * (1.0 - sig))

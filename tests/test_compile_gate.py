@@ -1,0 +1,131 @@
+"""The Triton kernels compile for real GPUs (sm_80, sm_90) in every specialisation the launcher can
+produce, checked without a GPU by ``yolo_kernels.triton.compile_gate``; and the gate itself reports
+what it should. Each check runs in a subprocess with the interpreter off: in this test process
+``TRITON_INTERPRET=1`` makes every ``@triton.jit`` function an interpreted one."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import yolo_kernels as yk
+from yolo_kernels.triton import IMPORT_ERROR, SUPPORTED_TRITON, triton_version_problem
+
+pytestmark = pytest.mark.skipif(IMPORT_ERROR is not None, reason=f"triton backend unavailable: {IMPORT_ERROR}")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_compiled(args, **kwargs):
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, **kwargs)
+
+
+def test_every_kernel_specialisation_compiles_for_sm80_and_sm90():
+    result = run_compiled(["-m", "yolo_kernels.triton.compile_gate", "--arch", "80", "90"], timeout=1800)
+    print(result.stdout[-20000:], result.stderr[-5000:])
+    assert result.returncode == 0, result.stdout[-20000:] + result.stderr[-5000:]
+    assert "FAILED" not in result.stdout
+    summary = result.stdout.strip().splitlines()[-1]
+    assert summary.startswith("compile gate (triton") and "sm_80" in summary and "sm_90" in summary
+
+
+BROKEN_KERNELS = '''
+import triton
+import triton.language as tl
+
+SCALE = 2.0  # not a constexpr: the compiler refuses to read it, the interpreter does not mind
+
+
+@triton.jit
+def reads_a_plain_global(x_ptr, n, BLOCK: tl.constexpr):
+    k = tl.arange(0, BLOCK)
+    tl.store(x_ptr + k, tl.load(x_ptr + k, mask=k < n) * SCALE, mask=k < n)
+
+
+@triton.jit
+def promotes_to_float64(x_ptr, n, BLOCK: tl.constexpr):
+    k = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + k, mask=k < n)
+    tl.store(x_ptr + k, tl.maximum(x, 1e-38), mask=k < n)  # below float32's normal range: a float64 literal
+
+
+@triton.jit
+def fine(x_ptr, n, BLOCK: tl.constexpr):
+    k = tl.arange(0, BLOCK)
+    tl.store(x_ptr + k, tl.load(x_ptr + k, mask=k < n) * 2.0, mask=k < n)
+'''
+
+CHECK = '''
+import sys
+import torch
+sys.path.insert(0, sys.argv[1])
+import broken
+from triton.backends.compiler import GPUTarget
+from triton.compiler import make_backend
+from yolo_kernels.triton import compile_gate
+
+backend = make_backend(GPUTarget("cuda", 90, 32))
+x = torch.zeros(8)
+for name in ("reads_a_plain_global", "promotes_to_float64", "fine"):
+    kernel = getattr(broken, name)
+    job = compile_gate.Job(name, *compile_gate._bind(kernel, dict(x_ptr=x, n=5, BLOCK=8), backend), [name])
+    print(f"== {name}: {compile_gate.compile_job(job, 90, kernel=kernel)}")
+'''
+
+
+def test_gate_reports_what_the_interpreter_accepts(tmp_path):
+    (tmp_path / "broken.py").write_text(BROKEN_KERNELS)
+    (tmp_path / "check.py").write_text(CHECK)
+    result = run_compiled([str(tmp_path / "check.py"), str(tmp_path)], timeout=600)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    plain, promoted, fine = out.split("== ")[1:]
+    assert "Cannot access global variable SCALE" in plain
+    assert "float64 arithmetic" in promoted and "f64" in promoted
+    assert fine.strip() == "fine: None"
+
+
+def test_launches_are_recorded_with_keyword_arguments_not_run(gen):
+    from yolo_kernels.triton import loss as triton_loss
+    from helpers import make_p, make_targets, random_anchors
+
+    p = make_p(2, [3], [(4, 5)], 7, gen)
+    with triton_loss.record_launches() as launches:
+        triton_loss.fused_loss(p, make_targets(4, 2, 7, gen), random_anchors([3], gen), yk.LossOptions(nc=7))
+    names = [launch.kernel.fn.__name__ for launch in launches]
+    assert names == ["_match_kernel", "_objectness_target_kernel", "_objectness_kernel", "_pair_grad_kernel"]
+    for launch in launches:
+        assert set(launch.arguments) == set(launch.kernel.arg_names)
+
+
+@pytest.mark.parametrize("version, ok", [("3.6.0", True), ("3.7.1", True), ("3.9.2+git1234", True),
+                                         ("3.5.1", False), ("3.10.0", False), ("4.0.0", False), ("nightly", False)])  # fmt: skip
+def test_triton_version_range(version, ok):
+    problem = triton_version_problem(version)
+    assert (problem is None) == ok
+    if not ok:
+        lo, hi = SUPPORTED_TRITON
+        assert version in problem and f"{lo[0]}.{lo[1]} to {hi[0]}.{hi[1]}" in problem
+
+
+def test_unsupported_triton_makes_the_backend_unavailable_with_the_reason(tmp_path):
+    """A stand-in ``triton`` 3.5.0 package: importing yolo_kernels works, the backend says why not."""
+    fake = tmp_path / "triton"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("__version__ = '3.5.0'\n")
+    code = textwrap.dedent("""
+        import torch, yolo_kernels as yk
+        print('available:', yk.available_backends())
+        try:
+            yk.loss.resolve_backend('triton', torch.device('cpu'))
+        except yk.BackendUnavailableError as error:
+            print('error:', error)
+    """)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "'triton'" not in result.stdout.splitlines()[0]
+    assert "triton 3.5.0 is installed; the triton backend supports triton 3.6 to 3.9" in result.stdout

@@ -1,0 +1,231 @@
+"""Compile every Triton kernel specialisation the loss launches, for real GPU targets, with no GPU.
+
+    python -m yolo_kernels.triton.compile_gate                  # sm_80 and sm_90, all specialisations
+    python -m yolo_kernels.triton.compile_gate --arch 90 --jobs 4
+
+The Triton interpreter (how the tests run the kernels without a GPU) accepts code that the
+compiler rejects, so passing interpreter tests says nothing about a GPU. This gate runs the real
+launcher (``loss.fused_loss``) under ``record_launches`` over a grid of options, dtypes and
+layouts; each recorded launch goes through Triton's own argument binder (the code that types and
+specialises arguments at a real launch) for the target, and every distinct result is compiled to
+a cubin with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``. Triton ships
+``ptxas``: no CUDA toolkit and no GPU are needed. A specialisation without float64 tensors also
+fails when its Triton IR holds float64 values (a silent promotion that costs speed on a GPU).
+
+The grid: every box loss x focal on/off x ``nc == 1`` / ``nc > 1`` x fp16/bf16/fp32/fp64 ``p`` x
+with/without gradient x mean/sum, on a contiguous ``p``; plus, for every dtype, a non-contiguous
+``p`` (no unit channel stride) and a layer whose sizes are all 1 (Triton specialises integer
+arguments equal to 1). Block sizes are fixed constants of ``loss.py``, so these cover every block
+size the launcher picks.
+
+Must run with the interpreter off (``TRITON_INTERPRET`` unset or ``0``): under the interpreter
+``@triton.jit`` yields interpreted functions, which cannot be compiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import itertools
+import multiprocessing
+import os
+import sys
+import time
+
+import torch
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+BOX_LOSSES = ("iou", "giou", "diou", "ciou")
+DEFAULT_ARCHS = (80, 90)
+
+
+@dataclasses.dataclass
+class Job:
+    """One distinct compilation: a kernel with the signature, constexprs and attributes its launch
+    gets, and the specialisations of the loss that produce it."""
+
+    kernel_name: str
+    signature: dict
+    constexprs: dict
+    attrs: dict
+    options: dict
+    labels: list
+
+
+def _case_inputs(dtype, nc, layout):
+    """Small ``p``, targets and anchors of one layer for a launch-recording run (values unused)."""
+    if layout == "ones":
+        bs, na, ny, nx, nt = 1, 1, 1, 1, 1
+    else:
+        bs, na, ny, nx, nt = 2, 3, 5, 7, 6
+    no = nc + 5
+    if layout == "strided":  # the head's view before ``.contiguous()``: channel stride ny * nx
+        p = torch.zeros(bs, na, no, ny, nx, dtype=dtype).permute(0, 1, 3, 4, 2)
+    else:
+        p = torch.zeros(bs, na, ny, nx, no, dtype=dtype)
+    targets = torch.tensor([[0, 0, 0.5, 0.5, 0.2, 0.3]] * nt, dtype=torch.float32)
+    anchors = torch.ones(na, 2)
+    return [p], targets, [anchors]
+
+
+def specialisations():
+    """``(label, kwargs of loss.fused_loss)`` for every case of the gate's grid."""
+    from ..config import LossOptions
+
+    grid = itertools.product(BOX_LOSSES, (0.0, 1.5), (1, 80), DTYPES, (True, False), ("mean", "sum"))
+    cases = [(box, gamma, nc, dtype, grad, red, "contiguous") for box, gamma, nc, dtype, grad, red in grid]
+    cases += [("giou", 0.0, 80, dtype, True, "mean", layout) for dtype in DTYPES for layout in ("strided", "ones")]
+    for box, gamma, nc, dtype, grad, reduction, layout in cases:
+        p, targets, anchors = _case_inputs(dtype, nc, layout)
+        options = LossOptions(nc=nc, box_loss=box, fl_gamma=gamma, reduction=reduction)
+        label = (f"box_loss={box} fl_gamma={gamma} nc={nc} p={str(dtype).replace('torch.', '')} "
+                 f"grad={grad} reduction={reduction} layout={layout}")  # fmt: skip
+        yield label, dict(p=p, targets=targets, anchors=anchors, options=options, compute_grad=grad)
+
+
+def _bind(kernel, arguments, backend):
+    """Triton's own typing and specialisation of a launch's arguments for ``backend``'s target."""
+    from triton.runtime.jit import create_function_from_signature
+
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, launch_options = binder(**arguments)
+    options, signature, constexprs, attrs = kernel._pack_args(
+        backend, launch_options, bound, specialization, launch_options
+    )
+    return signature, constexprs, attrs, options.__dict__
+
+
+def collect_jobs(arch: int) -> list[Job]:
+    """The distinct compilations of every specialisation, for ``sm_<arch>``."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+
+    from . import loss as triton_loss
+
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    jobs: dict[str, Job] = {}
+    for label, kwargs in specialisations():
+        with triton_loss.record_launches() as launches:
+            triton_loss.fused_loss(**kwargs)
+        for launch in launches:
+            if not hasattr(launch.kernel, "params"):
+                raise RuntimeError(
+                    "compile_gate: the kernels are interpreted functions (TRITON_INTERPRET=1); "
+                    "run the gate with TRITON_INTERPRET=0"
+                )
+            signature, constexprs, attrs, options = _bind(launch.kernel, launch.arguments, backend)
+            name = launch.kernel.fn.__name__
+            key = repr((name, sorted(signature.items()), sorted(constexprs.items(), key=str), sorted(attrs.items())))
+            if key not in jobs:
+                jobs[key] = Job(name, signature, constexprs, attrs, options, [])
+            jobs[key].labels.append(label)
+    return list(jobs.values())
+
+
+def _describe(error: BaseException) -> str:
+    """The error and its causes, innermost last: Triton wraps the real message (e.g. "Cannot access
+    global variable ...") in a CompilationError per enclosing call site."""
+    parts, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        parts.append(f"{type(error).__name__}: {error}".strip())
+        error = error.__cause__ or error.__context__
+    return "\n-- caused by --\n".join(parts)
+
+
+def compile_job(job: Job, arch: int, kernel=None) -> str | None:
+    """Compile one job to a cubin for ``sm_<arch>``: ``None``, or what went wrong. ``kernel``
+    defaults to the kernel of ``loss.py`` named by the job."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from . import loss as triton_loss
+
+    kernel = kernel if kernel is not None else getattr(triton_loss, job.kernel_name)
+    try:
+        compiled = triton.compile(
+            ASTSource(kernel, job.signature, job.constexprs, job.attrs),
+            target=GPUTarget("cuda", arch, 32),
+            options=job.options,
+        )
+    except Exception as error:  # noqa: BLE001  (every compiler error is the gate's finding)
+        return _describe(error)
+    if not compiled.asm.get("cubin"):
+        return "no cubin produced"
+    # A float literal outside float32's normal range or a float64 argument silently promotes math
+    # to float64: it compiles, but runs at a fraction of the speed on most GPUs.
+    if "*fp64" not in job.signature.values() and "f64" in compiled.asm.get("ttir", ""):
+        lines = [line.strip() for line in compiled.asm["ttir"].splitlines() if "f64" in line]
+        return "float64 arithmetic in a specialisation without float64 tensors:\n" + "\n".join(lines[:5])
+    return None
+
+
+_JOBS: dict[int, list[Job]] = {}  # per arch; set before the pool forks, so workers get it for free
+
+
+def _compile_indexed(work: tuple[int, int]) -> tuple[int, int, str | None]:
+    arch, index = work
+    return arch, index, compile_job(_JOBS[arch][index], arch)
+
+
+def _kernels_never_launched(jobs: list[Job]) -> list[str]:
+    from triton.runtime.jit import JITFunction
+
+    from . import loss as triton_loss
+
+    defined = {
+        name
+        for name, value in vars(triton_loss).items()
+        if isinstance(value, JITFunction) and value.fn.__module__ == triton_loss.__name__  # kernels, not helpers
+    }
+    return sorted(defined - {job.kernel_name for job in jobs})
+
+
+def run(archs=DEFAULT_ARCHS, n_workers: int | None = None, out=sys.stdout) -> int:
+    """Compile every job for every arch; print each failure with its kernel, specialisations and
+    message. Returns the number of failures (a kernel of ``loss.py`` that the grid never launches
+    counts as one)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("compile_gate: TRITON_INTERPRET=1 is set; run the gate with TRITON_INTERPRET=0")
+    import triton
+
+    start = time.perf_counter()
+    _JOBS.clear()
+    _JOBS.update({arch: collect_jobs(arch) for arch in archs})
+    work = [(arch, i) for arch in archs for i in range(len(_JOBS[arch]))]
+    failures = []
+    # fork: the workers inherit the imported kernels and the jobs; they run no torch ops
+    context = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(n_workers or os.cpu_count() or 1, mp_context=context) as pool:
+        for arch, index, error in pool.map(_compile_indexed, work):
+            if error is not None:
+                failures.append((_JOBS[arch][index], arch, error))
+    for job, arch, error in failures:
+        shown = job.labels[:3] + ([f"... and {len(job.labels) - 3} more"] if len(job.labels) > 3 else [])
+        print(f"FAILED {job.kernel_name} on sm_{arch}", file=out)
+        print(f"  signature: {job.signature}", file=out)
+        print(f"  constexprs: {job.constexprs}", file=out)
+        print("  specialisations: " + "; ".join(shown), file=out)
+        print("  " + error.strip().replace("\n", "\n  "), file=out)
+    missing = _kernels_never_launched(_JOBS[archs[0]]) if archs else []
+    for name in missing:
+        print(f"FAILED {name}: defined in loss.py but never launched by the gate's grid (extend the grid)", file=out)
+    counts = ", ".join(f"sm_{arch}: {len(jobs)}" for arch, jobs in _JOBS.items())
+    print(f"compile gate (triton {triton.__version__}): {len(work) - len(failures)} of {len(work)} kernel "
+          f"specialisations compiled ({counts}) in {time.perf_counter() - start:.0f} s", file=out)  # fmt: skip
+    return len(failures) + len(missing)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=list(DEFAULT_ARCHS),
+                        help="CUDA compute capabilities to compile for (80 = A100, 90 = H100/H200)")  # fmt: skip
+    parser.add_argument("--jobs", type=int, default=None, help="parallel compilations (default: CPU count)")
+    args = parser.parse_args(argv)
+    return 1 if run(args.arch, args.jobs) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
