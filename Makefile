@@ -15,7 +15,7 @@ $(STAMP): requirements-dev.txt pyproject.toml setup.py $(EXT_SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
-	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	YOLO_KERNELS_REQUIRE_EXT=1 $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -31,12 +31,12 @@ bench: $(STAMP)
 
 SANITIZER_RUNTIMES = $$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)
 sanitize: $(STAMP)
-	YOLO_KERNELS_SANITIZE=1 $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	YOLO_KERNELS_REQUIRE_EXT=1 YOLO_KERNELS_SANITIZE=1 $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	LD_PRELOAD="$(SANITIZER_RUNTIMES)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 TRITON_INTERPRET=0 \
 	  $(PY) -m pytest -q -p no:cacheprovider tests/test_cpp.py tests/test_robustness.py tests/test_properties.py \
 	  -k "not triton"; status=$$?; \
-	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .; exit $$status
+	YOLO_KERNELS_REQUIRE_EXT=1 $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .; exit $$status
 
 clean:
 	rm -rf $(VENV) build *.egg-info yolo_kernels/_C*.so

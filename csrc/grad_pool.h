@@ -1,7 +1,7 @@
 // A pool of CPU gradient buffers. Tensors handed out by pooled_empty_strided give their memory
 // back to the pool when their storage dies (a DataPtr deleter), so a training loop that
 // allocates the same gradient sizes every step reuses memory that is already faulted in instead
-// of paying glibc's page faults on every fresh large allocation (SPEC §3).
+// of paying glibc's page faults on every fresh large allocation (docs/design.md, "CPU").
 #pragma once
 
 #include <ATen/ATen.h>

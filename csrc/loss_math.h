@@ -269,7 +269,7 @@ void bce_const_target_row(const T* x, T* loss, T* grad, int64_t n, T y, T w, T g
 }
 
 // ---------------------------------------------------------------------------------------------
-// Target matching of one layer (SPEC §1): every (anchor, target) with wh_iou > iou_t, anchor-major.
+// Target matching of one layer (docs/semantics.md): every (anchor, target) with wh_iou > iou_t, anchor-major.
 template <typename T>
 struct Pair {
   int64_t b, a, gj, gi, cls;

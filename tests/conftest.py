@@ -6,7 +6,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-SHARED_CFG = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "cfg")
+from yolo_kernels.models import CFG_DIR  # noqa: E402  (Darknet's cfg files, packaged with yolo_kernels)
 
 
 @pytest.fixture
@@ -16,7 +16,4 @@ def gen():
 
 @pytest.fixture(scope="session")
 def cfg_dir():
-    path = os.environ.get("YOLO_KERNELS_CFG_DIR", SHARED_CFG)
-    if not os.path.isdir(path):
-        pytest.fail(f"Darknet cfg test data not found at {path} (set YOLO_KERNELS_CFG_DIR)")
-    return path
+    return CFG_DIR

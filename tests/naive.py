@@ -1,4 +1,4 @@
-"""An independent scalar implementation of SPEC §1 in plain Python floats, for small inputs.
+"""An independent scalar implementation of docs/semantics.md in plain Python floats, for small inputs.
 
 It shares no code with ``yolo_kernels``: loops over pairs and cells, written from the spec text.
 """

@@ -1,5 +1,7 @@
 """The public API: the drop-in, the module, build_targets and the backend dispatch."""
 
+import re
+
 import pytest
 import torch
 
@@ -101,3 +103,26 @@ def test_targets_device_and_anchor_device_handling(gen):
     p = make_p(1, [1], [(3, 3)], 2, gen)
     loss, _ = yk.compute_loss(p, make_targets(2, 1, 2, gen), duck_model(anchors, 2))
     assert loss.dtype == torch.float32
+
+
+@pytest.mark.parametrize("drop", [["iou_t"], ["giou", "fl_gamma"]])
+def test_drop_in_names_missing_hyperparameters(drop, gen):
+    hyp = {k: v for k, v in yk.DEFAULT_HYP.items() if k not in drop}
+    hyp["iou_thres"] = 0.3  # a typo must not silently leave the default in place
+    model = duck_model(random_anchors([2], gen), 3, hyp=hyp)
+    p, t = make_p(1, [2], [(2, 2)], 3, gen), make_targets(2, 1, 3, gen)
+    for call in (lambda: yk.compute_loss(p, t, model), lambda: yk.build_targets(p, t, model),
+                 lambda: yk.YOLOv3Loss.from_model(model), lambda: yk.reference.compute_loss(p, t, model)):  # fmt: skip
+        expected = r"model.hyp: missing loss hyperparameter\(s\) " + re.escape(repr(drop)) + ".*'iou_thres'"
+        with pytest.raises(KeyError, match=expected):
+            call()
+
+
+def test_drop_in_needs_gr_and_the_module_api_keeps_its_defaults(gen):
+    model = duck_model(random_anchors([2], gen), 3)
+    del model.gr
+    p, t = make_p(1, [2], [(2, 2)], 3, gen), make_targets(2, 1, 3, gen)
+    with pytest.raises(TypeError, match="model: expected a 'gr' attribute"):
+        yk.compute_loss(p, t, model)
+    crit = yk.YOLOv3Loss([torch.ones(2, 2)], [1.0], 3, hyp={"iou_t": 0.1})  # documented defaults fill the rest
+    assert crit.options.iou_t == 0.1 and crit.options.giou == yk.DEFAULT_HYP["giou"]

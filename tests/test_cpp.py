@@ -1,6 +1,8 @@
 """The C++ CPU backend against the reference: every option, edge cases, gradients, layout, dtypes,
 determinism, the registered ops (opcheck) and the gradient pool."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -397,5 +399,12 @@ def test_missing_extension_is_a_clear_error(monkeypatch):
     p = [torch.zeros(1, 1, 2, 2, 6)]
     with pytest.raises(yk.BackendUnavailableError, match=r"pip install --no-build-isolation -e \."):
         yk.compute_loss(p, torch.zeros(0, 6), duck_model([torch.ones(1, 2)], 1), backend="cpp")
-    assert yk.compute_loss(p, torch.zeros(0, 6), duck_model([torch.ones(1, 2)], 1))[0].shape == (1,)  # auto -> reference
+    monkeypatch.setattr(yk.loss, "_WARNED", set())
+    model = duck_model([torch.ones(1, 2)], 1)
+    with pytest.warns(RuntimeWarning, match=r"uses the slow 'reference' backend on cpu because the 'cpp' backend is "
+                                            r"unavailable: yolo_kernels._C could not be imported \(test\)"):  # fmt: skip
+        assert yk.compute_loss(p, torch.zeros(0, 6), model)[0].shape == (1,)  # auto -> reference, warns
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process: the second call is quiet
+        yk.compute_loss(p, torch.zeros(0, 6), model)
     assert backend.unavailable_reason(torch.device("cpu")).startswith("yolo_kernels._C could not be imported")

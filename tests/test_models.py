@@ -1,4 +1,4 @@
-"""SPEC §5: the cfg parser, the Darknet network, the shipped architectures and the model facts."""
+"""The cfg parser, the Darknet network, the shipped architectures and the model facts (docs/model.md)."""
 
 import math
 import os
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import yolo_kernels as yk
-from yolo_kernels.models import Darknet, YOLOLayer, format_cfg, parse_cfg_text, parse_model_cfg
+from yolo_kernels.models import CFG_DIR, Darknet, YOLOLayer, format_cfg, parse_cfg_text, parse_model_cfg
 from yolo_kernels.models.zoo import SHIPPED
 
 FACTS = {  # cfg: (parameters, module_list entries, yolo_layers, strides)
@@ -144,3 +144,24 @@ def test_yolo_layer_rejects_wrong_channels():
     layer = YOLOLayer(np.array([[10.0, 13.0]]), nc=2, stride=8)
     with pytest.raises(ValueError, match="expected 1 \\* 7 = 7 input channels, got 8"):
         layer(torch.zeros(1, 8, 2, 2))
+
+
+@pytest.mark.parametrize("name", ["yolov4", "yolov3-1cls", "yolov4.cfg"])
+def test_packaged_cfgs_by_name(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no file of that name here: the packaged one is used
+    model = Darknet(name)
+    stem = name.removesuffix(".cfg")
+    assert sum(p.numel() for p in model.parameters()) == FACTS[stem][0]
+    assert model.yolo_layers == FACTS[stem][2] and model.cfg_name == stem
+
+
+def test_unknown_cfg_name_lists_the_shipped_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"no file 'yolov9'.*'yolov3-1cls'.*'yolov4'"):
+        Darknet("yolov9")
+
+
+def test_a_users_file_wins_over_a_shipped_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "yolov3.cfg").write_text(open(os.path.join(CFG_DIR, "yolov3-tiny.cfg")).read())
+    assert Darknet("yolov3.cfg").yolo_layers == FACTS["yolov3-tiny"][2]

@@ -1,4 +1,4 @@
-"""SPEC §4: every bad input gets a TypeError/ValueError naming the argument, expected and actual."""
+"""docs/semantics.md, "Bad input": every bad input gets a TypeError/ValueError naming the argument, expected and actual."""
 
 import pytest
 import torch

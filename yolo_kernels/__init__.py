@@ -5,8 +5,8 @@
     crit = yk.YOLOv3Loss(anchors, strides, num_classes)            # the same as a module
 """
 
-from . import models, ops, reference
-from .config import BOX_LOSSES, DEFAULT_HYP, REDUCTIONS, BackendUnavailableError, LossOptions
+from . import integrations, models, ops, reference
+from .config import BOX_LOSSES, DEFAULT_HYP, REDUCTIONS, BackendUnavailableError, LossOptions, MissingHyperparameterError
 from .loss import YOLOv3Loss, available_backends, build_targets, compute_loss
 
 __version__ = "0.1.0"
@@ -17,10 +17,12 @@ __all__ = [
     "REDUCTIONS",
     "BackendUnavailableError",
     "LossOptions",
+    "MissingHyperparameterError",
     "YOLOv3Loss",
     "available_backends",
     "build_targets",
     "compute_loss",
+    "integrations",
     "models",
     "ops",
     "reference",

@@ -1,4 +1,5 @@
-"""Loss options and the reading of an ultralytics-style ``model`` (SPEC §1, "What the drop-in reads").
+"""Loss options and the reading of an ultralytics-style ``model`` (docs/semantics.md, "What the
+drop-in reads from model").
 
 One home for the hyperparameter defaults and for the duck-typed model attributes, shared by the
 reference, the public API and every backend.
@@ -12,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-__all__ = ["BackendUnavailableError", "DEFAULT_HYP", "BOX_LOSSES", "REDUCTIONS", "LossOptions", "unwrap_model", "model_anchors"]
+__all__ = ["BackendUnavailableError", "MissingHyperparameterError", "DEFAULT_HYP", "BOX_LOSSES", "REDUCTIONS", "LossOptions", "unwrap_model", "model_anchors"]
 
 #: Defaults of the original ``train.py`` (``cls`` is *not* scaled by nc/80: that is the caller's job).
 DEFAULT_HYP: dict[str, float] = {
@@ -29,6 +30,13 @@ DEFAULT_HYP: dict[str, float] = {
 
 class BackendUnavailableError(RuntimeError):
     """A requested backend cannot run here; the message says why and how to get it."""
+
+
+class MissingHyperparameterError(KeyError):
+    """``model.hyp`` lacks a key the loss reads (a ``KeyError``, as the original raises)."""
+
+    def __str__(self) -> str:  # KeyError would print the message with quotes around it
+        return str(self.args[0]) if self.args else ""
 
 
 BOX_LOSSES = ("giou", "iou", "diou", "ciou")
@@ -95,12 +103,23 @@ class LossOptions:
             raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {self.reduction!r}")
 
     @classmethod
-    def from_hyp(cls, hyp: Mapping[str, Any] | None, *, nc: int, gr: float = 1.0, **options: Any) -> "LossOptions":
-        """Options from an ultralytics ``hyp`` dict; missing keys take ``DEFAULT_HYP``, extra keys are ignored."""
+    def from_hyp(
+        cls, hyp: Mapping[str, Any] | None, *, nc: int, gr: float = 1.0, strict: bool = False, name: str = "hyp",
+        **options: Any,
+    ) -> "LossOptions":
+        """Options from an ultralytics ``hyp`` dict; extra keys are ignored. Missing keys take
+        ``DEFAULT_HYP``, or with ``strict`` raise a ``KeyError`` naming them (``name`` is the
+        argument's name in that message)."""
         if hyp is None:
             hyp = {}
         if not isinstance(hyp, Mapping):
-            raise TypeError(f"hyp: expected a dict of hyperparameters, got {type(hyp).__name__}")
+            raise TypeError(f"{name}: expected a dict of hyperparameters, got {type(hyp).__name__}")
+        missing = [key for key in DEFAULT_HYP if key not in hyp]
+        if strict and missing:
+            raise MissingHyperparameterError(
+                f"{name}: missing loss hyperparameter(s) {missing}; the loss reads {list(DEFAULT_HYP)}, "
+                f"got keys {sorted(map(str, hyp))}"
+            )
         values = {key: hyp.get(key, default) for key, default in DEFAULT_HYP.items()}
         return cls(nc=nc, gr=gr, **values, **options)
 
@@ -135,12 +154,13 @@ def model_anchors(model: Any) -> list[torch.Tensor]:
 
 
 def model_options(model: Any, **options: Any) -> LossOptions:
-    """``LossOptions`` from ``model.hyp``, ``model.gr`` and ``model.nc`` plus keyword overrides."""
+    """``LossOptions`` from ``model.hyp``, ``model.gr`` and ``model.nc`` plus keyword overrides.
+    Like the original, every hyperparameter must be there: nothing is defaulted."""
     model = unwrap_model(model)
-    for attr in ("hyp", "nc"):
+    for attr in ("hyp", "nc", "gr"):
         if not hasattr(model, attr):
             raise TypeError(f"model: expected a '{attr}' attribute (set model.{attr} before computing the loss)")
-    return LossOptions.from_hyp(model.hyp, nc=model.nc, gr=getattr(model, "gr", 1.0), **options)
+    return LossOptions.from_hyp(model.hyp, nc=model.nc, gr=model.gr, strict=True, name="model.hyp", **options)
 
 
 def as_anchor_list(anchors: Sequence[Any], name: str = "anchors") -> list[torch.Tensor]:

@@ -21,15 +21,17 @@ __all__ = ["LOAD_ERROR", "BUILD_HINT", "CppBackend", "build_info", "pool_stats",
            "pool_set_enabled"]  # fmt: skip
 
 BUILD_HINT = (
-    "build the C++ extension from the source tree with `pip install --no-build-isolation -e .` "
-    "(or `make install`; needs a C++17 compiler, ninja and the installed torch)"
+    "build the C++ extension against the installed torch from the source tree with "
+    "`pip install --no-build-isolation -e .` (or `make install`; needs a C++17 compiler and ninja; "
+    "an extension built against another torch version fails to import and must be rebuilt)"
 )
 
 try:
     from . import _C  # noqa: F401  (registers the ops)
 
     LOAD_ERROR: str | None = None
-except ImportError as error:  # the package works without it; backend="cpp" says how to build it
+except (ImportError, OSError) as error:  # e.g. not built, or built against another torch: the package
+    # works without it, and backend="cpp" / `python -m yolo_kernels.info` say how to build it
     _C = None
     LOAD_ERROR = f"yolo_kernels._C could not be imported ({error})"
 

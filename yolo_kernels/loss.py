@@ -10,6 +10,7 @@ fused backends register themselves in ``BACKENDS`` when their module loads.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -60,14 +61,39 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
     return [name for name, backend in BACKENDS.items() if backend.unavailable_reason(device) is None]
 
 
+_WARNED: set[str] = set()
+
+
+def _warn_fallback_once(name: str, device: torch.device, reason: str) -> None:
+    """``auto`` could not use the fast backend it prefers for this device: say so once per process."""
+    if name in _WARNED:
+        return
+    _WARNED.add(name)
+    warnings.warn(
+        f"yolo_kernels: backend='auto' uses the slow 'reference' backend on {device.type} because the "
+        f"'{name}' backend is unavailable: {reason}. `python -m yolo_kernels.info` lists what is available; "
+        f"pass backend='reference' to choose it explicitly and silence this warning.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
 def resolve_backend(backend: str, device: torch.device):
-    """The backend object for a name (or ``"auto"``) on ``device``; raises when it cannot run there."""
+    """The backend object for a name (or ``"auto"``) on ``device``; raises when it cannot run there.
+
+    ``"auto"`` takes the first backend of ``AUTO_ORDER[device.type]`` that can run, else the
+    reference, and then warns once per backend that the fast path is missing, with the reason."""
     if not isinstance(backend, str):
         raise TypeError(f"backend: expected a backend name, got {type(backend).__name__}")
     if backend == "auto":
+        reasons = []
         for name in AUTO_ORDER.get(device.type, ()):
-            if BACKENDS[name].unavailable_reason(device) is None:
+            reason = BACKENDS[name].unavailable_reason(device)
+            if reason is None:
                 return BACKENDS[name]
+            reasons.append((name, reason))
+        for name, reason in reasons:
+            _warn_fallback_once(name, device, reason)
         return BACKENDS["reference"]
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")

@@ -1,4 +1,4 @@
-"""The oracle: the YOLOv3 loss of ultralytics/yolov3 (archive branch, v8) in plain PyTorch (SPEC §1).
+"""The oracle: the YOLOv3 loss of ultralytics/yolov3 (archive branch, v8) in plain PyTorch (docs/semantics.md).
 
 Every fast backend is tested against these functions. They are written to be read, not to be
 fast, but they are no slower than the original. Differences from the original, all deliberate:

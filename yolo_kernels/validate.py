@@ -1,4 +1,4 @@
-"""The input checks of SPEC §4, shared by every backend.
+"""The input checks of docs/semantics.md ("Bad input"), shared by every backend.
 
 Structural checks (types, ranks, sizes, dtypes, devices) read only tensor metadata and always run.
 Data checks (image and class ids, box sizes, anchors) look at values:

@@ -1,4 +1,4 @@
-// CPU kernels of the yolo_kernels ops (schemas in csrc/ops.cpp, semantics in SPEC §1 and
+// CPU kernels of the yolo_kernels ops (schemas in csrc/ops.cpp, semantics in docs/semantics.md and
 // yolo_kernels/reference.py).
 //
 // fused_loss makes one pass over each layer's cells and writes the gradient of the loss with

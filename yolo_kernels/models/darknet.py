@@ -1,7 +1,8 @@
 """The Darknet network of ultralytics/yolov3 (archive branch), built from module definitions.
 
 ``Darknet(cfg)`` takes a cfg path, the name of a shipped architecture (``yolov3``,
-``yolov3-spp``, ``yolov3-tiny``) or parsed module definitions. It exposes what the loss reads:
+``yolov3-spp``, ``yolov3-tiny`` generated in code for any ``nc``; ``yolov3-1cls`` and ``yolov4``
+from the cfg files packaged in ``models/cfg/``) or parsed module definitions. It exposes what the loss reads:
 ``yolo_layers``, ``module_list[j].anchor_vec``, and the attributes a training loop sets,
 ``hyp`` (``yolo_kernels.DEFAULT_HYP``), ``gr`` (1.0) and ``nc`` (from the cfg).
 """
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 from ..config import DEFAULT_HYP
 from .cfg import parse_model_cfg
-from .zoo import SHIPPED
+from .zoo import SHIPPED, packaged_cfg_names, packaged_cfg_path
 
 __all__ = ["Darknet", "YOLOLayer", "WeightedFeatureFusion", "FeatureConcat", "Swish", "Mish", "create_modules"]
 
@@ -261,19 +262,23 @@ def _load_defs(cfg: Any) -> tuple[list[dict[str, Any]], str]:
     if not isinstance(cfg, (str, os.PathLike)):
         raise TypeError(f"cfg: expected a cfg path, a shipped name or module definitions, got {type(cfg).__name__}")
     name = os.fspath(cfg)
-    if name in SHIPPED and not os.path.exists(name):
-        return SHIPPED[name](80), name
-    if not os.path.exists(name) and not os.path.exists(name + ".cfg"):
-        raise FileNotFoundError(f"cfg: no file {name!r} and not a shipped architecture {sorted(SHIPPED)}")
-    return parse_model_cfg(name), name
+    if os.path.exists(name) or os.path.exists(name + ".cfg"):  # a file of the user's wins over a shipped name
+        return parse_model_cfg(name), name
+    shipped = name[: -len(".cfg")] if name.endswith(".cfg") else name
+    if shipped in SHIPPED:
+        return SHIPPED[shipped](80), shipped
+    if shipped in packaged_cfg_names():
+        return parse_model_cfg(packaged_cfg_path(shipped)), shipped
+    names = sorted(set(SHIPPED) | set(packaged_cfg_names()))
+    raise FileNotFoundError(f"cfg: no file {name!r} and not a shipped architecture {names}")
 
 
 class Darknet(nn.Module):
     """YOLOv3-family detector from a Darknet cfg.
 
     Args:
-        cfg: path to a ``.cfg`` file, a shipped name (``yolov3``, ``yolov3-spp``, ``yolov3-tiny``;
-            80 classes) or module definitions as ``parse_model_cfg`` returns them (``[net]`` first).
+        cfg: path to a ``.cfg`` file, a shipped name (``yolov3``, ``yolov3-spp``, ``yolov3-tiny``,
+            ``yolov3-1cls``, ``yolov4``; 80 classes but the 1-class one) or module definitions as ``parse_model_cfg`` returns them (``[net]`` first).
         img_size: kept for the original's signature; the network itself is size-agnostic
             (any multiple of the largest stride).
 

@@ -1,18 +1,38 @@
-"""The shipped architectures, generated in code: yolov3, yolov3-spp, yolov3-tiny.
+"""The shipped architectures: yolov3, yolov3-spp and yolov3-tiny generated in code (any number of
+classes), and Darknet's own cfg files packaged in ``models/cfg/`` (yolov3, yolov3-spp, yolov3-tiny,
+yolov3-1cls, yolov4).
 
 Each generator returns module definitions in the form ``parse_model_cfg`` gives (``[net]``
-first), for any number of classes; the tests prove them equal to the Darknet cfg files.
+first); the tests prove them equal to the packaged Darknet files.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
+import os
+
 import numpy as np
 
 from .cfg import format_cfg
 
-__all__ = ["SHIPPED", "shipped_cfg", "yolov3", "yolov3_spp", "yolov3_tiny"]
+__all__ = ["SHIPPED", "CFG_DIR", "packaged_cfg_names", "packaged_cfg_path", "shipped_cfg", "yolov3", "yolov3_spp",
+           "yolov3_tiny"]  # fmt: skip
+
+#: Darknet's cfg files shipped with the package.
+CFG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cfg")
+
+
+def packaged_cfg_names() -> list[str]:
+    """Names of the packaged cfg files (without ``.cfg``)."""
+    return sorted(f[: -len(".cfg")] for f in os.listdir(CFG_DIR) if f.endswith(".cfg"))
+
+
+def packaged_cfg_path(name: str) -> str:
+    """The path of a packaged cfg file, e.g. ``packaged_cfg_path("yolov4")``."""
+    if name not in packaged_cfg_names():
+        raise ValueError(f"name: expected one of the packaged cfgs {packaged_cfg_names()}, got {name!r}")
+    return os.path.join(CFG_DIR, name + ".cfg")
 
 YOLOV3_ANCHORS = [(10, 13), (16, 30), (33, 23), (30, 61), (62, 45), (59, 119), (116, 90), (156, 198), (373, 326)]
 TINY_ANCHORS = [(10, 14), (23, 27), (37, 58), (81, 82), (135, 169), (344, 319)]
