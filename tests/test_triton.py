@@ -142,3 +142,34 @@ def test_bitwise_deterministic(device, gen):
     runs = [triton_loss.fused_loss(p, targets, anchors, LossOptions(nc=nc)) for _ in range(2)]
     assert torch.equal(runs[0][1], runs[1][1])
     assert all(torch.equal(a, b) for a, b in zip(runs[0][2], runs[1][2]))
+
+
+@pytest.mark.skipif(not interpreter_active(), reason="counts the interpreter's loop iterations")
+def test_matching_and_duplicates_are_linear_in_the_pairs(monkeypatch):
+    """Loop iterations of every kernel, counted by shadowing ``range`` in the kernels' module (the
+    interpreter runs the kernels as Python): 4x the targets must cost about 4x, not 16x. Targets
+    are spread over a large grid, so the winning pairs grow with the targets (the case where a
+    per-winner scan of all candidates is quadratic), and clustered, so that duplicates abound."""
+    import builtins
+
+    iterations = []
+
+    def counting_range(*args):
+        r = builtins.range(*args)
+        iterations[-1] += len(r)
+        return r
+
+    monkeypatch.setattr(triton_loss, "range", counting_range, raising=False)
+    g = torch.Generator().manual_seed(0)
+    anchors = [torch.ones(3, 2)]  # every target matches every anchor: P = 3 nt pairs
+    p = make_p(2, [3], [(32, 32)], 3, g)
+    for nt in (128, 512):
+        iterations.append(0)
+        spread = make_targets(nt // 2, 2, 3, g, lo=0.02, hi=0.04)
+        clustered = spread.clone()
+        clustered[:, 2:4] = 0.5 + 0.01 * torch.rand(nt // 2, 2, generator=g)  # a handful of cells
+        triton_loss.fused_loss(p, torch.cat((spread, clustered)), anchors, LossOptions(nc=3))
+    small, large = iterations
+    assert large <= 4.5 * small, iterations
+    # per pair: one step of its group's box walk and one of its class walk; per winner one class chunk
+    assert large <= 3 * (3 * 512) + 64, iterations

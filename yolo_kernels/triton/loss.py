@@ -4,14 +4,18 @@ Per layer, with a fixed capacity of ``na * nt`` candidate pairs in pair order (a
 validity mask instead of compaction:
 
 1. ``_match_kernel``: match each candidate (wh_iou > iou_t, clamped cell), gather its row, compute
-   the IoU-family value and its gradient w.r.t. the 4 box logits (dual numbers), the summed class
-   BCE, and claim its cell with an int32 ``atomic_max`` of the pair index: the *last* pair wins,
-   deterministically (max does not depend on the order the atomics land in).
-2. ``_objectness_target_kernel``: each winning pair writes its objectness target into ``tobj``.
-3. ``_objectness_kernel``: every cell's objectness BCE (a partial sum per program) and, with a
+   the IoU-family value and its gradient w.r.t. the 4 box logits (dual numbers) and the summed
+   class BCE; write its cell as a sort key (``num_cells`` when unmatched).
+2. ``torch.sort(..., stable=True)`` of the keys groups the candidates by cell, in pair order
+   within a cell; ``torch.searchsorted`` gives each group's first position. O(P log P) for P
+   candidates, on the device, no sync.
+3. ``_objectness_target_kernel``: the last candidate of each group (the last pair in pair order:
+   it wins the cell, deterministically) writes its objectness target into ``tobj``.
+4. ``_objectness_kernel``: every cell's objectness BCE (a partial sum per program) and, with a
    gradient, every row of the gradient: zeros and the objectness term, with p's layout.
-4. ``_pair_grad_kernel``: each winning pair adds the box and class terms of *all* pairs of its cell
-   (a fixed-order scan over the candidates) to its row: duplicates are summed without atomics.
+5. ``_pair_grad_kernel``: the last candidate of each group adds the box and class terms of the
+   group's candidates (in pair order) to its cell's row: duplicates are summed without atomics,
+   and each candidate is visited once, so the whole pass is O(P · nc).
 
 Reductions are two-stage and fixed (per-program partials, then ``torch.sum``), so results are
 bitwise reproducible. Offsets are int64 (a batch-64, 640x640 ``p`` has more than 2^31 bytes).
@@ -44,33 +48,32 @@ BLOCK_PAIRS = 64  # candidate pairs per program of the match kernels
 BLOCK_CLASSES = 32  # class channels per step of the class loops
 BLOCK_CELLS = 128  # cells per program of the objectness kernel
 BLOCK_CHANNELS = 32  # gradient channels per step of the objectness kernel's row writes
-BLOCK_SCAN = 64  # candidates per step of the duplicate scan
 
 
 @triton.jit(do_not_specialize=["num_targets"])
 def _match_kernel(
     p_ptr, p_stride_b, p_stride_a, p_stride_y, p_stride_x, p_stride_c,
-    targets_ptr, anchors_ptr, num_targets, num_anchors, grid_h, grid_w, num_classes,
+    targets_ptr, anchors_ptr, num_targets, num_anchors, grid_h, grid_w, num_classes, num_cells,
     iou_t, gr, cls_pos, cls_neg, cls_pos_weight, focal_gamma,
-    valid_ptr, cell_ptr, score_ptr, iou_ptr, iou_grad_ptr, cls_loss_ptr, cls_ptr, winner_ptr,
+    valid_ptr, key_ptr, score_ptr, iou_ptr, iou_grad_ptr, cls_loss_ptr, cls_ptr,
     BOX_KIND: tl.constexpr, FOCAL: tl.constexpr, HAS_CLS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
     BLOCK_PAIRS: tl.constexpr, BLOCK_CLASSES: tl.constexpr,
 ):  # fmt: skip
-    """Match, box IoU with its gradient, class BCE and the cell claim of ``BLOCK_PAIRS`` candidates.
+    """Match, box IoU with its gradient, class BCE and the cell (sort key) of ``BLOCK_PAIRS`` candidates.
 
     Args:
         p_ptr, p_stride_*: one layer's ``p [bs, na, ny, nx, 5 + nc]`` and its strides (elements).
         targets_ptr: ``[nt, 6]`` rows ``(image, class, x, y, w, h)`` (normalised), compute dtype.
         anchors_ptr: ``[na, 2]`` anchor sizes in grid units, compute dtype.
         num_targets, num_anchors, grid_h, grid_w, num_classes: ``nt``, ``na``, ``ny``, ``nx``, ``nc``.
+        num_cells: ``bs * na * ny * nx``, the sort key of an unmatched candidate.
         iou_t: the wh-IoU above which a (target, anchor) pair is matched.
         gr: the objectness target is ``(1 - gr) + gr * clamp(iou, 0)``.
         cls_pos, cls_neg: the class targets after label smoothing.
         cls_pos_weight, focal_gamma: the class BCE's ``pos_weight`` and focal gamma.
         valid_ptr .. cls_ptr: per candidate outputs ``[na * nt]`` (``iou_grad_ptr``: ``[na * nt, 4]``):
-            matched flag (int8), flat cell index (int64), objectness target, IoU, d IoU / d box
-            logits, summed class BCE, class id (int64).
-        winner_ptr: ``[bs * na * ny * nx]`` int32, -1 initialised: the last matched candidate per cell.
+            matched flag (int8), flat cell index or ``num_cells`` when unmatched (int64), objectness
+            target, IoU, d IoU / d box logits, summed class BCE, class id (int64).
         BOX_KIND: 0 IoU, 1 GIoU, 2 DIoU, 3 CIoU. FOCAL: focal class BCE. HAS_CLS: ``nc > 1``.
         COMPUTE_DTYPE: float32, or float64 for a float64 ``p``.
     """
@@ -120,7 +123,7 @@ def _match_kernel(
     cell = ((bi * num_anchors + a) * grid_h + gj) * grid_w + gi
     score = (1.0 - gr) + gr * tl.maximum(iou, 0.0)
     tl.store(valid_ptr + k, valid.to(tl.int8), mask=in_range)
-    tl.store(cell_ptr + k, cell, mask=in_range)
+    tl.store(key_ptr + k, tl.where(valid, cell, num_cells), mask=in_range)
     tl.store(score_ptr + k, score.to(COMPUTE_DTYPE), mask=in_range)
     tl.store(iou_ptr + k, iou.to(COMPUTE_DTYPE), mask=in_range)
     tl.store(iou_grad_ptr + 4 * k, d0.to(COMPUTE_DTYPE), mask=in_range)
@@ -129,20 +132,32 @@ def _match_kernel(
     tl.store(iou_grad_ptr + 4 * k + 3, d3.to(COMPUTE_DTYPE), mask=in_range)
     tl.store(cls_loss_ptr + k, cls_loss, mask=in_range)
     tl.store(cls_ptr + k, ci, mask=in_range)
-    tl.atomic_max(winner_ptr + cell, k.to(tl.int32), mask=valid)
+
+
+@triton.jit
+def _is_group_end(sorted_key_ptr, i, num_candidates, num_cells):
+    """Whether sorted position ``i`` holds a matched candidate that is the last of its cell's group."""
+    key = tl.load(sorted_key_ptr + i, mask=i < num_candidates, other=num_cells)
+    next_key = tl.load(sorted_key_ptr + i + 1, mask=i + 1 < num_candidates, other=num_cells)
+    return (key < num_cells) & (key != next_key), key
 
 
 @triton.jit(do_not_specialize=["num_candidates"])
 def _objectness_target_kernel(
-    valid_ptr, cell_ptr, score_ptr, winner_ptr, tobj_ptr, num_candidates, BLOCK_PAIRS: tl.constexpr
+    sorted_key_ptr, order_ptr, score_ptr, tobj_ptr, num_candidates, num_cells, BLOCK_PAIRS: tl.constexpr
 ):
-    """Each winning candidate writes its objectness target (``score_ptr``) into ``tobj_ptr`` at its
-    cell (``valid_ptr``, ``cell_ptr``, ``winner_ptr`` as written by ``_match_kernel``)."""
-    k = tl.program_id(0).to(tl.int64) * BLOCK_PAIRS + tl.arange(0, BLOCK_PAIRS)
-    m = k < num_candidates
-    valid = tl.load(valid_ptr + k, mask=m, other=0) != 0
-    cell = tl.load(cell_ptr + k, mask=m, other=0)
-    won = valid & (tl.load(winner_ptr + cell, mask=valid, other=-1) == k.to(tl.int32))
+    """The last candidate of each cell's group (the winner: last in pair order) writes its
+    objectness target into ``tobj_ptr`` at the cell.
+
+    Args:
+        sorted_key_ptr, order_ptr: the candidates' keys sorted (stable) and the sorting permutation.
+        score_ptr: the candidates' objectness targets (candidate order), written by ``_match_kernel``.
+        tobj_ptr: ``[num_cells]`` objectness targets, zero-initialised.
+        num_candidates, num_cells: ``na * nt`` and ``bs * na * ny * nx``.
+    """
+    i = tl.program_id(0).to(tl.int64) * BLOCK_PAIRS + tl.arange(0, BLOCK_PAIRS)
+    won, cell = _is_group_end(sorted_key_ptr, i, num_candidates, num_cells)
+    k = tl.load(order_ptr + i, mask=won, other=0)
     tl.store(tobj_ptr + cell, tl.load(score_ptr + k, mask=won, other=0.0), mask=won)
 
 
@@ -194,25 +209,25 @@ def _objectness_kernel(
 def _pair_grad_kernel(
     p_ptr, p_stride_b, p_stride_a, p_stride_y, p_stride_x, p_stride_c,
     grad_ptr, grad_stride_b, grad_stride_a, grad_stride_y, grad_stride_x, grad_stride_c,
-    valid_ptr, cell_ptr, iou_grad_ptr, cls_ptr, winner_ptr, scale_ptr,
-    num_candidates, num_anchors, grid_h, grid_w, num_classes, cls_pos, cls_neg, cls_pos_weight, focal_gamma,
-    FOCAL: tl.constexpr, HAS_CLS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
-    BLOCK_SCAN: tl.constexpr, BLOCK_CLASSES: tl.constexpr,
+    sorted_key_ptr, order_ptr, group_start_ptr, iou_grad_ptr, cls_ptr, scale_ptr,
+    num_candidates, num_cells, num_anchors, grid_h, grid_w, num_classes, cls_pos, cls_neg, cls_pos_weight, focal_gamma,
+    FOCAL: tl.constexpr, HAS_CLS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, BLOCK_CLASSES: tl.constexpr,
 ):  # fmt: skip
-    """One program per candidate: if it won its cell, add the box and class gradient terms of every
-    candidate of that cell (in candidate order) to the cell's gradient row.
+    """One program per sorted position: the last candidate of each cell's group adds the box and
+    class gradient terms of every candidate of the group (in pair order) to the cell's row.
 
     Args:
         p_ptr, p_stride_*, grad_ptr, grad_stride_*: as in ``_objectness_kernel``.
-        valid_ptr, cell_ptr, iou_grad_ptr, cls_ptr, winner_ptr: written by ``_match_kernel``.
+        sorted_key_ptr, order_ptr: the candidates' keys sorted (stable) and the sorting permutation.
+        group_start_ptr: per sorted position, the first position of its key's group.
+        iou_grad_ptr, cls_ptr: written by ``_match_kernel`` (candidate order).
         scale_ptr: ``[2]`` device scalars (compute dtype): the box and class gains over the pair count.
-        num_candidates: ``na * nt``. Other scalars as in ``_match_kernel``.
+        num_candidates, num_cells: ``na * nt`` and ``bs * na * ny * nx``. Other scalars as in ``_match_kernel``.
     """
-    j = tl.program_id(0).to(tl.int64)
-    valid = tl.load(valid_ptr + j) != 0
-    cell = tl.load(cell_ptr + j)
-    won = valid & (tl.load(winner_ptr + cell, mask=valid, other=-1) == j.to(tl.int32))
+    i = tl.program_id(0).to(tl.int64)
+    won, cell = _is_group_end(sorted_key_ptr, i, num_candidates, num_cells)
     if won:
+        first = tl.load(group_start_ptr + i)
         box_scale = tl.load(scale_ptr)
         cls_scale = tl.load(scale_ptr + 1)
         x = cell % grid_w
@@ -221,41 +236,30 @@ def _pair_grad_kernel(
         b = cell // (grid_w * grid_h * num_anchors)
         g_row = grad_ptr + b * grad_stride_b + a * grad_stride_a + y * grad_stride_y + x * grad_stride_x
         p_row = p_ptr + b * p_stride_b + a * p_stride_a + y * p_stride_y + x * p_stride_x
-        offs = tl.arange(0, BLOCK_SCAN)
         four = tl.arange(0, 4)
         acc = tl.zeros([4], dtype=COMPUTE_DTYPE)
-        n_same = tl.zeros([BLOCK_SCAN], dtype=COMPUTE_DTYPE)
-        for q0 in range(0, num_candidates, BLOCK_SCAN):
-            q = q0 + offs
-            mq = q < num_candidates
-            same = mq & (tl.load(valid_ptr + q, mask=mq, other=0) != 0)
-            same = same & (tl.load(cell_ptr + q, mask=mq, other=-1) == cell)
-            d = tl.load(iou_grad_ptr + 4 * q[:, None] + four[None, :], mask=same[:, None], other=0.0)
-            acc += tl.sum(d, axis=0).to(COMPUTE_DTYPE)
-            n_same += same.to(COMPUTE_DTYPE)
+        for j in range(first, i + 1):
+            q = tl.load(order_ptr + j)
+            acc += tl.load(iou_grad_ptr + 4 * q + four).to(COMPUTE_DTYPE)
         g_box = g_row + four * grad_stride_c
         box = tl.load(g_box).to(COMPUTE_DTYPE) - box_scale * acc
         tl.store(g_box, box.to(grad_ptr.dtype.element_ty))
         if HAS_CLS:
-            count = tl.sum(n_same, axis=0)
+            count = (i + 1 - first).to(COMPUTE_DTYPE)
             offs_c = tl.arange(0, BLOCK_CLASSES)
             for c0 in range(0, num_classes, BLOCK_CLASSES):
                 cc = c0 + offs_c
                 mc = cc < num_classes
                 xc = tl.load(p_row + (5 + cc) * p_stride_c, mask=mc, other=0.0).to(COMPUTE_DTYPE)
-                # sum over the cell's pairs of d BCE(x, y_pair): target cls_neg except at the pair's class
+                # sum over the group of d BCE(x, y_pair): target cls_neg except at the pair's class
                 y_neg = tl.zeros([BLOCK_CLASSES], dtype=COMPUTE_DTYPE) + cls_neg
                 y_pos = tl.zeros([BLOCK_CLASSES], dtype=COMPUTE_DTYPE) + cls_pos
                 _, g_neg = bce_with_logits(xc, y_neg, cls_pos_weight, focal_gamma, FOCAL)
                 _, g_pos = bce_with_logits(xc, y_pos, cls_pos_weight, focal_gamma, FOCAL)
                 hits = tl.zeros([BLOCK_CLASSES], dtype=COMPUTE_DTYPE)
-                for q0 in range(0, num_candidates, BLOCK_SCAN):
-                    q = q0 + offs
-                    mq = q < num_candidates
-                    same = mq & (tl.load(valid_ptr + q, mask=mq, other=0) != 0)
-                    same = same & (tl.load(cell_ptr + q, mask=mq, other=-1) == cell)
-                    cls_q = tl.load(cls_ptr + q, mask=same, other=-1)
-                    hits += tl.sum((same[:, None] & (cls_q[:, None] == cc[None, :])).to(COMPUTE_DTYPE), axis=0)
+                for j in range(first, i + 1):
+                    cls_q = tl.load(cls_ptr + tl.load(order_ptr + j))
+                    hits += (cc == cls_q).to(COMPUTE_DTYPE)
                 total = count * g_neg + hits * (g_pos - g_neg)
                 g_cls = g_row + (5 + cc) * grad_stride_c
                 old = tl.load(g_cls, mask=mc, other=0.0).to(COMPUTE_DTYPE)
@@ -303,7 +307,7 @@ class _Candidates:
     """Per-candidate buffers of one layer, written by ``_match_kernel``."""
 
     valid: torch.Tensor
-    cell: torch.Tensor
+    key: torch.Tensor
     score: torch.Tensor
     iou: torch.Tensor
     iou_grad: torch.Tensor
@@ -341,33 +345,36 @@ def fused_loss(p, targets, anchors, options: LossOptions, compute_grad: bool = T
         na, ny, nx = pi.shape[1], pi.shape[2], pi.shape[3]
         n_cand, n_cells = na * nt, bs * na * ny * nx
         cand = _Candidates.empty(n_cand, dtype, device)
-        winner = torch.full((n_cells,), -1, dtype=torch.int32, device=device)
         tobj = torch.zeros(n_cells, dtype=dtype, device=device)
+        groups = None
         if n_cand:
             grid = (triton.cdiv(n_cand, BLOCK_PAIRS),)
             _launch(
                 _match_kernel, grid,
                 p_ptr=pi, **_strides("p", pi),
                 targets_ptr=t, anchors_ptr=anchor_vec.to(device=device, dtype=dtype).contiguous(),
-                num_targets=nt, num_anchors=na, grid_h=ny, grid_w=nx, num_classes=nc,
+                num_targets=nt, num_anchors=na, grid_h=ny, grid_w=nx, num_classes=nc, num_cells=n_cells,
                 iou_t=float(o.iou_t), gr=float(o.gr), cls_pos=cls_pos, cls_neg=cls_neg, **scalars,
-                valid_ptr=cand.valid, cell_ptr=cand.cell, score_ptr=cand.score, iou_ptr=cand.iou,
-                iou_grad_ptr=cand.iou_grad, cls_loss_ptr=cand.cls_loss, cls_ptr=cand.cls, winner_ptr=winner,
+                valid_ptr=cand.valid, key_ptr=cand.key, score_ptr=cand.score, iou_ptr=cand.iou,
+                iou_grad_ptr=cand.iou_grad, cls_loss_ptr=cand.cls_loss, cls_ptr=cand.cls,
                 BOX_KIND=KINDS[o.box_loss], FOCAL=focal, HAS_CLS=has_cls, COMPUTE_DTYPE=compute_dtype,
                 BLOCK_PAIRS=BLOCK_PAIRS, BLOCK_CLASSES=BLOCK_CLASSES,
             )  # fmt: skip
+            # group the candidates by cell, in pair order within a cell (stable), unmatched ones last
+            sorted_key, order = torch.sort(cand.key, stable=True)
+            groups = (sorted_key, order, torch.searchsorted(sorted_key, sorted_key))
             _launch(
                 _objectness_target_kernel, grid,
-                valid_ptr=cand.valid, cell_ptr=cand.cell, score_ptr=cand.score, winner_ptr=winner, tobj_ptr=tobj,
-                num_candidates=n_cand, BLOCK_PAIRS=BLOCK_PAIRS,
+                sorted_key_ptr=sorted_key, order_ptr=order, score_ptr=cand.score, tobj_ptr=tobj,
+                num_candidates=n_cand, num_cells=n_cells, BLOCK_PAIRS=BLOCK_PAIRS,
             )  # fmt: skip
-        layers.append((pi, na, ny, nx, n_cand, n_cells, cand, winner, tobj))
+        layers.append((pi, na, ny, nx, n_cand, n_cells, cand, groups, tobj))
 
     # pair counts and the scales of the box and class terms: device tensors, no sync
     counts = [layer[6].valid.sum(dtype=dtype) for layer in layers]
     n_total = torch.stack(counts).sum()
     grads, lbox, lobj, lcls = [], 0.0, 0.0, 0.0
-    for (pi, na, ny, nx, n_cand, n_cells, cand, winner, tobj), n_i in zip(layers, counts):
+    for (pi, na, ny, nx, n_cand, n_cells, cand, groups, tobj), n_i in zip(layers, counts):
         n_pairs = n_total if sum_red else n_i
         safe = n_pairs.clamp(min=1.0)
         gain = 3.0 if sum_red else 1.0
@@ -395,14 +402,15 @@ def fused_loss(p, targets, anchors, options: LossOptions, compute_grad: bool = T
         lobj = lobj + obj_scale * partial.sum()
         if compute_grad and n_cand:
             scales = torch.stack((box_scale, cls_scale)).to(dtype)
+            sorted_key, order, group_start = groups
             _launch(
                 _pair_grad_kernel, (n_cand,),
                 p_ptr=pi, **_strides("p", pi), grad_ptr=grad, **grad_strides,
-                valid_ptr=cand.valid, cell_ptr=cand.cell, iou_grad_ptr=cand.iou_grad, cls_ptr=cand.cls,
-                winner_ptr=winner, scale_ptr=scales, num_candidates=n_cand, num_anchors=na, grid_h=ny, grid_w=nx,
-                num_classes=nc, cls_pos=cls_pos, cls_neg=cls_neg, **scalars,
-                FOCAL=focal, HAS_CLS=has_cls, COMPUTE_DTYPE=compute_dtype,
-                BLOCK_SCAN=BLOCK_SCAN, BLOCK_CLASSES=BLOCK_CLASSES,
+                sorted_key_ptr=sorted_key, order_ptr=order, group_start_ptr=group_start,
+                iou_grad_ptr=cand.iou_grad, cls_ptr=cand.cls, scale_ptr=scales, num_candidates=n_cand,
+                num_cells=n_cells, num_anchors=na, grid_h=ny, grid_w=nx, num_classes=nc,
+                cls_pos=cls_pos, cls_neg=cls_neg, **scalars,
+                FOCAL=focal, HAS_CLS=has_cls, COMPUTE_DTYPE=compute_dtype, BLOCK_CLASSES=BLOCK_CLASSES,
             )  # fmt: skip
         grads.append(grad)
 
