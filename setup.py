@@ -61,7 +61,9 @@ def _flags():
         link.append("-fopenmp")
     if os.environ.get("YOLO_KERNELS_SANITIZE") == "1":
         sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
-        flags = [f for f in flags if not f.startswith(("-O", "-g"))] + ["-O1", "-g"] + sanitize
+        # one code path (no ifunc-dispatched ISA clones) under the sanitizers
+        flags = [f for f in flags if not f.startswith(("-O", "-g"))] + ["-O1", "-g", "-DYOLO_KERNELS_NO_ISA_CLONES"]
+        flags += sanitize
         link += sanitize
     return flags, link
 

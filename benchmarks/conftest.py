@@ -22,8 +22,13 @@ def bench_imgs():
     return [int(i) for i in os.environ.get("YK_BENCH_IMGS", default).split(",")]
 
 
-@pytest.fixture(scope="module", params=[(b, i) for i in bench_imgs() for b in bench_batches()],
-                ids=lambda bi: f"batch{bi[0]}-img{bi[1]}")  # fmt: skip
+def bench_targets():
+    """Targets per image: YK_BENCH_TARGETS="10,100,500" (default; 100 and 500 are dense scenes)."""
+    return [int(t) for t in os.environ.get("YK_BENCH_TARGETS", "10,100,500").split(",")]
+
+
+@pytest.fixture(scope="module", params=[(b, i, t) for i in bench_imgs() for b in bench_batches() for t in bench_targets()],
+                ids=lambda bit: f"batch{bit[0]}-img{bit[1]}-targets{bit[2]}")  # fmt: skip
 def yolov3_batch(request):
-    batch, img = request.param
-    return yolov3_inputs(batch, img, device=DEVICE)
+    batch, img, targets_per_image = request.param
+    return yolov3_inputs(batch, img, targets_per_image, device=DEVICE)

@@ -3,12 +3,14 @@
     make bench          # pytest benchmarks --benchmark-only (batch 1, 16, 64; image 416, and 640 on GPU)
     pytest benchmarks --benchmark-only --benchmark-json=out.json && python benchmarks/compare.py out.json
 
-One test per measured thing: provider x mode (forward, forward+backward) x batch x image, plus the
+One test per measured thing: provider x mode (forward, forward+backward) x batch x image x targets
+per image (10, 100, 500: dense scenes are where matching and duplicates cost), plus the
 components alone (matching, box loss, objectness) so that a regression can be located. The floor
 is zero-filling existing buffers of p's size (what writing the gradient costs at least); fresh
 zeros_like shows what a new gradient-sized allocation costs under the default glibc allocator.
 ``benchmark.extra_info`` records shapes, dtype, device, threads and versions. No timing is asserted.
-YK_BENCH_BATCHES / YK_BENCH_IMGS choose the sizes; YK_BENCH_COMPILE=0 skips torch.compile.
+YK_BENCH_BATCHES / YK_BENCH_IMGS / YK_BENCH_TARGETS choose the sizes; YK_BENCH_COMPILE=0 skips
+torch.compile.
 """
 
 import os

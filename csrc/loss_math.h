@@ -268,6 +268,28 @@ void bce_const_target_row(const T* x, T* loss, T* grad, int64_t n, T y, T w, T g
   }
 }
 
+// The same over a row of float logits, compiled for AVX-512, AVX2 and the baseline and picked at
+// load time by the CPU (GCC/Clang function multi-versioning on x86-64 ELF): 16, 8 or 4 lanes.
+// `flatten` compiles the whole body into each clone. Results are bitwise identical on every path: the loop is element-wise and -ffp-contract=off
+// keeps the compiler from fusing multiplies and adds.
+#if defined(__x86_64__) && defined(__ELF__) && defined(__has_attribute) && !defined(YOLO_KERNELS_NO_ISA_CLONES)
+#if __has_attribute(target_clones)
+#define YOLO_KERNELS_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+#endif
+#ifndef YOLO_KERNELS_ISA_CLONES
+#define YOLO_KERNELS_ISA_CLONES
+#endif
+
+YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) static void bce_row(const float* x, float* loss,
+                                                                              float* grad, int64_t n, float y, float w,
+                                                                              float gamma) {
+  bce_const_target_row<float>(x, loss, grad, n, y, w, gamma);
+}
+static inline void bce_row(const double* x, double* loss, double* grad, int64_t n, double y, double w, double gamma) {
+  bce_const_target_row<double>(x, loss, grad, n, y, w, gamma);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Target matching of one layer (docs/semantics.md): every (anchor, target) with wh_iou > iou_t, anchor-major.
 template <typename T>

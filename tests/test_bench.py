@@ -21,7 +21,7 @@ def test_bench_rows_fields_and_table():
     grad_mb = sum(x.numel() * 4 for x in bench.yolov3_inputs(1, 64)[1]) / 2**20
     assert cpp["peak_extra_mb"] >= grad_mb * 0.99 and ref["peak_extra_mb"] >= grad_mb
     table = bench.format_table(rows)
-    assert table.count("\n") == len(rows) + 1 and "| cpp | 1 | 64 |" in table
+    assert table.count("\n") == len(rows) + 1 and "| cpp | 1 | 64 | 10 |" in table
 
 
 def test_bench_main_json_and_plot(tmp_path, capsys):
@@ -29,7 +29,7 @@ def test_bench_main_json_and_plot(tmp_path, capsys):
     argv = ["--batch", "1", "2", "--img", "64", "--repeats", "2", "--warmup", "0", "--json", str(out), "--plot", str(png)]
     assert bench.main(argv) == 0
     text = capsys.readouterr().out
-    assert "machine:" in text and "| reference | 2 | 64 |" in text
+    assert "machine:" in text and "| reference | 2 | 64 | 10 |" in text
     data = json.loads(out.read_text())
     assert {r["provider"] for r in data["rows"]} >= {"floor", "reference"}
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -38,3 +38,21 @@ def test_bench_main_json_and_plot(tmp_path, capsys):
 def test_bench_rejects_unavailable_backend():
     with pytest.raises(Exception, match="backend"):
         bench.run(batches=[1], imgs=[64], backends=["nope"], repeats=1, warmup=0)
+
+
+def test_bench_targets_axis_and_scaling_plot(tmp_path, capsys):
+    rows = bench.run(batches=[1], imgs=[64], backends=["cpp"], repeats=2, warmup=0, targets=[2, 20])
+    assert [(r["provider"], r["targets_per_image"]) for r in rows] == [("floor", 2), ("cpp", 2), ("floor", 20),
+                                                                        ("cpp", 20)]  # fmt: skip
+    assert all(r["max_rel_err"] is None or r["max_rel_err"] < 1e-4 for r in rows)
+    png = tmp_path / "scaling.png"
+    bench.plot(rows, str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| cpp | 1 | 64 | 20 |" in bench.format_table(rows)
+
+
+def test_interleaved_timing_takes_turns():
+    calls = []
+    times = bench.time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3,
+                                   warmup=1, device=bench.torch.device("cpu"), evict_bytes=1024)  # fmt: skip
+    assert calls == ["a", "b"] * 4 and len(times["a"]) == len(times["b"]) == 3

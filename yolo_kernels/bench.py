@@ -2,15 +2,18 @@
 
     python -m yolo_kernels.bench                                  # this machine's device, batch 16, 416
     python -m yolo_kernels.bench --batch 1 16 64 --json out.json --plot out.png
+    python -m yolo_kernels.bench --targets 10 100 500 --plot scaling.png   # dense scenes
     python -m yolo_kernels.bench --device cuda --img 416 640 --dtype bfloat16
 
 Inputs are YOLOv3-shaped head outputs ``p`` (the shipped yolov3's three heads; random logits with
-the heads' initial objectness bias, since the loss's cost does not depend on the values) and 10
-random targets per image. Each provider's forward + backward is timed side by side in one run, next
-to the floor (zero-filling existing buffers of ``p``'s size, which writing the gradient costs at
-least). Every backend's loss and gradients are compared with the reference on the same inputs, and
-its peak extra memory is measured: on CUDA from the caching allocator's peak, on CPU from the
-profiler's memory timeline (every ATen allocation, and the C++ backend's pooled gradients).
+the heads' initial objectness bias, since the loss's cost does not depend on the values) and
+random targets (10 per image unless ``--targets`` says otherwise). The providers are timed side by
+side in one run, in turns (floor, provider A, provider B, floor, A, B, ...), each call after the
+caches were evicted (a training step evicts them too), next to the floor (zero-filling existing
+buffers of ``p``'s size, which writing the gradient costs at least). Every backend's loss and
+gradients are compared with the reference on the same inputs, and its peak extra memory is
+measured: on CUDA from the caching allocator's peak, on CPU from the profiler's memory timeline
+(every ATen allocation, and the C++ backend's pooled gradients).
 """
 
 from __future__ import annotations
@@ -59,16 +62,38 @@ def yolov3_inputs(batch: int, img: int = 416, targets_per_image: int = 10, seed:
 
 def time_call(fn: Callable[[], Any], repeats: int, warmup: int, device: torch.device) -> list[float]:
     """Wall-clock milliseconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs (CUDA synchronised)."""
+    return time_interleaved({"fn": fn}, repeats, warmup, device)["fn"]
+
+
+#: Bytes written between timed calls to push the previous call's data out of the caches.
+EVICT_BYTES = 64 * 2**20
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int, device: torch.device,
+                     evict_bytes: int = EVICT_BYTES, before: Callable[[], Any] | None = None,
+                     ) -> dict[str, list[float]]:  # fmt: skip
+    """Wall-clock milliseconds per call of each function, taken in turns (A, B, C, A, B, C, ...) so
+    that drifts of a shared machine hit every function alike. Before each timed call, untimed:
+    ``before()`` (e.g. dropping the previous call's gradients, whose release would otherwise be
+    charged to the next function), then the caches are evicted by writing ``evict_bytes``. CUDA
+    work is synchronised."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    scratch = torch.empty(max(evict_bytes, 1), dtype=torch.uint8, device=device) if evict_bytes else None
     for _ in range(warmup):
-        fn()
-    sync()
-    times = []
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
+        for name, fn in fns.items():
+            if before is not None:
+                before()
+            if scratch is not None:
+                scratch.fill_(1)
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append((time.perf_counter() - start) * 1e3)
     return times
 
 
@@ -108,37 +133,39 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _step(name: str, p, targets, model):
     def step():
-        for x in p:
-            x.grad = None
         loss, _ = loss_api.compute_loss(p, targets, model, backend=name)
         loss.backward()
 
     return step
 
 
-def _measure_batch(batch, img, backends, dtype, device, repeats, warmup, seed, progress):
-    model, p, targets = yolov3_inputs(batch, img, 10, seed, DTYPES[dtype], device)
+def _drop_grads(p) -> None:
+    for x in p:
+        x.grad = None
+
+
+def _measure_batch(batch, img, targets_per_image, backends, dtype, device, repeats, warmup, seed, progress):
+    model, p, targets = yolov3_inputs(batch, img, targets_per_image, seed, DTYPES[dtype], device)
     up = [x.detach().float().requires_grad_() for x in p]  # the reference on the same values, upcast
     ref_loss, ref_items = loss_api.compute_loss(up, targets, model, backend="reference")
     ref_loss.backward()
 
-    rows = []
     buffers = [torch.empty_like(x) for x in p]
-    zero_fill = lambda: [b.zero_() for b in buffers]  # noqa: E731
-    rows.append({"provider": "floor", "times": time_call(zero_fill, repeats, warmup, device), "peak_extra_bytes": 0})
+    steps = {"floor": lambda: [b.zero_() for b in buffers]}
+    steps.update({name: _step(name, p, targets, model) for name in backends})
+    times = time_interleaved(steps, repeats, warmup, device, before=lambda: _drop_grads(p))
+    rows = [{"provider": "floor", "times": times["floor"], "peak_extra_bytes": 0}]
     progress()
     for name in backends:
-        step = _step(name, p, targets, model)
-        times = time_call(step, repeats, warmup, device)
         for x in p:
             x.grad = None
-        peak = peak_extra_bytes(step, device)
+        peak = peak_extra_bytes(steps[name], device)
         for x in p:
             x.grad = None
         loss, items = loss_api.compute_loss(p, targets, model, backend=name)
         loss.backward()
         err = max([_rel_err(items, ref_items)] + [_rel_err(x.grad.float(), r.grad) for x, r in zip(p, up)])
-        rows.append({"provider": name, "times": times, "loss": float(loss.detach()), "max_rel_err": err,
+        rows.append({"provider": name, "times": times[name], "loss": float(loss.detach()), "max_rel_err": err,
                      "peak_extra_bytes": peak})  # fmt: skip
         for x in p:
             x.grad = None
@@ -154,14 +181,15 @@ def _measure_batch(batch, img, backends, dtype, device, repeats, warmup, seed, p
         r["speedup_vs_reference"] = ref_ms / r["median_ms"] if ref_ms and r["provider"] != "floor" else None
         r["peak_extra_mb"] = r.pop("peak_extra_bytes") / 2**20
         r.setdefault("max_rel_err", None)
-        r.update(batch=batch, img=img, dtype=dtype, device=str(device))
+        r.update(batch=batch, img=img, targets_per_image=targets_per_image, dtype=dtype, device=str(device))
     return rows
 
 
 def run(batches=(16,), imgs=(416,), backends=None, dtype="float32", device=None, repeats=20, warmup=3, seed=0,
-        progress: Callable[[], None] = lambda: None) -> list[dict[str, Any]]:  # fmt: skip
-    """Rows with ``provider, batch, img, dtype, device, median_ms, p20_ms, p80_ms, x_floor,
-    speedup_vs_reference, peak_extra_mb, max_rel_err, loss``: one per provider, batch and image size."""
+        progress: Callable[[], None] = lambda: None, targets=(10,)) -> list[dict[str, Any]]:  # fmt: skip
+    """Rows with ``provider, batch, img, targets_per_image, dtype, device, median_ms, p20_ms, p80_ms,
+    x_floor, speedup_vs_reference, peak_extra_mb, max_rel_err, loss``: one per provider, batch,
+    image size and number of targets per image."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if backends is None:
         backends = [b for b in loss_api.available_backends(device) if not (b == "triton" and device.type == "cpu")]
@@ -170,17 +198,18 @@ def run(batches=(16,), imgs=(416,), backends=None, dtype="float32", device=None,
     rows = []
     for img in imgs:
         for batch in batches:
-            rows += _measure_batch(batch, img, backends, dtype, device, repeats, warmup, seed, progress)
+            for n in targets:
+                rows += _measure_batch(batch, img, n, backends, dtype, device, repeats, warmup, seed, progress)
     return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = ["provider", "batch", "img", "median ms (p20-p80)", "x floor", "vs reference", "peak extra MB",
-            "max rel err"]  # fmt: skip
+    head = ["provider", "batch", "img", "targets/img", "median ms (p20-p80)", "x floor", "vs reference",
+            "peak extra MB", "max rel err"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         cells = [
-            r["provider"], str(r["batch"]), str(r["img"]),
+            r["provider"], str(r["batch"]), str(r["img"]), str(r.get("targets_per_image", 10)),
             f"{r['median_ms']:.2f} ({r['p20_ms']:.2f}-{r['p80_ms']:.2f})", f"{r['x_floor']:.2f}",
             f"{r['speedup_vs_reference']:.1f}x" if r["speedup_vs_reference"] else "-",
             f"{r['peak_extra_mb']:.1f}" if r["provider"] != "floor" else "-",
@@ -191,7 +220,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path: str) -> None:
-    """Median ms against batch size per provider (log axes), one panel per image size."""
+    """Median ms per provider (log axes) against the batch size, one panel per image size; or, when
+    the rows span several numbers of targets per image, against that number, one panel per batch
+    and image size."""
     try:
         import matplotlib
 
@@ -199,18 +230,23 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise SystemExit("--plot needs matplotlib: pip install matplotlib (or yolo_kernels[plot])") from None
-    imgs = sorted({r["img"] for r in rows})
-    fig, axes = plt.subplots(1, len(imgs), figsize=(6 * len(imgs), 4.5), squeeze=False)
-    for ax, img in zip(axes[0], imgs):
-        for provider in dict.fromkeys(r["provider"] for r in rows):
-            pts = sorted((r["batch"], r["median_ms"]) for r in rows if r["provider"] == provider and r["img"] == img)
-            ax.plot([b for b, _ in pts], [m for _, m in pts], marker="o", label=provider,
+    by_targets = len({r.get("targets_per_image", 10) for r in rows}) > 1
+    x_key, x_label = ("targets_per_image", "targets per image") if by_targets else ("batch", "batch size")
+    panels = sorted({(r["batch"], r["img"]) if by_targets else (None, r["img"]) for r in rows},
+                    key=lambda bi: (bi[1], bi[0] or 0))  # fmt: skip
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (batch, img) in zip(axes[0], panels):
+        mine = [r for r in rows if r["img"] == img and (batch is None or r["batch"] == batch)]
+        for provider in dict.fromkeys(r["provider"] for r in mine):
+            pts = sorted((r.get(x_key, 10), r["median_ms"]) for r in mine if r["provider"] == provider)
+            ax.plot([x for x, _ in pts], [m for _, m in pts], marker="o", label=provider,
                     linestyle="--" if provider == "floor" else "-")  # fmt: skip
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("batch size")
+        ax.set_xlabel(x_label)
         ax.set_ylabel("forward + backward, median ms")
-        ax.set_title(f"YOLOv3 loss at {img}x{img} ({rows[0]['device']}, {rows[0]['dtype']})")
+        where = f"batch {batch}, {img}x{img}" if by_targets else f"{img}x{img}"
+        ax.set_title(f"YOLOv3 loss, {where} ({rows[0]['device']}, {rows[0]['dtype']})")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -253,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
     parser.add_argument("--batch", type=int, nargs="+", default=[16], help="batch sizes (default 16)")
     parser.add_argument("--img", type=int, nargs="+", default=[416], help="image sizes in pixels (default 416)")
+    parser.add_argument("--targets", type=int, nargs="+", default=[10],
+                        help="targets per image (default 10; e.g. 10 100 500 for dense scenes)")  # fmt: skip
     parser.add_argument("--backends", nargs="+", help="backends to time (default: all available on the device)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of p")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
@@ -267,11 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     n_providers = 1 + len(args.backends or [b for b in loss_api.available_backends(device)
                                             if not (b == "triton" and device.type == "cpu")])  # fmt: skip
-    progress = _Progress(n_providers * len(args.batch) * len(args.img))
+    progress = _Progress(n_providers * len(args.batch) * len(args.img) * len(args.targets))
     rows = run(args.batch, args.img, args.backends, args.dtype, device, args.repeats, args.warmup, args.seed,
-               progress)  # fmt: skip
+               progress, targets=args.targets)  # fmt: skip
     machine = machine_line(device, torch.get_num_threads())
-    print(f"YOLOv3 loss, forward + backward, 10 targets/image, p {args.dtype}, medians of {args.repeats} runs")
+    print(f"YOLOv3 loss, forward + backward, p {args.dtype}, medians of {args.repeats} interleaved runs, "
+          "caches evicted before each call")
     print(f"machine: {machine}")
     print(format_table(rows))
     if args.json:

@@ -2,10 +2,12 @@
 // yolo_kernels/reference.py).
 //
 // fused_loss makes one pass over each layer's cells and writes the gradient of the loss with
-// respect to p once: zeros plus the objectness term for every row, then the box and class terms
-// added to the matched rows in pair order (duplicates summed). Work is split into fixed chunks
-// (one (image, anchor) plane, one pair) whose partial sums are added in a fixed order, so results
-// are bitwise identical across runs and thread counts. Math is float32 (float64 for float64 p);
+// respect to p once: zeros plus the objectness term for every row, and for each matched cell the
+// box and class terms of all its pairs (duplicates summed in pair order). The class BCE is
+// evaluated once per matched cell, not once per pair: pairs on one cell share its logits and
+// differ in one class only. Work is split into fixed chunks (one (image, anchor) plane, one pair)
+// whose partial sums are added in a fixed order, so results are bitwise identical across runs and
+// thread counts. Math is float32 (float64 for float64 p);
 // the gradient is written in p's dtype, with p's strides when p is dense (the permuted view of
 // the head's conv output included), from a pool of reused buffers (grad_pool.h).
 #include <ATen/ATen.h>
@@ -218,13 +220,9 @@ struct Layer {
   int64_t gs[5] = {};
   int64_t bs = 0, na = 0, ny = 0, nx = 0, no = 0;
   std::vector<Pair<T>> pairs;
-  std::vector<T> iou;            // [P]
-  std::vector<T> diou;           // [P, 4]: d iou / d logits 0..3
-  std::vector<double> cls_loss;  // [P]: the pair's summed class BCE
-  std::vector<T> cls_grad;       // [P, nc]: d BCE / d class logits
-  std::vector<std::pair<int64_t, T>> tobj;  // (cell, target), sorted by cell, last pair per cell
-  std::vector<std::pair<int64_t, int64_t>> by_cell;  // (cell, pair), sorted by cell, pair order kept
-  T box_scale = 0, cls_scale = 0;                    // d loss / d (1 - iou), d loss / d class BCE
+  std::vector<int64_t> plane_start;  // [bs * na + 1]: the pairs of plane k are by_plane[plane_start[k] ..]
+  std::vector<int64_t> by_plane;     // pair indices grouped by (image, anchor) plane, pair order kept
+  T box_scale = 0, cls_scale = 0;    // d loss / d (1 - iou), d loss / d class BCE
 
   // The gradient of each (image, anchor) plane is one contiguous block of whole rows (p contiguous).
   bool block_rows() const { return g != nullptr && gs[4] == 1 && gs[3] == no && gs[2] == nx * no; }
@@ -234,64 +232,77 @@ struct Layer {
   }
 };
 
+// Group the pairs by (image, anchor) plane with a stable counting sort: O(P), pair order kept
+// within a plane. Each plane task then handles its own pairs, next to the rows it writes.
 template <typename scalar_t, typename T>
-void pair_terms(Layer<scalar_t, T>& L, const Options& o, int64_t nc) {
-  const int64_t P = int64_t(L.pairs.size());
-  L.iou.resize(P);
-  L.diou.resize(4 * P);
-  L.cls_loss.assign(P, 0.0);
-  if (nc > 1) L.cls_grad.resize(P * nc);
-  const T cp = T(1.0 - 0.5 * o.label_smoothing), cn = T(0.5 * o.label_smoothing);
-  at::parallel_for(0, P, 16, [&](int64_t begin, int64_t end) {
-    std::vector<T> row(L.no), loss(nc);
-    for (int64_t j = begin; j < end; ++j) {
-      const auto& q = L.pairs[j];
-      const scalar_t* src = L.p + L.row_offset(q);
-      for (int64_t c = 0; c < L.no; ++c) row[c] = T(src[c * L.ps[4]]);
-      const auto box = predicted_box<T>(row.data(), q.anch[0], q.anch[1]);
-      const auto r = box_iou(box[0], box[1], box[2], box[3], q.tbox[0], q.tbox[1], q.tbox[2], q.tbox[3], o.box);
-      L.iou[j] = r.v;
-      std::copy(r.d.begin(), r.d.end(), L.diou.begin() + 4 * j);
-      if (nc > 1) {
-        T* grad = L.cls_grad.data() + j * nc;
-        bce_const_target_row<T>(row.data() + 5, loss.data(), grad, nc, cn, T(o.cls_pw), T(o.fl_gamma));
-        const auto hit = bce_with_logits<T>(row[5 + q.cls], cp, T(o.cls_pw), T(o.fl_gamma));
-        loss[q.cls] = hit.loss;
-        grad[q.cls] = hit.grad;
-        double sum = 0.0;
-        for (int64_t c = 0; c < nc; ++c) sum += double(loss[c]);
-        L.cls_loss[j] = sum;
-      }
-    }
-  });
-  // Objectness targets: the last pair on each cell wins (stable sort keeps pair order per cell).
-  std::vector<std::pair<int64_t, T>> cells(P);
-  for (int64_t j = 0; j < P; ++j) {
-    const auto& q = L.pairs[j];
-    const T score = T(1.0 - o.gr) + T(o.gr) * std::max(L.iou[j], T(0));
-    cells[j] = {((q.b * L.na + q.a) * L.ny + q.gj) * L.nx + q.gi, score};
-  }
-  L.by_cell.resize(P);
-  for (int64_t j = 0; j < P; ++j) L.by_cell[j] = {cells[j].first, j};
-  std::stable_sort(L.by_cell.begin(), L.by_cell.end(), [](const auto& x, const auto& y) { return x.first < y.first; });
-  L.tobj.clear();
-  for (int64_t k = 0; k < P; ++k) {
-    if (k + 1 < P && L.by_cell[k + 1].first == L.by_cell[k].first) continue;
-    L.tobj.push_back(cells[L.by_cell[k].second]);
-  }
+void group_by_plane(Layer<scalar_t, T>& L) {
+  const int64_t planes = L.bs * L.na, P = int64_t(L.pairs.size());
+  L.plane_start.assign(planes + 1, 0);
+  for (const auto& q : L.pairs) ++L.plane_start[q.b * L.na + q.a + 1];
+  for (int64_t k = 0; k < planes; ++k) L.plane_start[k + 1] += L.plane_start[k];
+  std::vector<int64_t> fill(L.plane_start.begin(), L.plane_start.end() - 1);
+  L.by_plane.resize(P);
+  for (int64_t j = 0; j < P; ++j) L.by_plane[fill[L.pairs[j].b * L.na + L.pairs[j].a]++] = j;
 }
 
-// Add the box and class terms of pair j to its gradient row (element stride `step`).
+// One matched pair of a plane: its cell within the plane, its index, and its box results.
+template <typename T>
+struct PlanePair {
+  int64_t cell, pair;
+  T iou;
+  T diou[4];  // d iou / d logits 0..3
+};
+
+// Scratch rows of one thread for cell_terms.
+template <typename T>
+struct CellScratch {
+  std::vector<T> x, loss, grad, total_grad;
+  explicit CellScratch(int64_t nc) : x(nc), loss(nc), grad(nc), total_grad(nc) {}
+};
+
+template <typename T>
+using Group = typename std::vector<PlanePair<T>>::const_iterator;
+
+// The pairs [first, last) of one cell: returns the sum of their class BCEs
+// and, when `out` is given, adds their box and class gradient terms to the cell's gradient row
+// (element stride `step`). The class BCE of the row against the negative target is evaluated
+// once; each pair then swaps in its own class's positive term.
 template <typename scalar_t, typename T>
-inline void add_pair_terms(const Layer<scalar_t, T>& L, int64_t j, int64_t nc, scalar_t* row, int64_t step) {
-  for (int k = 0; k < 4; ++k) {
-    scalar_t& gk = row[k * step];
-    gk = scalar_t(T(gk) - L.box_scale * L.diou[4 * j + k]);
+double cell_terms(const Layer<scalar_t, T>& L, Group<T> first, Group<T> last, const Options& o, int64_t nc,
+                  CellScratch<T>& s, scalar_t* out, int64_t step) {
+  if (out) {
+    T acc[4] = {0, 0, 0, 0};
+    for (Group<T> q = first; q != last; ++q)
+      for (int k = 0; k < 4; ++k) acc[k] += q->diou[k];
+    for (int k = 0; k < 4; ++k) out[k * step] = scalar_t(T(out[k * step]) - L.box_scale * acc[k]);
   }
-  for (int64_t c = 0; nc > 1 && c < nc; ++c) {
-    scalar_t& gc = row[(5 + c) * step];
-    gc = scalar_t(T(gc) + L.cls_scale * L.cls_grad[j * nc + c]);
+  if (nc <= 1) return 0.0;
+  const scalar_t* src = L.p + L.row_offset(L.pairs[first->pair]) + 5 * L.ps[4];
+  if (L.ps[4] == 1) {
+    for (int64_t c = 0; c < nc; ++c) s.x[c] = T(src[c]);
+  } else {
+    for (int64_t c = 0; c < nc; ++c) s.x[c] = T(src[c * L.ps[4]]);
   }
+  const T cp = T(1.0 - 0.5 * o.label_smoothing), cn = T(0.5 * o.label_smoothing);
+  bce_row(s.x.data(), s.loss.data(), s.grad.data(), nc, cn, T(o.cls_pw), T(o.fl_gamma));
+  double negatives = 0.0;
+  for (int64_t c = 0; c < nc; ++c) negatives += double(s.loss[c]);
+  const T count = T(last - first);
+  if (out) {  // every pair pushes every class toward cn ...
+    for (int64_t c = 0; c < nc; ++c) s.total_grad[c] = count * s.grad[c];
+  }
+  double total = 0.0;
+  for (Group<T> q = first; q != last; ++q) {
+    const int64_t c = L.pairs[q->pair].cls;
+    const auto hit = bce_with_logits<T>(s.x[c], cp, T(o.cls_pw), T(o.fl_gamma));
+    total += negatives - double(s.loss[c]) + double(hit.loss);
+    if (out) s.total_grad[c] += hit.grad - s.grad[c];  // ... but its own class toward cp
+  }
+  if (out) {
+    scalar_t* cls = out + 5 * step;
+    for (int64_t c = 0; c < nc; ++c) cls[c * step] = scalar_t(T(cls[c * step]) + L.cls_scale * s.total_grad[c]);
+  }
+  return total;
 }
 
 // Stores that bypass the cache (SSE2 non-temporal) where the destination is 16-byte aligned: the
@@ -334,23 +345,59 @@ void stream_zero_tensor(const at::Tensor& t) {
   });
 }
 
-// Objectness over every cell, one (image, anchor) plane per task. Returns the sum of the element
-// losses (one partial per plane, added in order). Per plane: gather the objectness logits,
-// evaluate the vectorised zero-target BCE, recompute the few matched cells with their target;
-// then, with a gradient, write the plane's rows (zeros and the objectness term): streamed from a
-// cache-resident staging block when the plane is one contiguous block of rows, else into the
-// pre-zeroed gradient.
+// Sums of the element losses of one layer, each added over planes in plane order.
+struct LayerSums {
+  double box = 0.0, obj = 0.0, cls = 0.0;
+};
+
+// Everything of one layer, one (image, anchor) plane per task. Per plane: the box IoU and its
+// gradient for each of the plane's pairs, which are then grouped by cell (stable: pair order
+// within a cell; the last pair of a cell sets its objectness target); the objectness logits
+// gathered and their vectorised zero-target BCE, recomputed at the matched cells; then, with a
+// gradient, the plane's rows written once (zeros, the objectness term, and cell_terms for the
+// matched cells): streamed from a cache-resident staging block when the plane is one contiguous
+// block of rows, else into the pre-zeroed gradient. Without a gradient only the sums are taken.
 template <typename scalar_t, typename T>
-double objectness_pass(const Layer<scalar_t, T>& L, const Options& o, T grad_scale, int64_t nc) {
+LayerSums layer_pass(const Layer<scalar_t, T>& L, const Options& o, T grad_scale, int64_t nc) {
   const int64_t planes = L.bs * L.na, cells = L.ny * L.nx, no = L.no;
   const bool block_rows = L.block_rows();
-  std::vector<double> partial(planes, 0.0);
+  const T gr = T(o.gr);
+  std::vector<LayerSums> partial(planes);
   at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> xs(cells), loss(cells), grad(cells);
+    std::vector<PlanePair<T>> matched;
+    CellScratch<T> scratch(std::max<int64_t>(nc, 1));
     const int64_t staging_rows = std::max<int64_t>(1, 4096 / no);
     std::vector<scalar_t> staging(block_rows ? staging_rows * no : 0, scalar_t(0));
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t b = plane / L.na, a = plane % L.na;
+      // the plane's pairs: box terms (pair order), then grouped by cell
+      matched.clear();
+      double box_sum = 0.0;
+      constexpr int64_t kAhead = 4;  // rows are scattered over the plane: fetch a few pairs ahead
+      for (int64_t k = L.plane_start[plane]; k < L.plane_start[plane + 1]; ++k) {
+        if (k + kAhead < L.plane_start[plane + 1]) {
+          const scalar_t* ahead = L.p + L.row_offset(L.pairs[L.by_plane[k + kAhead]]);
+          for (int64_t c = 0; c < no; c += 64 / int64_t(sizeof(scalar_t))) __builtin_prefetch(ahead + c * L.ps[4]);
+        }
+        const int64_t j = L.by_plane[k];
+        const auto& q = L.pairs[j];
+        const scalar_t* src = L.p + L.row_offset(q);
+        const T logits[4] = {T(src[0]), T(src[L.ps[4]]), T(src[2 * L.ps[4]]), T(src[3 * L.ps[4]])};
+        const auto box = predicted_box<T>(logits, q.anch[0], q.anch[1]);
+        const auto r = box_iou(box[0], box[1], box[2], box[3], q.tbox[0], q.tbox[1], q.tbox[2], q.tbox[3], o.box);
+        PlanePair<T> m{q.gj * L.nx + q.gi, j, r.v, {r.d[0], r.d[1], r.d[2], r.d[3]}};
+        matched.push_back(m);
+        box_sum += double(T(1) - r.v);
+      }
+      std::stable_sort(matched.begin(), matched.end(), [](const auto& x, const auto& y) { return x.cell < y.cell; });
+      const auto matched_end = matched.cend();
+      auto group_end = [&](Group<T> g) {
+        Group<T> e = g;
+        while (e != matched_end && e->cell == g->cell) ++e;
+        return e;
+      };
+
       const scalar_t* pp = L.p + b * L.ps[0] + a * L.ps[1] + 4 * L.ps[4];
       for (int64_t y = 0; y < L.ny; ++y) {
         const scalar_t* px = pp + y * L.ps[2];
@@ -360,49 +407,61 @@ double objectness_pass(const Layer<scalar_t, T>& L, const Options& o, T grad_sca
           xy[x] = T(px[x * L.ps[3]]);
         }
       }
-      bce_const_target_row<T>(xs.data(), loss.data(), grad.data(), cells, T(0), T(o.obj_pw), T(o.fl_gamma));
-      auto next = std::lower_bound(L.tobj.begin(), L.tobj.end(), plane * cells,
-                                   [](const auto& e, int64_t cell) { return e.first < cell; });
-      for (; next != L.tobj.end() && next->first < (plane + 1) * cells; ++next) {
-        const int64_t k = next->first - plane * cells;
-        const auto lg = bce_with_logits<T>(xs[k], next->second, T(o.obj_pw), T(o.fl_gamma));
-        loss[k] = lg.loss;
-        grad[k] = lg.grad;
+      bce_row(xs.data(), loss.data(), grad.data(), cells, T(0), T(o.obj_pw), T(o.fl_gamma));
+      for (Group<T> g = matched.cbegin(); g != matched_end;) {
+        const Group<T> last = group_end(g);
+        const T target = (T(1) - gr) + gr * std::max(std::prev(last)->iou, T(0));  // the last pair wins
+        const auto lg = bce_with_logits<T>(xs[g->cell], target, T(o.obj_pw), T(o.fl_gamma));
+        loss[g->cell] = lg.loss;
+        grad[g->cell] = lg.grad;
+        g = last;
       }
-      double sum = 0.0;
-      for (int64_t k = 0; k < cells; ++k) sum += double(loss[k]);
-      partial[plane] = sum;
-      if (!L.g) continue;
+      double lanes[4] = {0.0, 0.0, 0.0, 0.0};  // four chains: the adds overlap (fixed order, deterministic)
+      int64_t k = 0;
+      for (; k + 4 <= cells; k += 4)
+        for (int l = 0; l < 4; ++l) lanes[l] += double(loss[k + l]);
+      for (; k < cells; ++k) lanes[0] += double(loss[k]);
+      const double obj_sum = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
 
-      scalar_t* gp = L.g + b * L.gs[0] + a * L.gs[1];
-      if (block_rows) {
-        // The matched rows get their box and class terms in the staging block, in pair order.
-        auto pair = std::lower_bound(L.by_cell.begin(), L.by_cell.end(), plane * cells,
-                                     [](const auto& e, int64_t cell) { return e.first < cell; });
+      double cls_sum = 0.0;
+      Group<T> group = matched.cbegin();
+      scalar_t* gp = L.g ? L.g + b * L.gs[0] + a * L.gs[1] : nullptr;
+      if (gp && block_rows) {
         for (int64_t k0 = 0; k0 < cells; k0 += staging_rows) {
           const int64_t rows = std::min(staging_rows, cells - k0);
           for (int64_t r = 0; r < rows; ++r) staging[r * no + 4] = scalar_t(grad[k0 + r] * grad_scale);
-          const auto first = pair;
-          for (; pair != L.by_cell.end() && pair->first < plane * cells + k0 + rows; ++pair)
-            add_pair_terms(L, pair->second, nc, staging.data() + (pair->first - plane * cells - k0) * no, 1);
+          const Group<T> chunk_first = group;
+          for (; group != matched_end && group->cell < k0 + rows;) {
+            const Group<T> last = group_end(group);
+            cls_sum += cell_terms(L, group, last, o, nc, scratch, staging.data() + (group->cell - k0) * no, 1);
+            group = last;
+          }
           stream_store(reinterpret_cast<char*>(gp + k0 * no), reinterpret_cast<const char*>(staging.data()),
                        sizeof(scalar_t) * rows * no);
           for (int64_t r = 0; r < rows; ++r) staging[r * no + 4] = scalar_t(0);
-          for (auto q = first; q != pair; ++q)
-            std::memset(static_cast<void*>(staging.data() + (q->first - plane * cells - k0) * no), 0,
-                        sizeof(scalar_t) * no);
+          for (Group<T> q = chunk_first; q != group; ++q)
+            std::memset(static_cast<void*>(staging.data() + (q->cell - k0) * no), 0, sizeof(scalar_t) * no);
         }
       } else {
-        scalar_t* obj = gp + 4 * L.gs[4];
-        for (int64_t y = 0; y < L.ny; ++y)
-          for (int64_t x = 0; x < L.nx; ++x)
-            obj[y * L.gs[2] + x * L.gs[3]] = scalar_t(grad[y * L.nx + x] * grad_scale);
+        if (gp) {
+          scalar_t* obj = gp + 4 * L.gs[4];
+          for (int64_t y = 0; y < L.ny; ++y)
+            for (int64_t x = 0; x < L.nx; ++x)
+              obj[y * L.gs[2] + x * L.gs[3]] = scalar_t(grad[y * L.nx + x] * grad_scale);
+        }
+        for (; group != matched_end;) {
+          const Group<T> last = group_end(group);
+          scalar_t* row = gp ? L.g + L.grad_row_offset(L.pairs[group->pair]) : nullptr;
+          cls_sum += cell_terms(L, group, last, o, nc, scratch, row, L.gs[4]);
+          group = last;
+        }
       }
+      partial[plane] = {box_sum, obj_sum, cls_sum};
     }
     stream_fence();
   });
-  double total = 0.0;
-  for (double s : partial) total += s;
+  LayerSums total;
+  for (const auto& s : partial) total.box += s.box, total.obj += s.obj, total.cls += s.cls;
   return total;
 }
 
@@ -450,26 +509,19 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> fused_loss_impl(cons
   for (int64_t i = 0; i < nl; ++i) {
     auto& L = layers[i];
     const int64_t P = int64_t(L.pairs.size());
-    pair_terms(L, o, nc);
+    group_by_plane(L);
+    double box_scale = 0.0, cls_scale = 0.0;
     if (P > 0) {
-      const double box_scale = sum_red ? o.giou * 3.0 / double(n_total) : o.giou / double(P);
-      const double cls_scale = sum_red ? o.cls * 3.0 / double(n_total * nc) : o.cls / double(P * nc);
+      box_scale = sum_red ? o.giou * 3.0 / double(n_total) : o.giou / double(P);
+      cls_scale = sum_red ? o.cls * 3.0 / double(n_total * nc) : o.cls / double(P * nc);
       L.box_scale = T(box_scale), L.cls_scale = T(cls_scale);
-      double box_sum = 0.0, cls_sum = 0.0;
-      for (int64_t j = 0; j < P; ++j) {
-        box_sum += double(T(1) - L.iou[j]);
-        cls_sum += L.cls_loss[j];
-      }
-      lbox += box_scale * box_sum;
-      if (nc > 1) lcls += cls_scale * cls_sum;
     }
     const double n_cells = double(L.bs * L.na * L.ny * L.nx);
     const double obj_scale = sum_red ? o.obj * 3.0 / double(bs) : o.obj / n_cells;
-    lobj += obj_scale * objectness_pass(L, o, T(obj_scale), nc);
-    if (L.g && !L.block_rows()) {
-      // Other layouts: the box and class terms go to the matched rows after the pass, in pair order.
-      for (int64_t j = 0; j < P; ++j) add_pair_terms(L, j, nc, L.g + L.grad_row_offset(L.pairs[j]), L.gs[4]);
-    }
+    const LayerSums sums = layer_pass(L, o, T(obj_scale), nc);
+    lbox += box_scale * sums.box;
+    lobj += obj_scale * sums.obj;
+    if (nc > 1) lcls += cls_scale * sums.cls;
   }
   at::Tensor items = at::empty({4}, T_type);
   T* it = items.data_ptr<T>();
