@@ -253,6 +253,18 @@ struct PlanePair {
   T diou[4];  // d iou / d logits 0..3
 };
 
+// The sum of x[0 .. n) in double, in four interleaved chains so that the adds overlap (a fixed
+// order: the result does not depend on threads or runs).
+template <typename T>
+double sum4(const T* x, int64_t n) {
+  double lanes[4] = {0.0, 0.0, 0.0, 0.0};
+  int64_t k = 0;
+  for (; k + 4 <= n; k += 4)
+    for (int l = 0; l < 4; ++l) lanes[l] += double(x[k + l]);
+  for (; k < n; ++k) lanes[0] += double(x[k]);
+  return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+}
+
 // Scratch rows of one thread for cell_terms.
 template <typename T>
 struct CellScratch {
@@ -285,8 +297,7 @@ double cell_terms(const Layer<scalar_t, T>& L, Group<T> first, Group<T> last, co
   }
   const T cp = T(1.0 - 0.5 * o.label_smoothing), cn = T(0.5 * o.label_smoothing);
   bce_row(s.x.data(), s.loss.data(), s.grad.data(), nc, cn, T(o.cls_pw), T(o.fl_gamma));
-  double negatives = 0.0;
-  for (int64_t c = 0; c < nc; ++c) negatives += double(s.loss[c]);
+  const double negatives = sum4(s.loss.data(), nc);
   const T count = T(last - first);
   if (out) {  // every pair pushes every class toward cn ...
     for (int64_t c = 0; c < nc; ++c) s.total_grad[c] = count * s.grad[c];
@@ -416,12 +427,7 @@ LayerSums layer_pass(const Layer<scalar_t, T>& L, const Options& o, T grad_scale
         grad[g->cell] = lg.grad;
         g = last;
       }
-      double lanes[4] = {0.0, 0.0, 0.0, 0.0};  // four chains: the adds overlap (fixed order, deterministic)
-      int64_t k = 0;
-      for (; k + 4 <= cells; k += 4)
-        for (int l = 0; l < 4; ++l) lanes[l] += double(loss[k + l]);
-      for (; k < cells; ++k) lanes[0] += double(loss[k]);
-      const double obj_sum = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+      const double obj_sum = sum4(loss.data(), cells);
 
       double cls_sum = 0.0;
       Group<T> group = matched.cbegin();
