@@ -1,5 +1,6 @@
 # make demo   - set up .venv (pinned deps, the package built in place) and run the main job
-# make test   - set up .venv and run the whole test suite (what CI runs)
+# make test   - set up .venv, lint (ruff check + format --check) and run the whole test suite (what CI runs)
+# make lint   - ruff check and ruff format --check only
 # make bench  - the pytest-benchmark suite at full size (batch 1, 16 and 64, YOLOv3 at 416)
 # make sanitize - the C++ tests against an ASan + UBSan build, then the normal build again
 
@@ -9,7 +10,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXT_SOURCES := $(shell find csrc python/src -name '*.cpp' -o -name '*.h' 2>/dev/null)
 
-.PHONY: install demo test bench sanitize clean
+.PHONY: install demo lint test bench sanitize clean
 
 $(STAMP): requirements-dev.txt pyproject.toml setup.py $(EXT_SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,7 +24,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m yolo_kernels.bench
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: $(STAMP) lint
 	YK_BENCH_BATCHES=2 $(PY) -m pytest -q -p no:cacheprovider --benchmark-disable tests benchmarks
 
 bench: $(STAMP)

@@ -78,8 +78,10 @@ def extension_modules():
         import torch
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError as error:
-        return _skip(f"torch cannot be imported at build time ({error}); install torch first and build with "
-                     "`pip install --no-build-isolation .`")  # fmt: skip
+        return _skip(
+            f"torch cannot be imported at build time ({error}); install torch first and build with "
+            "`pip install --no-build-isolation .`"
+        )
     version = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
     if version < tuple(int(x) for x in MIN_TORCH.split(".")):
         return _skip(f"it needs torch >= {MIN_TORCH}, found {torch.__version__}")
@@ -92,11 +94,14 @@ def extension_modules():
         def build_extension(self, ext):
             try:
                 super().build_extension(ext)
-            except Exception as error:  # noqa: BLE001  (compiler and linker errors vary)
+            except Exception as error:
                 if REQUIRED:
                     raise
-                print(f"yolo_kernels: the C++ extension failed to build ({error}); installing without it. "
-                      "`python -m yolo_kernels.info` shows what is available.", file=sys.stderr)  # fmt: skip
+                print(
+                    f"yolo_kernels: the C++ extension failed to build ({error}); installing without it. "
+                    "`python -m yolo_kernels.info` shows what is available.",
+                    file=sys.stderr,
+                )
 
     flags, link = _flags()
     ext = CppExtension(

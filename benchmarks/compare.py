@@ -1,6 +1,6 @@
 """Markdown table of a pytest-benchmark JSON file: medians, x floor and speed-up over the original.
 
-    pytest benchmarks --benchmark-only --benchmark-json=bench.json && python benchmarks/compare.py bench.json
+pytest benchmarks --benchmark-only --benchmark-json=bench.json && python benchmarks/compare.py bench.json
 """
 
 import json

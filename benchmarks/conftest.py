@@ -6,7 +6,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from yolo_kernels.bench import yolov3_inputs  # noqa: E402
+from yolo_kernels.bench import yolov3_inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -27,8 +27,11 @@ def bench_targets():
     return [int(t) for t in os.environ.get("YK_BENCH_TARGETS", "10,100,500").split(",")]
 
 
-@pytest.fixture(scope="module", params=[(b, i, t) for i in bench_imgs() for b in bench_batches() for t in bench_targets()],
-                ids=lambda bit: f"batch{bit[0]}-img{bit[1]}-targets{bit[2]}")  # fmt: skip
+@pytest.fixture(
+    scope="module",
+    params=[(b, i, t) for i in bench_imgs() for b in bench_batches() for t in bench_targets()],
+    ids=lambda bit: f"batch{bit[0]}-img{bit[1]}-targets{bit[2]}",
+)
 def yolov3_batch(request):
     batch, img, targets_per_image = request.param
     return yolov3_inputs(batch, img, targets_per_image, device=DEVICE)

@@ -88,7 +88,9 @@ def forward_backward(p, targets, model, backend=None, loss_fn=None):
 def _criterion(model, options: dict, backend: str):
     hyp = dict(model.hyp, fl_gamma=options.get("fl_gamma", model.hyp["fl_gamma"]))
     extra = {k: options[k] for k in ("box_loss", "reduction", "label_smoothing") if k in options}
-    criterion = yk.YOLOv3Loss.from_model(model, hyp=hyp, giou_ratio=options.get("gr", model.gr), backend=backend, **extra)
+    criterion = yk.YOLOv3Loss.from_model(
+        model, hyp=hyp, giou_ratio=options.get("gr", model.gr), backend=backend, **extra
+    )
     return criterion.cuda()  # anchors on the device: no host-to-device copy per call
 
 
@@ -99,14 +101,19 @@ def parity(batch, img):
         for dtype in (torch.float32, torch.bfloat16):
             model, p, targets = cuda_inputs(batch, img, dtype)
             fast, ref = _criterion(model, options, "triton"), _criterion(model, options, "reference")
-            _, items = forward_backward(p, targets, model, loss_fn=lambda q, t, m: fast(q, t))
+            _, items = forward_backward(p, targets, model, loss_fn=lambda q, t, m, fast=fast: fast(q, t))
             grads = [x.grad.clone() for x in p]
             up = [x.detach().float().requires_grad_() for x in p]
-            _, ref_items = forward_backward(up, targets, model, loss_fn=lambda q, t, m: ref(q, t))
+            _, ref_items = forward_backward(up, targets, model, loss_fn=lambda q, t, m, ref=ref: ref(q, t))
             name = str(dtype).replace("torch.", "")
-            row = {"dtype": name, "batch": batch, "img": img, "options": options or "defaults",
-                   "loss_rel_err": rel_err(items, ref_items),
-                   "grad_rel_err": max(rel_err(g.float(), r.grad) for g, r in zip(grads, up))}  # fmt: skip
+            row = {
+                "dtype": name,
+                "batch": batch,
+                "img": img,
+                "options": options or "defaults",
+                "loss_rel_err": rel_err(items, ref_items),
+                "grad_rel_err": max(rel_err(g.float(), r.grad) for g, r in zip(grads, up)),
+            }
             limits = TOLERANCES[name]
             row["passed"] = row["loss_rel_err"] <= limits["loss"] and row["grad_rel_err"] <= limits["grad"]
             rows.append(row)
@@ -162,10 +169,19 @@ def speed(batch, img, bandwidth, quick=False, rounds=25):
     rows = []
     for name, values in times.items():
         median = _quantile(values, 0.5)
-        rows.append({"provider": name, "batch": batch, "img": img, "median_ms": median,
-                     "p20_ms": _quantile(values, 0.2), "p80_ms": _quantile(values, 0.8),
-                     "x_dram_floor": median / floor_ms, "peak_extra_mb": peaks[name],
-                     "warmup_s": warmup_s[name]})  # fmt: skip
+        rows.append(
+            {
+                "provider": name,
+                "batch": batch,
+                "img": img,
+                "median_ms": median,
+                "p20_ms": _quantile(values, 0.2),
+                "p80_ms": _quantile(values, 0.8),
+                "x_dram_floor": median / floor_ms,
+                "peak_extra_mb": peaks[name],
+                "warmup_s": warmup_s[name],
+            }
+        )
     ref = rows[0]["median_ms"]
     for r in rows:
         r["speedup_vs_reference"] = ref / r["median_ms"]
@@ -253,24 +269,44 @@ def _format_options(options) -> str:
 
 
 def markdown(report) -> str:
-    lines = [f"# Triton loss on {report['device']}", "", f"{report['versions']}", "",
-             f"Install: {report.get('install', 'not recorded')}", "", "## Parity vs the reference", "",
-             "| dtype | options | batch | img | loss rel err | grad rel err | within limits |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"# Triton loss on {report['device']}",
+        "",
+        f"{report['versions']}",
+        "",
+        f"Install: {report.get('install', 'not recorded')}",
+        "",
+        "## Parity vs the reference",
+        "",
+        "| dtype | options | batch | img | loss rel err | grad rel err | within limits |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in report.get("parity", []):
-        lines.append(f"| {r['dtype']} | {_format_options(r.get('options', 'defaults'))} | {r['batch']} | {r['img']} | "
-                     f"{r['loss_rel_err']:.1e} | {r['grad_rel_err']:.1e} | {'yes' if r.get('passed', True) else 'NO'} |")  # fmt: skip
+        lines.append(
+            f"| {r['dtype']} | {_format_options(r.get('options', 'defaults'))} | {r['batch']} | {r['img']} | "
+            f"{r['loss_rel_err']:.1e} | {r['grad_rel_err']:.1e} | {'yes' if r.get('passed', True) else 'NO'} |"
+        )
     if "copy_bandwidth_gbs" in report:
-        lines += ["", f"## Forward + backward (copy bandwidth {report['copy_bandwidth_gbs']:.0f} GB/s)", "",
-                  "| provider | batch | img | median ms | p20-p80 ms | x DRAM floor | vs reference | peak extra MB |",
-                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            f"## Forward + backward (copy bandwidth {report['copy_bandwidth_gbs']:.0f} GB/s)",
+            "",
+            "| provider | batch | img | median ms | p20-p80 ms | x DRAM floor | vs reference | peak extra MB |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
     for r in report.get("speed", []):
-        lines.append(f"| {r['provider']} | {r['batch']} | {r['img']} | {r['median_ms']:.3f} | "
-                     f"{r['p20_ms']:.3f}-{r['p80_ms']:.3f} | {r['x_dram_floor']:.2f} | "
-                     f"{r['speedup_vs_reference']:.1f}x | {r['peak_extra_mb']:.1f} |")  # fmt: skip
-    lines += ["", f"No host sync (set_sync_debug_mode('error')): {report.get('no_sync', 'not run')}",
-              f"CUDA graph capture: {report.get('cuda_graph', 'not run')}",
-              f"CUDA graph of a whole training step: {report.get('train_step_graph', 'not run')}", ""]  # fmt: skip
+        lines.append(
+            f"| {r['provider']} | {r['batch']} | {r['img']} | {r['median_ms']:.3f} | "
+            f"{r['p20_ms']:.3f}-{r['p80_ms']:.3f} | {r['x_dram_floor']:.2f} | "
+            f"{r['speedup_vs_reference']:.1f}x | {r['peak_extra_mb']:.1f} |"
+        )
+    lines += [
+        "",
+        f"No host sync (set_sync_debug_mode('error')): {report.get('no_sync', 'not run')}",
+        f"CUDA graph capture: {report.get('cuda_graph', 'not run')}",
+        f"CUDA graph of a whole training step: {report.get('train_step_graph', 'not run')}",
+        "",
+    ]
     problems = failures(report)
     lines += ["Result: " + ("all checks passed" if not problems else "FAILED: " + "; ".join(problems)), ""]
     return "\n".join(lines)
@@ -278,8 +314,12 @@ def markdown(report) -> str:
 
 def failures(report) -> list[str]:
     """What makes the report fail: parity out of limits, a host sync, a capture that differs."""
-    out = [f"parity {r['dtype']} {_format_options(r.get('options', 'defaults'))}: loss {r['loss_rel_err']:.1e}, "
-           f"grad {r['grad_rel_err']:.1e}" for r in report.get("parity", []) if not r.get("passed", True)]  # fmt: skip
+    out = [
+        f"parity {r['dtype']} {_format_options(r.get('options', 'defaults'))}: loss {r['loss_rel_err']:.1e}, "
+        f"grad {r['grad_rel_err']:.1e}"
+        for r in report.get("parity", [])
+        if not r.get("passed", True)
+    ]
     for key in ("no_sync", "cuda_graph", "train_step_graph"):
         if str(report.get(key, "")).startswith("FAILED"):
             out.append(f"{key}: {report[key]}")
@@ -336,7 +376,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         try:
             report[key] = fn(*fn_args)
-        except Exception as error:  # noqa: BLE001  (recorded; the report still gets written)
+        except Exception as error:
             report[key] = f"FAILED: {type(error).__name__}: {error}"
             if key in ("parity", "speed"):
                 report.setdefault("error", f"{key}: {type(error).__name__}: {error}")
@@ -353,6 +393,7 @@ def main(argv=None) -> int:
     report["speed"], report["floor_ms"] = [], {}
     for img in args.img:
         for batch in args.batch:
+
             def measure(batch=batch, img=img):
                 rows, floor_ms = speed(batch, img, bandwidth, args.quick)
                 report["speed"] += rows

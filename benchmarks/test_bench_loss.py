@@ -15,10 +15,10 @@ torch.compile.
 
 import os
 
+import original
 import pytest
 import torch
 
-import original
 import yolo_kernels as yk
 from conftest import DEVICE
 from yolo_kernels.config import model_anchors
@@ -43,9 +43,14 @@ def _record(benchmark, p, **extra):
         triton_version = None
     device = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
     benchmark.extra_info.update(
-        shapes=[list(x.shape) for x in p], dtype=str(p[0].dtype), device=device, threads=torch.get_num_threads(),
-        torch=torch.__version__, triton=triton_version, **extra,
-    )  # fmt: skip
+        shapes=[list(x.shape) for x in p],
+        dtype=str(p[0].dtype),
+        device=device,
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        triton=triton_version,
+        **extra,
+    )
 
 
 def make_step(loss_fn, p, mode):
@@ -121,6 +126,7 @@ def test_component_box_loss(benchmark, yolov3_batch, impl):
     m = yk.reference.match(tuple(p[2].shape[2:4]), targets, model_anchors(model)[2], 0.2)
     ps = p[2].detach()[m.b, m.a, m.gj, m.gi]
     if impl == "reference":
+
         def fn():
             x = ps[:, :4].clone().requires_grad_()
             pbox = torch.cat((x[:, :2].sigmoid(), x[:, 2:].exp().clamp(max=1e3) * m.anch), 1)
@@ -137,6 +143,7 @@ def test_component_objectness(benchmark, yolov3_batch, impl):
     logits = [x.detach()[..., 4] for x in p]
     targets = [torch.zeros_like(x) for x in logits]
     if impl == "reference":
+
         def fn():
             for x, y in zip(logits, targets):
                 x = x.clone().requires_grad_()

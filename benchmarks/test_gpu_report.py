@@ -7,23 +7,54 @@ import os
 import subprocess
 import sys
 
+import gpu_report
 import pytest
 import torch
-
-import gpu_report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 REPORT = {
-    "device": "NVIDIA H200 (Test)", "versions": "torch x", "install": "pip ok", "copy_bandwidth_gbs": 3000.0,
-    "parity": [{"dtype": "float32", "options": "defaults", "batch": 16, "img": 416, "loss_rel_err": 1e-7,
-                "grad_rel_err": 2e-7, "passed": True},
-               {"dtype": "bfloat16", "options": {"box_loss": "ciou"}, "batch": 16, "img": 416, "loss_rel_err": 2e-7,
-                "grad_rel_err": 3e-3, "passed": True}],
-    "speed": [{"provider": "triton", "batch": 16, "img": 416, "median_ms": 0.5, "p20_ms": 0.4, "p80_ms": 0.6,
-               "x_dram_floor": 1.2, "speedup_vs_reference": 30.0, "peak_extra_mb": 1.5}],
-    "no_sync": "passed", "cuda_graph": "replay identical to eager", "train_step_graph": "training step replays like eager",
-}  # fmt: skip
+    "device": "NVIDIA H200 (Test)",
+    "versions": "torch x",
+    "install": "pip ok",
+    "copy_bandwidth_gbs": 3000.0,
+    "parity": [
+        {
+            "dtype": "float32",
+            "options": "defaults",
+            "batch": 16,
+            "img": 416,
+            "loss_rel_err": 1e-7,
+            "grad_rel_err": 2e-7,
+            "passed": True,
+        },
+        {
+            "dtype": "bfloat16",
+            "options": {"box_loss": "ciou"},
+            "batch": 16,
+            "img": 416,
+            "loss_rel_err": 2e-7,
+            "grad_rel_err": 3e-3,
+            "passed": True,
+        },
+    ],
+    "speed": [
+        {
+            "provider": "triton",
+            "batch": 16,
+            "img": 416,
+            "median_ms": 0.5,
+            "p20_ms": 0.4,
+            "p80_ms": 0.6,
+            "x_dram_floor": 1.2,
+            "speedup_vs_reference": 30.0,
+            "peak_extra_mb": 1.5,
+        }
+    ],
+    "no_sync": "passed",
+    "cuda_graph": "replay identical to eager",
+    "train_step_graph": "training step replays like eager",
+}
 
 
 def test_floor_bytes_counts_gradient_and_objectness():
@@ -94,8 +125,12 @@ def test_wrapper_builds_in_place_then_runs_the_report(tmp_path):
     )
     fake.chmod(0o755)
     script = os.path.join(HERE, "gpu_report.sh")
-    result = subprocess.run(["bash", script, "--out", "/tmp/o", "--quick"], env=dict(os.environ, PYTHON=str(fake)),
-                            capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        ["bash", script, "--out", "/tmp/o", "--quick"],
+        env=dict(os.environ, PYTHON=str(fake)),
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     calls = log.read_text().splitlines()
     assert calls[0] == "NO_EXT= -m pip install --no-build-isolation --no-deps -e ."

@@ -6,7 +6,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from yolo_kernels.models import CFG_DIR  # noqa: E402  (Darknet's cfg files, packaged with yolo_kernels)
+from yolo_kernels.models import CFG_DIR
 
 
 @pytest.fixture

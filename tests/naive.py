@@ -61,8 +61,24 @@ def match(targets, anchors, ny, nx, iou_t):
     return pairs
 
 
-def loss(p, targets, anchors, *, nc, gr=1.0, giou=3.54, cls=37.4, cls_pw=1.0, obj=64.3, obj_pw=1.0,
-         iou_t=0.2, fl_gamma=0.0, box_loss="giou", reduction="mean", label_smoothing=0.0):  # fmt: skip
+def loss(
+    p,
+    targets,
+    anchors,
+    *,
+    nc,
+    gr=1.0,
+    giou=3.54,
+    cls=37.4,
+    cls_pw=1.0,
+    obj=64.3,
+    obj_pw=1.0,
+    iou_t=0.2,
+    fl_gamma=0.0,
+    box_loss="giou",
+    reduction="mean",
+    label_smoothing=0.0,
+):
     """``p``: per layer nested lists [bs][na][ny][nx][nc+5]; returns (lbox, lobj, lcls, loss)."""
     cp, cn = 1 - label_smoothing / 2, label_smoothing / 2
     lbox = lobj = lcls = 0.0
@@ -75,7 +91,12 @@ def loss(p, targets, anchors, *, nc, gr=1.0, giou=3.54, cls=37.4, cls_pw=1.0, ob
         box_terms, cls_terms = [], []
         for b, a, gj, gi, tbox, (aw, ah), c in pairs:
             row = pi[b][a][gj][gi]
-            pbox = (_sigmoid(row[0]), _sigmoid(row[1]), min(math.exp(row[2]), 1e3) * aw, min(math.exp(row[3]), 1e3) * ah)
+            pbox = (
+                _sigmoid(row[0]),
+                _sigmoid(row[1]),
+                min(math.exp(row[2]), 1e3) * aw,
+                min(math.exp(row[3]), 1e3) * ah,
+            )
             iou = box_iou(pbox, tbox, box_loss)
             box_terms.append(1 - iou)
             tobj[(b, a, gj, gi)] = (1 - gr) + gr * max(iou, 0.0)  # later pairs overwrite: last wins
@@ -83,8 +104,11 @@ def loss(p, targets, anchors, *, nc, gr=1.0, giou=3.54, cls=37.4, cls_pw=1.0, ob
                 cls_terms += [bce(row[5 + k], cp if k == c else cn, cls_pw, fl_gamma) for k in range(nc)]
         obj_terms = [
             bce(pi[b][a][j][i][4], tobj.get((b, a, j, i), 0.0), obj_pw, fl_gamma)
-            for b in range(bs) for a in range(na) for j in range(ny) for i in range(nx)
-        ]  # fmt: skip
+            for b in range(bs)
+            for a in range(na)
+            for j in range(ny)
+            for i in range(nx)
+        ]
         n_total += len(pairs)
         if reduction == "mean":
             lbox += sum(box_terms) / len(box_terms) if box_terms else 0.0

@@ -4,9 +4,9 @@ import re
 
 import pytest
 import torch
+from helpers import duck_model, make_p, make_targets, random_anchors
 
 import yolo_kernels as yk
-from helpers import duck_model, make_p, make_targets, random_anchors
 
 
 def test_available_backends_and_dispatch_errors():
@@ -60,8 +60,9 @@ def test_module_equals_drop_in(options, gen):
     t = make_targets(6, 2, 80, gen)
     want = yk.compute_loss(p, t, model, **options)
     heads = [model.module_list[j] for j in model.yolo_layers]
-    crit = yk.YOLOv3Loss([h.anchors for h in heads], [h.stride for h in heads], 80, hyp=model.hyp,
-                         giou_ratio=0.6, **options)  # fmt: skip
+    crit = yk.YOLOv3Loss(
+        [h.anchors for h in heads], [h.stride for h in heads], 80, hyp=model.hyp, giou_ratio=0.6, **options
+    )
     got = crit(p, t)
     assert torch.allclose(got[1], want[1], rtol=1e-6)
     got_from_model = yk.YOLOv3Loss.from_model(model, **options)(p, t)
@@ -111,8 +112,12 @@ def test_drop_in_names_missing_hyperparameters(drop, gen):
     hyp["iou_thres"] = 0.3  # a typo must not silently leave the default in place
     model = duck_model(random_anchors([2], gen), 3, hyp=hyp)
     p, t = make_p(1, [2], [(2, 2)], 3, gen), make_targets(2, 1, 3, gen)
-    for call in (lambda: yk.compute_loss(p, t, model), lambda: yk.build_targets(p, t, model),
-                 lambda: yk.YOLOv3Loss.from_model(model), lambda: yk.reference.compute_loss(p, t, model)):  # fmt: skip
+    for call in (
+        lambda: yk.compute_loss(p, t, model),
+        lambda: yk.build_targets(p, t, model),
+        lambda: yk.YOLOv3Loss.from_model(model),
+        lambda: yk.reference.compute_loss(p, t, model),
+    ):
         expected = r"model.hyp: missing loss hyperparameter\(s\) " + re.escape(repr(drop)) + ".*'iou_thres'"
         with pytest.raises(KeyError, match=expected):
             call()

@@ -11,8 +11,20 @@ def test_bench_rows_fields_and_table():
     rows = bench.run(batches=[1, 2], imgs=[64], backends=["reference", "cpp"], repeats=2, warmup=1)
     assert [r["provider"] for r in rows] == ["floor", "reference", "cpp"] * 2
     for r in rows:
-        assert {"provider", "batch", "img", "dtype", "device", "median_ms", "p20_ms", "p80_ms", "x_floor",
-                "speedup_vs_reference", "peak_extra_mb", "max_rel_err"} <= set(r)  # fmt: skip
+        assert {
+            "provider",
+            "batch",
+            "img",
+            "dtype",
+            "device",
+            "median_ms",
+            "p20_ms",
+            "p80_ms",
+            "x_floor",
+            "speedup_vs_reference",
+            "peak_extra_mb",
+            "max_rel_err",
+        } <= set(r)
         assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
     ref, cpp = rows[1], rows[2]
     assert ref["max_rel_err"] == 0.0 and ref["speedup_vs_reference"] == 1.0
@@ -26,7 +38,21 @@ def test_bench_rows_fields_and_table():
 
 def test_bench_main_json_and_plot(tmp_path, capsys):
     out, png = tmp_path / "rows.json", tmp_path / "plot.png"
-    argv = ["--batch", "1", "2", "--img", "64", "--repeats", "2", "--warmup", "0", "--json", str(out), "--plot", str(png)]
+    argv = [
+        "--batch",
+        "1",
+        "2",
+        "--img",
+        "64",
+        "--repeats",
+        "2",
+        "--warmup",
+        "0",
+        "--json",
+        str(out),
+        "--plot",
+        str(png),
+    ]
     assert bench.main(argv) == 0
     text = capsys.readouterr().out
     assert "machine:" in text and "| reference | 2 | 64 | 10 |" in text
@@ -42,8 +68,12 @@ def test_bench_rejects_unavailable_backend():
 
 def test_bench_targets_axis_and_scaling_plot(tmp_path, capsys):
     rows = bench.run(batches=[1], imgs=[64], backends=["cpp"], repeats=2, warmup=0, targets=[2, 20])
-    assert [(r["provider"], r["targets_per_image"]) for r in rows] == [("floor", 2), ("cpp", 2), ("floor", 20),
-                                                                        ("cpp", 20)]  # fmt: skip
+    assert [(r["provider"], r["targets_per_image"]) for r in rows] == [
+        ("floor", 2),
+        ("cpp", 2),
+        ("floor", 20),
+        ("cpp", 20),
+    ]
     assert all(r["max_rel_err"] is None or r["max_rel_err"] < 1e-4 for r in rows)
     png = tmp_path / "scaling.png"
     bench.plot(rows, str(png))
@@ -53,6 +83,11 @@ def test_bench_targets_axis_and_scaling_plot(tmp_path, capsys):
 
 def test_interleaved_timing_takes_turns():
     calls = []
-    times = bench.time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3,
-                                   warmup=1, device=bench.torch.device("cpu"), evict_bytes=1024)  # fmt: skip
+    times = bench.time_interleaved(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+        repeats=3,
+        warmup=1,
+        device=bench.torch.device("cpu"),
+        evict_bytes=1024,
+    )
     assert calls == ["a", "b"] * 4 and len(times["a"]) == len(times["b"]) == 3

@@ -32,7 +32,7 @@ def test_every_kernel_specialisation_compiles_for_sm80_and_sm90():
     assert summary.startswith("compile gate (triton") and "sm_80" in summary and "sm_90" in summary
 
 
-BROKEN_KERNELS = '''
+BROKEN_KERNELS = """
 import triton
 import triton.language as tl
 
@@ -56,9 +56,9 @@ def promotes_to_float64(x_ptr, n, BLOCK: tl.constexpr):
 def fine(x_ptr, n, BLOCK: tl.constexpr):
     k = tl.arange(0, BLOCK)
     tl.store(x_ptr + k, tl.load(x_ptr + k, mask=k < n) * 2.0, mask=k < n)
-'''
+"""
 
-CHECK = '''
+CHECK = """
 import sys
 import torch
 sys.path.insert(0, sys.argv[1])
@@ -73,7 +73,7 @@ for name in ("reads_a_plain_global", "promotes_to_float64", "fine"):
     kernel = getattr(broken, name)
     job = compile_gate.Job(name, *compile_gate._bind(kernel, dict(x_ptr=x, n=5, BLOCK=8), backend), [name])
     print(f"== {name}: {compile_gate.compile_job(job, 90, kernel=kernel)}")
-'''
+"""
 
 
 def test_gate_reports_what_the_interpreter_accepts(tmp_path):
@@ -89,8 +89,9 @@ def test_gate_reports_what_the_interpreter_accepts(tmp_path):
 
 
 def test_launches_are_recorded_with_keyword_arguments_not_run(gen):
-    from yolo_kernels.triton import loss as triton_loss
     from helpers import make_p, make_targets, random_anchors
+
+    from yolo_kernels.triton import loss as triton_loss
 
     p = make_p(2, [3], [(4, 5)], 7, gen)
     with triton_loss.record_launches() as launches:
@@ -101,8 +102,18 @@ def test_launches_are_recorded_with_keyword_arguments_not_run(gen):
         assert set(launch.arguments) == set(launch.kernel.arg_names)
 
 
-@pytest.mark.parametrize("version, ok", [("3.6.0", True), ("3.7.1", True), ("3.9.2+git1234", True),
-                                         ("3.5.1", False), ("3.10.0", False), ("4.0.0", False), ("nightly", False)])  # fmt: skip
+@pytest.mark.parametrize(
+    "version, ok",
+    [
+        ("3.6.0", True),
+        ("3.7.1", True),
+        ("3.9.2+git1234", True),
+        ("3.5.1", False),
+        ("3.10.0", False),
+        ("4.0.0", False),
+        ("nightly", False),
+    ],
+)
 def test_triton_version_range(version, ok):
     problem = triton_version_problem(version)
     assert (problem is None) == ok

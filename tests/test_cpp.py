@@ -5,9 +5,9 @@ import warnings
 
 import pytest
 import torch
+from helpers import duck_model, make_p, make_targets, random_anchors
 
 import yolo_kernels as yk
-from helpers import duck_model, make_p, make_targets, random_anchors
 from yolo_kernels import cpp
 from yolo_kernels.config import LossOptions
 
@@ -74,7 +74,7 @@ def test_parity_every_option(options, nc, gen):
     assert_matches_reference(p, targets, anchors, LossOptions(nc=nc, **options))
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"{len(l[0])}layers")
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: f"{len(layout[0])}layers")
 def test_parity_layer_counts_and_grids(layout, gen):
     nas, grids = layout
     nc = 5
@@ -115,8 +115,11 @@ def test_float64_gradcheck_through_cpp():
     targets = make_targets(5, 2, nc, g, lo=0.2, hi=0.6, dtype=torch.float64)
     targets = torch.cat((targets, targets[:1]))
     p = [x.requires_grad_() for x in make_p(2, nas, grids, nc, g, dtype=torch.float64)]
-    for options in (LossOptions(nc=nc, gr=0.0), LossOptions(nc=nc, gr=0.0, fl_gamma=1.5, reduction="sum", box_loss="diou")):
-        fn = lambda *ps: yk.ops.fused_loss(list(ps), targets, anchors, options)[0]  # noqa: E731
+    for options in (
+        LossOptions(nc=nc, gr=0.0),
+        LossOptions(nc=nc, gr=0.0, fl_gamma=1.5, reduction="sum", box_loss="diou"),
+    ):
+        fn = lambda *ps, options=options: yk.ops.fused_loss(list(ps), targets, anchors, options)[0]  # noqa: E731
         assert torch.autograd.gradcheck(fn, p)
     # gr > 0: the objectness target depends on p through the detached IoU; compare with the reference
     assert_matches_reference([x.detach() for x in p], targets, anchors, LossOptions(nc=nc), 1e-10, 1e-9)
@@ -290,13 +293,35 @@ def _opcheck_cases(gen):
     p = [x.requires_grad_() for x in make_p(2, [3, 2], [(4, 3), (2, 5)], 4, gen)]
     targets = make_targets(6, 2, 4, gen)
     o = LossOptions(nc=4, fl_gamma=1.0)
-    fused = (p, targets, anchors, o.gr, o.giou, o.cls, o.cls_pw, o.obj, o.obj_pw, o.iou_t, o.fl_gamma,
-             o.label_smoothing, o.box_loss, o.reduction, True)  # fmt: skip
+    fused = (
+        p,
+        targets,
+        anchors,
+        o.gr,
+        o.giou,
+        o.cls,
+        o.cls_pw,
+        o.obj,
+        o.obj_pw,
+        o.iou_t,
+        o.fl_gamma,
+        o.label_smoothing,
+        o.box_loss,
+        o.reduction,
+        True,
+    )
     return [
         (OPS.fused_loss.default, fused),
         (OPS.match.default, (targets, anchors[0], 4, 3, 0.2)),
-        (OPS.box_iou.default, (torch.randn(5, 9, generator=gen), torch.rand(5, 4, generator=gen) + 0.1,
-                               torch.rand(5, 2, generator=gen) + 0.1, "ciou")),  # fmt: skip
+        (
+            OPS.box_iou.default,
+            (
+                torch.randn(5, 9, generator=gen),
+                torch.rand(5, 4, generator=gen) + 0.1,
+                torch.rand(5, 2, generator=gen) + 0.1,
+                "ciou",
+            ),
+        ),
         (OPS.bce_with_logits.default, (torch.randn(3, 4, generator=gen), torch.rand(3, 4, generator=gen), 1.0, 0.0)),
     ]
 
@@ -347,14 +372,23 @@ def test_fused_op_rejects_malformed_input(gen):
         (lambda: f(p, t, [anchors[0][:1]], *o), r"p\[0\]: expected dim 1 = 1 anchors, got 2"),
         (lambda: f(p, t, [torch.ones(2, 3)], *o), r"anchors\[0\]: expected shape \[na, 2\]"),
         (lambda: f(p, t[:, :4], anchors, *o), r"targets: expected shape \[nt, 6\]"),
-        (lambda: f(p, torch.tensor([[2.0, 0, 0.5, 0.5, 0.1, 0.1]]), anchors, *o), r"image index\): expected an integer in \[0, 2\), got 2"),
-        (lambda: f(p, torch.tensor([[0, 3.0, 0.5, 0.5, 0.1, 0.1]]), anchors, *o), r"class\): expected an integer in \[0, 3\), got 3"),
-        (lambda: f(p, torch.tensor([[0, 1.0, 0.5, 0.5, 0.0, 0.1]]), anchors, *o), r"box size\): expected finite values > 0"),
+        (
+            lambda: f(p, torch.tensor([[2.0, 0, 0.5, 0.5, 0.1, 0.1]]), anchors, *o),
+            r"image index\): expected an integer in \[0, 2\), got 2",
+        ),
+        (
+            lambda: f(p, torch.tensor([[0, 3.0, 0.5, 0.5, 0.1, 0.1]]), anchors, *o),
+            r"class\): expected an integer in \[0, 3\), got 3",
+        ),
+        (
+            lambda: f(p, torch.tensor([[0, 1.0, 0.5, 0.5, 0.0, 0.1]]), anchors, *o),
+            r"box size\): expected finite values > 0",
+        ),
         (lambda: f(p, t, [-anchors[0]], *o), r"anchors\[0\]: expected finite sizes > 0"),
         (lambda: f(p, t, anchors, *o[:9], "eiou", "mean", True), r"box_loss: expected one of"),
         (lambda: f(p, t, anchors, *o[:9], "giou", "none", True), r"reduction: expected 'mean' or 'sum', got 'none'"),
         (lambda: f(p, t, anchors, float("nan"), *o[1:]), r"gr: expected a finite number, got nan"),
-    ]  # fmt: skip
+    ]
     for call, pattern in cases:
         with pytest.raises(RuntimeError, match=pattern):
             call()
@@ -401,8 +435,11 @@ def test_missing_extension_is_a_clear_error(monkeypatch):
         yk.compute_loss(p, torch.zeros(0, 6), duck_model([torch.ones(1, 2)], 1), backend="cpp")
     monkeypatch.setattr(yk.loss, "_WARNED", set())
     model = duck_model([torch.ones(1, 2)], 1)
-    with pytest.warns(RuntimeWarning, match=r"uses the slow 'reference' backend on cpu because the 'cpp' backend is "
-                                            r"unavailable: yolo_kernels._C could not be imported \(test\)"):  # fmt: skip
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"uses the slow 'reference' backend on cpu because the 'cpp' backend is "
+        r"unavailable: yolo_kernels._C could not be imported \(test\)",
+    ):
         assert yk.compute_loss(p, torch.zeros(0, 6), model)[0].shape == (1,)  # auto -> reference, warns
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per process: the second call is quiet

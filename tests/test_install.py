@@ -51,8 +51,12 @@ def clean_python(tmp_path) -> str:
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     purelib = sysconfig.get_paths()["purelib"]
     dirs = [purelib] + [d for d in site.getsitepackages() if d != purelib]
-    clean_site = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    clean_site = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     with open(os.path.join(clean_site, "deps.pth"), "w") as f:
         f.write("\n".join(dirs) + "\n")
     return str(venv / "bin" / "python")
@@ -65,15 +69,35 @@ def install_and_check(tmp_path, env_extra, path=None):
     if path is not None:
         env["PATH"] = path
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--verbose", "--no-deps", "--no-build-isolation", "--no-compile",
-         "--target", str(target), ROOT],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--verbose",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-compile",
+            "--target",
+            str(target),
+            ROOT,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert build.returncode == 0, build.stdout + build.stderr
     env["PYTHONPATH"] = str(target)
     env["PATH"] = os.environ.get("PATH", "")
-    run = subprocess.run([clean_python(tmp_path), "-c", CHECK, str(target)], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    run = subprocess.run(
+        [clean_python(tmp_path), "-c", CHECK, str(target)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     return build, run.stdout
 
@@ -98,12 +122,18 @@ def test_install_without_a_compiler(tmp_path):
 
 
 def test_info_command_lists_backends_and_reasons():
-    result = subprocess.run([sys.executable, "-m", "yolo_kernels.info"], cwd=ROOT, capture_output=True, text=True,
-                            env=dict(os.environ, TRITON_INTERPRET="0"))  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "yolo_kernels.info"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, TRITON_INTERPRET="0"),
+    )
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "cpu: backend='auto' uses" in out and "reference  available" in out
     assert "triton     unavailable: the triton backend runs on CUDA tensors" in out or "cuda:" in out
-    as_json = subprocess.run([sys.executable, "-m", "yolo_kernels.info", "--json"], cwd=ROOT, capture_output=True,
-                             text=True)  # fmt: skip
+    as_json = subprocess.run(
+        [sys.executable, "-m", "yolo_kernels.info", "--json"], cwd=ROOT, capture_output=True, text=True
+    )
     assert '"backends"' in as_json.stdout and '"auto"' in as_json.stdout

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-UTILS = '''
+UTILS = """
 import yolo_kernels
 CALLS = []
 
@@ -17,9 +17,9 @@ CALLS = []
 def compute_loss(p, targets, model):  # the original's name and call; counts its own calls
     CALLS.append("original")
     return yolo_kernels.reference.compute_loss(p, targets, model)
-'''
+"""
 
-TRAIN = '''
+TRAIN = """
 {before}
 from utils.utils import *
 {after}
@@ -27,17 +27,17 @@ from utils.utils import *
 
 def train_step(p, targets, model):
     return compute_loss(p, targets, model)
-'''
+"""
 
-TEST = '''
+TEST = """
 from utils.utils import *
 
 
 def test(p, targets, model):
     return compute_loss(p, targets, model)[1][:3]
-'''
+"""
 
-MAIN = '''
+MAIN = """
 import sys
 import torch
 import yolo_kernels as yk
@@ -54,7 +54,7 @@ want = yk.reference.compute_loss(p, targets, model)[1]
 
 import test as test_module
 {run}
-'''
+"""
 
 
 def run_archive(tmp_path, before="", after="", setup="", run=""):
@@ -83,8 +83,11 @@ print("test:", getattr(test_module.compute_loss, "_yolo_kernels_settings", "orig
 @pytest.mark.parametrize("where", ["top of train.py", "after the star import", "after both modules imported"])
 def test_apply_reaches_train_and_test_wherever_it_is_called(tmp_path, where):
     call = "import yolo_kernels.integrations.ultralytics as yku; yku.apply()"
-    kwargs = {"top of train.py": dict(before=call), "after the star import": dict(after=call),
-              "after both modules imported": dict(run="import train\n" + call + "\n")}[where]  # fmt: skip
+    kwargs = {
+        "top of train.py": dict(before=call),
+        "after the star import": dict(after=call),
+        "after both modules imported": dict(run="import train\n" + call + "\n"),
+    }[where]
     kwargs["run"] = kwargs.get("run", "") + CHECK_BOTH
     out = run_archive(tmp_path, **kwargs)
     assert "original calls: 0" in out
@@ -97,7 +100,9 @@ def test_without_apply_the_original_runs(tmp_path):
 
 
 def test_apply_is_idempotent_and_revert_restores_everything(tmp_path):
-    out = run_archive(tmp_path, run="""
+    out = run_archive(
+        tmp_path,
+        run="""
         import train
         first = yk_ultralytics.apply()
         fused = train.compute_loss
@@ -117,13 +122,15 @@ def test_apply_is_idempotent_and_revert_restores_everything(tmp_path):
         assert not yk_ultralytics.is_applied() and yk_ultralytics.revert() == []
         train.train_step(p, targets, model)
         print("original calls:", len(utils.utils.CALLS))
-    """)
+    """,
+    )
     assert "original calls: 1" in out
 
 
 def test_apply_without_the_archive_says_what_to_do(tmp_path):
     code = "import yolo_kernels.integrations.ultralytics as yku; yku.apply()"
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                            env=dict(os.environ, PYTHONPATH=""))  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH="")
+    )
     assert result.returncode != 0
     assert "module: cannot import 'utils.utils'" in result.stderr and "ultralytics/yolov3 folder" in result.stderr

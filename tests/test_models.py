@@ -84,8 +84,15 @@ def test_parser_rejects_unknown_fields_by_name():
 def test_unknown_layer_type_and_activation_are_errors():
     with pytest.raises(ValueError, match="unsupported layer type 'local'"):
         Darknet([{"type": "net"}, {"type": "local"}])
-    bad_act = {"type": "convolutional", "batch_normalize": 1, "filters": 4, "size": 1, "stride": 1, "pad": 1,
-               "activation": "gelu9"}  # fmt: skip
+    bad_act = {
+        "type": "convolutional",
+        "batch_normalize": 1,
+        "filters": 4,
+        "size": 1,
+        "stride": 1,
+        "pad": 1,
+        "activation": "gelu9",
+    }
     with pytest.raises(ValueError, match="unsupported activation 'gelu9'"):
         Darknet([{"type": "net"}, bad_act])
 

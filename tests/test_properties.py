@@ -15,10 +15,16 @@ from hypothesis import strategies as st
 import yolo_kernels as yk
 from yolo_kernels.config import LossOptions
 
-settings.register_profile("ci", derandomize=True, max_examples=40, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
-settings.register_profile("long", max_examples=600, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "long", max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 TRITON_EXAMPLES = 40 if os.environ.get("HYPOTHESIS_PROFILE") == "long" else 8
 
@@ -38,8 +44,11 @@ def problems(draw, max_layers=4, max_anchors=5, max_classes=100, max_batch=3):
     anchors = [torch.rand(na, 2, generator=g) * draw(st.sampled_from([0.5, 2.0, 8.0])) + 0.05 for na in nas]
     scale = draw(st.sampled_from([0.5, 2.0, 6.0]))
     p = [torch.randn(bs, na, ny, nx, nc + 5, generator=g) * scale for na, (ny, nx) in zip(nas, grids)]
-    rows = draw(st.lists(st.tuples(st.integers(0, bs - 1), st.integers(0, nc - 1), coordinate, coordinate, size, size),
-                         max_size=10))  # fmt: skip
+    rows = draw(
+        st.lists(
+            st.tuples(st.integers(0, bs - 1), st.integers(0, nc - 1), coordinate, coordinate, size, size), max_size=10
+        )
+    )
     rows += draw(st.lists(st.sampled_from(rows), max_size=3)) if rows else []  # duplicates
     targets = torch.tensor(rows, dtype=torch.float32).reshape(-1, 6)
     options = LossOptions(

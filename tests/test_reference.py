@@ -2,12 +2,12 @@
 
 import math
 
+import naive
 import pytest
 import torch
-
-import naive
-import yolo_kernels as yk
 from helpers import duck_model, make_p, make_targets, random_anchors
+
+import yolo_kernels as yk
 from yolo_kernels.config import LossOptions
 
 R = yk.reference
@@ -164,7 +164,9 @@ def test_loss_matches_scalar_implementation(options, nc, gen):
     targets[0, 2:4] = torch.tensor([1.0, 0.0], dtype=torch.float64)  # edge coordinates
     targets = torch.cat((targets, targets[3:5]))  # exact duplicates
     got = items(p, targets, [a.double() for a in anchors], **options)
-    want = naive.loss([x.tolist() for x in p], targets.tolist(), [a.double().tolist() for a in anchors], nc=nc, **options)
+    want = naive.loss(
+        [x.tolist() for x in p], targets.tolist(), [a.double().tolist() for a in anchors], nc=nc, **options
+    )
     assert got == pytest.approx(list(want), rel=1e-10, abs=1e-12)
 
 

@@ -3,11 +3,11 @@ registered ops, and determinism, on every backend that runs here."""
 
 import pytest
 import torch
+from helpers import make_p, make_targets, random_anchors
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import yolo_kernels as yk
-from helpers import make_p, make_targets, random_anchors
 from yolo_kernels.config import LossOptions
 
 FUSED = [b for b in ("cpp", "triton") if b in yk.available_backends("cpu")]
@@ -28,8 +28,11 @@ def test_extreme_logits_give_finite_loss_and_gradients(backend, box_loss, magnit
     anchors = random_anchors([2, 3], gen)
     targets = make_targets(6, 2, 4, gen)
     signs = [torch.randint(0, 2, (2, na, 3, 3, 9), generator=gen) * 2.0 - 1 for na in (2, 3)]
-    for p in ([s * magnitude for s in signs], [torch.full_like(s, magnitude) for s in signs],
-              [torch.full_like(s, -magnitude) for s in signs]):  # fmt: skip
+    for p in (
+        [s * magnitude for s in signs],
+        [torch.full_like(s, magnitude) for s in signs],
+        [torch.full_like(s, -magnitude) for s in signs],
+    ):
         for fl_gamma in (0.0, 1.5):
             items, grads = run(backend, p, targets, anchors, LossOptions(nc=4, box_loss=box_loss, fl_gamma=fl_gamma))
             assert torch.isfinite(items).all() and all(torch.isfinite(g).all() for g in grads)
@@ -117,7 +120,9 @@ def test_fuzz_match(targets, anchors, ny, nx, iou_t):
 
 @pytest.mark.skipif("cpp" not in FUSED, reason="the C++ extension is not built")
 @fuzz
-@given(tensors(), tensors(), tensors(), st.sampled_from(["giou", "ciou", "bad", ""]), tensors(), st.floats(), st.floats())
+@given(
+    tensors(), tensors(), tensors(), st.sampled_from(["giou", "ciou", "bad", ""]), tensors(), st.floats(), st.floats()
+)
 def test_fuzz_box_iou_and_bce(ps, tbox, anch, kind, y, pos_weight, gamma):
     _call(lambda: torch.ops.yolo_kernels.box_iou(ps, tbox, anch, kind))
     _call(lambda: torch.ops.yolo_kernels.bce_with_logits(ps, y, pos_weight, gamma))
@@ -125,26 +130,42 @@ def test_fuzz_box_iou_and_bce(ps, tbox, anch, kind, y, pos_weight, gamma):
 
 @pytest.mark.skipif("cpp" not in FUSED, reason="the C++ extension is not built")
 @fuzz
-@given(st.lists(tensors(), max_size=3), tensors(), st.lists(tensors(), max_size=3), st.floats(-1, 2),
-       st.sampled_from(["giou", "iou", "x"]), st.sampled_from(["mean", "sum", "none"]), st.booleans())  # fmt: skip
+@given(
+    st.lists(tensors(), max_size=3),
+    tensors(),
+    st.lists(tensors(), max_size=3),
+    st.floats(-1, 2),
+    st.sampled_from(["giou", "iou", "x"]),
+    st.sampled_from(["mean", "sum", "none"]),
+    st.booleans(),
+)
 def test_fuzz_fused_loss(p, targets, anchors, gr, box_loss, reduction, compute_grad):
-    _call(lambda: torch.ops.yolo_kernels.fused_loss(p, targets, anchors, gr, 3.54, 37.4, 1.0, 64.3, 1.0, 0.2, 0.0,
-                                                    0.0, box_loss, reduction, compute_grad))  # fmt: skip
+    _call(
+        lambda: torch.ops.yolo_kernels.fused_loss(
+            p, targets, anchors, gr, 3.54, 37.4, 1.0, 64.3, 1.0, 0.2, 0.0, 0.0, box_loss, reduction, compute_grad
+        )
+    )
 
 
 @pytest.mark.skipif("cpp" not in FUSED, reason="the C++ extension is not built")
 @fuzz
-@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 4), st.integers(1, 4), st.integers(1, 4),
-       st.lists(st.tuples(*[st.one_of(st.floats(-2, 5), st.sampled_from([float("nan"), float("inf")]))] * 6),
-                max_size=5))  # fmt: skip
+@given(
+    st.integers(1, 3),
+    st.integers(1, 3),
+    st.integers(1, 4),
+    st.integers(1, 4),
+    st.integers(1, 4),
+    st.lists(st.tuples(*[st.one_of(st.floats(-2, 5), st.sampled_from([float("nan"), float("inf")]))] * 6), max_size=5),
+)
 def test_fuzz_fused_loss_well_shaped_with_bad_values(bs, na, ny, nx, nc, rows):
     """Well-formed shapes, arbitrary target values: a clear error or a finite result, never garbage."""
     p = [torch.randn(bs, na, ny, nx, nc + 5)]
     targets = torch.tensor(rows, dtype=torch.float32).reshape(-1, 6)
     anchors = [torch.rand(na, 2) + 0.1]
     try:
-        loss, items, grads = torch.ops.yolo_kernels.fused_loss(p, targets, anchors, 1.0, 3.54, 37.4, 1.0, 64.3, 1.0,
-                                                               0.2, 0.0, 0.0, "giou", "mean", True)  # fmt: skip
+        loss, items, grads = torch.ops.yolo_kernels.fused_loss(
+            p, targets, anchors, 1.0, 3.54, 37.4, 1.0, 64.3, 1.0, 0.2, 0.0, 0.0, "giou", "mean", True
+        )
     except RuntimeError as error:
         assert "targets[" in str(error)
         return

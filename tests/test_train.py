@@ -17,14 +17,16 @@ from yolo_kernels import train as train_mod
 def test_synthetic_shapes_boxes_match_pixels():
     images, targets = train_mod.SyntheticShapes(6).batch(3, 64, torch.Generator().manual_seed(0))
     assert images.shape == (3, 3, 64, 64) and targets.shape[1] == 6 and len(targets) >= 3
-    for b, cls, x, y, w, h in targets.tolist():
+    for _image, cls, x, y, w, h in targets.tolist():
         assert 0 <= cls < 6 and 0 < w < 1 and 0 < h < 1
         assert w / 2 <= x + 1e-6 <= 1 - w / 2 + 2e-6 and h / 2 <= y + 1e-6 <= 1 - h / 2 + 2e-6
 
 
 def test_train_command_runs_and_reports(tmp_path, capsys):
     png = tmp_path / "loss.png"
-    assert train_mod.main(["--steps", "3", "--batch", "2", "--img", "64", "--eval-images", "2", "--plot", str(png)]) == 0
+    assert (
+        train_mod.main(["--steps", "3", "--batch", "2", "--img", "64", "--eval-images", "2", "--plot", str(png)]) == 0
+    )
     out = capsys.readouterr().out
     assert "held-out detection: mean IoU" in out and "loss fwd+bwd" in out
     assert png.read_bytes()[:4] == b"\x89PNG"
@@ -79,11 +81,13 @@ def _ddp_worker(rank, world, port, out_dir):
         alone.load_state_dict(model.state_dict())
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         images, targets = train_mod.SyntheticShapes(2).batch(2, 64, torch.Generator().manual_seed(100 + rank))
-        for net, wrapped in ((alone, alone), (model, ddp)):
+        for wrapped in (alone, ddp):
             loss, _ = yk.compute_loss(wrapped(images), targets, wrapped, backend="cpp")  # unwraps .module
             loss.backward()
-        torch.save({"ddp": [p.grad for p in model.parameters()], "alone": [p.grad for p in alone.parameters()]},
-                   os.path.join(out_dir, f"rank{rank}.pt"))  # fmt: skip
+        torch.save(
+            {"ddp": [p.grad for p in model.parameters()], "alone": [p.grad for p in alone.parameters()]},
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
     finally:
         dist.destroy_process_group()
 

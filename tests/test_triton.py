@@ -3,9 +3,9 @@ CUDA when a GPU is present (those cases skip without one)."""
 
 import pytest
 import torch
+from helpers import duck_model, make_p, make_targets, random_anchors
 
 import yolo_kernels as yk
-from helpers import duck_model, make_p, make_targets, random_anchors
 from yolo_kernels.config import LossOptions
 from yolo_kernels.triton import interpreter_active
 from yolo_kernels.triton import loss as triton_loss
@@ -18,8 +18,9 @@ DEVICES = [
 
 def run(backend, p, targets, anchors, options, device):
     q = [x.detach().to(device).clone().requires_grad_() for x in p]
-    model = duck_model([a.to(device) for a in anchors], options.nc,
-                       hyp={k: getattr(options, k) for k in yk.DEFAULT_HYP}, gr=options.gr)  # fmt: skip
+    model = duck_model(
+        [a.to(device) for a in anchors], options.nc, hyp={k: getattr(options, k) for k in yk.DEFAULT_HYP}, gr=options.gr
+    )
     extra = dict(box_loss=options.box_loss, reduction=options.reduction, label_smoothing=options.label_smoothing)
     loss, items = yk.compute_loss(q, targets.to(device), model, backend=backend, **extra)
     loss.backward()
@@ -28,8 +29,9 @@ def run(backend, p, targets, anchors, options, device):
 
 def assert_matches_reference(p, targets, anchors, options, device, rtol_loss=1e-5, rtol_grad=1e-4):
     items, grads = run("triton", p, targets, anchors, options, device)
-    ref_items, ref_grads = run("reference", [x.float() if x.dtype != torch.float64 else x for x in p],
-                               targets, anchors, options, "cpu")  # fmt: skip
+    ref_items, ref_grads = run(
+        "reference", [x.float() if x.dtype != torch.float64 else x for x in p], targets, anchors, options, "cpu"
+    )
     torch.testing.assert_close(items, ref_items, rtol=rtol_loss, atol=rtol_loss * float(ref_items.abs().max()))
     for g, r in zip(grads, ref_grads):
         assert g.dtype == p[0].dtype and g.shape == r.shape
@@ -77,7 +79,9 @@ def test_empty_targets_and_no_match(device, gen):
     anchors = [torch.tensor([[3.0, 3.0], [4.0, 2.0]])]
     p = make_p(2, [2], [(4, 4)], 3, gen)
     for reduction in ("mean", "sum"):
-        items, _ = assert_matches_reference(p, torch.zeros(0, 6), anchors, LossOptions(nc=3, reduction=reduction), device)
+        items, _ = assert_matches_reference(
+            p, torch.zeros(0, 6), anchors, LossOptions(nc=3, reduction=reduction), device
+        )
         assert items[0] == 0 and items[2] == 0
     tiny = torch.tensor([[0, 1, 0.5, 0.5, 0.01, 0.01]])
     items, _ = assert_matches_reference(p, tiny, anchors, LossOptions(nc=3), device)
@@ -117,8 +121,11 @@ def test_float64_gradcheck(device):
     anchors = [a.double().to(device) for a in random_anchors([2], g, lo=0.5, hi=2.0)]
     targets = make_targets(3, 1, 3, g, lo=0.2, hi=0.6, dtype=torch.float64).to(device)
     p = [x.to(device).requires_grad_() for x in make_p(1, [2], [(2, 3)], 3, g, dtype=torch.float64)]
-    for options in (LossOptions(nc=3, gr=0.0), LossOptions(nc=3, gr=0.0, fl_gamma=1.5, reduction="sum", box_loss="diou")):
-        fn = lambda *ps: yk.triton.TritonBackend().loss(list(ps), targets, anchors, options)[0]  # noqa: E731
+    for options in (
+        LossOptions(nc=3, gr=0.0),
+        LossOptions(nc=3, gr=0.0, fl_gamma=1.5, reduction="sum", box_loss="diou"),
+    ):
+        fn = lambda *ps, options=options: yk.triton.TritonBackend().loss(list(ps), targets, anchors, options)[0]  # noqa: E731
         assert torch.autograd.gradcheck(fn, p, fast_mode=True)
 
 

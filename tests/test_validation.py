@@ -1,10 +1,11 @@
-"""docs/semantics.md, "Bad input": every bad input gets a TypeError/ValueError naming the argument, expected and actual."""
+"""docs/semantics.md, "Bad input": every bad input gets a TypeError/ValueError naming the argument,
+expected and actual."""
 
 import pytest
 import torch
+from helpers import duck_model, make_p, make_targets
 
 import yolo_kernels as yk
-from helpers import duck_model, make_p, make_targets
 
 NC, BS = 3, 2
 ANCHORS = [torch.tensor([[1.0, 1.0], [2.0, 2.0]]), torch.tensor([[0.5, 0.8]])]
@@ -35,9 +36,21 @@ def test_good_inputs_pass(good):
         (lambda p, t: ([p[0], p[1].numpy()], t), TypeError, r"p\[1\]: expected a torch.Tensor, got ndarray"),
         (lambda p, t: ([p[0], p[1][0]], t), ValueError, r"p\[1\]: expected a 5-D tensor .* got shape \(1, 6, 6, 8\)"),
         (lambda p, t: ([p[0], p[1][..., :7]], t), ValueError, r"p\[1\]: expected last dim nc \+ 5 = 8 .* got 7"),
-        (lambda p, t: ([p[0].repeat(1, 2, 1, 1, 1), p[1]], t), ValueError, r"p\[0\]: expected dim 1 = 2 anchors .* got 4"),
-        (lambda p, t: ([p[0].long(), p[1]], t), TypeError, r"p\[0\]: expected a floating-point tensor .* got torch.int64"),
-        (lambda p, t: ([p[0], p[1].double()], t), TypeError, r"p\[1\]: expected dtype torch.float32 \(as p\[0\]\), got torch.float64"),
+        (
+            lambda p, t: ([p[0].repeat(1, 2, 1, 1, 1), p[1]], t),
+            ValueError,
+            r"p\[0\]: expected dim 1 = 2 anchors .* got 4",
+        ),
+        (
+            lambda p, t: ([p[0].long(), p[1]], t),
+            TypeError,
+            r"p\[0\]: expected a floating-point tensor .* got torch.int64",
+        ),
+        (
+            lambda p, t: ([p[0], p[1].double()], t),
+            TypeError,
+            r"p\[1\]: expected dtype torch.float32 \(as p\[0\]\), got torch.float64",
+        ),
         (lambda p, t: ([p[0], p[1][:1]], t), ValueError, r"p\[1\]: expected batch size 2 \(as p\[0\]\), got 1"),
         (lambda p, t: ([p[0][:0], p[1][:0]], t), ValueError, r"p\[0\]: expected a non-empty batch and grid"),
         (lambda p, t: (p, t.tolist()), TypeError, r"targets: expected a torch.Tensor \[nt, 6\], got list"),
@@ -69,7 +82,12 @@ def _set(t, row, col, value):
         (3, 1, 3.0, r"targets\[:, 1\] \(class\): expected integers in \[0, 3\), got 3.0 at row 3"),
         (0, 1, -2.0, r"targets\[:, 1\] \(class\): .* got -2.0 at row 0"),
         (1, 1, float("nan"), r"targets\[:, 1\] \(class\): .* got nan at row 1"),
-        (2, 2, float("inf"), r"targets\[:, 2:4\] \(box centre x, y\): expected finite values, got \[inf, .*\] at row 2"),
+        (
+            2,
+            2,
+            float("inf"),
+            r"targets\[:, 2:4\] \(box centre x, y\): expected finite values, got \[inf, .*\] at row 2",
+        ),
         (1, 4, 0.0, r"targets\[:, 4:6\] \(box w, h\): expected finite values > 0, got \[0.0, .*\] at row 1"),
         (3, 5, -0.1, r"targets\[:, 4:6\] \(box w, h\): .* at row 3"),
         (0, 5, float("nan"), r"targets\[:, 4:6\] \(box w, h\): .* got \[.*, nan\] at row 0"),

@@ -24,7 +24,8 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -37,8 +38,15 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 _MODELS: dict[str, Darknet] = {}
 
 
-def yolov3_inputs(batch: int, img: int = 416, targets_per_image: int = 10, seed: int = 0,
-                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", cfg: str = "yolov3"):  # fmt: skip
+def yolov3_inputs(
+    batch: int,
+    img: int = 416,
+    targets_per_image: int = 10,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    cfg: str = "yolov3",
+):
     """``(model, p, targets)``: the model (for its anchors and hyperparameters), head outputs
     ``p`` as leaves requiring grad, and ``targets [batch * targets_per_image, 6]``."""
     if cfg not in _MODELS:
@@ -69,9 +77,14 @@ def time_call(fn: Callable[[], Any], repeats: int, warmup: int, device: torch.de
 EVICT_BYTES = 64 * 2**20
 
 
-def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int, device: torch.device,
-                     evict_bytes: int = EVICT_BYTES, before: Callable[[], Any] | None = None,
-                     ) -> dict[str, list[float]]:  # fmt: skip
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]],
+    repeats: int,
+    warmup: int,
+    device: torch.device,
+    evict_bytes: int = EVICT_BYTES,
+    before: Callable[[], Any] | None = None,
+) -> dict[str, list[float]]:
     """Wall-clock milliseconds per call of each function, taken in turns (A, B, C, A, B, C, ...) so
     that drifts of a shared machine hit every function alike. Before each timed call, untimed:
     ``before()`` (e.g. dropping the previous call's gradients, whose release would otherwise be
@@ -108,8 +121,9 @@ def peak_extra_bytes(fn: Callable[[], Any], device: torch.device) -> int:
         return torch.cuda.max_memory_allocated() - base
     from torch.profiler._memory_profiler import Action
 
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True,
-                                record_shapes=True, with_stack=True) as prof:  # fmt: skip
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
+    ) as prof:
         fn()
     current = peak = 0
     for _, action, _, size in prof._memory_profile().timeline:
@@ -165,8 +179,15 @@ def _measure_batch(batch, img, targets_per_image, backends, dtype, device, repea
         loss, items = loss_api.compute_loss(p, targets, model, backend=name)
         loss.backward()
         err = max([_rel_err(items, ref_items)] + [_rel_err(x.grad.float(), r.grad) for x, r in zip(p, up)])
-        rows.append({"provider": name, "times": times[name], "loss": float(loss.detach()), "max_rel_err": err,
-                     "peak_extra_bytes": peak})  # fmt: skip
+        rows.append(
+            {
+                "provider": name,
+                "times": times[name],
+                "loss": float(loss.detach()),
+                "max_rel_err": err,
+                "peak_extra_bytes": peak,
+            }
+        )
         for x in p:
             x.grad = None
         progress()
@@ -185,8 +206,18 @@ def _measure_batch(batch, img, targets_per_image, backends, dtype, device, repea
     return rows
 
 
-def run(batches=(16,), imgs=(416,), backends=None, dtype="float32", device=None, repeats=20, warmup=3, seed=0,
-        progress: Callable[[], None] = lambda: None, targets=(10,)) -> list[dict[str, Any]]:  # fmt: skip
+def run(
+    batches=(16,),
+    imgs=(416,),
+    backends=None,
+    dtype="float32",
+    device=None,
+    repeats=20,
+    warmup=3,
+    seed=0,
+    progress: Callable[[], None] = lambda: None,
+    targets=(10,),
+) -> list[dict[str, Any]]:
     """Rows with ``provider, batch, img, targets_per_image, dtype, device, median_ms, p20_ms, p80_ms,
     x_floor, speedup_vs_reference, peak_extra_mb, max_rel_err, loss``: one per provider, batch,
     image size and number of targets per image."""
@@ -204,17 +235,30 @@ def run(batches=(16,), imgs=(416,), backends=None, dtype="float32", device=None,
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = ["provider", "batch", "img", "targets/img", "median ms (p20-p80)", "x floor", "vs reference",
-            "peak extra MB", "max rel err"]  # fmt: skip
+    head = [
+        "provider",
+        "batch",
+        "img",
+        "targets/img",
+        "median ms (p20-p80)",
+        "x floor",
+        "vs reference",
+        "peak extra MB",
+        "max rel err",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         cells = [
-            r["provider"], str(r["batch"]), str(r["img"]), str(r.get("targets_per_image", 10)),
-            f"{r['median_ms']:.2f} ({r['p20_ms']:.2f}-{r['p80_ms']:.2f})", f"{r['x_floor']:.2f}",
+            r["provider"],
+            str(r["batch"]),
+            str(r["img"]),
+            str(r.get("targets_per_image", 10)),
+            f"{r['median_ms']:.2f} ({r['p20_ms']:.2f}-{r['p80_ms']:.2f})",
+            f"{r['x_floor']:.2f}",
             f"{r['speedup_vs_reference']:.1f}x" if r["speedup_vs_reference"] else "-",
             f"{r['peak_extra_mb']:.1f}" if r["provider"] != "floor" else "-",
             f"{r['max_rel_err']:.1e}" if r["max_rel_err"] is not None else "-",
-        ]  # fmt: skip
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -232,15 +276,21 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
         raise SystemExit("--plot needs matplotlib: pip install matplotlib (or yolo_kernels[plot])") from None
     by_targets = len({r.get("targets_per_image", 10) for r in rows}) > 1
     x_key, x_label = ("targets_per_image", "targets per image") if by_targets else ("batch", "batch size")
-    panels = sorted({(r["batch"], r["img"]) if by_targets else (None, r["img"]) for r in rows},
-                    key=lambda bi: (bi[1], bi[0] or 0))  # fmt: skip
+    panels = sorted(
+        {(r["batch"], r["img"]) if by_targets else (None, r["img"]) for r in rows}, key=lambda bi: (bi[1], bi[0] or 0)
+    )
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, (batch, img) in zip(axes[0], panels):
         mine = [r for r in rows if r["img"] == img and (batch is None or r["batch"] == batch)]
         for provider in dict.fromkeys(r["provider"] for r in mine):
             pts = sorted((r.get(x_key, 10), r["median_ms"]) for r in mine if r["provider"] == provider)
-            ax.plot([x for x, _ in pts], [m for _, m in pts], marker="o", label=provider,
-                    linestyle="--" if provider == "floor" else "-")  # fmt: skip
+            ax.plot(
+                [x for x, _ in pts],
+                [m for _, m in pts],
+                marker="o",
+                label=provider,
+                linestyle="--" if provider == "floor" else "-",
+            )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel(x_label)
@@ -289,8 +339,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
     parser.add_argument("--batch", type=int, nargs="+", default=[16], help="batch sizes (default 16)")
     parser.add_argument("--img", type=int, nargs="+", default=[416], help="image sizes in pixels (default 416)")
-    parser.add_argument("--targets", type=int, nargs="+", default=[10],
-                        help="targets per image (default 10; e.g. 10 100 500 for dense scenes)")  # fmt: skip
+    parser.add_argument(
+        "--targets",
+        type=int,
+        nargs="+",
+        default=[10],
+        help="targets per image (default 10; e.g. 10 100 500 for dense scenes)",
+    )
     parser.add_argument("--backends", nargs="+", help="backends to time (default: all available on the device)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of p")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
@@ -303,14 +358,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    n_providers = 1 + len(args.backends or [b for b in loss_api.available_backends(device)
-                                            if not (b == "triton" and device.type == "cpu")])  # fmt: skip
+    n_providers = 1 + len(
+        args.backends
+        or [b for b in loss_api.available_backends(device) if not (b == "triton" and device.type == "cpu")]
+    )
     progress = _Progress(n_providers * len(args.batch) * len(args.img) * len(args.targets))
-    rows = run(args.batch, args.img, args.backends, args.dtype, device, args.repeats, args.warmup, args.seed,
-               progress, targets=args.targets)  # fmt: skip
+    rows = run(
+        args.batch,
+        args.img,
+        args.backends,
+        args.dtype,
+        device,
+        args.repeats,
+        args.warmup,
+        args.seed,
+        progress,
+        targets=args.targets,
+    )
     machine = machine_line(device, torch.get_num_threads())
-    print(f"YOLOv3 loss, forward + backward, p {args.dtype}, medians of {args.repeats} interleaved runs, "
-          "caches evicted before each call")
+    print(
+        f"YOLOv3 loss, forward + backward, p {args.dtype}, medians of {args.repeats} interleaved runs, "
+        "caches evicted before each call"
+    )
     print(f"machine: {machine}")
     print(format_table(rows))
     if args.json:

@@ -9,11 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
-__all__ = ["BackendUnavailableError", "MissingHyperparameterError", "DEFAULT_HYP", "BOX_LOSSES", "REDUCTIONS", "LossOptions", "unwrap_model", "model_anchors"]
+__all__ = [
+    "BackendUnavailableError",
+    "MissingHyperparameterError",
+    "DEFAULT_HYP",
+    "BOX_LOSSES",
+    "REDUCTIONS",
+    "LossOptions",
+    "unwrap_model",
+    "model_anchors",
+]
 
 #: Defaults of the original ``train.py`` (``cls`` is *not* scaled by nc/80: that is the caller's job).
 DEFAULT_HYP: dict[str, float] = {
@@ -25,7 +35,6 @@ DEFAULT_HYP: dict[str, float] = {
     "iou_t": 0.20,
     "fl_gamma": 0.0,
 }
-
 
 
 class BackendUnavailableError(RuntimeError):
@@ -104,9 +113,15 @@ class LossOptions:
 
     @classmethod
     def from_hyp(
-        cls, hyp: Mapping[str, Any] | None, *, nc: int, gr: float = 1.0, strict: bool = False, name: str = "hyp",
+        cls,
+        hyp: Mapping[str, Any] | None,
+        *,
+        nc: int,
+        gr: float = 1.0,
+        strict: bool = False,
+        name: str = "hyp",
         **options: Any,
-    ) -> "LossOptions":
+    ) -> LossOptions:
         """Options from an ultralytics ``hyp`` dict; extra keys are ignored. Missing keys take
         ``DEFAULT_HYP``, or with ``strict`` raise a ``KeyError`` naming them (``name`` is the
         argument's name in that message)."""

@@ -17,8 +17,16 @@ import torch
 
 from .config import BackendUnavailableError, LossOptions
 
-__all__ = ["LOAD_ERROR", "BUILD_HINT", "CppBackend", "build_info", "pool_stats", "pool_clear", "pool_set_limit",
-           "pool_set_enabled"]  # fmt: skip
+__all__ = [
+    "LOAD_ERROR",
+    "BUILD_HINT",
+    "CppBackend",
+    "build_info",
+    "pool_stats",
+    "pool_clear",
+    "pool_set_limit",
+    "pool_set_enabled",
+]
 
 BUILD_HINT = (
     "build the C++ extension against the installed torch from the source tree with "
@@ -27,7 +35,7 @@ BUILD_HINT = (
 )
 
 try:
-    from . import _C  # noqa: F401  (registers the ops)
+    from . import _C
 
     LOAD_ERROR: str | None = None
 except (ImportError, OSError) as error:  # e.g. not built, or built against another torch: the package
@@ -48,7 +56,8 @@ def build_info() -> dict:
 
 
 def pool_stats() -> dict:
-    """The CPU gradient pool: ``enabled``, ``cached_bytes``, ``cached_buffers``, ``limit_bytes``, ``hits``, ``misses``."""
+    """The CPU gradient pool: ``enabled``, ``cached_bytes``, ``cached_buffers``, ``limit_bytes``, ``hits``,
+    ``misses``."""
     return _require_extension().pool_stats()
 
 
@@ -131,18 +140,29 @@ if _C is not None:
             grad_p = [g * grad_loss.to(g.dtype) for g in grads]
         return (grad_p,) + no_grad[1:]
 
-    torch.library.register_autograd(
-        "yolo_kernels::fused_loss", _fused_loss_backward, setup_context=_fused_loss_setup
-    )
+    torch.library.register_autograd("yolo_kernels::fused_loss", _fused_loss_backward, setup_context=_fused_loss_setup)
 
 
 def fused_loss(p, targets, anchors, options: LossOptions, compute_grad: bool):
     """``torch.ops.yolo_kernels.fused_loss`` with the scalar options of ``options``."""
     o = options
     return torch.ops.yolo_kernels.fused_loss(
-        list(p), targets, list(anchors), o.gr, o.giou, o.cls, o.cls_pw, o.obj, o.obj_pw, o.iou_t, o.fl_gamma,
-        o.label_smoothing, o.box_loss, o.reduction, compute_grad,
-    )  # fmt: skip
+        list(p),
+        targets,
+        list(anchors),
+        o.gr,
+        o.giou,
+        o.cls,
+        o.cls_pw,
+        o.obj,
+        o.obj_pw,
+        o.iou_t,
+        o.fl_gamma,
+        o.label_smoothing,
+        o.box_loss,
+        o.reduction,
+        compute_grad,
+    )
 
 
 class _FusedLoss(torch.autograd.Function):
@@ -186,4 +206,3 @@ class CppBackend:
             return _FusedLoss.apply(options, targets, anchors, *p)
         loss, items, _ = fused_loss(p, targets, anchors, options, compute_grad)  # traced: the op's own autograd
         return loss, items
-

@@ -48,7 +48,9 @@ def report() -> dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "triton": triton_version,
-        "triton_supported": "{}.{} to {}.{}".format(*triton_backend.SUPPORTED_TRITON[0], *triton_backend.SUPPORTED_TRITON[1]),
+        "triton_supported": "{}.{} to {}.{}".format(
+            *triton_backend.SUPPORTED_TRITON[0], *triton_backend.SUPPORTED_TRITON[1]
+        ),
         "triton_interpreter": triton_backend.interpreter_active(),
         "backends": backends,
         "auto": auto,

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from . import reference
+from .config import DEFAULT_HYP, BackendUnavailableError, LossOptions, as_anchor_list, model_anchors, model_options
 from .cpp import CppBackend
 from .triton import TritonBackend, _register_cuda_kernel
-from .config import DEFAULT_HYP, BackendUnavailableError, LossOptions, as_anchor_list, model_anchors, model_options
 from .validate import check_inputs
 
 __all__ = [
@@ -199,7 +200,7 @@ class YOLOv3Loss(nn.Module):
         self.nl = len(anchors)
 
     @classmethod
-    def from_model(cls, model: Any, **kwargs: Any) -> "YOLOv3Loss":
+    def from_model(cls, model: Any, **kwargs: Any) -> YOLOv3Loss:
         """A criterion with ``model``'s anchors, ``hyp``, ``gr`` and ``nc`` (anchors kept in grid units)."""
         m = model_options(model)
         anchors = model_anchors(model)

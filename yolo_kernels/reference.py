@@ -23,7 +23,8 @@ backend="reference")`` does, then calls ``loss``.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn

@@ -26,7 +26,7 @@ import torch
 
 from .config import DEFAULT_HYP
 from .loss import compute_loss
-from .models import Darknet, SHIPPED
+from .models import SHIPPED, Darknet
 
 __all__ = ["SyntheticShapes", "build_model", "train", "evaluate", "main"]
 
@@ -79,8 +79,18 @@ def _param_groups(model: Darknet, weight_decay: float):
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
-def train(model: Darknet, steps: int, batch: int, img: int, backend: str = "auto", amp: bool = False,
-          lr0: float = 0.01, seed: int = 0, device: str = "cpu", progress: bool = False) -> dict[str, Any]:  # fmt: skip
+def train(
+    model: Darknet,
+    steps: int,
+    batch: int,
+    img: int,
+    backend: str = "auto",
+    amp: bool = False,
+    lr0: float = 0.01,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = False,
+) -> dict[str, Any]:
     """Train in place; returns per-step ``items`` (lbox, lobj, lcls, loss), ``loss_ms`` and ``step_ms``."""
     torch.manual_seed(seed)
     model.to(device).train()
@@ -139,8 +149,12 @@ def _progress(step: int, steps: int, items: list[float], step_ms: float) -> None
         return
     done = int(25 * (step + 1) / steps)
     lbox, lobj, lcls, total = items
-    print(f"\r[{'#' * done}{'.' * (25 - done)}] {step + 1}/{steps} box {lbox:.3f} obj {lobj:.3f} cls {lcls:.3f} "
-          f"loss {total:.3f} {1e3 / step_ms:.2f} steps/s", end="\n" if step + 1 == steps else "", file=sys.stderr)  # fmt: skip
+    print(
+        f"\r[{'#' * done}{'.' * (25 - done)}] {step + 1}/{steps} box {lbox:.3f} obj {lobj:.3f} cls {lcls:.3f} "
+        f"loss {total:.3f} {1e3 / step_ms:.2f} steps/s",
+        end="\n" if step + 1 == steps else "",
+        file=sys.stderr,
+    )
 
 
 def _corners(xywh: torch.Tensor) -> torch.Tensor:
@@ -168,8 +182,11 @@ def evaluate(model: Darknet, images: torch.Tensor, targets: torch.Tensor) -> dic
         score = torch.where(iou > 0, score, torch.full_like(score, -1.0))
         ious.append(float(iou[score.argmax()]) if bool((iou > 0).any()) else 0.0)
     ious_t = torch.tensor(ious)
-    return {"mean_iou": float(ious_t.mean()), "found_at_0.5": float((ious_t >= 0.5).float().mean()),
-            "objects": len(ious)}  # fmt: skip
+    return {
+        "mean_iou": float(ious_t.mean()),
+        "found_at_0.5": float((ious_t >= 0.5).float().mean()),
+        "objects": len(ious),
+    }
 
 
 def plot_history(history: dict[str, list], path: str) -> None:
@@ -217,20 +234,27 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)  # the initial weights too: same seed, same run
     model = build_model(args.cfg, args.nc)
-    history = train(model, args.steps, args.batch, args.img, args.backend, args.amp, args.lr, args.seed, args.device,
-                    progress=True)  # fmt: skip
+    history = train(
+        model, args.steps, args.batch, args.img, args.backend, args.amp, args.lr, args.seed, args.device, progress=True
+    )
     held_out = SyntheticShapes(model.nc).batch(args.eval_images, args.img, torch.Generator().manual_seed(args.seed + 1))
     quality = evaluate(model, held_out[0].to(args.device), held_out[1])
     steady = slice(min(5, args.steps - 1), None)  # skip warm-up steps in the timings
     loss_ms = torch.tensor(history["loss_ms"][steady]).median().item()
     step_ms = torch.tensor(history["step_ms"][steady]).median().item()
     first, last = history["items"][0][3], history["items"][-1][3]
-    print(f"{args.cfg} (nc={model.nc}) on synthetic shapes, {args.steps} steps, batch {args.batch}, {args.img}px, "
-          f"backend {args.backend}, amp {args.amp}, device {args.device}")  # fmt: skip
-    print(f"loss {first:.3f} -> {last:.3f}; loss fwd+bwd {loss_ms:.2f} ms of a {step_ms:.1f} ms step "
-          f"({100 * loss_ms / step_ms:.1f}%), medians")  # fmt: skip
-    print(f"held-out detection: mean IoU {quality['mean_iou']:.3f}, found at IoU>=0.5 {quality['found_at_0.5']:.1%} "
-          f"of {quality['objects']} objects")  # fmt: skip
+    print(
+        f"{args.cfg} (nc={model.nc}) on synthetic shapes, {args.steps} steps, batch {args.batch}, {args.img}px, "
+        f"backend {args.backend}, amp {args.amp}, device {args.device}"
+    )
+    print(
+        f"loss {first:.3f} -> {last:.3f}; loss fwd+bwd {loss_ms:.2f} ms of a {step_ms:.1f} ms step "
+        f"({100 * loss_ms / step_ms:.1f}%), medians"
+    )
+    print(
+        f"held-out detection: mean IoU {quality['mean_iou']:.3f}, found at IoU>=0.5 {quality['found_at_0.5']:.1%} "
+        f"of {quality['objects']} objects"
+    )
     if args.plot:
         plot_history(history, args.plot)
     return 0

@@ -13,7 +13,8 @@ Data checks (image and class ids, box sizes, anchors) look at values:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,12 +72,18 @@ def _check_values_cpu(targets: torch.Tensor, anchors: Sequence[torch.Tensor], bs
     if ok:  # the common case in a few vector operations; the details below only on failure
         return
     with np.errstate(invalid="ignore"):
-        _first_bad_row(~((b >= 0) & (b < bs) & (b == np.trunc(b))), b,
-                       f"targets[:, 0] (image index): expected integers in [0, {bs})")  # fmt: skip
-        _first_bad_row(~((c >= 0) & (c < nc) & (c == np.trunc(c))), c,
-                       f"targets[:, 1] (class): expected integers in [0, {nc})")  # fmt: skip
+        _first_bad_row(
+            ~((b >= 0) & (b < bs) & (b == np.trunc(b))),
+            b,
+            f"targets[:, 0] (image index): expected integers in [0, {bs})",
+        )
+        _first_bad_row(
+            ~((c >= 0) & (c < nc) & (c == np.trunc(c))), c, f"targets[:, 1] (class): expected integers in [0, {nc})"
+        )
         _first_bad_row(~np.isfinite(xy).all(1), xy, "targets[:, 2:4] (box centre x, y): expected finite values")
-        _first_bad_row(~(np.isfinite(wh) & (wh > 0)).all(1), wh, "targets[:, 4:6] (box w, h): expected finite values > 0")
+        _first_bad_row(
+            ~(np.isfinite(wh) & (wh > 0)).all(1), wh, "targets[:, 4:6] (box w, h): expected finite values > 0"
+        )
         for i, a in enumerate(anchors):
             a = a.to(torch.float64).numpy()
             _first_bad_row(~(np.isfinite(a) & (a > 0)).all(1), a, f"anchors[{i}]: expected finite sizes > 0")
@@ -86,12 +93,17 @@ def _check_values_async(targets: torch.Tensor, anchors: Sequence[torch.Tensor], 
     # device-side asserts: no host synchronisation; the offending row is not known here
     b, c, xy, wh = targets[:, 0], targets[:, 1], targets[:, 2:4], targets[:, 4:6]
     checks = [
-        (((b >= 0) & (b < bs) & (b == b.trunc())).all(), f"targets[:, 0] (image index): expected integers in [0, {bs})"),
+        (
+            ((b >= 0) & (b < bs) & (b == b.trunc())).all(),
+            f"targets[:, 0] (image index): expected integers in [0, {bs})",
+        ),
         (((c >= 0) & (c < nc) & (c == c.trunc())).all(), f"targets[:, 1] (class): expected integers in [0, {nc})"),
         (torch.isfinite(xy).all(), "targets[:, 2:4] (box centre x, y): expected finite values"),
         ((torch.isfinite(wh) & (wh > 0)).all(), "targets[:, 4:6] (box w, h): expected finite values > 0"),
     ]
-    checks += [((torch.isfinite(a) & (a > 0)).all(), f"anchors[{i}]: expected finite sizes > 0") for i, a in enumerate(anchors)]
+    checks += [
+        ((torch.isfinite(a) & (a > 0)).all(), f"anchors[{i}]: expected finite sizes > 0") for i, a in enumerate(anchors)
+    ]
     for ok, message in checks:
         torch._assert_async(ok, f"{message} (device-side check)")
 
@@ -105,9 +117,7 @@ def check_inputs(
     if len(p) == 0:
         raise ValueError("p: expected at least one layer, got an empty list")
     if len(p) != len(anchors):
-        raise ValueError(
-            f"p: expected {len(anchors)} layers (one per anchor set of the model/criterion), got {len(p)}"
-        )
+        raise ValueError(f"p: expected {len(anchors)} layers (one per anchor set of the model/criterion), got {len(p)}")
     for i, (pi, a) in enumerate(zip(p, anchors)):
         _check_layer(i, pi, p[0] if i else None, a.shape[0], options)
 
@@ -116,9 +126,7 @@ def check_inputs(
     if not targets.is_floating_point():
         raise TypeError(f"targets: expected a floating-point tensor, got {targets.dtype}")
     if targets.dim() != 2 or targets.shape[1] != 6:
-        raise ValueError(
-            f"targets: expected shape [nt, 6] (image, class, x, y, w, h), got {tuple(targets.shape)}"
-        )
+        raise ValueError(f"targets: expected shape [nt, 6] (image, class, x, y, w, h), got {tuple(targets.shape)}")
     if targets.device != p[0].device:
         raise ValueError(f"targets: expected device {p[0].device} (as p), got {targets.device}")
 

@@ -55,7 +55,7 @@ def _rebind(old, new) -> list[str]:
     for name, module in list(sys.modules.items()):
         try:
             current = getattr(module, _ATTR, None) if module is not None else None
-        except Exception:  # noqa: BLE001  (lazy modules may raise on attribute access)
+        except Exception:
             continue
         if current is old:
             setattr(module, _ATTR, new)

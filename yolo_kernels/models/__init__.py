@@ -5,7 +5,23 @@ from .darknet import Darknet, FeatureConcat, Mish, Swish, WeightedFeatureFusion,
 from .zoo import CFG_DIR, SHIPPED, packaged_cfg_names, packaged_cfg_path, shipped_cfg, yolov3, yolov3_spp, yolov3_tiny
 
 __all__ = [
-    "SUPPORTED_FIELDS", "format_cfg", "parse_cfg_text", "parse_model_cfg", "Darknet", "FeatureConcat", "Mish",
-    "Swish", "WeightedFeatureFusion", "YOLOLayer", "create_modules", "CFG_DIR", "SHIPPED", "packaged_cfg_names", "packaged_cfg_path", "shipped_cfg", "yolov3",
-    "yolov3_spp", "yolov3_tiny",
-]  # fmt: skip
+    "SUPPORTED_FIELDS",
+    "format_cfg",
+    "parse_cfg_text",
+    "parse_model_cfg",
+    "Darknet",
+    "FeatureConcat",
+    "Mish",
+    "Swish",
+    "WeightedFeatureFusion",
+    "YOLOLayer",
+    "create_modules",
+    "CFG_DIR",
+    "SHIPPED",
+    "packaged_cfg_names",
+    "packaged_cfg_path",
+    "shipped_cfg",
+    "yolov3",
+    "yolov3_spp",
+    "yolov3_tiny",
+]

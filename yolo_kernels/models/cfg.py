@@ -18,12 +18,38 @@ __all__ = ["SUPPORTED_FIELDS", "parse_model_cfg", "parse_cfg_text", "format_cfg"
 #: Fields accepted in layer blocks (those of ultralytics/yolov3's parser); others are rejected.
 SUPPORTED_FIELDS = frozenset(
     [
-        "type", "batch_normalize", "filters", "size", "stride", "pad", "activation", "layers", "groups",
-        "from", "mask", "anchors", "classes", "num", "jitter", "ignore_thresh", "truth_thresh", "random",
-        "stride_x", "stride_y", "weights_type", "weights_normalization", "scale_x_y", "beta_nms",
-        "nms_kind", "iou_loss", "iou_normalizer", "cls_normalizer", "iou_thresh", "probability",
+        "type",
+        "batch_normalize",
+        "filters",
+        "size",
+        "stride",
+        "pad",
+        "activation",
+        "layers",
+        "groups",
+        "from",
+        "mask",
+        "anchors",
+        "classes",
+        "num",
+        "jitter",
+        "ignore_thresh",
+        "truth_thresh",
+        "random",
+        "stride_x",
+        "stride_y",
+        "weights_type",
+        "weights_normalization",
+        "scale_x_y",
+        "beta_nms",
+        "nms_kind",
+        "iou_loss",
+        "iou_normalizer",
+        "cls_normalizer",
+        "iou_thresh",
+        "probability",
     ]
-)  # fmt: skip
+)
 _INT_LIST_FIELDS = ("from", "layers", "mask")
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import copy
 import math
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -128,9 +129,7 @@ class YOLOLayer(nn.Module):
     def decode(self, p: torch.Tensor) -> torch.Tensor:
         """Boxes and scores from ``p [bs, na, ny, nx, no]``: centre-xywh in pixels, then sigmoid scores."""
         _, _, ny, nx, _ = p.shape
-        yv, xv = torch.meshgrid(
-            torch.arange(ny, device=p.device), torch.arange(nx, device=p.device), indexing="ij"
-        )
+        yv, xv = torch.meshgrid(torch.arange(ny, device=p.device), torch.arange(nx, device=p.device), indexing="ij")
         grid = torch.stack((xv, yv), 2).view(1, 1, ny, nx, 2).to(p.dtype)
         xy = (torch.sigmoid(p[..., :2]) + grid) * self.stride
         wh = torch.exp(p[..., 2:4]) * self.anchor_wh.to(p.dtype) * self.stride
@@ -170,9 +169,16 @@ def create_modules(module_defs: list[dict[str, Any]], in_channels: int = 3):
             module = nn.Sequential()
             module.add_module(
                 "Conv2d",
-                nn.Conv2d(c_in, c_out, k, stride=stride, padding=k // 2 if mdef.get("pad", 0) else 0,
-                          groups=mdef.get("groups", 1), bias=not bn),
-            )  # fmt: skip
+                nn.Conv2d(
+                    c_in,
+                    c_out,
+                    k,
+                    stride=stride,
+                    padding=k // 2 if mdef.get("pad", 0) else 0,
+                    groups=mdef.get("groups", 1),
+                    bias=not bn,
+                ),
+            )
             if bn:
                 module.add_module("BatchNorm2d", nn.BatchNorm2d(c_out, momentum=0.03, eps=1e-4))
             else:
@@ -199,7 +205,7 @@ def create_modules(module_defs: list[dict[str, Any]], in_channels: int = 3):
             c_out, s_out = c_in, s_in / mdef["stride"]
         elif kind == "route":
             layers = mdef["layers"]
-            sources = [_layer_index(i, l) for l in layers]
+            sources = [_layer_index(i, layer) for layer in layers]
             if any(not 0 <= j < i for j in sources):
                 raise ValueError(f"{where}: layers={layers} must refer to earlier layers")
             c_out = sum(channels[j + 1] for j in sources)
@@ -208,7 +214,7 @@ def create_modules(module_defs: list[dict[str, Any]], in_channels: int = 3):
             module = FeatureConcat(layers=layers)
         elif kind == "shortcut":
             layers = mdef["from"]
-            sources = [_layer_index(i, l) for l in layers]
+            sources = [_layer_index(i, layer) for layer in layers]
             if any(not 0 <= j < i for j in sources):
                 raise ValueError(f"{where}: from={layers} must refer to earlier layers")
             c_out, s_out = c_in, s_in
@@ -247,9 +253,7 @@ def _init_head_bias(module_list: nn.ModuleList, yolo: YOLOLayer, where: str) -> 
         j -= 1
     conv = module_list[j][0] if isinstance(module_list[j], nn.Sequential) and len(module_list[j]) else None
     if not isinstance(conv, nn.Conv2d) or conv.bias is None or conv.out_channels < yolo.na * yolo.no:
-        raise ValueError(
-            f"{where}: expected a biased conv with >= {yolo.na * yolo.no} outputs before the YOLO layer"
-        )
+        raise ValueError(f"{where}: expected a biased conv with >= {yolo.na * yolo.no} outputs before the YOLO layer")
     with torch.no_grad():
         bias = conv.bias[: yolo.na * yolo.no].view(yolo.na, yolo.no)
         bias[:, 4] += -4.5
@@ -278,7 +282,8 @@ class Darknet(nn.Module):
 
     Args:
         cfg: path to a ``.cfg`` file, a shipped name (``yolov3``, ``yolov3-spp``, ``yolov3-tiny``,
-            ``yolov3-1cls``, ``yolov4``; 80 classes but the 1-class one) or module definitions as ``parse_model_cfg`` returns them (``[net]`` first).
+            ``yolov3-1cls``, ``yolov4``; 80 classes but the 1-class one) or module definitions as
+            ``parse_model_cfg`` returns them (``[net]`` first).
         img_size: kept for the original's signature; the network itself is size-agnostic
             (any multiple of the largest stride).
 

@@ -102,9 +102,35 @@ def _register_cuda_kernel() -> None:
         return
 
     @torch.library.register_kernel("yolo_kernels::fused_loss", "cuda")
-    def _fused_loss_cuda(p, targets, anchors, gr, giou, cls, cls_pw, obj, obj_pw, iou_t, fl_gamma,
-                         label_smoothing, box_loss, reduction, compute_grad):  # fmt: skip
-        options = LossOptions(nc=p[0].shape[-1] - 5, gr=gr, giou=giou, cls=cls, cls_pw=cls_pw, obj=obj,
-                              obj_pw=obj_pw, iou_t=iou_t, fl_gamma=fl_gamma, label_smoothing=label_smoothing,
-                              box_loss=box_loss, reduction=reduction)  # fmt: skip
+    def _fused_loss_cuda(
+        p,
+        targets,
+        anchors,
+        gr,
+        giou,
+        cls,
+        cls_pw,
+        obj,
+        obj_pw,
+        iou_t,
+        fl_gamma,
+        label_smoothing,
+        box_loss,
+        reduction,
+        compute_grad,
+    ):
+        options = LossOptions(
+            nc=p[0].shape[-1] - 5,
+            gr=gr,
+            giou=giou,
+            cls=cls,
+            cls_pw=cls_pw,
+            obj=obj,
+            obj_pw=obj_pw,
+            iou_t=iou_t,
+            fl_gamma=fl_gamma,
+            label_smoothing=label_smoothing,
+            box_loss=box_loss,
+            reduction=reduction,
+        )
         return _loss.fused_loss(p, targets, anchors, options, compute_grad)

@@ -33,7 +33,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import triton
@@ -52,13 +53,40 @@ BLOCK_CHANNELS = 32  # gradient channels per step of the objectness kernel's row
 
 @triton.jit(do_not_specialize=["num_targets"])
 def _match_kernel(
-    p_ptr, p_stride_b, p_stride_a, p_stride_y, p_stride_x, p_stride_c,
-    targets_ptr, anchors_ptr, num_targets, num_anchors, grid_h, grid_w, num_classes, num_cells,
-    iou_t, gr, cls_pos, cls_neg, cls_pos_weight, focal_gamma,
-    valid_ptr, key_ptr, score_ptr, iou_ptr, iou_grad_ptr, cls_loss_ptr, cls_ptr,
-    BOX_KIND: tl.constexpr, FOCAL: tl.constexpr, HAS_CLS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
-    BLOCK_PAIRS: tl.constexpr, BLOCK_CLASSES: tl.constexpr,
-):  # fmt: skip
+    p_ptr,
+    p_stride_b,
+    p_stride_a,
+    p_stride_y,
+    p_stride_x,
+    p_stride_c,
+    targets_ptr,
+    anchors_ptr,
+    num_targets,
+    num_anchors,
+    grid_h,
+    grid_w,
+    num_classes,
+    num_cells,
+    iou_t,
+    gr,
+    cls_pos,
+    cls_neg,
+    cls_pos_weight,
+    focal_gamma,
+    valid_ptr,
+    key_ptr,
+    score_ptr,
+    iou_ptr,
+    iou_grad_ptr,
+    cls_loss_ptr,
+    cls_ptr,
+    BOX_KIND: tl.constexpr,
+    FOCAL: tl.constexpr,
+    HAS_CLS: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+    BLOCK_PAIRS: tl.constexpr,
+    BLOCK_CLASSES: tl.constexpr,
+):
     """Match, box IoU with its gradient, class BCE and the cell (sort key) of ``BLOCK_PAIRS`` candidates.
 
     Args:
@@ -163,13 +191,34 @@ def _objectness_target_kernel(
 
 @triton.jit
 def _objectness_kernel(
-    p_ptr, p_stride_b, p_stride_a, p_stride_y, p_stride_x, p_stride_c,
-    grad_ptr, grad_stride_b, grad_stride_a, grad_stride_y, grad_stride_x, grad_stride_c,
-    tobj_ptr, partial_ptr, num_cells, num_anchors, grid_h, grid_w, num_outputs,
-    obj_pos_weight, focal_gamma, obj_scale,
-    FOCAL: tl.constexpr, WRITE_GRAD: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
-    BLOCK_CELLS: tl.constexpr, BLOCK_CHANNELS: tl.constexpr,
-):  # fmt: skip
+    p_ptr,
+    p_stride_b,
+    p_stride_a,
+    p_stride_y,
+    p_stride_x,
+    p_stride_c,
+    grad_ptr,
+    grad_stride_b,
+    grad_stride_a,
+    grad_stride_y,
+    grad_stride_x,
+    grad_stride_c,
+    tobj_ptr,
+    partial_ptr,
+    num_cells,
+    num_anchors,
+    grid_h,
+    grid_w,
+    num_outputs,
+    obj_pos_weight,
+    focal_gamma,
+    obj_scale,
+    FOCAL: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+    BLOCK_CELLS: tl.constexpr,
+    BLOCK_CHANNELS: tl.constexpr,
+):
     """The objectness BCE of ``BLOCK_CELLS`` cells and, with ``WRITE_GRAD``, their gradient rows.
 
     Args:
@@ -207,12 +256,39 @@ def _objectness_kernel(
 
 @triton.jit(do_not_specialize=["num_candidates"])
 def _pair_grad_kernel(
-    p_ptr, p_stride_b, p_stride_a, p_stride_y, p_stride_x, p_stride_c,
-    grad_ptr, grad_stride_b, grad_stride_a, grad_stride_y, grad_stride_x, grad_stride_c,
-    sorted_key_ptr, order_ptr, group_start_ptr, iou_grad_ptr, cls_ptr, scale_ptr,
-    num_candidates, num_cells, num_anchors, grid_h, grid_w, num_classes, cls_pos, cls_neg, cls_pos_weight, focal_gamma,
-    FOCAL: tl.constexpr, HAS_CLS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, BLOCK_CLASSES: tl.constexpr,
-):  # fmt: skip
+    p_ptr,
+    p_stride_b,
+    p_stride_a,
+    p_stride_y,
+    p_stride_x,
+    p_stride_c,
+    grad_ptr,
+    grad_stride_b,
+    grad_stride_a,
+    grad_stride_y,
+    grad_stride_x,
+    grad_stride_c,
+    sorted_key_ptr,
+    order_ptr,
+    group_start_ptr,
+    iou_grad_ptr,
+    cls_ptr,
+    scale_ptr,
+    num_candidates,
+    num_cells,
+    num_anchors,
+    grid_h,
+    grid_w,
+    num_classes,
+    cls_pos,
+    cls_neg,
+    cls_pos_weight,
+    focal_gamma,
+    FOCAL: tl.constexpr,
+    HAS_CLS: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+    BLOCK_CLASSES: tl.constexpr,
+):
     """One program per sorted position: the last candidate of each cell's group adds the box and
     class gradient terms of every candidate of the group (in pair order) to the cell's row.
 
@@ -315,12 +391,29 @@ class _Candidates:
     cls: torch.Tensor
 
     @classmethod
-    def empty(cls, n: int, dtype: torch.dtype, device: torch.device) -> "_Candidates":
+    def empty(cls, n: int, dtype: torch.dtype, device: torch.device) -> _Candidates:
         def new(*shape, dt=dtype):
             return torch.empty(*shape, dtype=dt, device=device)
 
-        return cls(new(n, dt=torch.int8), new(n, dt=torch.int64), new(n), new(n), new(n, 4), new(n),
-                   new(n, dt=torch.int64))  # fmt: skip
+        return cls(
+            new(n, dt=torch.int8), new(n, dt=torch.int64), new(n), new(n), new(n, 4), new(n), new(n, dt=torch.int64)
+        )
+
+
+@dataclasses.dataclass
+class _LayerState:
+    """What the first pass over a layer leaves for the second: its shapes, candidates, their
+    grouping by cell (``None`` without candidates) and the objectness targets."""
+
+    p: torch.Tensor
+    na: int
+    ny: int
+    nx: int
+    n_cand: int
+    n_cells: int
+    cand: _Candidates
+    groups: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # sorted keys, order, group starts
+    tobj: torch.Tensor
 
 
 def fused_loss(p, targets, anchors, options: LossOptions, compute_grad: bool = True):
@@ -350,31 +443,60 @@ def fused_loss(p, targets, anchors, options: LossOptions, compute_grad: bool = T
         if n_cand:
             grid = (triton.cdiv(n_cand, BLOCK_PAIRS),)
             _launch(
-                _match_kernel, grid,
-                p_ptr=pi, **_strides("p", pi),
-                targets_ptr=t, anchors_ptr=anchor_vec.to(device=device, dtype=dtype).contiguous(),
-                num_targets=nt, num_anchors=na, grid_h=ny, grid_w=nx, num_classes=nc, num_cells=n_cells,
-                iou_t=float(o.iou_t), gr=float(o.gr), cls_pos=cls_pos, cls_neg=cls_neg, **scalars,
-                valid_ptr=cand.valid, key_ptr=cand.key, score_ptr=cand.score, iou_ptr=cand.iou,
-                iou_grad_ptr=cand.iou_grad, cls_loss_ptr=cand.cls_loss, cls_ptr=cand.cls,
-                BOX_KIND=KINDS[o.box_loss], FOCAL=focal, HAS_CLS=has_cls, COMPUTE_DTYPE=compute_dtype,
-                BLOCK_PAIRS=BLOCK_PAIRS, BLOCK_CLASSES=BLOCK_CLASSES,
-            )  # fmt: skip
+                _match_kernel,
+                grid,
+                p_ptr=pi,
+                **_strides("p", pi),
+                targets_ptr=t,
+                anchors_ptr=anchor_vec.to(device=device, dtype=dtype).contiguous(),
+                num_targets=nt,
+                num_anchors=na,
+                grid_h=ny,
+                grid_w=nx,
+                num_classes=nc,
+                num_cells=n_cells,
+                iou_t=float(o.iou_t),
+                gr=float(o.gr),
+                cls_pos=cls_pos,
+                cls_neg=cls_neg,
+                **scalars,
+                valid_ptr=cand.valid,
+                key_ptr=cand.key,
+                score_ptr=cand.score,
+                iou_ptr=cand.iou,
+                iou_grad_ptr=cand.iou_grad,
+                cls_loss_ptr=cand.cls_loss,
+                cls_ptr=cand.cls,
+                BOX_KIND=KINDS[o.box_loss],
+                FOCAL=focal,
+                HAS_CLS=has_cls,
+                COMPUTE_DTYPE=compute_dtype,
+                BLOCK_PAIRS=BLOCK_PAIRS,
+                BLOCK_CLASSES=BLOCK_CLASSES,
+            )
             # group the candidates by cell, in pair order within a cell (stable), unmatched ones last
             sorted_key, order = torch.sort(cand.key, stable=True)
             groups = (sorted_key, order, torch.searchsorted(sorted_key, sorted_key))
             _launch(
-                _objectness_target_kernel, grid,
-                sorted_key_ptr=sorted_key, order_ptr=order, score_ptr=cand.score, tobj_ptr=tobj,
-                num_candidates=n_cand, num_cells=n_cells, BLOCK_PAIRS=BLOCK_PAIRS,
-            )  # fmt: skip
-        layers.append((pi, na, ny, nx, n_cand, n_cells, cand, groups, tobj))
+                _objectness_target_kernel,
+                grid,
+                sorted_key_ptr=sorted_key,
+                order_ptr=order,
+                score_ptr=cand.score,
+                tobj_ptr=tobj,
+                num_candidates=n_cand,
+                num_cells=n_cells,
+                BLOCK_PAIRS=BLOCK_PAIRS,
+            )
+        layers.append(_LayerState(pi, na, ny, nx, n_cand, n_cells, cand, groups, tobj))
 
     # pair counts and the scales of the box and class terms: device tensors, no sync
-    counts = [layer[6].valid.sum(dtype=dtype) for layer in layers]
+    counts = [layer.cand.valid.sum(dtype=dtype) for layer in layers]
     n_total = torch.stack(counts).sum()
     grads, lbox, lobj, lcls = [], 0.0, 0.0, 0.0
-    for (pi, na, ny, nx, n_cand, n_cells, cand, groups, tobj), n_i in zip(layers, counts):
+    for layer, n_i in zip(layers, counts):
+        pi, na, ny, nx, n_cand, n_cells = layer.p, layer.na, layer.ny, layer.nx, layer.n_cand, layer.n_cells
+        cand, groups, tobj = layer.cand, layer.groups, layer.tobj
         n_pairs = n_total if sum_red else n_i
         safe = n_pairs.clamp(min=1.0)
         gain = 3.0 if sum_red else 1.0
@@ -392,26 +514,59 @@ def fused_loss(p, targets, anchors, options: LossOptions, compute_grad: bool = T
         # without a gradient the kernel never touches grad_ptr: p's strides stand in for its own
         grad_strides = _strides("grad", grad if compute_grad else pi)
         _launch(
-            _objectness_kernel, (n_prog,),
-            p_ptr=pi, **_strides("p", pi), grad_ptr=grad if compute_grad else pi, **grad_strides,
-            tobj_ptr=tobj, partial_ptr=partial, num_cells=n_cells, num_anchors=na, grid_h=ny, grid_w=nx,
-            num_outputs=no, obj_pos_weight=float(o.obj_pw), focal_gamma=float(o.fl_gamma), obj_scale=float(obj_scale),
-            FOCAL=focal, WRITE_GRAD=compute_grad, COMPUTE_DTYPE=compute_dtype,
-            BLOCK_CELLS=BLOCK_CELLS, BLOCK_CHANNELS=BLOCK_CHANNELS,
-        )  # fmt: skip
+            _objectness_kernel,
+            (n_prog,),
+            p_ptr=pi,
+            **_strides("p", pi),
+            grad_ptr=grad if compute_grad else pi,
+            **grad_strides,
+            tobj_ptr=tobj,
+            partial_ptr=partial,
+            num_cells=n_cells,
+            num_anchors=na,
+            grid_h=ny,
+            grid_w=nx,
+            num_outputs=no,
+            obj_pos_weight=float(o.obj_pw),
+            focal_gamma=float(o.fl_gamma),
+            obj_scale=float(obj_scale),
+            FOCAL=focal,
+            WRITE_GRAD=compute_grad,
+            COMPUTE_DTYPE=compute_dtype,
+            BLOCK_CELLS=BLOCK_CELLS,
+            BLOCK_CHANNELS=BLOCK_CHANNELS,
+        )
         lobj = lobj + obj_scale * partial.sum()
         if compute_grad and n_cand:
             scales = torch.stack((box_scale, cls_scale)).to(dtype)
             sorted_key, order, group_start = groups
             _launch(
-                _pair_grad_kernel, (n_cand,),
-                p_ptr=pi, **_strides("p", pi), grad_ptr=grad, **grad_strides,
-                sorted_key_ptr=sorted_key, order_ptr=order, group_start_ptr=group_start,
-                iou_grad_ptr=cand.iou_grad, cls_ptr=cand.cls, scale_ptr=scales, num_candidates=n_cand,
-                num_cells=n_cells, num_anchors=na, grid_h=ny, grid_w=nx, num_classes=nc,
-                cls_pos=cls_pos, cls_neg=cls_neg, **scalars,
-                FOCAL=focal, HAS_CLS=has_cls, COMPUTE_DTYPE=compute_dtype, BLOCK_CLASSES=BLOCK_CLASSES,
-            )  # fmt: skip
+                _pair_grad_kernel,
+                (n_cand,),
+                p_ptr=pi,
+                **_strides("p", pi),
+                grad_ptr=grad,
+                **grad_strides,
+                sorted_key_ptr=sorted_key,
+                order_ptr=order,
+                group_start_ptr=group_start,
+                iou_grad_ptr=cand.iou_grad,
+                cls_ptr=cand.cls,
+                scale_ptr=scales,
+                num_candidates=n_cand,
+                num_cells=n_cells,
+                num_anchors=na,
+                grid_h=ny,
+                grid_w=nx,
+                num_classes=nc,
+                cls_pos=cls_pos,
+                cls_neg=cls_neg,
+                **scalars,
+                FOCAL=focal,
+                HAS_CLS=has_cls,
+                COMPUTE_DTYPE=compute_dtype,
+                BLOCK_CLASSES=BLOCK_CLASSES,
+            )
         grads.append(grad)
 
     zero = torch.zeros((), dtype=dtype, device=device)

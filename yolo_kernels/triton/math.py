@@ -141,7 +141,13 @@ def d_max(av, a0, a1, a2, a3, bv, b0, b1, b2, b3):
 def d_clamp0(av, a0, a1, a2, a3):
     """clamp(min=0): the gradient passes where the value is >= 0."""
     keep = av >= 0
-    return tl.where(keep, av, 0.0), tl.where(keep, a0, 0.0), tl.where(keep, a1, 0.0), tl.where(keep, a2, 0.0), tl.where(keep, a3, 0.0)
+    return (
+        tl.where(keep, av, 0.0),
+        tl.where(keep, a0, 0.0),
+        tl.where(keep, a1, 0.0),
+        tl.where(keep, a2, 0.0),
+        tl.where(keep, a3, 0.0),
+    )
 
 
 @triton.jit
