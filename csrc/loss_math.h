@@ -301,7 +301,7 @@ struct Pair {
 
 // targets: [nt, 6] contiguous rows (image, class, x, y, w, h); anchors: [na, 2] contiguous.
 template <typename T>
-std::vector<Pair<T>> match_layer(const T* targets, int64_t nt, const T* anchors, int64_t na, int64_t ny,
+std::vector<Pair<T>> match(const T* targets, int64_t nt, const T* anchors, int64_t na, int64_t ny,
                                  int64_t nx, T iou_t) {
   std::vector<Pair<T>> pairs;
   const T sx = T(nx), sy = T(ny);

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from ..config import LossOptions
-from .math import bce_with_logits, box_iou_dual
+from .math import bce_with_logits, box_iou, match
 
 KINDS = {"iou": 0, "giou": 1, "diou": 2, "ciou": 3}
 #: Fixed block sizes (one compiled variant per kernel and option set, whatever ``nc`` is).
@@ -112,29 +112,16 @@ def _match_kernel(
     j = k - a * num_targets
     aw = tl.load(anchors_ptr + 2 * a, mask=in_range, other=1.0).to(COMPUTE_DTYPE)
     ah = tl.load(anchors_ptr + 2 * a + 1, mask=in_range, other=1.0).to(COMPUTE_DTYPE)
-    row = targets_ptr + 6 * j
-    b = tl.load(row, mask=in_range, other=0.0).to(COMPUTE_DTYPE)
-    c = tl.load(row + 1, mask=in_range, other=0.0).to(COMPUTE_DTYPE)
-    gx = tl.load(row + 2, mask=in_range, other=0.0).to(COMPUTE_DTYPE) * grid_w
-    gy = tl.load(row + 3, mask=in_range, other=0.0).to(COMPUTE_DTYPE) * grid_h
-    gw = tl.load(row + 4, mask=in_range, other=1.0).to(COMPUTE_DTYPE) * grid_w
-    gh = tl.load(row + 5, mask=in_range, other=1.0).to(COMPUTE_DTYPE) * grid_h
-    inter = tl.minimum(aw, gw) * tl.minimum(ah, gh)
-    valid = in_range & (inter / (aw * ah + gw * gh - inter) > iou_t)
-    # trunc toward zero then clamp == trunc of the clamped value
-    gi = tl.minimum(tl.maximum(gx, 0.0), grid_w - 1.0).to(tl.int64)
-    gj = tl.minimum(tl.maximum(gy, 0.0), grid_h - 1.0).to(tl.int64)
-    bi = b.to(tl.int64)
-    ci = c.to(tl.int64)
-    tx = gx - gi.to(COMPUTE_DTYPE)
-    ty = gy - gj.to(COMPUTE_DTYPE)
+    valid, bi, ci, gj, gi, tx, ty, gw, gh = match(
+        targets_ptr + 6 * j, aw, ah, grid_h, grid_w, iou_t, in_range, COMPUTE_DTYPE
+    )
 
     base = p_ptr + bi * p_stride_b + a * p_stride_a + gj * p_stride_y + gi * p_stride_x
     x0 = tl.load(base, mask=valid, other=0.0).to(COMPUTE_DTYPE)
     x1 = tl.load(base + p_stride_c, mask=valid, other=0.0).to(COMPUTE_DTYPE)
     x2 = tl.load(base + 2 * p_stride_c, mask=valid, other=0.0).to(COMPUTE_DTYPE)
     x3 = tl.load(base + 3 * p_stride_c, mask=valid, other=0.0).to(COMPUTE_DTYPE)
-    iou, d0, d1, d2, d3 = box_iou_dual(x0, x1, x2, x3, aw, ah, tx, ty, gw, gh, BOX_KIND)
+    iou, d0, d1, d2, d3 = box_iou(x0, x1, x2, x3, aw, ah, tx, ty, gw, gh, BOX_KIND)
     iou = tl.where(valid, iou, 0.0)
 
     cls_loss = tl.zeros([BLOCK_PAIRS], dtype=COMPUTE_DTYPE)

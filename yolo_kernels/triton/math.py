@@ -157,11 +157,33 @@ def d_atan(av, a0, a1, a2, a3):
 
 
 @triton.jit
-def box_iou_dual(x0, x1, x2, x3, aw, ah, tx, ty, tw, th, KIND: tl.constexpr):
-    """IoU-family (KIND 0 iou, 1 giou, 2 diou, 3 ciou) of the box predicted by logits x0..x3 with
-    anchor (aw, ah) against the centre-xywh target: (value, d/dx0, d/dx1, d/dx2, d/dx3)."""
-    z = x0 * 0.0
-    # predicted box: sigmoid(xy), exp(wh).clamp(max=1e3) * anchor
+def match(t_row_ptr, aw, ah, grid_h, grid_w, iou_t, mask, COMPUTE_DTYPE: tl.constexpr):
+    """Target matching of (target, anchor) pairs (docs/semantics.md, "Matching"): loads the target
+    rows ``(image, class, x, y, w, h)`` at ``t_row_ptr`` and returns ``(matched, image, class, gj,
+    gi, tx, ty, gw, gh)``: whether wh_iou > iou_t, the image and class ids and the clamped cell
+    (int64), and the box target (offsets within the cell, size in grid units)."""
+    b = tl.load(t_row_ptr, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+    c = tl.load(t_row_ptr + 1, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+    gx = tl.load(t_row_ptr + 2, mask=mask, other=0.0).to(COMPUTE_DTYPE) * grid_w
+    gy = tl.load(t_row_ptr + 3, mask=mask, other=0.0).to(COMPUTE_DTYPE) * grid_h
+    gw = tl.load(t_row_ptr + 4, mask=mask, other=1.0).to(COMPUTE_DTYPE) * grid_w
+    gh = tl.load(t_row_ptr + 5, mask=mask, other=1.0).to(COMPUTE_DTYPE) * grid_h
+    inter = tl.minimum(aw, gw) * tl.minimum(ah, gh)
+    matched = mask & (inter / (aw * ah + gw * gh - inter) > iou_t)
+    # trunc toward zero then clamp == trunc of the clamped value
+    gi = tl.minimum(tl.maximum(gx, 0.0), grid_w - 1.0).to(tl.int64)
+    gj = tl.minimum(tl.maximum(gy, 0.0), grid_h - 1.0).to(tl.int64)
+    tx = gx - gi.to(COMPUTE_DTYPE)
+    ty = gy - gj.to(COMPUTE_DTYPE)
+    return matched, b.to(tl.int64), c.to(tl.int64), gj, gi, tx, ty, gw, gh
+
+
+@triton.jit
+def predicted_box(x0, x1, x2, x3, aw, ah):
+    """The box the logits x0..x3 predict with anchor (aw, ah): ``(sx, sy, pw, ph, dsx, dsy, dpw,
+    dph)`` = centre ``sigmoid(xy)`` within the cell, size ``exp(wh).clamp(max=1e3) * anchor``, and
+    each one's derivative with respect to its own logit (exp is capped at e^30: same values, and a
+    zero rather than a NaN gradient for huge logits)."""
     sx = sigmoid(x0)
     sy = sigmoid(x1)
     ew = tl.exp(tl.minimum(x2, 30.0))
@@ -170,11 +192,20 @@ def box_iou_dual(x0, x1, x2, x3, aw, ah, tx, ty, tw, th, KIND: tl.constexpr):
     ph = tl.minimum(eh, 1e3) * ah
     dpw = tl.where(ew <= 1e3, ew * aw, 0.0)
     dph = tl.where(eh <= 1e3, eh * ah, 0.0)
+    return sx, sy, pw, ph, sx * (1 - sx), sy * (1 - sy), dpw, dph
+
+
+@triton.jit
+def box_iou(x0, x1, x2, x3, aw, ah, tx, ty, tw, th, KIND: tl.constexpr):
+    """IoU-family (KIND 0 iou, 1 giou, 2 diou, 3 ciou) of the box predicted by logits x0..x3 with
+    anchor (aw, ah) against the centre-xywh target: (value, d/dx0, d/dx1, d/dx2, d/dx3)."""
+    z = x0 * 0.0
+    sx, sy, pw, ph, dsx, dsy, dpw, dph = predicted_box(x0, x1, x2, x3, aw, ah)
     # corners of the prediction (duals) and of the target (constants)
-    l1v, l1a, l1b, l1c, l1d = sx - pw / 2, sx * (1 - sx), z, -dpw / 2, z
-    r1v, r1a, r1b, r1c, r1d = sx + pw / 2, sx * (1 - sx), z, dpw / 2, z
-    t1v, t1a, t1b, t1c, t1d = sy - ph / 2, z, sy * (1 - sy), z, -dph / 2
-    b1v, b1a, b1b, b1c, b1d = sy + ph / 2, z, sy * (1 - sy), z, dph / 2
+    l1v, l1a, l1b, l1c, l1d = sx - pw / 2, dsx, z, -dpw / 2, z
+    r1v, r1a, r1b, r1c, r1d = sx + pw / 2, dsx, z, dpw / 2, z
+    t1v, t1a, t1b, t1c, t1d = sy - ph / 2, z, dsy, z, -dph / 2
+    b1v, b1a, b1b, b1c, b1d = sy + ph / 2, z, dsy, z, dph / 2
     l2 = tx - tw / 2
     r2 = tx + tw / 2
     t2 = ty - th / 2

@@ -1,4 +1,4 @@
-// CPU kernels of the yolo_kernels ops (schemas in csrc/ops.cpp, semantics in docs/semantics.md and
+// CPU kernel of yolo_kernels::fused_loss (schema in csrc/ops.cpp, semantics in docs/semantics.md and
 // yolo_kernels/reference.py).
 //
 // fused_loss makes one pass over each layer's cells and writes the gradient of the loss with
@@ -8,13 +8,11 @@
 // differ in one class only. Work is split into fixed chunks (one (image, anchor) plane, one pair)
 // whose partial sums are added in a fixed order, so results are bitwise identical across runs and
 // thread counts. Math is float32 (float64 for float64 p);
-// the gradient is written in p's dtype, with p's strides when p is dense (the permuted view of
-// the head's conv output included), from a pool of reused buffers (grad_pool.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/ExpandUtils.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/ExpandUtils.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -25,185 +23,13 @@
 #include <utility>
 #include <vector>
 
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
-
+#include "checks.h"
 #include "grad_pool.h"
 #include "loss_math.h"
+#include "stream_store.h"
 
 namespace yolo_kernels {
 namespace {
-
-BoxKind parse_box_kind(c10::string_view name) {
-  if (name == "giou") return BoxKind::kGIoU;
-  if (name == "iou") return BoxKind::kIoU;
-  if (name == "diou") return BoxKind::kDIoU;
-  if (name == "ciou") return BoxKind::kCIoU;
-  TORCH_CHECK(false, "box_loss: expected one of 'giou', 'iou', 'diou', 'ciou', got '", std::string(name), "'");
-}
-
-Reduction parse_reduction(c10::string_view name) {
-  if (name == "mean") return Reduction::kMean;
-  if (name == "sum") return Reduction::kSum;
-  TORCH_CHECK(false, "reduction: expected 'mean' or 'sum', got '", std::string(name), "'");
-}
-
-at::ScalarType opmath_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-void check_cpu_float(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got device ", t.device());
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, ": expected a floating-point tensor, got ",
-              t.scalar_type());
-}
-
-void check_targets(const at::Tensor& targets) {
-  check_cpu_float(targets, "targets");
-  TORCH_CHECK(targets.dim() == 2 && targets.size(1) == 6,
-              "targets: expected shape [nt, 6] (image, class, x, y, w, h), got ", targets.sizes());
-}
-
-void check_anchors(const at::Tensor& anchors, const std::string& name) {
-  check_cpu_float(anchors, name.c_str());
-  TORCH_CHECK(anchors.dim() == 2 && anchors.size(1) == 2 && anchors.size(0) >= 1, name,
-              ": expected shape [na, 2] with na >= 1, got ", anchors.sizes());
-}
-
-template <typename T>
-void check_finite_option(T value, const char* name) {
-  TORCH_CHECK(std::isfinite(value), name, ": expected a finite number, got ", value);
-}
-
-// Every value check the loss relies on, on the targets converted to T (a few rows).
-template <typename T>
-void check_target_values(const T* t, int64_t nt, int64_t bs, int64_t nc) {
-  for (int64_t k = 0; k < nt; ++k) {
-    const T* r = t + 6 * k;
-    TORCH_CHECK(r[0] >= 0 && r[0] < T(bs) && r[0] == std::trunc(r[0]), "targets[", k,
-                ", 0] (image index): expected an integer in [0, ", bs, "), got ", r[0]);
-    TORCH_CHECK(r[1] >= 0 && r[1] < T(nc) && r[1] == std::trunc(r[1]), "targets[", k,
-                ", 1] (class): expected an integer in [0, ", nc, "), got ", r[1]);
-    TORCH_CHECK(std::isfinite(r[2]) && std::isfinite(r[3]), "targets[", k,
-                ", 2:4] (box centre): expected finite values, got ", r[2], ", ", r[3]);
-    TORCH_CHECK(std::isfinite(r[4]) && std::isfinite(r[5]) && r[4] > 0 && r[5] > 0, "targets[", k,
-                ", 4:6] (box size): expected finite values > 0, got ", r[4], ", ", r[5]);
-  }
-}
-
-template <typename T>
-void check_anchor_values(const T* a, int64_t na, const std::string& name) {
-  for (int64_t i = 0; i < 2 * na; ++i) {
-    TORCH_CHECK(std::isfinite(a[i]) && a[i] > 0, name, ": expected finite sizes > 0, got ", a[i], " at row ",
-                i / 2);
-  }
-}
-
-// ------------------------------------------------------------------------------------- match
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> match_cpu(const at::Tensor& targets,
-                                                                     const at::Tensor& anchors, int64_t ny,
-                                                                     int64_t nx, double iou_t) {
-  check_targets(targets);
-  check_anchors(anchors, "anchors");
-  TORCH_CHECK(ny >= 1 && nx >= 1, "ny, nx: expected a non-empty grid, got ", ny, " x ", nx);
-  check_finite_option(iou_t, "iou_t");
-  const auto T_type = opmath_type(targets.scalar_type());
-  const at::Tensor t = targets.to(T_type).contiguous();
-  const at::Tensor a = anchors.to(T_type).contiguous();
-  at::Tensor indices, tbox, anch, tcls;
-  AT_DISPATCH_FLOATING_TYPES(T_type, "yolo_kernels::match", [&] {
-    using T = scalar_t;
-    const int64_t nt = t.size(0), na = a.size(0);
-    for (int64_t k = 0; k < nt; ++k) {
-      const T* r = t.data_ptr<T>() + 6 * k;
-      TORCH_CHECK(std::isfinite(r[0]) && std::isfinite(r[1]) && std::isfinite(r[2]) && std::isfinite(r[3]) &&
-                      std::isfinite(r[4]) && std::isfinite(r[5]),
-                  "targets[", k, "]: expected finite values");
-    }
-    check_anchor_values(a.data_ptr<T>(), na, "anchors");
-    const auto pairs = match_layer<T>(t.data_ptr<T>(), nt, a.data_ptr<T>(), na, ny, nx, T(iou_t));
-    const int64_t P = int64_t(pairs.size());
-    indices = at::empty({P, 4}, at::kLong);
-    tbox = at::empty({P, 4}, T_type);
-    anch = at::empty({P, 2}, T_type);
-    tcls = at::empty({P}, at::kLong);
-    auto* ind = indices.data_ptr<int64_t>();
-    for (int64_t j = 0; j < P; ++j) {
-      const auto& q = pairs[j];
-      ind[4 * j] = q.b, ind[4 * j + 1] = q.a, ind[4 * j + 2] = q.gj, ind[4 * j + 3] = q.gi;
-      std::copy(q.tbox, q.tbox + 4, tbox.data_ptr<T>() + 4 * j);
-      std::copy(q.anch, q.anch + 2, anch.data_ptr<T>() + 2 * j);
-      tcls.data_ptr<int64_t>()[j] = q.cls;
-    }
-  });
-  return {indices, tbox, anch, tcls};
-}
-
-// ----------------------------------------------------------------------------------- box_iou
-
-std::tuple<at::Tensor, at::Tensor> box_iou_cpu(const at::Tensor& ps, const at::Tensor& tbox, const at::Tensor& anch,
-                                               c10::string_view box_loss) {
-  check_cpu_float(ps, "ps");
-  check_cpu_float(tbox, "tbox");
-  check_cpu_float(anch, "anch");
-  TORCH_CHECK(ps.dim() == 2 && ps.size(1) >= 4, "ps: expected shape [P, >= 4], got ", ps.sizes());
-  const int64_t P = ps.size(0);
-  TORCH_CHECK(tbox.dim() == 2 && tbox.size(0) == P && tbox.size(1) == 4, "tbox: expected shape [", P,
-              ", 4], got ", tbox.sizes());
-  TORCH_CHECK(anch.dim() == 2 && anch.size(0) == P && anch.size(1) == 2, "anch: expected shape [", P,
-              ", 2], got ", anch.sizes());
-  const BoxKind kind = parse_box_kind(box_loss);
-  const auto T_type = opmath_type(ps.scalar_type());
-  const at::Tensor x = ps.narrow(1, 0, 4).to(T_type).contiguous();
-  const at::Tensor tb = tbox.to(T_type).contiguous(), an = anch.to(T_type).contiguous();
-  at::Tensor iou = at::empty({P}, T_type), grad = at::empty({P, 4}, T_type);
-  AT_DISPATCH_FLOATING_TYPES(T_type, "yolo_kernels::box_iou", [&] {
-    using T = scalar_t;
-    const T *xp = x.data_ptr<T>(), *tp = tb.data_ptr<T>(), *ap = an.data_ptr<T>();
-    T *ip = iou.data_ptr<T>(), *gp = grad.data_ptr<T>();
-    at::parallel_for(0, P, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t j = begin; j < end; ++j) {
-        const auto box = predicted_box<T>(xp + 4 * j, ap[2 * j], ap[2 * j + 1]);
-        const T* t = tp + 4 * j;
-        const auto r = box_iou(box[0], box[1], box[2], box[3], t[0], t[1], t[2], t[3], kind);
-        ip[j] = r.v;
-        std::copy(r.d.begin(), r.d.end(), gp + 4 * j);
-      }
-    });
-  });
-  return {iou, grad};
-}
-
-// --------------------------------------------------------------------------- bce_with_logits
-
-std::tuple<at::Tensor, at::Tensor> bce_with_logits_cpu(const at::Tensor& x, const at::Tensor& y, double pos_weight,
-                                                       double gamma) {
-  check_cpu_float(x, "x");
-  check_cpu_float(y, "y");
-  TORCH_CHECK(x.sizes() == y.sizes(), "y: expected the shape of x ", x.sizes(), ", got ", y.sizes());
-  check_finite_option(pos_weight, "pos_weight");
-  check_finite_option(gamma, "gamma");
-  TORCH_CHECK(pos_weight > 0 && gamma >= 0, "pos_weight, gamma: expected pos_weight > 0 and gamma >= 0, got ",
-              pos_weight, ", ", gamma);
-  const auto T_type = opmath_type(x.scalar_type());
-  const at::Tensor xc = x.to(T_type).contiguous(), yc = y.to(T_type).contiguous();
-  at::Tensor loss = at::empty(x.sizes(), T_type), grad = at::empty(x.sizes(), T_type);
-  AT_DISPATCH_FLOATING_TYPES(T_type, "yolo_kernels::bce_with_logits", [&] {
-    using T = scalar_t;
-    const T *xp = xc.data_ptr<T>(), *yp = yc.data_ptr<T>();
-    T *lp = loss.data_ptr<T>(), *gp = grad.data_ptr<T>();
-    at::parallel_for(0, xc.numel(), 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const auto r = bce_with_logits<T>(xp[i], yp[i], T(pos_weight), T(gamma));
-        lp[i] = r.loss;
-        gp[i] = r.grad;
-      }
-    });
-  });
-  return {loss, grad};
-}
-
-// -------------------------------------------------------------------------------- fused_loss
 
 struct Options {
   double gr, giou, cls, cls_pw, obj, obj_pw, iou_t, fl_gamma, label_smoothing;
@@ -314,46 +140,6 @@ double cell_terms(const Layer<scalar_t, T>& L, Group<T> first, Group<T> last, co
     for (int64_t c = 0; c < nc; ++c) cls[c * step] = scalar_t(T(cls[c * step]) + L.cls_scale * s.total_grad[c]);
   }
   return total;
-}
-
-// Stores that bypass the cache (SSE2 non-temporal) where the destination is 16-byte aligned: the
-// gradient is written once and not read back soon, and ordinary stores would first read every
-// line from memory (doubling the traffic of the pass that dominates the loss's cost).
-inline void stream_store(char* dst, const char* src, size_t n) {
-#if defined(__SSE2__)
-  const size_t head = std::min(n, size_t((16 - (reinterpret_cast<uintptr_t>(dst) & 15)) & 15));
-  std::memcpy(dst, src, head);
-  dst += head, src += head, n -= head;
-  for (; n >= 16; n -= 16, dst += 16, src += 16)
-    _mm_stream_si128(reinterpret_cast<__m128i*>(dst), _mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
-#endif
-  std::memcpy(dst, src, n);
-}
-
-inline void stream_zero(char* dst, size_t n) {
-#if defined(__SSE2__)
-  const size_t head = std::min(n, size_t((16 - (reinterpret_cast<uintptr_t>(dst) & 15)) & 15));
-  std::memset(dst, 0, head);
-  dst += head, n -= head;
-  for (; n >= 16; n -= 16, dst += 16) _mm_stream_si128(reinterpret_cast<__m128i*>(dst), _mm_setzero_si128());
-#endif
-  std::memset(dst, 0, n);
-}
-
-inline void stream_fence() {
-#if defined(__SSE2__)
-  _mm_sfence();
-#endif
-}
-
-// Zero a dense tensor's memory in parallel chunks.
-void stream_zero_tensor(const at::Tensor& t) {
-  char* base = static_cast<char*>(t.data_ptr());
-  const int64_t bytes = t.numel() * t.element_size(), chunk = 1 << 16;
-  at::parallel_for(0, (bytes + chunk - 1) / chunk, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) stream_zero(base + c * chunk, size_t(std::min(chunk, bytes - c * chunk)));
-    stream_fence();
-  });
 }
 
 // Sums of the element losses of one layer, each added over planes in plane order.
@@ -494,7 +280,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> fused_loss_impl(cons
     L.bs = bs, L.na = p[i].size(1), L.ny = p[i].size(2), L.nx = p[i].size(3), L.no = no;
     const at::Tensor a = anchors[i].to(T_type).contiguous();
     check_anchor_values(a.data_ptr<T>(), L.na, "anchors[" + std::to_string(i) + "]");
-    L.pairs = match_layer<T>(t.data_ptr<T>(), nt, a.data_ptr<T>(), L.na, L.ny, L.nx, T(o.iou_t));
+    L.pairs = match<T>(t.data_ptr<T>(), nt, a.data_ptr<T>(), L.na, L.ny, L.nx, T(o.iou_t));
     n_total += int64_t(L.pairs.size());
     if (compute_grad) {
       // p's own layout when it is dense (so the head's backward needs no copy), else the dense
@@ -581,11 +367,6 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> fused_loss_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(yolo_kernels, CPU, m) {
-  m.impl("match", &match_cpu);
-  m.impl("box_iou", &box_iou_cpu);
-  m.impl("bce_with_logits", &bce_with_logits_cpu);
-  m.impl("fused_loss", &fused_loss_cpu);
-}
+TORCH_LIBRARY_IMPL(yolo_kernels, CPU, m) { m.impl("fused_loss", &fused_loss_cpu); }
 
 }  // namespace yolo_kernels
