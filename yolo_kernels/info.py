@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from . import __version__, cpp
+from . import __version__, cpp, library
 from . import loss as loss_api
 from . import triton as triton_backend
 
@@ -54,7 +54,7 @@ def report() -> dict[str, Any]:
         "triton_interpreter": triton_backend.interpreter_active(),
         "backends": backends,
         "auto": auto,
-        "cpp_build": cpp.build_info() if cpp.LOAD_ERROR is None else cpp.LOAD_ERROR,
+        "cpp_build": cpp.build_info() if library.LOAD_ERROR is None else library.LOAD_ERROR,
     }
 
 

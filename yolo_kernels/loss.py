@@ -20,7 +20,7 @@ import torch.nn as nn
 from . import reference
 from .config import DEFAULT_HYP, BackendUnavailableError, LossOptions, as_anchor_list, model_anchors, model_options
 from .cpp import CppBackend
-from .triton import TritonBackend, _register_cuda_kernel
+from .triton import TritonBackend
 from .validate import check_inputs
 
 __all__ = [
@@ -51,7 +51,6 @@ BACKENDS: dict[str, Any] = {
     "cpp": CppBackend(),
     "triton": TritonBackend(),
 }
-_register_cuda_kernel()
 #: What ``backend="auto"`` tries, by device type, before falling back to the reference.
 AUTO_ORDER = {"cuda": ("triton",), "cpu": ("cpp",)}
 

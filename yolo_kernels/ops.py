@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from . import cpp
 from .config import LossOptions
+from .library import fused_loss_op, require_extension
 
 __all__ = ["match", "box_iou", "bce_with_logits", "fused_loss"]
 
@@ -17,25 +17,25 @@ __all__ = ["match", "box_iou", "bce_with_logits", "fused_loss"]
 def match(targets: torch.Tensor, anchors: torch.Tensor, ny: int, nx: int, iou_t: float = 0.2):
     """Target matching of one layer: ``(indices [P, 4] = (b, a, gj, gi), tbox [P, 4], anch [P, 2], tcls [P])``,
     pairs in anchor-major order; ``anchors [na, 2]`` in grid units."""
-    cpp._require_extension()
+    require_extension()
     return torch.ops.yolo_kernels.match(targets, anchors, int(ny), int(nx), float(iou_t))
 
 
 def box_iou(ps: torch.Tensor, tbox: torch.Tensor, anch: torch.Tensor, box_loss: str = "giou"):
     """IoU-family of the boxes predicted by logits ``ps [P, >= 4]`` and anchors ``anch [P, 2]``
     against ``tbox [P, 4]``: ``(iou [P], d iou / d ps[:, :4] [P, 4])``."""
-    cpp._require_extension()
+    require_extension()
     return torch.ops.yolo_kernels.box_iou(ps, tbox, anch, box_loss)
 
 
 def bce_with_logits(x: torch.Tensor, y: torch.Tensor, pos_weight: float = 1.0, gamma: float = 0.0):
     """Element-wise BCE with logits (``pos_weight``; focal when ``gamma > 0``): ``(loss, d loss / d x)``."""
-    cpp._require_extension()
+    require_extension()
     return torch.ops.yolo_kernels.bce_with_logits(x, y, float(pos_weight), float(gamma))
 
 
 def fused_loss(p, targets, anchors, options: LossOptions, compute_grad: bool = True):
     """The whole loss in one call: ``(loss [1], loss_items [4], [d loss / d p[i]])``; ``loss`` is
     differentiable with respect to ``p`` (its backward only scales the gradients computed here)."""
-    cpp._require_extension()
-    return cpp.fused_loss(p, targets, anchors, options, compute_grad)
+    require_extension()
+    return fused_loss_op(p, targets, anchors, options, compute_grad)

@@ -1,9 +1,10 @@
-"""The Triton (GPU) backend: fused kernels in ``loss.py`` (element math in ``math.py``).
+"""The Triton (GPU) backend (``"triton"``): an adapter over the launcher ``loss.fused_loss``
+(kernels in ``loss.py``, element math in ``math.py``), which ``library.py`` also registers as the
+CUDA kernel of ``torch.ops.yolo_kernels.fused_loss``.
 
 On CUDA tensors it is what ``backend="auto"`` picks. On CPU tensors it runs only under the Triton
 interpreter (``TRITON_INTERPRET=1`` set before ``triton`` is imported), which is how the tests
-check it on machines without a GPU. When the compiled extension is loaded, the kernels are also
-registered as the CUDA implementation of ``torch.ops.yolo_kernels.fused_loss``.
+check it on machines without a GPU.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import re
 
 import torch
 
-from ..config import LossOptions
+from ..library import FusedLoss
 
 #: The Triton releases the kernels are compiled and tested with (the compile gate), inclusive.
 SUPPORTED_TRITON = ((3, 6), (3, 9))
@@ -44,33 +45,25 @@ else:
 
 if IMPORT_ERROR is None:
     from . import loss as _loss
+
+    #: ``fused_loss(p, targets, anchors, options, compute_grad)``, or None without a usable Triton.
+    launcher = _loss.fused_loss
 else:  # never import the kernels with an unsupported triton: the backend says why instead
     _loss = None
+    launcher = None
 
-__all__ = ["TritonBackend", "IMPORT_ERROR", "SUPPORTED_TRITON", "interpreter_active", "triton_version_problem"]
+__all__ = [
+    "TritonBackend",
+    "IMPORT_ERROR",
+    "SUPPORTED_TRITON",
+    "interpreter_active",
+    "launcher",
+    "triton_version_problem",
+]
 
 
 def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-class _TritonFusedLoss(torch.autograd.Function):
-    """Autograd of the fused Triton loss: backward only scales the gradients computed in forward."""
-
-    @staticmethod
-    def forward(ctx, options: LossOptions, targets, anchors, *p):
-        loss, items, grads = _loss.fused_loss(p, targets, anchors, options, True)
-        ctx.save_for_backward(*grads)
-        ctx.mark_non_differentiable(items)
-        return loss, items
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_items):
-        grads = ctx.saved_tensors
-        if grad_loss is None:
-            return (None, None, None) + (None,) * len(grads)
-        # no `== 1` shortcut: reading grad_loss would synchronise with the device
-        return (None, None, None, *[g * grad_loss.to(g.dtype) for g in grads])
 
 
 class TritonBackend:
@@ -90,47 +83,7 @@ class TritonBackend:
 
     def loss(self, p, targets, anchors, options):
         compute_grad = torch.is_grad_enabled() and any(x.requires_grad for x in p)
-        if compute_grad:
-            return _TritonFusedLoss.apply(options, targets, anchors, *p)
-        loss, items, _ = _loss.fused_loss(p, targets, anchors, options, False)
+        if compute_grad:  # backward never reads grad_output on the device: no sync (library.scale_gradients)
+            return FusedLoss.apply(launcher, options, targets, anchors, *p)
+        loss, items, _ = launcher(p, targets, anchors, options, False)
         return loss, items
-
-
-def _register_cuda_kernel() -> None:
-    """Make the kernels the CUDA implementation of the op whose schema the extension defines."""
-    if _loss is None or not hasattr(torch.ops.yolo_kernels, "fused_loss"):
-        return
-
-    @torch.library.register_kernel("yolo_kernels::fused_loss", "cuda")
-    def _fused_loss_cuda(
-        p,
-        targets,
-        anchors,
-        gr,
-        giou,
-        cls,
-        cls_pw,
-        obj,
-        obj_pw,
-        iou_t,
-        fl_gamma,
-        label_smoothing,
-        box_loss,
-        reduction,
-        compute_grad,
-    ):
-        options = LossOptions(
-            nc=p[0].shape[-1] - 5,
-            gr=gr,
-            giou=giou,
-            cls=cls,
-            cls_pw=cls_pw,
-            obj=obj,
-            obj_pw=obj_pw,
-            iou_t=iou_t,
-            fl_gamma=fl_gamma,
-            label_smoothing=label_smoothing,
-            box_loss=box_loss,
-            reduction=reduction,
-        )
-        return _loss.fused_loss(p, targets, anchors, options, compute_grad)

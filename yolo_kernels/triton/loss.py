@@ -177,6 +177,34 @@ def _objectness_target_kernel(
 
 
 @triton.jit
+def _cell_rows(
+    cell,
+    num_anchors,
+    grid_h,
+    grid_w,
+    p_ptr,
+    p_stride_b,
+    p_stride_a,
+    p_stride_y,
+    p_stride_x,
+    grad_ptr,
+    grad_stride_b,
+    grad_stride_a,
+    grad_stride_y,
+    grad_stride_x,
+):
+    """Pointers to the rows of ``p`` and of its gradient at flat cell index(es) ``cell``
+    (``((image * na + anchor) * ny + y) * nx + x``), each tensor with its own strides."""
+    x = cell % grid_w
+    y = (cell // grid_w) % grid_h
+    a = (cell // (grid_w * grid_h)) % num_anchors
+    b = cell // (grid_w * grid_h * num_anchors)
+    p_row = p_ptr + b * p_stride_b + a * p_stride_a + y * p_stride_y + x * p_stride_x
+    g_row = grad_ptr + b * grad_stride_b + a * grad_stride_a + y * grad_stride_y + x * grad_stride_x
+    return p_row, g_row
+
+
+@triton.jit
 def _objectness_kernel(
     p_ptr,
     p_stride_b,
@@ -221,17 +249,27 @@ def _objectness_kernel(
     pid = tl.program_id(0).to(tl.int64)
     cell = pid * BLOCK_CELLS + tl.arange(0, BLOCK_CELLS)
     m = cell < num_cells
-    x = cell % grid_w
-    y = (cell // grid_w) % grid_h
-    a = (cell // (grid_w * grid_h)) % num_anchors
-    b = cell // (grid_w * grid_h * num_anchors)
-    p_row = p_ptr + b * p_stride_b + a * p_stride_a + y * p_stride_y + x * p_stride_x
+    p_row, g_row = _cell_rows(
+        cell,
+        num_anchors,
+        grid_h,
+        grid_w,
+        p_ptr,
+        p_stride_b,
+        p_stride_a,
+        p_stride_y,
+        p_stride_x,
+        grad_ptr,
+        grad_stride_b,
+        grad_stride_a,
+        grad_stride_y,
+        grad_stride_x,
+    )
     logit = tl.load(p_row + 4 * p_stride_c, mask=m, other=0.0).to(COMPUTE_DTYPE)
     target = tl.load(tobj_ptr + cell, mask=m, other=0.0)
     loss, grad = bce_with_logits(logit, target, obj_pos_weight, focal_gamma, FOCAL)
     tl.store(partial_ptr + pid, tl.sum(tl.where(m, loss, 0.0), axis=0).to(COMPUTE_DTYPE))
     if WRITE_GRAD:
-        g_row = grad_ptr + b * grad_stride_b + a * grad_stride_a + y * grad_stride_y + x * grad_stride_x
         g_obj = (grad * obj_scale)[:, None]
         # rows are written whole (zeros and the objectness term): the gradient is written once
         for c0 in range(0, num_outputs, BLOCK_CHANNELS):
@@ -293,12 +331,22 @@ def _pair_grad_kernel(
         first = tl.load(group_start_ptr + i)
         box_scale = tl.load(scale_ptr)
         cls_scale = tl.load(scale_ptr + 1)
-        x = cell % grid_w
-        y = (cell // grid_w) % grid_h
-        a = (cell // (grid_w * grid_h)) % num_anchors
-        b = cell // (grid_w * grid_h * num_anchors)
-        g_row = grad_ptr + b * grad_stride_b + a * grad_stride_a + y * grad_stride_y + x * grad_stride_x
-        p_row = p_ptr + b * p_stride_b + a * p_stride_a + y * p_stride_y + x * p_stride_x
+        p_row, g_row = _cell_rows(
+            cell,
+            num_anchors,
+            grid_h,
+            grid_w,
+            p_ptr,
+            p_stride_b,
+            p_stride_a,
+            p_stride_y,
+            p_stride_x,
+            grad_ptr,
+            grad_stride_b,
+            grad_stride_a,
+            grad_stride_y,
+            grad_stride_x,
+        )
         four = tl.arange(0, 4)
         acc = tl.zeros([4], dtype=COMPUTE_DTYPE)
         for j in range(first, i + 1):

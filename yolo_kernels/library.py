@@ -1,0 +1,189 @@
+"""The ``torch.ops.yolo_kernels`` ops on the Python side, in one place.
+
+* The compiled extension ``yolo_kernels._C`` defines the schemas (``csrc/ops.cpp``) and the CPU
+  kernels of ``match``, ``box_iou``, ``bce_with_logits`` and ``fused_loss``; loading it registers
+  them. Without it (not built, or built against another torch) ``LOAD_ERROR`` says why.
+* Here: their fake implementations (shapes for ``torch.compile``), the autograd of
+  ``fused_loss``, and the Triton launcher registered as its CUDA kernel.
+* The backward rule shared by every fused backend (``scale_gradients``) and the eager autograd
+  Function that applies it (``FusedLoss``). ``fused_loss`` computes the gradient of the loss in
+  its forward pass, so backward only scales it by ``grad_output``; ``loss_items`` is a result
+  (detached, as the original's).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .config import BackendUnavailableError, LossOptions
+
+__all__ = [
+    "BUILD_HINT",
+    "LOAD_ERROR",
+    "FusedLoss",
+    "fused_loss_op",
+    "options_from_op",
+    "require_extension",
+    "scale_gradients",
+]
+
+BUILD_HINT = (
+    "build the C++ extension against the installed torch from the source tree with "
+    "`pip install --no-build-isolation -e .` (or `make install`; needs a C++17 compiler and ninja; "
+    "an extension built against another torch version fails to import and must be rebuilt)"
+)
+
+try:
+    from . import _C
+
+    LOAD_ERROR: str | None = None
+except (ImportError, OSError) as error:  # e.g. not built, or built against another torch: the package
+    # works without it, and backend="cpp" / `python -m yolo_kernels.info` say how to build it
+    _C = None
+    LOAD_ERROR = f"yolo_kernels._C could not be imported ({error})"
+
+
+def require_extension() -> Any:
+    """The compiled extension, or a ``BackendUnavailableError`` saying why it is missing and how to build it."""
+    if _C is None:
+        raise BackendUnavailableError(f"{LOAD_ERROR}; {BUILD_HINT}")
+    return _C
+
+
+def _readable_one(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a real CPU tensor holding exactly 1. Only read where reading is free: not on a
+    device (that would synchronise), not while tracing (that would guard on data)."""
+    eager_cpu = (
+        type(t) is torch.Tensor
+        and t.device.type == "cpu"
+        and not torch._is_functional_tensor(t)
+        and not torch.compiler.is_compiling()
+    )
+    return eager_cpu and t.numel() == 1 and t.item() == 1.0
+
+
+def scale_gradients(grads, grad_output: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """The backward of every fused backend: d loss / d p[i] (computed in forward) times
+    ``grad_output``. For the usual ``loss.backward()`` on the CPU (``grad_output`` is 1) the saved
+    gradients are returned as they are: no p-sized multiply, and no copy, since autograd releases
+    the saved tensors before a leaf takes its ``.grad``."""
+    if grad_output is None:
+        return [None] * len(grads)
+    if _readable_one(grad_output):
+        return list(grads)
+    return [g * grad_output.to(g.dtype) for g in grads]
+
+
+class FusedLoss(torch.autograd.Function):
+    """Eager autograd around a fused implementation ``impl(p, targets, anchors, options,
+    compute_grad) -> (loss, loss_items, grads)``: forward runs it with the gradient, backward
+    applies ``scale_gradients``. (The registered autograd of the op has the same contract and
+    serves tracing; this one costs a fraction of its Python overhead per eager call.)"""
+
+    @staticmethod
+    def forward(ctx, impl: Callable, options: LossOptions, targets, anchors, *p):
+        loss, items, grads = impl(p, targets, anchors, options, True)
+        ctx.save_for_backward(*grads)
+        ctx.mark_non_differentiable(items)
+        return loss, items
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_items):
+        return (None, None, None, None, *scale_gradients(ctx.saved_tensors, grad_loss))
+
+
+_OPTION_FIELDS = (
+    "gr",
+    "giou",
+    "cls",
+    "cls_pw",
+    "obj",
+    "obj_pw",
+    "iou_t",
+    "fl_gamma",
+    "label_smoothing",
+    "box_loss",
+    "reduction",
+)
+
+
+def fused_loss_op(p, targets, anchors, options: LossOptions, compute_grad: bool):
+    """``torch.ops.yolo_kernels.fused_loss`` with the scalar options of ``options`` (the op's
+    schema takes them one by one, in ``_OPTION_FIELDS`` order)."""
+    scalars = [getattr(options, name) for name in _OPTION_FIELDS]
+    return torch.ops.yolo_kernels.fused_loss(list(p), targets, list(anchors), *scalars, compute_grad)
+
+
+def options_from_op(p, *scalars) -> LossOptions:
+    """The ``LossOptions`` of an op call: the inverse of ``fused_loss_op``'s unpacking."""
+    return LossOptions(nc=p[0].shape[-1] - 5, **dict(zip(_OPTION_FIELDS, scalars)))
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _register_triton_cuda_kernel() -> None:
+    """The Triton launcher as the CUDA kernel of ``fused_loss`` (when Triton is usable)."""
+    from . import triton as triton_backend
+
+    if triton_backend.launcher is None:
+        return
+    launcher = triton_backend.launcher
+
+    @torch.library.register_kernel("yolo_kernels::fused_loss", "cuda")
+    def _fused_loss_cuda(p, targets, anchors, *scalars_and_flag):
+        *scalars, compute_grad = scalars_and_flag
+        return launcher(p, targets, anchors, options_from_op(p, *scalars), compute_grad)
+
+
+if _C is not None:
+
+    @torch.library.register_fake("yolo_kernels::match")
+    def _match_fake(targets, anchors, ny, nx, iou_t):
+        n_pairs = torch.library.get_ctx().new_dynamic_size()
+        dtype = _opmath(targets.dtype)
+        return (
+            targets.new_empty(n_pairs, 4, dtype=torch.long),
+            targets.new_empty(n_pairs, 4, dtype=dtype),
+            targets.new_empty(n_pairs, 2, dtype=dtype),
+            targets.new_empty(n_pairs, dtype=torch.long),
+        )
+
+    @torch.library.register_fake("yolo_kernels::box_iou")
+    def _box_iou_fake(ps, tbox, anch, box_loss):
+        dtype = _opmath(ps.dtype)
+        return ps.new_empty(ps.shape[0], dtype=dtype), ps.new_empty(ps.shape[0], 4, dtype=dtype)
+
+    @torch.library.register_fake("yolo_kernels::bce_with_logits")
+    def _bce_fake(x, y, pos_weight, gamma):
+        dtype = _opmath(x.dtype)
+        return x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape, dtype=dtype)
+
+    @torch.library.register_fake("yolo_kernels::fused_loss")
+    def _fused_loss_fake(p, targets, anchors, *scalars_and_flag):
+        compute_grad = scalars_and_flag[-1]
+        dtype = _opmath(p[0].dtype)
+        grads = [torch.empty_like(x) if compute_grad else x.new_empty(0) for x in p]
+        return p[0].new_empty(1, dtype=dtype), p[0].new_empty(4, dtype=dtype), grads
+
+    def _fused_loss_setup(ctx, inputs, output):
+        ctx.set_materialize_grads(False)  # the other outputs get none: no p-sized zeros in backward
+        ctx.save_for_backward(*output[2])
+        ctx.compute_grad = inputs[-1]
+        ctx.n_layers = len(inputs[0])
+
+    def _fused_loss_backward(ctx, grad_loss, grad_items, grad_grads):
+        # Only `loss` is differentiable; loss_items and the gradients are results, not functions of p.
+        no_grad = ([None] * ctx.n_layers, None, [None] * ctx.n_layers) + (None,) * (len(_OPTION_FIELDS) + 1)
+        if grad_loss is None:
+            return no_grad
+        if not ctx.compute_grad:
+            raise RuntimeError("yolo_kernels::fused_loss: called with compute_grad=False, so it has no gradient")
+        return (scale_gradients(ctx.saved_tensors, grad_loss),) + no_grad[1:]
+
+    torch.library.register_autograd("yolo_kernels::fused_loss", _fused_loss_backward, setup_context=_fused_loss_setup)
+    _register_triton_cuda_kernel()
