@@ -68,8 +68,13 @@ def test_parse_args_defaults_and_overrides():
     args = gpu_report.parse_args([])
     assert args.batch == [16, 64] and args.img == [416, 640] and not args.quick
     assert args.out == os.path.join(HERE, "results")
-    args = gpu_report.parse_args(["--batch", "8", "--img", "320", "--quick", "--out", "/tmp/x"])
-    assert args.batch == [8] and args.img == [320] and args.quick and args.out == "/tmp/x"
+    args = gpu_report.parse_args(["--batch", "8", "--img", "320", "--quick", "--out", "/tmp/x", "--budget-s", "60"])
+    assert args.batch == [8] and args.img == [320] and args.quick and args.out == "/tmp/x" and args.budget_s == 60
+
+
+def test_speed_order_puts_the_target_shapes_first():
+    assert gpu_report.speed_order([16, 64], [416, 640]) == [(16, 416), (64, 640), (64, 416), (16, 640)]
+    assert gpu_report.speed_order([8], [320]) == [(8, 320)]
 
 
 def test_markdown_report():
