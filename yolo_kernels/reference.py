@@ -34,7 +34,8 @@ from .config import LossOptions, model_anchors, model_options
 __all__ = [
     "wh_iou",
     "bbox_iou",
-    "box_iou_kind",
+    "predicted_box",
+    "box_iou",
     "smooth_BCE",
     "FocalLoss",
     "LayerTargets",
@@ -102,7 +103,14 @@ def bbox_iou(box1, box2, x1y1x2y2=True, GIoU=False, DIoU=False, CIoU=False):
     return iou - (rho2 / c2 + v * alpha)
 
 
-def box_iou_kind(pbox: torch.Tensor, tbox: torch.Tensor, kind: str = "giou") -> torch.Tensor:
+def predicted_box(ps: torch.Tensor, anch: torch.Tensor) -> torch.Tensor:
+    """The centre-xywh boxes predicted by the box logits ``ps[:, 0:4]`` with anchors ``anch [P, 2]``:
+    ``sigmoid(xy)`` within the cell and ``exp(wh).clamp(max=1e3) * anchor`` (the logit capped at 30
+    first: the same values, and a zero rather than a NaN gradient for huge logits)."""
+    return torch.cat((ps[:, :2].sigmoid(), ps[:, 2:4].clamp(max=30.0).exp().clamp(max=1e3) * anch), 1)
+
+
+def box_iou(pbox: torch.Tensor, tbox: torch.Tensor, kind: str = "giou") -> torch.Tensor:
     """``bbox_iou`` of centre-xywh ``pbox [P, 4]`` against ``tbox [P, 4]`` for a ``kind`` of ``BOX_LOSSES``."""
     return bbox_iou(pbox.t(), tbox, x1y1x2y2=False, GIoU=kind == "giou", DIoU=kind == "diou", CIoU=kind == "ciou")
 
@@ -231,11 +239,7 @@ def loss(
         if n:
             n_pairs += n
             ps = pi[m.b, m.a, m.gj, m.gi]
-            pxy = ps[:, :2].sigmoid()
-            # exp(x).clamp(max=1e3), with x first capped at 30 (exp(30) >> 1e3): same values, but a
-            # zero instead of 0 * inf = NaN gradient for huge logits
-            pwh = ps[:, 2:4].clamp(max=30.0).exp().clamp(max=1e3) * m.anch
-            iou = box_iou_kind(torch.cat((pxy, pwh), 1), m.tbox, options.box_loss)
+            iou = box_iou(predicted_box(ps, m.anch), m.tbox, options.box_loss)
             lbox += (1.0 - iou).sum() if sum_reduction else (1.0 - iou).mean()
 
             last = last_pair_mask(m.b, m.a, m.gj, m.gi, tobj.shape)
