@@ -272,16 +272,14 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> fused_loss_impl(cons
 
   std::vector<at::Tensor> grads(nl);
   std::vector<Layer<scalar_t, T>> layers(nl);
-  int64_t n_total = 0;
+  std::vector<at::Tensor> anchor_values(nl);
   for (int64_t i = 0; i < nl; ++i) {
     auto& L = layers[i];
     L.p = p[i].data_ptr<scalar_t>();
     for (int d = 0; d < 5; ++d) L.ps[d] = p[i].stride(d);
     L.bs = bs, L.na = p[i].size(1), L.ny = p[i].size(2), L.nx = p[i].size(3), L.no = no;
-    const at::Tensor a = anchors[i].to(T_type).contiguous();
-    check_anchor_values(a.data_ptr<T>(), L.na, "anchors[" + std::to_string(i) + "]");
-    L.pairs = match<T>(t.data_ptr<T>(), nt, a.data_ptr<T>(), L.na, L.ny, L.nx, T(o.iou_t));
-    n_total += int64_t(L.pairs.size());
+    anchor_values[i] = anchors[i].to(T_type).contiguous();
+    check_anchor_values(anchor_values[i].data_ptr<T>(), L.na, "anchors[" + std::to_string(i) + "]");
     if (compute_grad) {
       // p's own layout when it is dense (so the head's backward needs no copy), else the dense
       // layout closest to it: the rule of empty_like, which the fake implementation uses
@@ -296,12 +294,22 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> fused_loss_impl(cons
     }
   }
 
+  // matching and grouping: the layers are independent, one task each
+  at::parallel_for(0, nl, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      auto& L = layers[i];
+      L.pairs = match<T>(t.data_ptr<T>(), nt, anchor_values[i].data_ptr<T>(), L.na, L.ny, L.nx, T(o.iou_t));
+      group_by_plane(L);
+    }
+  });
+  int64_t n_total = 0;
+  for (const auto& L : layers) n_total += int64_t(L.pairs.size());
+
   const bool sum_red = o.reduction == Reduction::kSum;
   double lbox = 0.0, lobj = 0.0, lcls = 0.0;
   for (int64_t i = 0; i < nl; ++i) {
     auto& L = layers[i];
     const int64_t P = int64_t(L.pairs.size());
-    group_by_plane(L);
     double box_scale = 0.0, cls_scale = 0.0;
     if (P > 0) {
       box_scale = sum_red ? o.giou * 3.0 / double(n_total) : o.giou / double(P);
