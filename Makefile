@@ -39,7 +39,7 @@ sanitize: $(STAMP)
 	YOLO_KERNELS_REQUIRE_EXT=1 YOLO_KERNELS_SANITIZE=1 $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	LD_PRELOAD="$(SANITIZER_RUNTIMES)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 TRITON_INTERPRET=0 \
-	  $(PY) -m pytest -q -p no:cacheprovider tests/test_cpp.py tests/test_robustness.py tests/test_properties.py \
+	  $(PY) -m pytest -q -p no:cacheprovider tests/test_cpp.py tests/test_fused_loss.py tests/test_robustness.py tests/test_properties.py \
 	  -k "not triton"; status=$$?; \
 	YOLO_KERNELS_REQUIRE_EXT=1 $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .; exit $$status
 
