@@ -131,3 +131,19 @@ def test_drop_in_needs_gr_and_the_module_api_keeps_its_defaults(gen):
         yk.compute_loss(p, t, model)
     crit = yk.YOLOv3Loss([torch.ones(2, 2)], [1.0], 3, hyp={"iou_t": 0.1})  # documented defaults fill the rest
     assert crit.options.iou_t == 0.1 and crit.options.giou == yk.DEFAULT_HYP["giou"]
+
+
+def test_numpy_scalars_are_numbers(gen):
+    """Hyperparameters, nc and strides often come out of NumPy: its scalars are accepted like Python's."""
+    import numpy as np
+
+    hyp = {k: np.float32(v) for k, v in yk.DEFAULT_HYP.items()}
+    anchors = random_anchors([2], gen)
+    model = duck_model(anchors, np.int64(3), hyp=hyp, gr=np.float64(0.5))
+    python_model = duck_model(anchors, 3, hyp={k: float(v) for k, v in hyp.items()}, gr=0.5)
+    p, t = make_p(1, [2], [(2, 2)], 3, gen), make_targets(2, 1, 3, gen)
+    torch.testing.assert_close(yk.compute_loss(p, t, model)[1], yk.compute_loss(p, t, python_model)[1])
+    crit = yk.YOLOv3Loss([torch.ones(2, 2)], [np.int32(8)], np.int64(3))
+    assert crit.strides == [8.0] and crit.nc == 3
+    with pytest.raises(TypeError, match="giou: expected a real number, got bool"):
+        yk.LossOptions(nc=3, giou=np.bool_(True))

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from numpy import bool_ as numpy_bool
 
 __all__ = [
     "BackendUnavailableError",
@@ -57,7 +59,8 @@ def _number(name: str, value: Any) -> float:
         if value.numel() != 1:
             raise ValueError(f"{name}: expected a scalar, got a tensor of shape {tuple(value.shape)}")
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # numbers.Real: Python and NumPy scalars alike (hyperparameters often come out of NumPy)
+    if isinstance(value, (bool, numpy_bool)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a real number, got {type(value).__name__} ({value!r})")
     value = float(value)
     if not math.isfinite(value):
@@ -93,7 +96,8 @@ class LossOptions:
         nc = self.nc
         if isinstance(nc, torch.Tensor) and nc.numel() == 1:
             nc = nc.item()
-        if isinstance(nc, bool) or not isinstance(nc, int) and not (isinstance(nc, float) and nc.is_integer()):
+        whole = isinstance(nc, numbers.Integral) or (isinstance(nc, numbers.Real) and float(nc).is_integer())
+        if isinstance(nc, (bool, numpy_bool)) or not whole:
             raise TypeError(f"nc: expected an integer number of classes, got {type(nc).__name__} ({nc!r})")
         if int(nc) < 1:
             raise ValueError(f"nc: expected at least 1 class, got {int(nc)}")
