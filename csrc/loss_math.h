@@ -290,6 +290,120 @@ static inline void bce_row(const double* x, double* loss, double* grad, int64_t 
   bce_const_target_row<double>(x, loss, grad, n, y, w, gamma);
 }
 
+// The box terms of many pairs at once (float), in a loop the compiler vectorises across pairs:
+// the same forward-mode duals as box_iou<Dual<float, 4>>, spelled as plain floats with selects
+// instead of branches, and exp by the polynomial of exp_nonpositive. Inputs and outputs are
+// structure-of-arrays: logits x0..x3, anchors aw/ah and targets tx/ty/tw/th in, the IoU-family
+// value and its derivatives d0..d3 with respect to the logits out. CIoU needs atan, which does
+// not vectorise: it takes the scalar path (box_iou<Dual>) instead.
+struct Lanes4 {
+  float v, d0, d1, d2, d3;
+};
+inline Lanes4 lanes_sub(Lanes4 a, Lanes4 b) { return {a.v - b.v, a.d0 - b.d0, a.d1 - b.d1, a.d2 - b.d2, a.d3 - b.d3}; }
+inline Lanes4 lanes_mul(Lanes4 a, Lanes4 b) {
+  return {a.v * b.v, a.d0 * b.v + a.v * b.d0, a.d1 * b.v + a.v * b.d1, a.d2 * b.v + a.v * b.d2,
+          a.d3 * b.v + a.v * b.d3};
+}
+inline Lanes4 lanes_div(Lanes4 a, Lanes4 b) {
+  const float v = a.v / b.v;
+  return {v, (a.d0 - v * b.d0) / b.v, (a.d1 - v * b.d1) / b.v, (a.d2 - v * b.d2) / b.v, (a.d3 - v * b.d3) / b.v};
+}
+inline Lanes4 lanes_add_const(Lanes4 a, float c) { return {a.v + c, a.d0, a.d1, a.d2, a.d3}; }
+// min / max with the gradient split evenly on ties (as PyTorch's autograd and min2/max2 above)
+inline Lanes4 lanes_pick(Lanes4 a, Lanes4 b, float wa) {
+  const float wb = 1.0f - wa;
+  return {wa * a.v + wb * b.v, wa * a.d0 + wb * b.d0, wa * a.d1 + wb * b.d1, wa * a.d2 + wb * b.d2,
+          wa * a.d3 + wb * b.d3};
+}
+inline Lanes4 lanes_min(Lanes4 a, Lanes4 b) {
+  Lanes4 r = lanes_pick(a, b, a.v < b.v ? 1.0f : (a.v == b.v ? 0.5f : 0.0f));
+  r.v = a.v < b.v ? a.v : b.v;  // exact, not a weighted sum
+  return r;
+}
+inline Lanes4 lanes_max(Lanes4 a, Lanes4 b) {
+  Lanes4 r = lanes_pick(a, b, a.v > b.v ? 1.0f : (a.v == b.v ? 0.5f : 0.0f));
+  r.v = a.v > b.v ? a.v : b.v;
+  return r;
+}
+inline Lanes4 lanes_clamp0(Lanes4 a) {  // clamp(min=0): the gradient passes where a >= 0
+  const float keep = a.v >= 0.0f ? 1.0f : 0.0f;
+  return {a.v >= 0.0f ? a.v : 0.0f, keep * a.d0, keep * a.d1, keep * a.d2, keep * a.d3};
+}
+inline float exp_capped(float x) {  // exp(min(x, 30)) by exp_nonpositive: no library call
+  const float c = std::min(x, 30.0f);
+  return c <= 0.0f ? exp_nonpositive(c) : 1.0f / exp_nonpositive(-c);
+}
+
+// The arrays of box_iou_rows: inputs x0..th, outputs v, d0..d3; separate, non-overlapping.
+struct BoxRows {
+  const float *x0, *x1, *x2, *x3, *aw, *ah, *tx, *ty, *tw, *th;
+  float *v, *d0, *d1, *d2, *d3;
+};
+
+template <BoxKind kind>
+inline void box_iou_rows_kind(int64_t n, const float* __restrict__ x0, const float* __restrict__ x1,
+                              const float* __restrict__ x2, const float* __restrict__ x3, const float* __restrict__ aw,
+                              const float* __restrict__ ah, const float* __restrict__ tx, const float* __restrict__ ty,
+                              const float* __restrict__ tw, const float* __restrict__ th, float* __restrict__ v,
+                              float* __restrict__ d0, float* __restrict__ d1, float* __restrict__ d2,
+                              float* __restrict__ d3) {
+  for (int64_t i = 0; i < n; ++i) {
+    // predicted box: sigmoid(xy) (stable form), exp(wh).clamp(max=1e3) * anchor
+    const float ex = exp_nonpositive(-std::abs(x0[i])), ey = exp_nonpositive(-std::abs(x1[i]));
+    const float ix = 1.0f / (1.0f + ex), iy = 1.0f / (1.0f + ey);
+    const float sx = x0[i] >= 0.0f ? ix : ex * ix, sy = x1[i] >= 0.0f ? iy : ey * iy;
+    const float ew = exp_capped(x2[i]), eh = exp_capped(x3[i]);
+    const float pw = (ew <= 1e3f ? ew : 1e3f) * aw[i], ph = (eh <= 1e3f ? eh : 1e3f) * ah[i];
+    const float dpw = ew <= 1e3f ? ew * aw[i] : 0.0f, dph = eh <= 1e3f ? eh * ah[i] : 0.0f;
+    const float dsx = sx * (1.0f - sx), dsy = sy * (1.0f - sy);
+    const Lanes4 b1_x1{sx - pw / 2.0f, dsx, 0.0f, -dpw / 2.0f, 0.0f}, b1_x2{sx + pw / 2.0f, dsx, 0.0f, dpw / 2.0f, 0.0f};
+    const Lanes4 b1_y1{sy - ph / 2.0f, 0.0f, dsy, 0.0f, -dph / 2.0f}, b1_y2{sy + ph / 2.0f, 0.0f, dsy, 0.0f, dph / 2.0f};
+    const Lanes4 b2_x1{tx[i] - tw[i] / 2.0f, 0, 0, 0, 0}, b2_x2{tx[i] + tw[i] / 2.0f, 0, 0, 0, 0};
+    const Lanes4 b2_y1{ty[i] - th[i] / 2.0f, 0, 0, 0, 0}, b2_y2{ty[i] + th[i] / 2.0f, 0, 0, 0, 0};
+    const Lanes4 inter = lanes_mul(lanes_clamp0(lanes_sub(lanes_min(b1_x2, b2_x2), lanes_max(b1_x1, b2_x1))),
+                                   lanes_clamp0(lanes_sub(lanes_min(b1_y2, b2_y2), lanes_max(b1_y1, b2_y1))));
+    const Lanes4 w1 = lanes_sub(b1_x2, b1_x1), h1 = lanes_sub(b1_y2, b1_y1);
+    const Lanes4 w2 = lanes_sub(b2_x2, b2_x1), h2 = lanes_sub(b2_y2, b2_y1);
+    Lanes4 uni = lanes_add_const(lanes_mul(w1, h1), 1e-16f);
+    uni = lanes_sub({uni.v + lanes_mul(w2, h2).v, uni.d0, uni.d1, uni.d2, uni.d3}, inter);
+    const Lanes4 iou = lanes_div(inter, uni);
+    Lanes4 r = iou;
+    if constexpr (kind != BoxKind::kIoU) {
+      const Lanes4 cw = lanes_sub(lanes_max(b1_x2, b2_x2), lanes_min(b1_x1, b2_x1));
+      const Lanes4 ch = lanes_sub(lanes_max(b1_y2, b2_y2), lanes_min(b1_y1, b2_y1));
+      if constexpr (kind == BoxKind::kGIoU) {
+        const Lanes4 c_area = lanes_add_const(lanes_mul(cw, ch), 1e-16f);
+        r = lanes_sub(iou, lanes_div(lanes_sub(c_area, uni), c_area));
+      } else {  // DIoU
+        Lanes4 c2 = lanes_mul(cw, cw);
+        const Lanes4 ch2 = lanes_mul(ch, ch);
+        c2 = {c2.v + ch2.v + 1e-16f, c2.d0 + ch2.d0, c2.d1 + ch2.d1, c2.d2 + ch2.d2, c2.d3 + ch2.d3};
+        const Lanes4 sx1 = {b1_x1.v + b1_x2.v, b1_x1.d0 + b1_x2.d0, b1_x1.d1 + b1_x2.d1, b1_x1.d2 + b1_x2.d2,
+                            b1_x1.d3 + b1_x2.d3};
+        const Lanes4 sy1 = {b1_y1.v + b1_y2.v, b1_y1.d0 + b1_y2.d0, b1_y1.d1 + b1_y2.d1, b1_y1.d2 + b1_y2.d2,
+                            b1_y1.d3 + b1_y2.d3};
+        const Lanes4 dx = lanes_sub({b2_x1.v + b2_x2.v, 0, 0, 0, 0}, sx1);
+        const Lanes4 dy = lanes_sub({b2_y1.v + b2_y2.v, 0, 0, 0, 0}, sy1);
+        const Lanes4 dx2 = lanes_mul(dx, dx), dy2 = lanes_mul(dy, dy);
+        const Lanes4 rho2 = {dx2.v / 4.0f + dy2.v / 4.0f, dx2.d0 / 4.0f + dy2.d0 / 4.0f, dx2.d1 / 4.0f + dy2.d1 / 4.0f,
+                             dx2.d2 / 4.0f + dy2.d2 / 4.0f, dx2.d3 / 4.0f + dy2.d3 / 4.0f};
+        r = lanes_sub(iou, lanes_div(rho2, c2));
+      }
+    }
+    v[i] = r.v, d0[i] = r.d0, d1[i] = r.d1, d2[i] = r.d2, d3[i] = r.d3;
+  }
+}
+
+YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) static void box_iou_rows(int64_t n, const BoxRows& rows,
+                                                                                  BoxKind kind) {
+#define YOLO_KERNELS_BOX_ROWS rows.x0, rows.x1, rows.x2, rows.x3, rows.aw, rows.ah, rows.tx, rows.ty, rows.tw, rows.th, \
+                              rows.v, rows.d0, rows.d1, rows.d2, rows.d3
+  if (kind == BoxKind::kIoU) return box_iou_rows_kind<BoxKind::kIoU>(n, YOLO_KERNELS_BOX_ROWS);
+  if (kind == BoxKind::kGIoU) return box_iou_rows_kind<BoxKind::kGIoU>(n, YOLO_KERNELS_BOX_ROWS);
+  box_iou_rows_kind<BoxKind::kDIoU>(n, YOLO_KERNELS_BOX_ROWS);  // CIoU never comes here (atan: the scalar path)
+#undef YOLO_KERNELS_BOX_ROWS
+}
+
 // ---------------------------------------------------------------------------------------------
 // Target matching of one layer (docs/semantics.md): every (anchor, target) with wh_iou > iou_t, anchor-major.
 template <typename T>

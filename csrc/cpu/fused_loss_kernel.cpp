@@ -20,6 +20,7 @@
 #include <cstring>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -69,6 +70,13 @@ void group_by_plane(Layer<scalar_t, T>& L) {
   std::vector<int64_t> fill(L.plane_start.begin(), L.plane_start.end() - 1);
   L.by_plane.resize(P);
   for (int64_t j = 0; j < P; ++j) L.by_plane[fill[L.pairs[j].b * L.na + L.pairs[j].a]++] = j;
+}
+
+// Start loading a pair's whole row of p (its box logits now, its class logits in cell_terms later).
+template <typename scalar_t, typename T>
+inline void prefetch_row(const Layer<scalar_t, T>& L, const Pair<T>& q) {
+  const scalar_t* row = L.p + L.row_offset(q);
+  for (int64_t c = 0; c < L.no; c += 64 / int64_t(sizeof(scalar_t))) __builtin_prefetch(row + c * L.ps[4]);
 }
 
 // One matched pair of a plane: its cell within the plane, its index, and its box results.
@@ -159,10 +167,12 @@ LayerSums layer_pass(const Layer<scalar_t, T>& L, const Options& o, T grad_scale
   const int64_t planes = L.bs * L.na, cells = L.ny * L.nx, no = L.no;
   const bool block_rows = L.block_rows();
   const T gr = T(o.gr);
+  const bool vector_boxes = std::is_same<T, float>::value && o.box != BoxKind::kCIoU;  // CIoU needs atan
   std::vector<LayerSums> partial(planes);
   at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> xs(cells), loss(cells), grad(cells);
     std::vector<PlanePair<T>> matched;
+    std::vector<float> soa;  // the plane's pairs as arrays for box_iou_rows
     CellScratch<T> scratch(std::max<int64_t>(nc, 1));
     const int64_t staging_rows = std::max<int64_t>(1, 4096 / no);
     std::vector<scalar_t> staging(block_rows ? staging_rows * no : 0, scalar_t(0));
@@ -172,20 +182,42 @@ LayerSums layer_pass(const Layer<scalar_t, T>& L, const Options& o, T grad_scale
       matched.clear();
       double box_sum = 0.0;
       constexpr int64_t kAhead = 4;  // rows are scattered over the plane: fetch a few pairs ahead
-      for (int64_t k = L.plane_start[plane]; k < L.plane_start[plane + 1]; ++k) {
-        if (k + kAhead < L.plane_start[plane + 1]) {
-          const scalar_t* ahead = L.p + L.row_offset(L.pairs[L.by_plane[k + kAhead]]);
-          for (int64_t c = 0; c < no; c += 64 / int64_t(sizeof(scalar_t))) __builtin_prefetch(ahead + c * L.ps[4]);
+      const int64_t first = L.plane_start[plane], count = L.plane_start[plane + 1] - first;
+      if (vector_boxes) {
+        // float, not CIoU: gather the plane's pairs as arrays, then one vectorised pass
+        soa.resize(15 * count);
+        float* a = soa.data();
+        for (int64_t k = 0; k < count; ++k) {
+          if (k + kAhead < count) prefetch_row(L, L.pairs[L.by_plane[first + k + kAhead]]);
+          const auto& q = L.pairs[L.by_plane[first + k]];
+          const scalar_t* src = L.p + L.row_offset(q);
+          for (int c = 0; c < 4; ++c) a[c * count + k] = float(src[c * L.ps[4]]);
+          a[4 * count + k] = float(q.anch[0]), a[5 * count + k] = float(q.anch[1]);
+          for (int c = 0; c < 4; ++c) a[(6 + c) * count + k] = float(q.tbox[c]);
         }
-        const int64_t j = L.by_plane[k];
-        const auto& q = L.pairs[j];
-        const scalar_t* src = L.p + L.row_offset(q);
-        const T logits[4] = {T(src[0]), T(src[L.ps[4]]), T(src[2 * L.ps[4]]), T(src[3 * L.ps[4]])};
-        const auto box = predicted_box<T>(logits, q.anch[0], q.anch[1]);
-        const auto r = box_iou(box[0], box[1], box[2], box[3], q.tbox[0], q.tbox[1], q.tbox[2], q.tbox[3], o.box);
-        PlanePair<T> m{q.gj * L.nx + q.gi, j, r.v, {r.d[0], r.d[1], r.d[2], r.d[3]}};
-        matched.push_back(m);
-        box_sum += double(T(1) - r.v);
+        const BoxRows rows{a, a + count, a + 2 * count, a + 3 * count, a + 4 * count, a + 5 * count,
+                           a + 6 * count, a + 7 * count, a + 8 * count, a + 9 * count, a + 10 * count,
+                           a + 11 * count, a + 12 * count, a + 13 * count, a + 14 * count};
+        box_iou_rows(count, rows, o.box);
+        for (int64_t k = 0; k < count; ++k) {
+          const int64_t j = L.by_plane[first + k];
+          const auto& q = L.pairs[j];
+          const T v = T(rows.v[k]);
+          matched.push_back({q.gj * L.nx + q.gi, j, v, {T(rows.d0[k]), T(rows.d1[k]), T(rows.d2[k]), T(rows.d3[k])}});
+          box_sum += double(T(1) - v);
+        }
+      } else {
+        for (int64_t k = first; k < first + count; ++k) {
+          if (k + kAhead < first + count) prefetch_row(L, L.pairs[L.by_plane[k + kAhead]]);
+          const int64_t j = L.by_plane[k];
+          const auto& q = L.pairs[j];
+          const scalar_t* src = L.p + L.row_offset(q);
+          const T logits[4] = {T(src[0]), T(src[L.ps[4]]), T(src[2 * L.ps[4]]), T(src[3 * L.ps[4]])};
+          const auto box = predicted_box<T>(logits, q.anch[0], q.anch[1]);
+          const auto r = box_iou(box[0], box[1], box[2], box[3], q.tbox[0], q.tbox[1], q.tbox[2], q.tbox[3], o.box);
+          matched.push_back({q.gj * L.nx + q.gi, j, r.v, {r.d[0], r.d[1], r.d[2], r.d[3]}});
+          box_sum += double(T(1) - r.v);
+        }
       }
       std::stable_sort(matched.begin(), matched.end(), [](const auto& x, const auto& y) { return x.cell < y.cell; });
       const auto matched_end = matched.cend();
