@@ -232,6 +232,18 @@ inline float log1p_unit(float e) {  // log1p(e) for e in [0, 1]
 }
 inline double log1p_unit(double e) { return std::log1p(e); }
 
+// BCE with logits without the focal factor, by the polynomials above: branch-free, so it
+// vectorises in a row (bce_const_target_row) and costs no library call alone (a pair's class).
+template <typename T>
+inline LossGrad<T> bce_plain(T x, T y, T w) {
+  const T e = exp_nonpositive(-std::abs(x));
+  const T l = log1p_unit(e);
+  const T inv = T(1) / (T(1) + e);
+  const T sig = x >= T(0) ? inv : e * inv;
+  const T wy = w * y;
+  return {wy * (l + std::max(-x, T(0))) + (T(1) - y) * (l + std::max(x, T(0))), sig * (T(1) - y + wy) - wy};
+}
+
 // loss[i], grad[i] of BCE(x[i], y) for one target y shared by the row, pos_weight w, focal gamma
 // (0: plain). Vectorised for gamma == 0 and for y == 0; focal with y != 0 takes the scalar path.
 template <typename T>
@@ -257,14 +269,10 @@ void bce_const_target_row(const T* x, T* loss, T* grad, int64_t n, T y, T w, T g
     }
     return;
   }
-  const T wy = w * y, one_m_y = T(1) - y, grad_sig = T(1) - y + w * y;
   for (int64_t i = 0; i < n; ++i) {
-    const T e = exp_nonpositive(-std::abs(x[i]));
-    const T l = log1p_unit(e);
-    const T inv = T(1) / (T(1) + e);
-    const T sig = x[i] >= T(0) ? inv : e * inv;
-    loss[i] = wy * (l + std::max(-x[i], T(0))) + one_m_y * (l + std::max(x[i], T(0)));
-    grad[i] = sig * grad_sig - wy;
+    const auto r = bce_plain(x[i], y, w);
+    loss[i] = r.loss;
+    grad[i] = r.grad;
   }
 }
 
