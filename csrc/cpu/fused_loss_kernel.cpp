@@ -157,9 +157,9 @@ struct LayerSums {
   double box = 0.0, obj = 0.0, cls = 0.0;
 };
 
-// Everything of one layer, one (image, anchor) plane per task. Per plane: the box IoU and its
-// gradient for each of the plane's pairs, which are then grouped by cell (stable: pair order
-// within a cell; the last pair of a cell sets its objectness target); the objectness logits
+// Everything of one layer, one (image, anchor) plane per task. Per plane: the plane's pairs
+// grouped by cell (stable: pair order within a cell; the last pair of a cell sets its objectness
+// target) and the box IoU and its gradient for each of them, in that order; the objectness logits
 // gathered and their vectorised zero-target BCE, recomputed at the matched cells; then, with a
 // gradient, the plane's rows written once (zeros, the objectness term, and cell_terms for the
 // matched cells): streamed from a cache-resident staging block when the plane is one contiguous
@@ -174,24 +174,32 @@ LayerSums layer_pass(const Layer<scalar_t, T>& L, const Options& o, T grad_scale
   at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> xs(cells), loss(cells), grad(cells);
     std::vector<PlanePair<T>> matched;
-    std::vector<float> soa;  // the plane's pairs as arrays for box_iou_rows
+    std::vector<float> soa;                          // the plane's pairs as arrays for box_iou_rows
+    std::vector<std::pair<int64_t, int64_t>> order;  // (cell, pair) of the plane's pairs
     CellScratch<T> scratch(std::max<int64_t>(nc, 1));
     const int64_t staging_rows = std::max<int64_t>(1, 4096 / no);
     std::vector<scalar_t> staging(block_rows ? staging_rows * no : 0, scalar_t(0));
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t b = plane / L.na, a = plane % L.na;
-      // the plane's pairs: box terms (pair order), then grouped by cell
       matched.clear();
       double box_sum = 0.0;
       constexpr int64_t kAhead = 4;  // rows are scattered over the plane: fetch a few pairs ahead
+      // the plane's pairs in cell order (stable: pair order within a cell), so that their rows are
+      // read in address order, and grouped by cell as the later passes need
       const int64_t first = L.plane_start[plane], count = L.plane_start[plane + 1] - first;
+      order.resize(count);
+      for (int64_t k = 0; k < count; ++k) {
+        const int64_t j = L.by_plane[first + k];
+        order[k] = {L.pairs[j].gj * L.nx + L.pairs[j].gi, j};
+      }
+      std::stable_sort(order.begin(), order.end(), [](const auto& x, const auto& y) { return x.first < y.first; });
       if (vector_boxes) {
         // float, not CIoU: gather the plane's pairs as arrays, then one vectorised pass
         soa.resize(15 * count);
         float* a = soa.data();
         for (int64_t k = 0; k < count; ++k) {
-          if (k + kAhead < count) prefetch_row(L, L.pairs[L.by_plane[first + k + kAhead]]);
-          const auto& q = L.pairs[L.by_plane[first + k]];
+          if (k + kAhead < count) prefetch_row(L, L.pairs[order[k + kAhead].second]);
+          const auto& q = L.pairs[order[k].second];
           const scalar_t* src = L.p + L.row_offset(q);
           for (int c = 0; c < 4; ++c) a[c * count + k] = float(src[c * L.ps[4]]);
           a[4 * count + k] = float(q.anch[0]), a[5 * count + k] = float(q.anch[1]);
@@ -202,26 +210,23 @@ LayerSums layer_pass(const Layer<scalar_t, T>& L, const Options& o, T grad_scale
                            a + 11 * count, a + 12 * count, a + 13 * count, a + 14 * count};
         box_iou_rows(count, rows, o.box);
         for (int64_t k = 0; k < count; ++k) {
-          const int64_t j = L.by_plane[first + k];
-          const auto& q = L.pairs[j];
           const T v = T(rows.v[k]);
-          matched.push_back({q.gj * L.nx + q.gi, j, v, {T(rows.d0[k]), T(rows.d1[k]), T(rows.d2[k]), T(rows.d3[k])}});
+          matched.push_back({order[k].first, order[k].second, v,
+                             {T(rows.d0[k]), T(rows.d1[k]), T(rows.d2[k]), T(rows.d3[k])}});
           box_sum += double(T(1) - v);
         }
       } else {
-        for (int64_t k = first; k < first + count; ++k) {
-          if (k + kAhead < first + count) prefetch_row(L, L.pairs[L.by_plane[k + kAhead]]);
-          const int64_t j = L.by_plane[k];
-          const auto& q = L.pairs[j];
+        for (int64_t k = 0; k < count; ++k) {
+          if (k + kAhead < count) prefetch_row(L, L.pairs[order[k + kAhead].second]);
+          const auto& q = L.pairs[order[k].second];
           const scalar_t* src = L.p + L.row_offset(q);
           const T logits[4] = {T(src[0]), T(src[L.ps[4]]), T(src[2 * L.ps[4]]), T(src[3 * L.ps[4]])};
           const auto box = predicted_box<T>(logits, q.anch[0], q.anch[1]);
           const auto r = box_iou(box[0], box[1], box[2], box[3], q.tbox[0], q.tbox[1], q.tbox[2], q.tbox[3], o.box);
-          matched.push_back({q.gj * L.nx + q.gi, j, r.v, {r.d[0], r.d[1], r.d[2], r.d[3]}});
+          matched.push_back({order[k].first, order[k].second, r.v, {r.d[0], r.d[1], r.d[2], r.d[3]}});
           box_sum += double(T(1) - r.v);
         }
       }
-      std::stable_sort(matched.begin(), matched.end(), [](const auto& x, const auto& y) { return x.cell < y.cell; });
       const auto matched_end = matched.cend();
       auto group_end = [&](Group<T> g) {
         Group<T> e = g;
