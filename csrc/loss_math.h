@@ -165,39 +165,9 @@ std::array<Dual<T, 4>, 4> predicted_box(const T* logits, T aw, T ah) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// BCE with logits, pos_weight w, optional focal factor alpha_t * (1 - p_t)^gamma (alpha 0.25):
-// the element loss and its derivative with respect to the logit x.
-template <typename T>
-struct LossGrad {
-  T loss;
-  T grad;
-};
-
-template <typename T>
-inline LossGrad<T> bce_with_logits(T x, T y, T w, T gamma) {
-  const T e = std::exp(-std::abs(x));  // in (0, 1]: no overflow for any x
-  const T sig = x >= T(0) ? T(1) / (T(1) + e) : e / (T(1) + e);
-  const T log1pe = std::log1p(e);
-  const T neg_log_sig = log1pe + std::max(-x, T(0));     // -log(sigmoid(x))
-  const T neg_log_1msig = log1pe + std::max(x, T(0));    // -log(1 - sigmoid(x))
-  const T loss = w * y * neg_log_sig + (T(1) - y) * neg_log_1msig;
-  const T grad = sig * (T(1) - y + w * y) - w * y;
-  if (gamma <= T(0)) return {loss, grad};
-  const T alpha = T(0.25);
-  const T p_t = y * sig + (T(1) - y) * (T(1) - sig);
-  const T alpha_t = y * alpha + (T(1) - y) * (T(1) - alpha);
-  const T one_m_pt = T(1) - p_t;
-  const T mod = std::pow(one_m_pt, gamma);
-  const T dp_t = (T(2) * y - T(1)) * sig * (T(1) - sig);
-  const T dmod = gamma * std::pow(one_m_pt, gamma - T(1)) * -dp_t;
-  return {loss * alpha_t * mod, alpha_t * (grad * mod + loss * dmod)};
-}
-
-// ---------------------------------------------------------------------------------------------
-// The objectness BCE of cells whose target is 0 (all but the matched ones), over a row of logits,
-// in branch-free arithmetic the compiler vectorises. exp and log1p are evaluated by polynomials
-// (float: a few ulp; double: the C library) on arguments where they are well conditioned:
-// exp on [-87, 0], log1p on [0, 1] through log1p(e) = 2 atanh(e / (2 + e)).
+// exp and log1p by polynomials (float: a few ulp; double: the C library) on arguments where they
+// are well conditioned: exp on [-87, 0], log1p on [0, 1] through log1p(e) = 2 atanh(e / (2 + e)).
+// Branch-free and without library calls, so loops over them vectorise.
 inline float exp_nonpositive(float x) {
   x = std::max(x, -87.0f);  // below: 2^n would leave the normal range; the result is ~1e-38 either way
   // round to nearest by adding and subtracting 1.5 * 2^23 (a library call would block vectorisation)
@@ -232,20 +202,41 @@ inline float log1p_unit(float e) {  // log1p(e) for e in [0, 1]
 }
 inline double log1p_unit(double e) { return std::log1p(e); }
 
-// BCE with logits without the focal factor, by the polynomials above: branch-free, so it
-// vectorises in a row (bce_const_target_row) and costs no library call alone (a pair's class).
+// BCE with logits, pos_weight w, optional focal factor alpha_t * (1 - p_t)^gamma (alpha 0.25):
+// the element loss and its derivative with respect to the logit x. Without the focal factor it is
+// branch-free and calls no library function (rows of it vectorise: bce_const_target_row).
 template <typename T>
-inline LossGrad<T> bce_plain(T x, T y, T w) {
-  const T e = exp_nonpositive(-std::abs(x));
+struct LossGrad {
+  T loss;
+  T grad;
+};
+
+template <typename T>
+inline LossGrad<T> bce_with_logits(T x, T y, T w, T gamma) {
+  const T e = exp_nonpositive(-std::abs(x));  // in (0, 1]: no overflow for any x
   const T l = log1p_unit(e);
   const T inv = T(1) / (T(1) + e);
   const T sig = x >= T(0) ? inv : e * inv;
+  const T neg_log_sig = l + std::max(-x, T(0));    // -log(sigmoid(x))
+  const T neg_log_1msig = l + std::max(x, T(0));   // -log(1 - sigmoid(x))
   const T wy = w * y;
-  return {wy * (l + std::max(-x, T(0))) + (T(1) - y) * (l + std::max(x, T(0))), sig * (T(1) - y + wy) - wy};
+  const T loss = wy * neg_log_sig + (T(1) - y) * neg_log_1msig;
+  const T grad = sig * (T(1) - y + wy) - wy;
+  if (gamma <= T(0)) return {loss, grad};
+  const T alpha = T(0.25);
+  const T p_t = y * sig + (T(1) - y) * (T(1) - sig);
+  const T alpha_t = y * alpha + (T(1) - y) * (T(1) - alpha);
+  const T one_m_pt = T(1) - p_t;
+  const T mod = std::pow(one_m_pt, gamma);
+  const T dp_t = (T(2) * y - T(1)) * sig * (T(1) - sig);
+  const T dmod = gamma * std::pow(one_m_pt, gamma - T(1)) * -dp_t;
+  return {loss * alpha_t * mod, alpha_t * (grad * mod + loss * dmod)};
 }
 
-// loss[i], grad[i] of BCE(x[i], y) for one target y shared by the row, pos_weight w, focal gamma
-// (0: plain). Vectorised for gamma == 0 and for y == 0; focal with y != 0 takes the scalar path.
+// ---------------------------------------------------------------------------------------------
+// loss[i], grad[i] of BCE(x[i], y) for one target y shared by a row of logits (the objectness of
+// the cells whose target is 0, the classes of a matched cell), pos_weight w, focal gamma (0: plain).
+// Vectorised for gamma == 0 and for y == 0; focal with y != 0 takes the scalar path.
 template <typename T>
 void bce_const_target_row(const T* x, T* loss, T* grad, int64_t n, T y, T w, T gamma) {
   if (gamma > T(0) && y != T(0)) {
@@ -270,7 +261,7 @@ void bce_const_target_row(const T* x, T* loss, T* grad, int64_t n, T y, T w, T g
     return;
   }
   for (int64_t i = 0; i < n; ++i) {
-    const auto r = bce_plain(x[i], y, w);
+    const auto r = bce_with_logits(x[i], y, w, T(0));  // no focal factor: the branch folds away
     loss[i] = r.loss;
     grad[i] = r.grad;
   }

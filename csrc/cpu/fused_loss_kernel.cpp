@@ -139,9 +139,7 @@ double cell_terms(const Layer<scalar_t, T>& L, Group<T> first, Group<T> last, co
   double total = 0.0;
   for (Group<T> q = first; q != last; ++q) {
     const int64_t c = L.pairs[q->pair].cls;
-    // the positive class by the row's own element formula: the same values, no library call
-    const auto hit = o.fl_gamma > 0 ? bce_with_logits<T>(s.x[c], cp, T(o.cls_pw), T(o.fl_gamma))
-                                    : bce_plain<T>(s.x[c], cp, T(o.cls_pw));
+    const auto hit = bce_with_logits<T>(s.x[c], cp, T(o.cls_pw), T(o.fl_gamma));
     total += negatives - double(s.loss[c]) + double(hit.loss);
     if (out) s.total_grad[c] += hit.grad - s.grad[c];  // ... but its own class toward cp
   }
@@ -247,8 +245,7 @@ LayerSums layer_pass(const Layer<scalar_t, T>& L, const Options& o, T grad_scale
       for (Group<T> g = matched.cbegin(); g != matched_end;) {
         const Group<T> last = group_end(g);
         const T target = (T(1) - gr) + gr * std::max(std::prev(last)->iou, T(0));  // the last pair wins
-        const auto lg = o.fl_gamma > 0 ? bce_with_logits<T>(xs[g->cell], target, T(o.obj_pw), T(o.fl_gamma))
-                                       : bce_plain<T>(xs[g->cell], target, T(o.obj_pw));
+        const auto lg = bce_with_logits<T>(xs[g->cell], target, T(o.obj_pw), T(o.fl_gamma));
         loss[g->cell] = lg.loss;
         grad[g->cell] = lg.grad;
         g = last;
