@@ -15,8 +15,8 @@ Sections:
   with CIoU, focal, sum reduction, label smoothing and gr (max relative error of the loss items
   and of the gradients; bf16 against the reference on the same values upcast);
 * speed: forward + backward medians of the reference, ``torch.compile(reference)`` and triton,
-  taken in turns with the L2 cache evicted before each call (CUDA events), YOLOv3 shapes, 10
-  targets per image;
+  taken in turns with the L2 cache evicted before each call (``bench.time_interleaved``: the
+  device synchronised around each timed call), YOLOv3 shapes, 10 targets per image;
 * the DRAM floor: bytes that must move (the gradient written once, the objectness logit of every
   cell read once) over the device-to-device copy bandwidth measured in the same run, and each
   provider's ratio to it;
@@ -42,7 +42,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # the source tree, installed or not (no pytest needed)
 
 import yolo_kernels as yk  # noqa: E402
-from yolo_kernels.bench import yolov3_inputs  # noqa: E402
+from yolo_kernels.bench import percentile, time_interleaved, yolov3_inputs  # noqa: E402
 
 #: Parity limits (max relative error against the reference): bf16 gradients are rounded to bf16.
 TOLERANCES = {"float32": {"loss": 1e-5, "grad": 1e-4}, "bfloat16": {"loss": 1e-5, "grad": 1e-2}}
@@ -121,28 +121,6 @@ def parity(batch, img):
     return rows
 
 
-def interleaved_ms(providers: dict, rounds: int = 25) -> dict[str, list[float]]:
-    """Milliseconds per call of each provider, taken in turns (provider A, B, C, A, B, C, ...), each
-    call timed with CUDA events after the L2 cache is evicted (a training step evicts it too)."""
-    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")  # larger than any L2
-    times: dict[str, list[float]] = {name: [] for name in providers}
-    for _ in range(rounds):
-        for name, fn in providers.items():
-            flush.zero_()
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times[name].append(begin.elapsed_time(end))
-    return times
-
-
-def _quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def speed(batch, img, bandwidth, quick=False, rounds=25):
     """Forward + backward of each provider side by side, with the DRAM floor of these shapes."""
     model, p, targets = cuda_inputs(batch, img)
@@ -166,18 +144,27 @@ def speed(batch, img, bandwidth, quick=False, rounds=25):
         fn()
         torch.cuda.synchronize()
         peaks[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
-    times = interleaved_ms(providers, rounds)
+    # in turns, the L2 cache evicted before each call (a training step evicts it too), the previous
+    # gradients released untimed
+    times = time_interleaved(
+        providers,
+        rounds,
+        0,
+        torch.device("cuda"),
+        evict_bytes=256 * 2**20,
+        before=lambda: [setattr(x, "grad", None) for x in p],
+    )
     rows = []
     for name, values in times.items():
-        median = _quantile(values, 0.5)
+        median = percentile(values, 0.5)
         rows.append(
             {
                 "provider": name,
                 "batch": batch,
                 "img": img,
                 "median_ms": median,
-                "p20_ms": _quantile(values, 0.2),
-                "p80_ms": _quantile(values, 0.8),
+                "p20_ms": percentile(values, 0.2),
+                "p80_ms": percentile(values, 0.8),
                 "x_dram_floor": median / floor_ms,
                 "peak_extra_mb": peaks[name],
                 "warmup_s": warmup_s[name],

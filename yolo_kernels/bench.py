@@ -32,7 +32,17 @@ import torch
 from . import loss as loss_api
 from .models import Darknet
 
-__all__ = ["yolov3_inputs", "time_call", "peak_extra_bytes", "run", "format_table", "plot", "main"]
+__all__ = [
+    "yolov3_inputs",
+    "time_call",
+    "time_interleaved",
+    "percentile",
+    "peak_extra_bytes",
+    "run",
+    "format_table",
+    "plot",
+    "main",
+]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _MODELS: dict[str, Darknet] = {}
@@ -135,7 +145,8 @@ def peak_extra_bytes(fn: Callable[[], Any], device: torch.device) -> int:
     return peak
 
 
-def _percentile(xs: list[float], q: float) -> float:
+def percentile(xs: list[float], q: float) -> float:
+    """The ``q`` quantile of ``xs`` (nearest rank)."""
     xs = sorted(xs)
     return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
 
@@ -197,7 +208,7 @@ def _measure_batch(batch, img, targets_per_image, backends, dtype, device, repea
     for r in rows:
         times = r.pop("times")
         r["median_ms"] = statistics.median(times)
-        r["p20_ms"], r["p80_ms"] = _percentile(times, 0.2), _percentile(times, 0.8)
+        r["p20_ms"], r["p80_ms"] = percentile(times, 0.2), percentile(times, 0.8)
         r["x_floor"] = r["median_ms"] / floor_ms
         r["speedup_vs_reference"] = ref_ms / r["median_ms"] if ref_ms and r["provider"] != "floor" else None
         r["peak_extra_mb"] = r.pop("peak_extra_bytes") / 2**20

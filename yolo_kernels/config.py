@@ -54,13 +54,17 @@ BOX_LOSSES = ("giou", "iou", "diou", "ciou")
 REDUCTIONS = ("mean", "sum")
 
 
+def is_real_number(value: Any) -> bool:
+    """A Python or NumPy real number that is not a bool (hyperparameters often come out of NumPy)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, numpy_bool))
+
+
 def _number(name: str, value: Any) -> float:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name}: expected a scalar, got a tensor of shape {tuple(value.shape)}")
         value = value.item()
-    # numbers.Real: Python and NumPy scalars alike (hyperparameters often come out of NumPy)
-    if isinstance(value, (bool, numpy_bool)) or not isinstance(value, numbers.Real):
+    if not is_real_number(value):
         raise TypeError(f"{name}: expected a real number, got {type(value).__name__} ({value!r})")
     value = float(value)
     if not math.isfinite(value):
@@ -96,8 +100,7 @@ class LossOptions:
         nc = self.nc
         if isinstance(nc, torch.Tensor) and nc.numel() == 1:
             nc = nc.item()
-        whole = isinstance(nc, numbers.Integral) or (isinstance(nc, numbers.Real) and float(nc).is_integer())
-        if isinstance(nc, (bool, numpy_bool)) or not whole:
+        if not is_real_number(nc) or not float(nc).is_integer():
             raise TypeError(f"nc: expected an integer number of classes, got {type(nc).__name__} ({nc!r})")
         if int(nc) < 1:
             raise ValueError(f"nc: expected at least 1 class, got {int(nc)}")

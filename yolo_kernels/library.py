@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .config import BackendUnavailableError, LossOptions
+from .reference import compute_dtype
 
 __all__ = [
     "BUILD_HINT",
@@ -122,10 +123,6 @@ def options_from_op(p, *scalars) -> LossOptions:
     return LossOptions(nc=p[0].shape[-1] - 5, **dict(zip(_OPTION_FIELDS, scalars)))
 
 
-def _opmath(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _register_triton_cuda_kernel() -> None:
     """The Triton launcher as the CUDA kernel of ``fused_loss`` (when Triton is usable)."""
     from . import triton as triton_backend
@@ -145,7 +142,7 @@ if _C is not None:
     @torch.library.register_fake("yolo_kernels::match")
     def _match_fake(targets, anchors, ny, nx, iou_t):
         n_pairs = torch.library.get_ctx().new_dynamic_size()
-        dtype = _opmath(targets.dtype)
+        dtype = compute_dtype(targets.dtype)
         return (
             targets.new_empty(n_pairs, 4, dtype=torch.long),
             targets.new_empty(n_pairs, 4, dtype=dtype),
@@ -155,18 +152,18 @@ if _C is not None:
 
     @torch.library.register_fake("yolo_kernels::box_iou")
     def _box_iou_fake(ps, tbox, anch, box_loss):
-        dtype = _opmath(ps.dtype)
+        dtype = compute_dtype(ps.dtype)
         return ps.new_empty(ps.shape[0], dtype=dtype), ps.new_empty(ps.shape[0], 4, dtype=dtype)
 
     @torch.library.register_fake("yolo_kernels::bce_with_logits")
     def _bce_fake(x, y, pos_weight, gamma):
-        dtype = _opmath(x.dtype)
+        dtype = compute_dtype(x.dtype)
         return x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape, dtype=dtype)
 
     @torch.library.register_fake("yolo_kernels::fused_loss")
     def _fused_loss_fake(p, targets, anchors, *scalars_and_flag):
         compute_grad = scalars_and_flag[-1]
-        dtype = _opmath(p[0].dtype)
+        dtype = compute_dtype(p[0].dtype)
         grads = [torch.empty_like(x) if compute_grad else x.new_empty(0) for x in p]
         return p[0].new_empty(1, dtype=dtype), p[0].new_empty(4, dtype=dtype), grads
 

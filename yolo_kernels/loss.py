@@ -10,17 +10,23 @@ fused backends register themselves in ``BACKENDS`` when their module loads.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 from . import reference
-from .config import DEFAULT_HYP, BackendUnavailableError, LossOptions, as_anchor_list, model_anchors, model_options
+from .config import (
+    DEFAULT_HYP,
+    BackendUnavailableError,
+    LossOptions,
+    as_anchor_list,
+    is_real_number,
+    model_anchors,
+    model_options,
+)
 from .cpp import CppBackend
 from .triton import TritonBackend
 from .validate import check_inputs
@@ -188,7 +194,7 @@ class YOLOv3Loss(nn.Module):
         if not isinstance(strides, list) or len(strides) != len(anchors):
             raise ValueError(f"strides: expected {len(anchors)} strides (one per anchor set), got {strides!r}")
         for i, s in enumerate(strides):
-            if isinstance(s, (bool, np.bool_)) or not isinstance(s, numbers.Real) or not s > 0:
+            if not is_real_number(s) or not s > 0:
                 raise ValueError(f"strides[{i}]: expected a positive number, got {s!r}")
         self.strides = [float(s) for s in strides]
         self.options = LossOptions.from_hyp(

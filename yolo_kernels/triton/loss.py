@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from ..config import LossOptions
+from ..reference import compute_dtype
 from .math import bce_with_logits, box_iou, match
 
 KINDS = {"iou": 0, "giou": 1, "diou": 2, "ciou": 3}
@@ -457,8 +458,8 @@ def fused_loss(p, targets, anchors, options: LossOptions, compute_grad: bool = T
     ``TRITON_INTERPRET=1``). No host sync: every shape follows from the input shapes."""
     o = options
     device = p[0].device
-    dtype = torch.float64 if p[0].dtype == torch.float64 else torch.float32
-    compute_dtype = tl.float64 if dtype == torch.float64 else tl.float32
+    dtype = compute_dtype(p[0].dtype)
+    tl_dtype = tl.float64 if dtype == torch.float64 else tl.float32
     bs, no = p[0].shape[0], p[0].shape[4]
     nc = no - 5
     t = targets.to(device=device, dtype=dtype).contiguous()
@@ -505,7 +506,7 @@ def fused_loss(p, targets, anchors, options: LossOptions, compute_grad: bool = T
                 BOX_KIND=KINDS[o.box_loss],
                 FOCAL=focal,
                 HAS_CLS=has_cls,
-                COMPUTE_DTYPE=compute_dtype,
+                COMPUTE_DTYPE=tl_dtype,
                 BLOCK_PAIRS=BLOCK_PAIRS,
                 BLOCK_CLASSES=BLOCK_CLASSES,
             )
@@ -567,7 +568,7 @@ def fused_loss(p, targets, anchors, options: LossOptions, compute_grad: bool = T
             obj_scale=float(obj_scale),
             FOCAL=focal,
             WRITE_GRAD=compute_grad,
-            COMPUTE_DTYPE=compute_dtype,
+            COMPUTE_DTYPE=tl_dtype,
             BLOCK_CELLS=BLOCK_CELLS,
             BLOCK_CHANNELS=BLOCK_CHANNELS,
         )
@@ -599,7 +600,7 @@ def fused_loss(p, targets, anchors, options: LossOptions, compute_grad: bool = T
                 **scalars,
                 FOCAL=focal,
                 HAS_CLS=has_cls,
-                COMPUTE_DTYPE=compute_dtype,
+                COMPUTE_DTYPE=tl_dtype,
                 BLOCK_CLASSES=BLOCK_CLASSES,
             )
         grads.append(grad)
