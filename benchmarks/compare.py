@@ -8,11 +8,13 @@ import re
 import sys
 from collections import defaultdict
 
-NAME = re.compile(r"test_(?P<test>\w+)\[batch(?P<batch>\d+)-img(?P<img>\d+)-?(?P<rest>.*)\]")
+NAME = re.compile(
+    r"test_(?P<test>\w+)\[batch(?P<batch>\d+)-img(?P<img>\d+)(?:-targets(?P<targets>\d+))?-?(?P<rest>.*)\]"
+)
 
 
 def load(path):
-    """``(machine_info, {(batch, img): {label: median ms}})``."""
+    """``(machine_info, {(batch, img, targets per image): {label: median ms}})``."""
     with open(path) as f:
         data = json.load(f)
     groups = defaultdict(dict)
@@ -21,13 +23,16 @@ def load(path):
         if not m:
             continue
         label = m["test"] + (f" [{m['rest']}]" if m["rest"] else "")
-        groups[int(m["batch"]), int(m["img"])][label] = b["stats"]["median"] * 1e3
+        groups[int(m["batch"]), int(m["img"]), int(m["targets"] or 10)][label] = b["stats"]["median"] * 1e3
     return data.get("machine_info", {}), groups
 
 
 def table(groups):
-    lines = ["| batch | img | benchmark | median ms | x floor | vs original (same mode) |", "|---|---|---|---|---|---|"]
-    for (batch, img), g in sorted(groups.items()):
+    lines = [
+        "| batch | img | targets/img | benchmark | median ms | x floor | vs original (same mode) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (batch, img, targets), g in sorted(groups.items()):
         floor = g.get("floor_zero_fill")
         for label, ms in sorted(g.items(), key=lambda kv: kv[1]):
             mode = "forward" if label.endswith("-forward]") or label.endswith("[forward]") else "forward+backward"
@@ -35,7 +40,7 @@ def table(groups):
             comparable = label.startswith(("backend", "original", "compiled_reference"))
             x_floor = f"{ms / floor:.2f}" if floor else "-"
             speedup = f"{original / ms:.1f}x" if original and comparable else "-"
-            lines.append(f"| {batch} | {img} | {label} | {ms:.3f} | {x_floor} | {speedup} |")
+            lines.append(f"| {batch} | {img} | {targets} | {label} | {ms:.3f} | {x_floor} | {speedup} |")
     return "\n".join(lines)
 
 
