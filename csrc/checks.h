@@ -25,6 +25,12 @@ inline Reduction parse_reduction(c10::string_view name) {
   TORCH_CHECK(false, "reduction: expected 'mean' or 'sum', got '", std::string(name), "'");
 }
 
+inline Family parse_family(c10::string_view name) {
+  if (name == "yolov3") return Family::kYOLOv3;
+  if (name == "yolov5") return Family::kYOLOv5;
+  TORCH_CHECK(false, "family: expected 'yolov3' or 'yolov5', got '", std::string(name), "'");
+}
+
 inline at::ScalarType opmath_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 inline void check_cpu_float(const at::Tensor& t, const char* name) {

@@ -1,5 +1,6 @@
-// Element math of the YOLOv3 loss shared by the CPU kernels: the IoU family on values or on dual
-// numbers (value + gradient), BCE-with-logits with pos_weight and focal factor, and target matching.
+// Element math of the YOLO losses shared by the CPU kernels: the IoU family on values or on dual
+// numbers (value + gradient), BCE-with-logits with pos_weight and focal factor, and target matching,
+// for both loss families (docs/semantics.md, docs/yolov5.md).
 // Plain C++17 (no ATen): every formula follows yolo_kernels/reference.py operation by operation.
 #pragma once
 
@@ -15,6 +16,19 @@ namespace yolo_kernels {
 
 enum class BoxKind { kIoU, kGIoU, kDIoU, kCIoU };
 enum class Reduction { kMean, kSum };
+// The loss family: the archive YOLOv3 loss, or the YOLOv5-style ComputeLoss. They differ in the
+// matching, the predicted box, box_iou's constants, and the per-layer weights (fused_loss_kernel).
+enum class Family { kYOLOv3, kYOLOv5 };
+
+// box_iou's small constants: added to the union, the enclosing area and diagonal (eps) and to
+// CIoU's alpha denominator (alpha_eps). YOLOv3: 1e-16 and 0; YOLOv5: 1e-7 and 1e-7.
+template <typename T>
+struct BoxEps {
+  T eps, alpha_eps;
+  static BoxEps of(Family family) {
+    return family == Family::kYOLOv5 ? BoxEps{T(1e-7), T(1e-7)} : BoxEps{T(1e-16), T(0)};
+  }
+};
 
 // ---------------------------------------------------------------------------------------------
 // Forward-mode dual numbers: a value and its partial derivatives with respect to N inputs. The
@@ -116,7 +130,8 @@ T detach(T x) { return x; }
 // ---------------------------------------------------------------------------------------------
 // bbox_iou of a predicted centre-xywh box (px, py, pw, ph) against a target (tx, ty, tw, th).
 template <typename S, typename T>
-S box_iou(const S& px, const S& py, const S& pw, const S& ph, T tx, T ty, T tw, T th, BoxKind kind) {
+S box_iou(const S& px, const S& py, const S& pw, const S& ph, T tx, T ty, T tw, T th, BoxKind kind,
+          BoxEps<T> e = BoxEps<T>::of(Family::kYOLOv3)) {
   const S b1_x1 = px - pw / T(2), b1_x2 = px + pw / T(2);
   const S b1_y1 = py - ph / T(2), b1_y2 = py + ph / T(2);
   const S b2_x1 = S(tx - tw / T(2)), b2_x2 = S(tx + tw / T(2));
@@ -126,31 +141,45 @@ S box_iou(const S& px, const S& py, const S& pw, const S& ph, T tx, T ty, T tw, 
                   clamp_min(min2(b1_y2, b2_y2) - max2(b1_y1, b2_y1), T(0));
   const S w1 = b1_x2 - b1_x1, h1 = b1_y2 - b1_y1;
   const S w2 = b2_x2 - b2_x1, h2 = b2_y2 - b2_y1;
-  const S uni = (w1 * h1 + T(1e-16)) + w2 * h2 - inter;
+  const S uni = (w1 * h1 + e.eps) + w2 * h2 - inter;
   const S iou = inter / uni;
   if (kind == BoxKind::kIoU) return iou;
 
   const S cw = max2(b1_x2, b2_x2) - min2(b1_x1, b2_x1);  // enclosing box
   const S ch = max2(b1_y2, b2_y2) - min2(b1_y1, b2_y1);
   if (kind == BoxKind::kGIoU) {
-    const S c_area = cw * ch + T(1e-16);
+    const S c_area = cw * ch + e.eps;
     return iou - (c_area - uni) / c_area;
   }
-  const S c2 = cw * cw + ch * ch + T(1e-16);
+  const S c2 = cw * cw + ch * ch + e.eps;
   const S dx = (b2_x1 + b2_x2) - (b1_x1 + b1_x2), dy = (b2_y1 + b2_y2) - (b1_y1 + b1_y2);
   const S rho2 = dx * dx / T(4) + dy * dy / T(4);
   if (kind == BoxKind::kDIoU) return iou - rho2 / c2;
   const S da = atan_(w2 / h2) - atan_(w1 / (h1 + T(1e-16)));  // + 1e-16: no 0/0 when w, h underflow
   const S v = da * da * T(4.0 / (M_PI * M_PI));
-  const S alpha = detach(v / ((T(1) - iou) + v));  // no gradient through alpha (as the original)
+  const S alpha = detach(v / (((T(1) - iou) + v) + e.alpha_eps));  // no gradient through alpha (as the original)
   return iou - (rho2 / c2 + v * alpha);
 }
 
-// The predicted box of a row's logits: sigmoid(x, y), exp(w, h).clamp(max=1e3) * anchor, with
-// the logits as the dual variables 0..3.
+// The predicted box of a row's logits, with the logits as the dual variables 0..3. YOLOv3:
+// sigmoid(x, y), exp(w, h).clamp(max=1e3) * anchor. YOLOv5: 2 sigmoid(x, y) - 0.5,
+// (2 sigmoid(w, h))^2 * anchor.
 template <typename T>
-std::array<Dual<T, 4>, 4> predicted_box(const T* logits, T aw, T ah) {
+std::array<Dual<T, 4>, 4> predicted_box(const T* logits, T aw, T ah, Family family = Family::kYOLOv3) {
   std::array<Dual<T, 4>, 4> box;
+  if (family == Family::kYOLOv5) {
+    const T anchor[2] = {aw, ah};
+    for (int i = 0; i < 4; ++i) {
+      const T s = T(1) / (T(1) + std::exp(-logits[i])), ds = s * (T(1) - s);
+      if (i < 2) {
+        box[i] = Dual<T, 4>::variable(s * T(2) - T(0.5), i, T(2) * ds);
+      } else {
+        const T s2 = s * T(2);
+        box[i] = Dual<T, 4>::variable(s2 * s2 * anchor[i - 2], i, T(4) * s2 * ds * anchor[i - 2]);
+      }
+    }
+    return box;
+  }
   for (int i = 0; i < 2; ++i) {
     const T s = T(1) / (T(1) + std::exp(-logits[i]));
     box[i] = Dual<T, 4>::variable(s, i, s * (T(1) - s));
@@ -404,7 +433,10 @@ YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) static void box_iou_r
 }
 
 // ---------------------------------------------------------------------------------------------
-// Target matching of one layer (docs/semantics.md): every (anchor, target) with wh_iou > iou_t, anchor-major.
+// Target matching of one layer (docs/semantics.md, docs/yolov5.md). YOLOv3: every (anchor, target)
+// with wh_iou > threshold (iou_t), anchor-major. YOLOv5: every (anchor, target) whose wh ratios r
+// have max(r, 1/r) < threshold (anchor_t), in five blocks (the centre cell, then the neighbour to
+// the left, above, to the right, below where the target's position allows it), each anchor-major.
 template <typename T>
 struct Pair {
   int64_t b, a, gj, gi, cls;
@@ -412,37 +444,71 @@ struct Pair {
   T anch[2];
 };
 
+// trunc toward zero then clamp == trunc of the clamped value, without integer overflow
+template <typename T>
+inline int64_t grid_index(T v, int64_t n) {
+  return static_cast<int64_t>(std::min(std::max(v, T(0)), T(n - 1)));
+}
+
 // targets: [nt, 6] contiguous rows (image, class, x, y, w, h); anchors: [na, 2] contiguous.
 template <typename T>
-std::vector<Pair<T>> match(const T* targets, int64_t nt, const T* anchors, int64_t na, int64_t ny,
-                                 int64_t nx, T iou_t) {
+std::vector<Pair<T>> match(const T* targets, int64_t nt, const T* anchors, int64_t na, int64_t ny, int64_t nx,
+                           T threshold, Family family = Family::kYOLOv3) {
   std::vector<Pair<T>> pairs;
   const T sx = T(nx), sy = T(ny);
-  for (int64_t a = 0; a < na; ++a) {
-    const T aw = anchors[2 * a], ah = anchors[2 * a + 1];
+  auto add = [&](const T* t, int64_t a, T ox, T oy) {
+    const T gx = t[2] * sx, gy = t[3] * sy;
+    Pair<T> p;
+    p.b = static_cast<int64_t>(t[0]);
+    p.cls = static_cast<int64_t>(t[1]);
+    p.a = a;
+    p.gi = grid_index(gx - ox, nx);
+    p.gj = grid_index(gy - oy, ny);
+    p.tbox[0] = gx - T(p.gi);  // relative to the clamped cell
+    p.tbox[1] = gy - T(p.gj);
+    p.tbox[2] = t[4] * sx;
+    p.tbox[3] = t[5] * sy;
+    p.anch[0] = anchors[2 * a];
+    p.anch[1] = anchors[2 * a + 1];
+    pairs.push_back(p);
+  };
+  if (family == Family::kYOLOv3) {
+    for (int64_t a = 0; a < na; ++a) {
+      const T aw = anchors[2 * a], ah = anchors[2 * a + 1];
+      for (int64_t k = 0; k < nt; ++k) {
+        const T* t = targets + 6 * k;
+        const T gw = t[4] * sx, gh = t[5] * sy;
+        const T inter = std::min(aw, gw) * std::min(ah, gh);
+        const T iou = inter / (aw * ah + gw * gh - inter);
+        if (iou > threshold) add(t, a, T(0), T(0));
+      }
+    }
+    return pairs;
+  }
+  // YOLOv5: the fit of each (anchor, target), then the five blocks in order
+  std::vector<char> fits(na * nt);
+  for (int64_t a = 0; a < na; ++a)
     for (int64_t k = 0; k < nt; ++k) {
       const T* t = targets + 6 * k;
-      const T gw = t[4] * sx, gh = t[5] * sy;
-      const T inter = std::min(aw, gw) * std::min(ah, gh);
-      const T iou = inter / (aw * ah + gw * gh - inter);
-      if (!(iou > iou_t)) continue;
-      const T gx = t[2] * sx, gy = t[3] * sy;
-      Pair<T> p;
-      p.b = static_cast<int64_t>(t[0]);
-      p.cls = static_cast<int64_t>(t[1]);
-      p.a = a;
-      // trunc toward zero then clamp == trunc of the clamped value, without integer overflow
-      p.gi = static_cast<int64_t>(std::min(std::max(gx, T(0)), T(nx - 1)));
-      p.gj = static_cast<int64_t>(std::min(std::max(gy, T(0)), T(ny - 1)));
-      p.tbox[0] = gx - T(p.gi);
-      p.tbox[1] = gy - T(p.gj);
-      p.tbox[2] = gw;
-      p.tbox[3] = gh;
-      p.anch[0] = aw;
-      p.anch[1] = ah;
-      pairs.push_back(p);
+      const T rw = t[4] * sx / anchors[2 * a], rh = t[5] * sy / anchors[2 * a + 1];
+      const T worst = std::max(std::max(rw, T(1) / rw), std::max(rh, T(1) / rh));
+      fits[a * nt + k] = worst < threshold;
     }
-  }
+  auto frac = [](T v) { return v - std::floor(v); };  // v % 1 (exact)
+  const T offsets[5][2] = {{T(0), T(0)}, {T(0.5), T(0)}, {T(0), T(0.5)}, {T(-0.5), T(0)}, {T(0), T(-0.5)}};
+  for (int block = 0; block < 5; ++block)
+    for (int64_t a = 0; a < na; ++a)
+      for (int64_t k = 0; k < nt; ++k) {
+        if (!fits[a * nt + k]) continue;
+        const T* t = targets + 6 * k;
+        const T gx = t[2] * sx, gy = t[3] * sy, fx = sx - gx, fy = sy - gy;
+        const bool in_block = block == 0                   ? true
+                              : block == 1 ? frac(gx) < T(0.5) && gx > T(1)
+                              : block == 2 ? frac(gy) < T(0.5) && gy > T(1)
+                              : block == 3 ? frac(fx) < T(0.5) && fx > T(1)
+                                           : frac(fy) < T(0.5) && fy > T(1);
+        if (in_block) add(t, a, offsets[block][0], offsets[block][1]);
+      }
   return pairs;
 }
 

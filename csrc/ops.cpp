@@ -3,20 +3,26 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(yolo_kernels, m) {
-  // Target matching of one layer: pairs (anchor-major) of targets [nt, 6] with anchors [na, 2]
-  // (grid units) on an ny x nx grid. Returns indices [P, 4] (b, a, gj, gi; long), tbox [P, 4],
-  // anch [P, 2], tcls [P] (long).
-  m.def("match(Tensor targets, Tensor anchors, int ny, int nx, float iou_t) -> (Tensor, Tensor, Tensor, Tensor)");
-  // The IoU family of the predicted boxes of rows of logits ps [P, >= 4] (sigmoid xy, exp wh x
-  // anch) against tbox [P, 4]: iou [P] and d iou / d ps[:, :4] [P, 4].
-  m.def("box_iou(Tensor ps, Tensor tbox, Tensor anch, str box_loss) -> (Tensor, Tensor)");
+  // Target matching of one layer: pairs (in the family's pair order) of targets [nt, 6] with
+  // anchors [na, 2] (grid units) on an ny x nx grid; threshold is iou_t (yolov3) or anchor_t
+  // (yolov5). Returns indices [P, 4] (b, a, gj, gi; long), tbox [P, 4], anch [P, 2], tcls [P] (long).
+  m.def(
+      "match(Tensor targets, Tensor anchors, int ny, int nx, float threshold, str family=\"yolov3\") -> "
+      "(Tensor, Tensor, Tensor, Tensor)");
+  // The IoU family of the boxes the family predicts from rows of logits ps [P, >= 4] with anchors
+  // anch against tbox [P, 4]: iou [P] and d iou / d ps[:, :4] [P, 4].
+  m.def("box_iou(Tensor ps, Tensor tbox, Tensor anch, str box_loss, str family=\"yolov3\") -> (Tensor, Tensor)");
   // Element-wise BCE with logits (pos_weight, focal gamma; gamma 0 = plain): loss and d loss / d x.
   m.def("bce_with_logits(Tensor x, Tensor y, float pos_weight, float gamma) -> (Tensor, Tensor)");
-  // The whole loss over all layers in one pass: loss [1], loss_items [4] = (lbox, lobj, lcls, loss)
-  // and, when compute_grad, d loss / d p[i] for every layer (laid out with p[i]'s strides when
-  // dense). Only loss is differentiable: its backward scales those gradients.
+  // The whole loss of a family over all layers in one pass: loss [1], loss_items [4] = (lbox,
+  // lobj, lcls, their sum), layer_obj [nl] (each layer's mean objectness BCE, unweighted) and,
+  // when compute_grad, d loss / d p[i] for every layer (laid out with p[i]'s strides when dense).
+  // balance [nl] (or None: ones) weighs each layer's objectness term; gr is the IoU ratio mixed
+  // into the objectness target; threshold the family's matching threshold; the yolov5 loss is
+  // the sum times the batch size. Only loss is differentiable: its backward scales the gradients.
   m.def(
-      "fused_loss(Tensor[] p, Tensor targets, Tensor[] anchors, float gr, float giou, float cls, float cls_pw, "
-      "float obj, float obj_pw, float iou_t, float fl_gamma, float label_smoothing, str box_loss, str reduction, "
-      "bool compute_grad) -> (Tensor, Tensor, Tensor[])");
+      "fused_loss(Tensor[] p, Tensor targets, Tensor[] anchors, Tensor? balance, str family, float gr, "
+      "float giou, float cls, float cls_pw, float obj, float obj_pw, float threshold, float fl_gamma, "
+      "float label_smoothing, str box_loss, str reduction, bool sort_obj_iou, bool compute_grad) -> "
+      "(Tensor, Tensor, Tensor, Tensor[])");
 }

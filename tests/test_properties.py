@@ -1,5 +1,5 @@
 """Property-based parity: random layouts, classes, anchors, targets (edges, duplicates, tiny and huge
-boxes, none) and every option; the fused backends equal the reference and stay finite.
+boxes, none), both loss families and every option; the fused backends equal the reference and stay finite.
 
 CI runs a derandomised, bounded profile; HYPOTHESIS_PROFILE=long runs many more examples:
     HYPOTHESIS_PROFILE=long .venv/bin/python -m pytest tests/test_properties.py
@@ -51,7 +51,11 @@ def problems(draw, max_layers=4, max_anchors=5, max_classes=100, max_batch=3):
     )
     rows += draw(st.lists(st.sampled_from(rows), max_size=3)) if rows else []  # duplicates
     targets = torch.tensor(rows, dtype=torch.float32).reshape(-1, 6)
+    family = draw(st.sampled_from(yk.FAMILIES))
     options = LossOptions(
+        family=family,
+        anchor_t=draw(st.sampled_from([4.0, 2.0, 10.0])),
+        sort_obj_iou=draw(st.booleans()),
         nc=nc,
         gr=draw(st.sampled_from([0.0, 0.5, 1.0])),
         cls_pw=draw(st.sampled_from([1.0, 0.5, 2.5])),
@@ -60,23 +64,24 @@ def problems(draw, max_layers=4, max_anchors=5, max_classes=100, max_batch=3):
         fl_gamma=draw(st.sampled_from([0.0, 1.5, 2.0])),
         label_smoothing=draw(st.sampled_from([0.0, 0.1])),
         box_loss=draw(st.sampled_from(yk.BOX_LOSSES)),
-        reduction=draw(st.sampled_from(yk.REDUCTIONS)),
+        reduction=draw(st.sampled_from(yk.REDUCTIONS)) if family == "yolov3" else "mean",
     )
-    return p, targets, anchors, options
+    balance = torch.rand(nl, generator=g) * 4 if family == "yolov5" and draw(st.booleans()) else None
+    return p, targets, anchors, options, balance
 
 
-def loss_and_grads(backend, p, targets, anchors, options):
+def loss_and_grads(backend, p, targets, anchors, options, balance):
     q = [x.clone().requires_grad_() for x in p]
-    loss, items = yk.loss.resolve_backend(backend, q[0].device).loss(q, targets, anchors, options)
+    loss, items, layer_obj = yk.loss.resolve_backend(backend, q[0].device).loss(q, targets, anchors, options, balance)
     loss.backward()
-    return items, [x.grad for x in q]
+    return torch.cat((items, layer_obj)), [x.grad for x in q]
 
 
 def check_parity(backend, problem):
-    p, targets, anchors, options = problem
+    p, targets, anchors, options, balance = problem
     yk.validate.check_inputs(p, targets, anchors, options)
-    items, grads = loss_and_grads(backend, p, targets, anchors, options)
-    ref_items, ref_grads = loss_and_grads("reference", p, targets, anchors, options)
+    items, grads = loss_and_grads(backend, p, targets, anchors, options, balance)
+    ref_items, ref_grads = loss_and_grads("reference", p, targets, anchors, options, balance)
     assert torch.isfinite(items).all() and all(torch.isfinite(g).all() for g in grads)
     torch.testing.assert_close(items, ref_items, rtol=1e-5, atol=1e-5 * float(ref_items.abs().max()) + 1e-6)
     scale = max(float(r.abs().max()) for r in ref_grads)

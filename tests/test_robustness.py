@@ -116,6 +116,7 @@ fuzz = settings(derandomize=True, max_examples=150, deadline=None, suppress_heal
 @given(tensors(), tensors(), st.integers(-2, 5), st.integers(-2, 5), st.floats(allow_nan=True))
 def test_fuzz_match(targets, anchors, ny, nx, iou_t):
     _call(lambda: torch.ops.yolo_kernels.match(targets, anchors, ny, nx, iou_t))
+    _call(lambda: torch.ops.yolo_kernels.match(targets, anchors, ny, nx, iou_t, "yolov5"))
 
 
 @pytest.mark.skipif("cpp" not in FUSED, reason="the C++ extension is not built")
@@ -138,11 +139,30 @@ def test_fuzz_box_iou_and_bce(ps, tbox, anch, kind, y, pos_weight, gamma):
     st.sampled_from(["giou", "iou", "x"]),
     st.sampled_from(["mean", "sum", "none"]),
     st.booleans(),
+    st.sampled_from(["yolov3", "yolov5", "v4"]),
+    st.booleans(),
 )
-def test_fuzz_fused_loss(p, targets, anchors, gr, box_loss, reduction, compute_grad):
+def test_fuzz_fused_loss(p, targets, anchors, gr, box_loss, reduction, compute_grad, family, sort_obj_iou):
     _call(
         lambda: torch.ops.yolo_kernels.fused_loss(
-            p, targets, anchors, gr, 3.54, 37.4, 1.0, 64.3, 1.0, 0.2, 0.0, 0.0, box_loss, reduction, compute_grad
+            p,
+            targets,
+            anchors,
+            None,
+            family,
+            gr,
+            3.54,
+            37.4,
+            1.0,
+            64.3,
+            1.0,
+            0.2,
+            0.0,
+            0.0,
+            box_loss,
+            reduction,
+            sort_obj_iou,
+            compute_grad,
         )
     )
 
@@ -163,8 +183,25 @@ def test_fuzz_fused_loss_well_shaped_with_bad_values(bs, na, ny, nx, nc, rows):
     targets = torch.tensor(rows, dtype=torch.float32).reshape(-1, 6)
     anchors = [torch.rand(na, 2) + 0.1]
     try:
-        loss, items, grads = torch.ops.yolo_kernels.fused_loss(
-            p, targets, anchors, 1.0, 3.54, 37.4, 1.0, 64.3, 1.0, 0.2, 0.0, 0.0, "giou", "mean", True
+        loss, items, _, grads = torch.ops.yolo_kernels.fused_loss(
+            p,
+            targets,
+            anchors,
+            None,
+            "yolov3",
+            1.0,
+            3.54,
+            37.4,
+            1.0,
+            64.3,
+            1.0,
+            0.2,
+            0.0,
+            0.0,
+            "giou",
+            "mean",
+            False,
+            True,
         )
     except RuntimeError as error:
         assert "targets[" in str(error)

@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT_HYP",
     "BOX_LOSSES",
     "REDUCTIONS",
+    "FAMILIES",
     "LossOptions",
     "unwrap_model",
     "model_anchors",
@@ -52,6 +53,8 @@ class MissingHyperparameterError(KeyError):
 
 BOX_LOSSES = ("giou", "iou", "diou", "ciou")
 REDUCTIONS = ("mean", "sum")
+#: The loss families: the archive YOLOv3 loss, and the YOLOv5-style ``ComputeLoss`` (docs/yolov5.md).
+FAMILIES = ("yolov3", "yolov5")
 
 
 def is_real_number(value: Any) -> bool:
@@ -81,6 +84,13 @@ class LossOptions:
     (0 disables it), ``gr`` the objectness target's IoU ratio, ``nc`` the number of classes,
     ``box_loss`` one of ``BOX_LOSSES``, ``reduction`` one of ``REDUCTIONS`` and
     ``label_smoothing`` the ε of ``smooth_BCE``.
+
+    ``family`` picks the loss: ``"yolov3"`` (matching by wh-IoU > ``iou_t``, one cell per pair) or
+    ``"yolov5"`` (matching by the wh ratio < ``anchor_t`` plus up to two neighbour cells, the
+    ``2 sigmoid - 0.5`` / ``(2 sigmoid)^2`` box, ``gr`` mixed in only when < 1, per-layer
+    objectness ``balance``, the loss times the batch size; ``reduction`` must be ``"mean"``).
+    ``sort_obj_iou``: on a cell with several pairs the highest IoU sets the objectness target
+    (else the last pair in pair order).
     """
 
     nc: int
@@ -95,6 +105,9 @@ class LossOptions:
     box_loss: str = "giou"
     reduction: str = "mean"
     label_smoothing: float = 0.0
+    family: str = "yolov3"
+    anchor_t: float = 4.0
+    sort_obj_iou: bool = False
 
     def __post_init__(self) -> None:
         nc = self.nc
@@ -105,7 +118,18 @@ class LossOptions:
         if int(nc) < 1:
             raise ValueError(f"nc: expected at least 1 class, got {int(nc)}")
         object.__setattr__(self, "nc", int(nc))
-        for field in ("gr", "giou", "cls", "cls_pw", "obj", "obj_pw", "iou_t", "fl_gamma", "label_smoothing"):
+        for field in (
+            "gr",
+            "giou",
+            "cls",
+            "cls_pw",
+            "obj",
+            "obj_pw",
+            "iou_t",
+            "fl_gamma",
+            "label_smoothing",
+            "anchor_t",
+        ):
             object.__setattr__(self, field, _number(field, getattr(self, field)))
         if self.cls_pw <= 0 or self.obj_pw <= 0:
             raise ValueError(f"cls_pw/obj_pw: expected positive pos_weights, got {self.cls_pw}, {self.obj_pw}")
@@ -117,6 +141,26 @@ class LossOptions:
             raise ValueError(f"box_loss: expected one of {BOX_LOSSES}, got {self.box_loss!r}")
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {self.reduction!r}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"family: expected one of {FAMILIES}, got {self.family!r}")
+        if self.family == "yolov5" and self.reduction != "mean":
+            raise ValueError(f"reduction: the yolov5 loss has only 'mean', got {self.reduction!r}")
+        if self.anchor_t <= 0:
+            raise ValueError(f"anchor_t: expected a positive wh-ratio threshold, got {self.anchor_t}")
+        if not isinstance(self.sort_obj_iou, (bool, numpy_bool)):
+            raise TypeError(f"sort_obj_iou: expected a bool, got {type(self.sort_obj_iou).__name__}")
+        object.__setattr__(self, "sort_obj_iou", bool(self.sort_obj_iou))
+
+    @property
+    def match_threshold(self) -> float:
+        """The matching threshold of the family: ``iou_t`` (yolov3) or ``anchor_t`` (yolov5)."""
+        return self.anchor_t if self.family == "yolov5" else self.iou_t
+
+    @property
+    def objectness_gr(self) -> float:
+        """The IoU ratio mixed into the objectness target: ``gr``, except that the yolov5 loss mixes
+        only when ``gr < 1`` (``gr >= 1`` there means the plain clamped IoU, i.e. ``gr = 1``)."""
+        return min(self.gr, 1.0) if self.family == "yolov5" else self.gr
 
     @classmethod
     def from_hyp(

@@ -50,10 +50,10 @@ def pool_set_enabled(enabled: bool) -> None:
     require_extension().pool_set_enabled(bool(enabled))
 
 
-def _op_below_autograd(p, targets, anchors, options, compute_grad):
+def _op_below_autograd(p, targets, anchors, options, compute_grad, balance):
     """The op straight to its CPU kernel: FusedLoss provides the autograd, not the registered layer."""
     with torch._C._AutoDispatchBelowAutograd():
-        return fused_loss_op(p, targets, anchors, options, compute_grad)
+        return fused_loss_op(p, targets, anchors, options, compute_grad, balance)
 
 
 class CppBackend:
@@ -68,10 +68,11 @@ class CppBackend:
             return f"the cpp backend runs on CPU tensors, got {device}"
         return None
 
-    def loss(self, p, targets, anchors, options):
+    def loss(self, p, targets, anchors, options, balance=None):
         require_extension()
         compute_grad = torch.is_grad_enabled() and any(x.requires_grad for x in p)
         if compute_grad and not torch.compiler.is_compiling():
-            return FusedLoss.apply(_op_below_autograd, options, targets, anchors, *p)
-        loss, items, _ = fused_loss_op(p, targets, anchors, options, compute_grad)  # traced: the op's own autograd
-        return loss, items
+            return FusedLoss.apply(_op_below_autograd, options, balance, targets, anchors, *p)
+        # traced, or no gradient: the op's own autograd
+        loss, items, layer_obj, _ = fused_loss_op(p, targets, anchors, options, compute_grad, balance)
+        return loss, items, layer_obj

@@ -80,47 +80,54 @@ def scale_gradients(grads, grad_output: torch.Tensor | None) -> list[torch.Tenso
 
 class FusedLoss(torch.autograd.Function):
     """Eager autograd around a fused implementation ``impl(p, targets, anchors, options,
-    compute_grad) -> (loss, loss_items, grads)``: forward runs it with the gradient, backward
-    applies ``scale_gradients``. (The registered autograd of the op has the same contract and
-    serves tracing; this one costs a fraction of its Python overhead per eager call.)"""
+    compute_grad, balance) -> (loss, loss_items, layer_obj, grads)``: forward runs it with the
+    gradient, backward applies ``scale_gradients``. (The registered autograd of the op has the
+    same contract and serves tracing; this one costs a fraction of its Python overhead per eager
+    call.)"""
 
     @staticmethod
-    def forward(ctx, impl: Callable, options: LossOptions, targets, anchors, *p):
-        loss, items, grads = impl(p, targets, anchors, options, True)
+    def forward(ctx, impl: Callable, options: LossOptions, balance, targets, anchors, *p):
+        loss, items, layer_obj, grads = impl(p, targets, anchors, options, True, balance)
         ctx.save_for_backward(*grads)
-        ctx.mark_non_differentiable(items)
-        return loss, items
+        ctx.mark_non_differentiable(items, layer_obj)
+        return loss, items, layer_obj
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_items):
-        return (None, None, None, None, *scale_gradients(ctx.saved_tensors, grad_loss))
+    def backward(ctx, grad_loss, grad_items, grad_layer_obj):
+        return (None, None, None, None, None, *scale_gradients(ctx.saved_tensors, grad_loss))
 
 
-_OPTION_FIELDS = (
-    "gr",
-    "giou",
-    "cls",
-    "cls_pw",
-    "obj",
-    "obj_pw",
-    "iou_t",
-    "fl_gamma",
-    "label_smoothing",
-    "box_loss",
-    "reduction",
+#: The op's scalar arguments after ``balance``, in schema order: (name, how to read it from LossOptions).
+_OP_SCALARS: tuple[tuple[str, Callable[[LossOptions], Any]], ...] = (
+    ("family", lambda o: o.family),
+    ("gr", lambda o: o.objectness_gr),
+    ("giou", lambda o: o.giou),
+    ("cls", lambda o: o.cls),
+    ("cls_pw", lambda o: o.cls_pw),
+    ("obj", lambda o: o.obj),
+    ("obj_pw", lambda o: o.obj_pw),
+    ("threshold", lambda o: o.match_threshold),
+    ("fl_gamma", lambda o: o.fl_gamma),
+    ("label_smoothing", lambda o: o.label_smoothing),
+    ("box_loss", lambda o: o.box_loss),
+    ("reduction", lambda o: o.reduction),
+    ("sort_obj_iou", lambda o: o.sort_obj_iou),
 )
 
 
-def fused_loss_op(p, targets, anchors, options: LossOptions, compute_grad: bool):
-    """``torch.ops.yolo_kernels.fused_loss`` with the scalar options of ``options`` (the op's
-    schema takes them one by one, in ``_OPTION_FIELDS`` order)."""
-    scalars = [getattr(options, name) for name in _OPTION_FIELDS]
-    return torch.ops.yolo_kernels.fused_loss(list(p), targets, list(anchors), *scalars, compute_grad)
+def fused_loss_op(p, targets, anchors, options: LossOptions, compute_grad: bool, balance=None):
+    """``torch.ops.yolo_kernels.fused_loss`` with the options of ``options`` (the op's schema
+    takes them one by one, in ``_OP_SCALARS`` order)."""
+    scalars = [read(options) for _, read in _OP_SCALARS]
+    return torch.ops.yolo_kernels.fused_loss(list(p), targets, list(anchors), balance, *scalars, compute_grad)
 
 
 def options_from_op(p, *scalars) -> LossOptions:
     """The ``LossOptions`` of an op call: the inverse of ``fused_loss_op``'s unpacking."""
-    return LossOptions(nc=p[0].shape[-1] - 5, **dict(zip(_OPTION_FIELDS, scalars)))
+    values = dict(zip((name for name, _ in _OP_SCALARS), scalars))
+    threshold = values.pop("threshold")
+    values["anchor_t" if values["family"] == "yolov5" else "iou_t"] = threshold
+    return LossOptions(nc=p[0].shape[-1] - 5, **values)
 
 
 def _register_triton_cuda_kernel() -> None:
@@ -132,15 +139,15 @@ def _register_triton_cuda_kernel() -> None:
     launcher = triton_backend.launcher
 
     @torch.library.register_kernel("yolo_kernels::fused_loss", "cuda")
-    def _fused_loss_cuda(p, targets, anchors, *scalars_and_flag):
+    def _fused_loss_cuda(p, targets, anchors, balance, *scalars_and_flag):
         *scalars, compute_grad = scalars_and_flag
-        return launcher(p, targets, anchors, options_from_op(p, *scalars), compute_grad)
+        return launcher(p, targets, anchors, options_from_op(p, *scalars), compute_grad, balance)
 
 
 if _C is not None:
 
     @torch.library.register_fake("yolo_kernels::match")
-    def _match_fake(targets, anchors, ny, nx, iou_t):
+    def _match_fake(targets, anchors, ny, nx, threshold, family="yolov3"):
         n_pairs = torch.library.get_ctx().new_dynamic_size()
         dtype = compute_dtype(targets.dtype)
         return (
@@ -151,7 +158,7 @@ if _C is not None:
         )
 
     @torch.library.register_fake("yolo_kernels::box_iou")
-    def _box_iou_fake(ps, tbox, anch, box_loss):
+    def _box_iou_fake(ps, tbox, anch, box_loss, family="yolov3"):
         dtype = compute_dtype(ps.dtype)
         return ps.new_empty(ps.shape[0], dtype=dtype), ps.new_empty(ps.shape[0], 4, dtype=dtype)
 
@@ -161,21 +168,22 @@ if _C is not None:
         return x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape, dtype=dtype)
 
     @torch.library.register_fake("yolo_kernels::fused_loss")
-    def _fused_loss_fake(p, targets, anchors, *scalars_and_flag):
+    def _fused_loss_fake(p, targets, anchors, balance, *scalars_and_flag):
         compute_grad = scalars_and_flag[-1]
         dtype = compute_dtype(p[0].dtype)
         grads = [torch.empty_like(x) if compute_grad else x.new_empty(0) for x in p]
-        return p[0].new_empty(1, dtype=dtype), p[0].new_empty(4, dtype=dtype), grads
+        new = p[0].new_empty
+        return new(1, dtype=dtype), new(4, dtype=dtype), new(len(p), dtype=dtype), grads
 
     def _fused_loss_setup(ctx, inputs, output):
         ctx.set_materialize_grads(False)  # the other outputs get none: no p-sized zeros in backward
-        ctx.save_for_backward(*output[2])
+        ctx.save_for_backward(*output[3])
         ctx.compute_grad = inputs[-1]
         ctx.n_layers = len(inputs[0])
 
-    def _fused_loss_backward(ctx, grad_loss, grad_items, grad_grads):
-        # Only `loss` is differentiable; loss_items and the gradients are results, not functions of p.
-        no_grad = ([None] * ctx.n_layers, None, [None] * ctx.n_layers) + (None,) * (len(_OPTION_FIELDS) + 1)
+    def _fused_loss_backward(ctx, grad_loss, grad_items, grad_layer_obj, grad_grads):
+        # Only `loss` is differentiable; the items and the gradients are results, not functions of p.
+        no_grad = ([None] * ctx.n_layers, None, [None] * ctx.n_layers, None) + (None,) * (len(_OP_SCALARS) + 1)
         if grad_loss is None:
             return no_grad
         if not ctx.compute_grad:

@@ -2,9 +2,10 @@
 backend dispatch.
 
 Data flows one way: public call -> ``validate.check_inputs`` -> ``resolve_backend`` -> one backend
-call ``backend.loss(p, targets, anchors, options)``. A backend is an object with a ``name``, an
-``unavailable_reason(device)`` (``None`` when it can run there) and that ``loss`` method; the
-fused backends register themselves in ``BACKENDS`` when their module loads.
+call ``backend.loss(p, targets, anchors, options, balance=None) -> (loss, loss_items, layer_obj)``.
+A backend is an object with a ``name``, an ``unavailable_reason(device)`` (``None`` when it can run
+there) and that ``loss`` method; ``BACKENDS`` lists them. The YOLOv5-style family
+(``yolo_kernels.yolov5``) goes through the same dispatch.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ class ReferenceBackend:
     def unavailable_reason(self, device: torch.device | None) -> str | None:
         return None
 
-    def loss(self, p, targets, anchors, options):
-        return reference.loss(p, targets, anchors, options)
+    def loss(self, p, targets, anchors, options, balance=None):
+        return reference.loss(p, targets, anchors, options, balance, return_layer_obj=True)
 
 
 BACKENDS: dict[str, Any] = {
@@ -117,11 +118,17 @@ def _first_device(p: Any) -> torch.device:
     return torch.device("cpu")
 
 
-def _run(p, targets, anchors, options: LossOptions, backend: str, validate: bool):
+def run_backend(p, targets, anchors, options: LossOptions, backend: str, validate: bool, balance=None):
+    """Check the inputs, pick the backend, run it: ``(loss, loss_items, layer_obj)``."""
     device = _first_device(p)
     anchors = [a.to(device=device) for a in anchors]
     p = check_inputs(p, targets, anchors, options, validate)
-    return resolve_backend(backend, device).loss(p, targets, anchors, options)
+    return resolve_backend(backend, device).loss(p, targets, anchors, options, balance)
+
+
+def _run(p, targets, anchors, options: LossOptions, backend: str, validate: bool):
+    loss, items, _ = run_backend(p, targets, anchors, options, backend, validate)
+    return loss, items
 
 
 def compute_loss(

@@ -1,4 +1,6 @@
-"""The oracle: the YOLOv3 loss of ultralytics/yolov3 (archive branch, v8) in plain PyTorch (docs/semantics.md).
+"""The oracle: the YOLOv3 loss of ultralytics/yolov3 (archive branch, v8) and the YOLOv5-style
+``ComputeLoss`` (ultralytics/yolov5 v7.0, yolov3 master) in plain PyTorch (docs/semantics.md,
+docs/yolov5.md).
 
 Every fast backend is tested against these functions. They are written to be read, not to be
 fast, but they are no slower than the original. Differences from the original, all deliberate:
@@ -15,6 +17,11 @@ fast, but they are no slower than the original. Differences from the original, a
   gradient comes back in ``p``'s dtype;
 * the loss options the original hard-codes (reduction, box-loss kind, label smoothing) are
   arguments.
+
+The YOLOv5-style family (``options.family == "yolov5"``) shares the structure and differs in the
+pieces named in docs/yolov5.md: ``match_yolov5``, ``predicted_box(..., family="yolov5")``, the
+constants of ``box_iou`` (``eps = 1e-7``), the objectness target and balance, and the batch-size
+factor. Its deliberate differences from the original are listed there.
 
 The functions here do not validate their inputs; ``yolo_kernels.compute_loss(...,
 backend="reference")`` does, then calls ``loss``.
@@ -40,6 +47,7 @@ __all__ = [
     "FocalLoss",
     "LayerTargets",
     "match",
+    "match_yolov5",
     "build_targets",
     "last_pair_mask",
     "loss",
@@ -61,11 +69,13 @@ def wh_iou(wh1: torch.Tensor, wh2: torch.Tensor) -> torch.Tensor:
     return inter / (wh1.prod(2) + wh2.prod(2) - inter)
 
 
-def bbox_iou(box1, box2, x1y1x2y2=True, GIoU=False, DIoU=False, CIoU=False):
+def bbox_iou(box1, box2, x1y1x2y2=True, GIoU=False, DIoU=False, CIoU=False, eps=1e-16, alpha_eps=0.0):
     """IoU (or GIoU / DIoU / CIoU) of ``box1`` (``[4]`` or ``[4, n]``, coordinates first) with
     ``box2`` (``[n, 4]``), element by element; the original's signature and constants.
 
-    Boxes are corners ``(x1, y1, x2, y2)`` when ``x1y1x2y2`` else centre ``(x, y, w, h)``.
+    Boxes are corners ``(x1, y1, x2, y2)`` when ``x1y1x2y2`` else centre ``(x, y, w, h)``. ``eps``
+    is added to the union, the enclosing area and diagonal (YOLOv3: 1e-16; YOLOv5: 1e-7, which
+    also adds it to CIoU's ``alpha`` denominator: ``alpha_eps``).
     """
     box2 = box2.t()
     if x1y1x2y2:
@@ -82,7 +92,7 @@ def bbox_iou(box1, box2, x1y1x2y2=True, GIoU=False, DIoU=False, CIoU=False):
     ).clamp(0)
     w1, h1 = b1_x2 - b1_x1, b1_y2 - b1_y1
     w2, h2 = b2_x2 - b2_x1, b2_y2 - b2_y1
-    union = (w1 * h1 + 1e-16) + w2 * h2 - inter
+    union = (w1 * h1 + eps) + w2 * h2 - inter
     iou = inter / union
     if not (GIoU or DIoU or CIoU):
         return iou
@@ -90,29 +100,42 @@ def bbox_iou(box1, box2, x1y1x2y2=True, GIoU=False, DIoU=False, CIoU=False):
     cw = torch.max(b1_x2, b2_x2) - torch.min(b1_x1, b2_x1)  # enclosing box
     ch = torch.max(b1_y2, b2_y2) - torch.min(b1_y1, b2_y1)
     if GIoU:
-        c_area = cw * ch + 1e-16
+        c_area = cw * ch + eps
         return iou - (c_area - union) / c_area
-    c2 = cw**2 + ch**2 + 1e-16  # enclosing diagonal squared
+    c2 = cw**2 + ch**2 + eps  # enclosing diagonal squared
     rho2 = ((b2_x1 + b2_x2) - (b1_x1 + b1_x2)) ** 2 / 4 + ((b2_y1 + b2_y2) - (b1_y1 + b1_y2)) ** 2 / 4
     if DIoU:
         return iou - rho2 / c2
     # + 1e-16: a predicted box whose w and h both underflow to 0 gives atan(0) instead of 0/0 = NaN
     v = (4 / math.pi**2) * torch.pow(torch.atan(w2 / h2) - torch.atan(w1 / (h1 + 1e-16)), 2)
     with torch.no_grad():
-        alpha = v / (1 - iou + v)
+        alpha = v / ((1 - iou + v) + alpha_eps)
     return iou - (rho2 / c2 + v * alpha)
 
 
-def predicted_box(ps: torch.Tensor, anch: torch.Tensor) -> torch.Tensor:
-    """The centre-xywh boxes predicted by the box logits ``ps[:, 0:4]`` with anchors ``anch [P, 2]``:
-    ``sigmoid(xy)`` within the cell and ``exp(wh).clamp(max=1e3) * anchor`` (the logit capped at 30
-    first: the same values, and a zero rather than a NaN gradient for huge logits)."""
+def predicted_box(ps: torch.Tensor, anch: torch.Tensor, family: str = "yolov3") -> torch.Tensor:
+    """The centre-xywh boxes predicted by the box logits ``ps[:, 0:4]`` with anchors ``anch [P, 2]``.
+
+    yolov3: ``sigmoid(xy)`` within the cell and ``exp(wh).clamp(max=1e3) * anchor`` (the logit
+    capped at 30 first: the same values, and a zero rather than a NaN gradient for huge logits).
+    yolov5: ``2 sigmoid(xy) - 0.5`` (reaching into the neighbour cells) and ``(2 sigmoid(wh))^2 * anchor``.
+    """
+    if family == "yolov5":
+        s = ps[:, :4].sigmoid()
+        return torch.cat((s[:, :2] * 2 - 0.5, (s[:, 2:4] * 2) ** 2 * anch), 1)
     return torch.cat((ps[:, :2].sigmoid(), ps[:, 2:4].clamp(max=30.0).exp().clamp(max=1e3) * anch), 1)
 
 
-def box_iou(pbox: torch.Tensor, tbox: torch.Tensor, kind: str = "giou") -> torch.Tensor:
-    """``bbox_iou`` of centre-xywh ``pbox [P, 4]`` against ``tbox [P, 4]`` for a ``kind`` of ``BOX_LOSSES``."""
-    return bbox_iou(pbox.t(), tbox, x1y1x2y2=False, GIoU=kind == "giou", DIoU=kind == "diou", CIoU=kind == "ciou")
+#: ``bbox_iou``'s ``eps`` and ``alpha_eps`` per family.
+BOX_EPS = {"yolov3": (1e-16, 0.0), "yolov5": (1e-7, 1e-7)}
+
+
+def box_iou(pbox: torch.Tensor, tbox: torch.Tensor, kind: str = "giou", family: str = "yolov3") -> torch.Tensor:
+    """``bbox_iou`` of centre-xywh ``pbox [P, 4]`` against ``tbox [P, 4]`` for a ``kind`` of
+    ``BOX_LOSSES``, with the constants of ``family``."""
+    eps, alpha_eps = BOX_EPS[family]
+    kinds = dict(GIoU=kind == "giou", DIoU=kind == "diou", CIoU=kind == "ciou")
+    return bbox_iou(pbox.t(), tbox, x1y1x2y2=False, eps=eps, alpha_eps=alpha_eps, **kinds)
 
 
 def smooth_BCE(eps: float = 0.1) -> tuple[float, float]:
@@ -182,6 +205,56 @@ def match(
     return LayerTargets(b, a, gj, gi, tbox, anchor_vec[a], tcls)
 
 
+#: The cell offsets of the yolov5 matching's five blocks: the centre cell, then the neighbour to
+#: the left, above, to the right and below (subtracted from the grid position before truncation).
+NEIGHBOUR_OFFSETS = ((0.0, 0.0), (0.5, 0.0), (0.0, 0.5), (-0.5, 0.0), (0.0, -0.5))
+
+
+def match_yolov5(
+    grid: tuple[int, int], targets: torch.Tensor, anchor_vec: torch.Tensor, anchor_t: float, dtype=torch.float32
+) -> LayerTargets:
+    """The yolov5 matching of ``targets [nt, 6]`` to one layer's anchors ``anchor_vec [na, 2]``.
+
+    A (target, anchor) pair fits when ``max(r, 1 / r) < anchor_t`` for both ratios ``r`` of the
+    target's w, h to the anchor's. A fitting pair goes to its cell and to the neighbour to the
+    left / above when the fractional part of x / y is ``< 0.5`` and x / y ``> 1``, to the right /
+    below by the same rule measured from the far edge (``nx - x``, ``ny - y``). Pairs come in five
+    blocks (centre, left, up, right, down), each anchor-major then in target order; cells are
+    truncated and clamped into the grid, and the box target is the position relative to the
+    clamped cell (the original clamps its index tensor in place before taking the offsets).
+    """
+    ny, nx = grid
+    device = targets.device
+    t = targets.to(dtype)
+    anchor_vec = anchor_vec.to(device=device, dtype=dtype)
+    scale = torch.tensor([nx, ny], device=device, dtype=dtype)
+    gxy = t[:, 2:4] * scale
+    gwh = t[:, 4:6] * scale
+
+    r = gwh[None] / anchor_vec[:, None]  # [na, nt, 2]
+    fits = torch.max(r, 1 / r).amax(2) < anchor_t  # [na, nt]
+    far = scale - gxy  # distance to the far edge
+    near_ok = (gxy % 1 < 0.5) & (gxy > 1)  # [nt, 2]: left (x), up (y)
+    far_ok = (far % 1 < 0.5) & (far > 1)  # [nt, 2]: right (x), down (y)
+    blocks = torch.stack((torch.ones_like(near_ok[:, 0]), near_ok[:, 0], near_ok[:, 1], far_ok[:, 0], far_ok[:, 1]))
+    block, a, k = (blocks[:, None, :] & fits[None]).nonzero(as_tuple=True)  # row-major: the original's order
+    offsets = torch.tensor(NEIGHBOUR_OFFSETS, device=device, dtype=dtype)[block]
+    gxy, gwh = gxy[k], gwh[k]
+    cell = gxy - offsets
+    # trunc toward zero, then clamp into the grid == trunc of the clamped value (no int overflow)
+    gi = cell[:, 0].clamp(0, nx - 1).long()
+    gj = cell[:, 1].clamp(0, ny - 1).long()
+    tbox = torch.cat((gxy - torch.stack((gi, gj), 1).to(dtype), gwh), 1)
+    return LayerTargets(t[k, 0].long(), a, gj, gi, tbox, anchor_vec[a], t[k, 1].long())
+
+
+def match_layer(grid, targets, anchor_vec, options: LossOptions, dtype) -> LayerTargets:
+    """The matching of ``options.family`` for one layer."""
+    if options.family == "yolov5":
+        return match_yolov5(grid, targets, anchor_vec, options.anchor_t, dtype)
+    return match(grid, targets, anchor_vec, options.iou_t, dtype)
+
+
 def build_targets(p: Sequence[torch.Tensor], targets: torch.Tensor, model: Any):
     """The original's outputs ``(tcls, tbox, indices, anch)``, one entry per layer of ``p``."""
     options = model_options(model)
@@ -196,27 +269,42 @@ def build_targets(p: Sequence[torch.Tensor], targets: torch.Tensor, model: Any):
     return tcls, tbox, indices, anch
 
 
-def last_pair_mask(b, a, gj, gi, shape) -> torch.Tensor:
-    """True for the pairs that set their cell's objectness target: the last pair on each cell."""
+def last_pair_mask(b, a, gj, gi, shape, iou: torch.Tensor | None = None) -> torch.Tensor:
+    """True for the pairs that set their cell's objectness target: the last pair on each cell, or
+    with ``iou`` given (``sort_obj_iou``) the pair of the highest ``iou`` (ties: the last of them)."""
     _, na, ny, nx = shape
     cell = ((b * na + a) * ny + gj) * nx + gi
-    cells, inverse = torch.unique(cell, return_inverse=True)
     order = torch.arange(cell.numel(), device=cell.device)
+    if iou is not None:  # rank the pairs by iou, stable: the pair order breaks ties
+        rank = torch.empty_like(order)
+        rank[torch.sort(iou, stable=True).indices] = order
+        order = rank
+    cells, inverse = torch.unique(cell, return_inverse=True)
     last = torch.full((cells.numel(),), -1, dtype=order.dtype, device=cell.device)
     last.scatter_reduce_(0, inverse, order, reduce="amax")
     return last[inverse] == order
 
 
 def loss(
-    p: Sequence[torch.Tensor], targets: torch.Tensor, anchors: Sequence[torch.Tensor], options: LossOptions
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The YOLOv3 loss of ``p`` (per-layer ``[bs, na, ny, nx, nc + 5]`` logits) against ``targets``.
+    p: Sequence[torch.Tensor],
+    targets: torch.Tensor,
+    anchors: Sequence[torch.Tensor],
+    options: LossOptions,
+    balance: torch.Tensor | None = None,
+    return_layer_obj: bool = False,
+):
+    """The loss of ``options.family`` of ``p`` (per-layer ``[bs, na, ny, nx, nc + 5]`` logits) against ``targets``.
 
-    ``anchors[i]`` is layer ``i``'s ``anchor_vec`` in grid units. Returns ``(loss [1], loss_items [4])``
-    with ``loss_items = (lbox, lobj, lcls, loss)``, detached.
+    ``anchors[i]`` is layer ``i``'s anchors in grid units. ``balance [nl]`` weighs each layer's
+    objectness term (the yolov5 loss's per-layer balance; ``None``: 1 for every layer). Returns
+    ``(loss [1], loss_items [4])`` with ``loss_items = (lbox, lobj, lcls, lbox + lobj + lcls)``,
+    detached; ``loss`` is that sum, times the batch size for the yolov5 family. With
+    ``return_layer_obj`` also ``layer_obj [nl]``: each layer's objectness BCE (mean, unweighted,
+    detached), what the yolov5 ``autobalance`` reads.
     """
     dtype = compute_dtype(p[0].dtype)
     device = p[0].device
+    yolov5 = options.family == "yolov5"
     sum_reduction = options.reduction == "sum"
     red = options.reduction
 
@@ -226,31 +314,36 @@ def loss(
     if options.fl_gamma > 0:
         bce_cls, bce_obj = FocalLoss(bce_cls, options.fl_gamma), FocalLoss(bce_obj, options.fl_gamma)
     cp, cn = smooth_BCE(options.label_smoothing)
+    gr = options.objectness_gr
 
     lbox = torch.zeros(1, device=device, dtype=dtype)
     lobj = torch.zeros(1, device=device, dtype=dtype)
     lcls = torch.zeros(1, device=device, dtype=dtype)
+    layer_obj = []
     n_pairs = 0
-    for pi, anchor_vec in zip(p, anchors):
+    for i, (pi, anchor_vec) in enumerate(zip(p, anchors)):
         pi = pi.to(dtype)
-        m = match(tuple(pi.shape[2:4]), targets, anchor_vec, options.iou_t, dtype)
+        m = match_layer(tuple(pi.shape[2:4]), targets, anchor_vec, options, dtype)
         tobj = torch.zeros_like(pi[..., 4])
         n = m.b.shape[0]
         if n:
             n_pairs += n
             ps = pi[m.b, m.a, m.gj, m.gi]
-            iou = box_iou(predicted_box(ps, m.anch), m.tbox, options.box_loss)
+            iou = box_iou(predicted_box(ps, m.anch, options.family), m.tbox, options.box_loss, options.family)
             lbox += (1.0 - iou).sum() if sum_reduction else (1.0 - iou).mean()
 
-            last = last_pair_mask(m.b, m.a, m.gj, m.gi, tobj.shape)
-            score = (1.0 - options.gr) + options.gr * iou.detach().clamp(0)
+            score = iou.detach().clamp(0)
+            last = last_pair_mask(m.b, m.a, m.gj, m.gi, tobj.shape, score if options.sort_obj_iou else None)
+            score = (1.0 - gr) + gr * score
             tobj[m.b[last], m.a[last], m.gj[last], m.gi[last]] = score[last]
 
             if options.nc > 1:
                 t = torch.full_like(ps[:, 5:], cn)
                 t[torch.arange(n, device=device), m.tcls] = cp
                 lcls += bce_cls(ps[:, 5:], t)
-        lobj += bce_obj(pi[..., 4], tobj)
+        obj_i = bce_obj(pi[..., 4], tobj)
+        layer_obj.append((obj_i / tobj.numel() if sum_reduction else obj_i).detach().reshape(1))  # the mean
+        lobj += obj_i if balance is None else obj_i * balance[i].to(dtype)
 
     lbox *= options.giou
     lobj *= options.obj
@@ -262,7 +355,12 @@ def loss(
             lcls *= gain / n_pairs / options.nc
             lbox *= gain / n_pairs
     total = lbox + lobj + lcls
-    return total, torch.cat((lbox, lobj, lcls, total)).detach()
+    items = torch.cat((lbox, lobj, lcls, total)).detach()
+    if yolov5:
+        total = total * p[0].shape[0]
+    if return_layer_obj:
+        return total, items, torch.cat(layer_obj)
+    return total, items
 
 
 def compute_loss(p: Sequence[torch.Tensor], targets: torch.Tensor, model: Any, **options: Any):

@@ -14,7 +14,7 @@ namespace yolo_kernels {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> box_iou_cpu(const at::Tensor& ps, const at::Tensor& tbox, const at::Tensor& anch,
-                                               c10::string_view box_loss) {
+                                               c10::string_view box_loss, c10::string_view family_name) {
   check_cpu_float(ps, "ps");
   check_cpu_float(tbox, "tbox");
   check_cpu_float(anch, "anch");
@@ -25,6 +25,7 @@ std::tuple<at::Tensor, at::Tensor> box_iou_cpu(const at::Tensor& ps, const at::T
   TORCH_CHECK(anch.dim() == 2 && anch.size(0) == P && anch.size(1) == 2, "anch: expected shape [", P,
               ", 2], got ", anch.sizes());
   const BoxKind kind = parse_box_kind(box_loss);
+  const Family family = parse_family(family_name);
   const auto T_type = opmath_type(ps.scalar_type());
   const at::Tensor x = ps.narrow(1, 0, 4).to(T_type).contiguous();
   const at::Tensor tb = tbox.to(T_type).contiguous(), an = anch.to(T_type).contiguous();
@@ -35,9 +36,9 @@ std::tuple<at::Tensor, at::Tensor> box_iou_cpu(const at::Tensor& ps, const at::T
     T *ip = iou.data_ptr<T>(), *gp = grad.data_ptr<T>();
     at::parallel_for(0, P, 64, [&](int64_t begin, int64_t end) {
       for (int64_t j = begin; j < end; ++j) {
-        const auto box = predicted_box<T>(xp + 4 * j, ap[2 * j], ap[2 * j + 1]);
+        const auto box = predicted_box<T>(xp + 4 * j, ap[2 * j], ap[2 * j + 1], family);
         const T* t = tp + 4 * j;
-        const auto r = box_iou(box[0], box[1], box[2], box[3], t[0], t[1], t[2], t[3], kind);
+        const auto r = box_iou(box[0], box[1], box[2], box[3], t[0], t[1], t[2], t[3], kind, BoxEps<T>::of(family));
         ip[j] = r.v;
         std::copy(r.d.begin(), r.d.end(), gp + 4 * j);
       }

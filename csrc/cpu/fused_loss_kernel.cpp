@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -33,9 +34,11 @@ namespace yolo_kernels {
 namespace {
 
 struct Options {
-  double gr, giou, cls, cls_pw, obj, obj_pw, iou_t, fl_gamma, label_smoothing;
+  double gr, giou, cls, cls_pw, obj, obj_pw, threshold, fl_gamma, label_smoothing;
   BoxKind box;
   Reduction reduction;
+  Family family;
+  bool sort_obj_iou;  // the highest IoU of a cell sets its objectness target (else its last pair)
 };
 
 // One layer's view of p and its gradient, its matched pairs and their per-pair results.
@@ -167,7 +170,9 @@ LayerSums layer_pass(const Layer<scalar_t, T>& L, const Options& o, T grad_scale
   const int64_t planes = L.bs * L.na, cells = L.ny * L.nx, no = L.no;
   const bool block_rows = L.block_rows();
   const T gr = T(o.gr);
-  const bool vector_boxes = std::is_same<T, float>::value && o.box != BoxKind::kCIoU;  // CIoU needs atan
+  // the vectorised box loop has the YOLOv3 box; CIoU needs atan: both take the scalar duals
+  const bool vector_boxes = std::is_same<T, float>::value && o.box != BoxKind::kCIoU && o.family == Family::kYOLOv3;
+  const BoxEps<T> box_eps = BoxEps<T>::of(o.family);
   std::vector<LayerSums> partial(planes);
   at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> xs(cells), loss(cells), grad(cells);
@@ -219,8 +224,9 @@ LayerSums layer_pass(const Layer<scalar_t, T>& L, const Options& o, T grad_scale
           const auto& q = L.pairs[order[k].second];
           const scalar_t* src = L.p + L.row_offset(q);
           const T logits[4] = {T(src[0]), T(src[L.ps[4]]), T(src[2 * L.ps[4]]), T(src[3 * L.ps[4]])};
-          const auto box = predicted_box<T>(logits, q.anch[0], q.anch[1]);
-          const auto r = box_iou(box[0], box[1], box[2], box[3], q.tbox[0], q.tbox[1], q.tbox[2], q.tbox[3], o.box);
+          const auto box = predicted_box<T>(logits, q.anch[0], q.anch[1], o.family);
+          const auto r = box_iou(box[0], box[1], box[2], box[3], q.tbox[0], q.tbox[1], q.tbox[2], q.tbox[3], o.box,
+                                 box_eps);
           matched.push_back({order[k].first, order[k].second, r.v, {r.d[0], r.d[1], r.d[2], r.d[3]}});
           box_sum += double(T(1) - r.v);
         }
@@ -244,7 +250,11 @@ LayerSums layer_pass(const Layer<scalar_t, T>& L, const Options& o, T grad_scale
       bce_row(xs.data(), loss.data(), grad.data(), cells, T(0), T(o.obj_pw), T(o.fl_gamma));
       for (Group<T> g = matched.cbegin(); g != matched_end;) {
         const Group<T> last = group_end(g);
-        const T target = (T(1) - gr) + gr * std::max(std::prev(last)->iou, T(0));  // the last pair wins
+        // the last pair wins the cell, or with sort_obj_iou the highest (clamped) IoU: only its value matters
+        T won = std::max(std::prev(last)->iou, T(0));
+        if (o.sort_obj_iou)
+          for (Group<T> q = g; q != last; ++q) won = std::max(won, q->iou);
+        const T target = (T(1) - gr) + gr * won;
         const auto lg = bce_with_logits<T>(xs[g->cell], target, T(o.obj_pw), T(o.fl_gamma));
         loss[g->cell] = lg.loss;
         grad[g->cell] = lg.grad;
@@ -294,11 +304,12 @@ LayerSums layer_pass(const Layer<scalar_t, T>& L, const Options& o, T grad_scale
   return total;
 }
 
+using FusedResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>>;
+
 template <typename scalar_t>
-std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> fused_loss_impl(const std::vector<at::Tensor>& p,
-                                                                const at::Tensor& targets,
-                                                                const std::vector<at::Tensor>& anchors,
-                                                                const Options& o, bool compute_grad) {
+FusedResult fused_loss_impl(const std::vector<at::Tensor>& p, const at::Tensor& targets,
+                            const std::vector<at::Tensor>& anchors, const std::vector<double>& balance,
+                            const Options& o, bool compute_grad) {
   using T = at::opmath_type<scalar_t>;  // float for half/bfloat16/float, double for double
   static_assert(std::is_same<T, float>::value || std::is_same<T, double>::value, "opmath");
   const auto T_type = c10::CppTypeToScalarType<T>::value;
@@ -335,7 +346,8 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> fused_loss_impl(cons
   at::parallel_for(0, nl, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       auto& L = layers[i];
-      L.pairs = match<T>(t.data_ptr<T>(), nt, anchor_values[i].data_ptr<T>(), L.na, L.ny, L.nx, T(o.iou_t));
+      L.pairs = match<T>(t.data_ptr<T>(), nt, anchor_values[i].data_ptr<T>(), L.na, L.ny, L.nx, T(o.threshold),
+                         o.family);
       group_by_plane(L);
     }
   });
@@ -343,7 +355,10 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> fused_loss_impl(cons
   for (const auto& L : layers) n_total += int64_t(L.pairs.size());
 
   const bool sum_red = o.reduction == Reduction::kSum;
+  // the YOLOv5 loss is the sum of the terms times the batch size: folded into the gradient's scales
+  const double out_scale = o.family == Family::kYOLOv5 ? double(bs) : 1.0;
   double lbox = 0.0, lobj = 0.0, lcls = 0.0;
+  at::Tensor layer_obj = at::empty({nl}, T_type);
   for (int64_t i = 0; i < nl; ++i) {
     auto& L = layers[i];
     const int64_t P = int64_t(L.pairs.size());
@@ -351,13 +366,14 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> fused_loss_impl(cons
     if (P > 0) {
       box_scale = sum_red ? o.giou * 3.0 / double(n_total) : o.giou / double(P);
       cls_scale = sum_red ? o.cls * 3.0 / double(n_total * nc) : o.cls / double(P * nc);
-      L.box_scale = T(box_scale), L.cls_scale = T(cls_scale);
+      L.box_scale = T(box_scale * out_scale), L.cls_scale = T(cls_scale * out_scale);
     }
     const double n_cells = double(L.bs * L.na * L.ny * L.nx);
-    const double obj_scale = sum_red ? o.obj * 3.0 / double(bs) : o.obj / n_cells;
-    const LayerSums sums = layer_pass(L, o, T(obj_scale), nc);
+    const double obj_scale = (sum_red ? o.obj * 3.0 / double(bs) : o.obj / n_cells) * balance[i];
+    const LayerSums sums = layer_pass(L, o, T(obj_scale * out_scale), nc);
     lbox += box_scale * sums.box;
     lobj += obj_scale * sums.obj;
+    layer_obj.data_ptr<T>()[i] = T(sums.obj / n_cells);
     if (nc > 1) lcls += cls_scale * sums.cls;
   }
   at::Tensor items = at::empty({4}, T_type);
@@ -365,14 +381,15 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> fused_loss_impl(cons
   it[0] = T(lbox), it[1] = T(lobj), it[2] = T(lcls);
   it[3] = it[0] + it[1] + it[2];
   at::Tensor loss = at::empty({1}, T_type);
-  loss.data_ptr<T>()[0] = it[3];
-  return {loss, items, grads};
+  loss.data_ptr<T>()[0] = T(double(it[3]) * out_scale);
+  return {loss, items, layer_obj, grads};
 }
 
-std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> fused_loss_cpu(
-    at::TensorList p_list, const at::Tensor& targets, at::TensorList anchor_list, double gr, double giou,
-    double cls, double cls_pw, double obj, double obj_pw, double iou_t, double fl_gamma, double label_smoothing,
-    c10::string_view box_loss, c10::string_view reduction, bool compute_grad) {
+FusedResult fused_loss_cpu(at::TensorList p_list, const at::Tensor& targets, at::TensorList anchor_list,
+                           const std::optional<at::Tensor>& balance, c10::string_view family, double gr, double giou,
+                           double cls, double cls_pw, double obj, double obj_pw, double threshold, double fl_gamma,
+                           double label_smoothing, c10::string_view box_loss, c10::string_view reduction,
+                           bool sort_obj_iou, bool compute_grad) {
   const std::vector<at::Tensor> p = p_list.vec(), anchors = anchor_list.vec();
   TORCH_CHECK(!p.empty(), "p: expected at least one layer, got an empty list");
   TORCH_CHECK(p.size() == anchors.size(), "p: expected ", anchors.size(), " layers (one per anchor set), got ",
@@ -395,17 +412,40 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> fused_loss_cpu(
     TORCH_CHECK(p[i].size(1) == anchors[i].size(0), name, ": expected dim 1 = ", anchors[i].size(0),
                 " anchors, got ", p[i].size(1));
   }
-  const double values[] = {gr, giou, cls, cls_pw, obj, obj_pw, iou_t, fl_gamma, label_smoothing};
-  const char* names[] = {"gr", "giou", "cls", "cls_pw", "obj", "obj_pw", "iou_t", "fl_gamma", "label_smoothing"};
+  const double values[] = {gr, giou, cls, cls_pw, obj, obj_pw, threshold, fl_gamma, label_smoothing};
+  const char* names[] = {"gr", "giou", "cls", "cls_pw", "obj", "obj_pw", "threshold", "fl_gamma", "label_smoothing"};
   for (int k = 0; k < 9; ++k) check_finite_option(values[k], names[k]);
   TORCH_CHECK(cls_pw > 0 && obj_pw > 0, "cls_pw, obj_pw: expected positive pos_weights, got ", cls_pw, ", ", obj_pw);
   TORCH_CHECK(fl_gamma >= 0, "fl_gamma: expected >= 0, got ", fl_gamma);
-  const Options o{gr,     giou,     cls,           cls_pw, obj, obj_pw, iou_t, fl_gamma, label_smoothing,
-                  parse_box_kind(box_loss), parse_reduction(reduction)};
+  const Options o{gr,
+                  giou,
+                  cls,
+                  cls_pw,
+                  obj,
+                  obj_pw,
+                  threshold,
+                  fl_gamma,
+                  label_smoothing,
+                  parse_box_kind(box_loss),
+                  parse_reduction(reduction),
+                  parse_family(family),
+                  sort_obj_iou};
+  std::vector<double> weights(p.size(), 1.0);
+  if (balance.has_value()) {
+    const at::Tensor& w = *balance;
+    check_cpu_float(w, "balance");
+    TORCH_CHECK(w.dim() == 1 && w.size(0) == int64_t(p.size()), "balance: expected shape [", p.size(),
+                "] (one weight per layer), got ", w.sizes());
+    const at::Tensor w64 = w.to(at::kDouble).contiguous();
+    for (size_t i = 0; i < p.size(); ++i) {
+      weights[i] = w64.data_ptr<double>()[i];
+      TORCH_CHECK(std::isfinite(weights[i]), "balance[", i, "]: expected a finite weight, got ", weights[i]);
+    }
+  }
 
-  std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> out;
+  FusedResult out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p[0].scalar_type(), "yolo_kernels::fused_loss", [&] {
-    out = fused_loss_impl<scalar_t>(p, targets, anchors, o, compute_grad);
+    out = fused_loss_impl<scalar_t>(p, targets, anchors, weights, o, compute_grad);
   });
   return out;
 }

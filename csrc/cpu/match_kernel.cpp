@@ -15,11 +15,13 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> match_cpu(const at::Tensor& targets,
                                                                      const at::Tensor& anchors, int64_t ny,
-                                                                     int64_t nx, double iou_t) {
+                                                                     int64_t nx, double threshold,
+                                                                     c10::string_view family_name) {
   check_targets(targets);
   check_anchors(anchors, "anchors");
   TORCH_CHECK(ny >= 1 && nx >= 1, "ny, nx: expected a non-empty grid, got ", ny, " x ", nx);
-  check_finite_option(iou_t, "iou_t");
+  check_finite_option(threshold, "threshold");
+  const Family family = parse_family(family_name);
   const auto T_type = opmath_type(targets.scalar_type());
   const at::Tensor t = targets.to(T_type).contiguous();
   const at::Tensor a = anchors.to(T_type).contiguous();
@@ -34,7 +36,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> match_cpu(const at::T
                   "targets[", k, "]: expected finite values");
     }
     check_anchor_values(a.data_ptr<T>(), na, "anchors");
-    const auto pairs = match<T>(t.data_ptr<T>(), nt, a.data_ptr<T>(), na, ny, nx, T(iou_t));
+    const auto pairs = match<T>(t.data_ptr<T>(), nt, a.data_ptr<T>(), na, ny, nx, T(threshold), family);
     const int64_t P = int64_t(pairs.size());
     indices = at::empty({P, 4}, at::kLong);
     tbox = at::empty({P, 4}, T_type);

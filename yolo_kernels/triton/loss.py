@@ -1,16 +1,20 @@
-"""The fused YOLOv3 loss in Triton: every shape is known from the input shapes (no host sync).
+"""The fused YOLO losses in Triton: every shape is known from the input shapes (no host sync).
 
-Per layer, with a fixed capacity of ``na * nt`` candidate pairs in pair order (anchor-major) and a
-validity mask instead of compaction:
+Both families (``FAMILY``: the archive YOLOv3 loss, the YOLOv5-style one) share the kernels; they
+differ in ``math.match``, ``math.predicted_box``, ``math.box_iou``'s constants, the objectness
+weights and the batch-size factor. Per layer, with a fixed capacity of candidate pairs in pair
+order (YOLOv3: ``na * nt``, anchor-major; YOLOv5: ``5 * na * nt``, the five cell blocks, each
+anchor-major) and a validity mask instead of compaction:
 
-1. ``_match_kernel``: match each candidate (wh_iou > iou_t, clamped cell), gather its row, compute
-   the IoU-family value and its gradient w.r.t. the 4 box logits (dual numbers) and the summed
-   class BCE; write its cell as a sort key (``num_cells`` when unmatched).
+1. ``_match_kernel``: match each candidate (clamped cell), gather its row, compute the IoU-family
+   value and its gradient w.r.t. the 4 box logits (dual numbers) and the summed class BCE; write
+   its cell as a sort key (``num_cells`` when unmatched).
 2. ``torch.sort(..., stable=True)`` of the keys groups the candidates by cell, in pair order
    within a cell; ``torch.searchsorted`` gives each group's first position. O(P log P) for P
    candidates, on the device, no sync.
-3. ``_objectness_target_kernel``: the last candidate of each group (the last pair in pair order:
-   it wins the cell, deterministically) writes its objectness target into ``tobj``.
+3. ``_objectness_target_kernel``: the last candidate of each group writes the cell's objectness
+   target into ``tobj``: from its own IoU (the last pair in pair order wins, deterministically),
+   or with ``sort_obj_iou`` from the group's highest IoU.
 4. ``_objectness_kernel``: every cell's objectness BCE (a partial sum per program) and, with a
    gradient, every row of the gradient: zeros and the objectness term, with p's layout.
 5. ``_pair_grad_kernel``: the last candidate of each group adds the box and class terms of the
@@ -42,9 +46,12 @@ import triton.language as tl
 
 from ..config import LossOptions
 from ..reference import compute_dtype
-from .math import bce_with_logits, box_iou, match
+from .math import YOLOV3, YOLOV5, bce_with_logits, box_iou, match
 
 KINDS = {"iou": 0, "giou": 1, "diou": 2, "ciou": 3}
+FAMILIES = {"yolov3": YOLOV3.value, "yolov5": YOLOV5.value}
+#: Candidate blocks per (anchor, target): one cell (YOLOv3); the cell and four neighbours (YOLOv5).
+BLOCKS = {"yolov3": 1, "yolov5": 5}
 #: Fixed block sizes (one compiled variant per kernel and option set, whatever ``nc`` is).
 BLOCK_PAIRS = 64  # candidate pairs per program of the match kernels
 BLOCK_CLASSES = 32  # class channels per step of the class loops
@@ -64,23 +71,23 @@ def _match_kernel(
     anchors_ptr,
     num_targets,
     num_anchors,
+    num_candidates,
     grid_h,
     grid_w,
     num_classes,
     num_cells,
-    iou_t,
-    gr,
+    threshold,
     cls_pos,
     cls_neg,
     cls_pos_weight,
     focal_gamma,
     valid_ptr,
     key_ptr,
-    score_ptr,
     iou_ptr,
     iou_grad_ptr,
     cls_loss_ptr,
     cls_ptr,
+    FAMILY: tl.constexpr,
     BOX_KIND: tl.constexpr,
     FOCAL: tl.constexpr,
     HAS_CLS: tl.constexpr,
@@ -95,26 +102,30 @@ def _match_kernel(
         targets_ptr: ``[nt, 6]`` rows ``(image, class, x, y, w, h)`` (normalised), compute dtype.
         anchors_ptr: ``[na, 2]`` anchor sizes in grid units, compute dtype.
         num_targets, num_anchors, grid_h, grid_w, num_classes: ``nt``, ``na``, ``ny``, ``nx``, ``nc``.
+        num_candidates: ``blocks * na * nt`` (blocks: 1 for YOLOv3, 5 for YOLOv5).
         num_cells: ``bs * na * ny * nx``, the sort key of an unmatched candidate.
-        iou_t: the wh-IoU above which a (target, anchor) pair is matched.
-        gr: the objectness target is ``(1 - gr) + gr * clamp(iou, 0)``.
+        threshold: ``iou_t`` (YOLOv3: matched when wh-IoU > it) or ``anchor_t`` (YOLOv5: matched
+            when the worst wh ratio < it).
         cls_pos, cls_neg: the class targets after label smoothing.
         cls_pos_weight, focal_gamma: the class BCE's ``pos_weight`` and focal gamma.
-        valid_ptr .. cls_ptr: per candidate outputs ``[na * nt]`` (``iou_grad_ptr``: ``[na * nt, 4]``):
-            matched flag (int8), flat cell index or ``num_cells`` when unmatched (int64), objectness
-            target, IoU, d IoU / d box logits, summed class BCE, class id (int64).
+        valid_ptr .. cls_ptr: per candidate outputs ``[num_candidates]`` (``iou_grad_ptr``:
+            ``[num_candidates, 4]``): matched flag (int8), flat cell index or ``num_cells`` when
+            unmatched (int64), IoU, d IoU / d box logits, summed class BCE, class id (int64).
+        FAMILY: ``math.YOLOV3`` or ``math.YOLOV5``.
         BOX_KIND: 0 IoU, 1 GIoU, 2 DIoU, 3 CIoU. FOCAL: focal class BCE. HAS_CLS: ``nc > 1``.
         COMPUTE_DTYPE: float32, or float64 for a float64 ``p``.
     """
     pid = tl.program_id(0).to(tl.int64)
-    k = pid * BLOCK_PAIRS + tl.arange(0, BLOCK_PAIRS)  # candidate = anchor * nt + target
-    in_range = k < num_anchors * num_targets
-    a = k // num_targets  # launched only when nt > 0
-    j = k - a * num_targets
+    k = pid * BLOCK_PAIRS + tl.arange(0, BLOCK_PAIRS)  # candidate = (block * na + anchor) * nt + target
+    in_range = k < num_candidates
+    row = k // num_targets  # launched only when nt > 0
+    j = k - row * num_targets
+    block = row // num_anchors
+    a = row - block * num_anchors
     aw = tl.load(anchors_ptr + 2 * a, mask=in_range, other=1.0).to(COMPUTE_DTYPE)
     ah = tl.load(anchors_ptr + 2 * a + 1, mask=in_range, other=1.0).to(COMPUTE_DTYPE)
     valid, bi, ci, gj, gi, tx, ty, gw, gh = match(
-        targets_ptr + 6 * j, aw, ah, grid_h, grid_w, iou_t, in_range, COMPUTE_DTYPE
+        targets_ptr + 6 * j, aw, ah, grid_h, grid_w, threshold, in_range, block, COMPUTE_DTYPE, FAMILY
     )
 
     base = p_ptr + bi * p_stride_b + a * p_stride_a + gj * p_stride_y + gi * p_stride_x
@@ -122,7 +133,7 @@ def _match_kernel(
     x1 = tl.load(base + p_stride_c, mask=valid, other=0.0).to(COMPUTE_DTYPE)
     x2 = tl.load(base + 2 * p_stride_c, mask=valid, other=0.0).to(COMPUTE_DTYPE)
     x3 = tl.load(base + 3 * p_stride_c, mask=valid, other=0.0).to(COMPUTE_DTYPE)
-    iou, d0, d1, d2, d3 = box_iou(x0, x1, x2, x3, aw, ah, tx, ty, gw, gh, BOX_KIND)
+    iou, d0, d1, d2, d3 = box_iou(x0, x1, x2, x3, aw, ah, tx, ty, gw, gh, BOX_KIND, FAMILY)
     iou = tl.where(valid, iou, 0.0)
 
     cls_loss = tl.zeros([BLOCK_PAIRS], dtype=COMPUTE_DTYPE)
@@ -137,10 +148,8 @@ def _match_kernel(
             cls_loss += tl.sum(tl.where(m, lc, 0.0), axis=1).to(COMPUTE_DTYPE)
 
     cell = ((bi * num_anchors + a) * grid_h + gj) * grid_w + gi
-    score = (1.0 - gr) + gr * tl.maximum(iou, 0.0)
     tl.store(valid_ptr + k, valid.to(tl.int8), mask=in_range)
     tl.store(key_ptr + k, tl.where(valid, cell, num_cells), mask=in_range)
-    tl.store(score_ptr + k, score.to(COMPUTE_DTYPE), mask=in_range)
     tl.store(iou_ptr + k, iou.to(COMPUTE_DTYPE), mask=in_range)
     tl.store(iou_grad_ptr + 4 * k, d0.to(COMPUTE_DTYPE), mask=in_range)
     tl.store(iou_grad_ptr + 4 * k + 1, d1.to(COMPUTE_DTYPE), mask=in_range)
@@ -160,21 +169,37 @@ def _is_group_end(sorted_key_ptr, i, num_candidates, num_cells):
 
 @triton.jit(do_not_specialize=["num_candidates"])
 def _objectness_target_kernel(
-    sorted_key_ptr, order_ptr, score_ptr, tobj_ptr, num_candidates, num_cells, BLOCK_PAIRS: tl.constexpr
+    sorted_key_ptr,
+    order_ptr,
+    group_start_ptr,
+    iou_ptr,
+    tobj_ptr,
+    num_candidates,
+    num_cells,
+    gr,
+    SORT_OBJ_IOU: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
 ):
-    """The last candidate of each cell's group (the winner: last in pair order) writes its
-    objectness target into ``tobj_ptr`` at the cell.
+    """One program per sorted position: the last candidate of each cell's group writes the cell's
+    objectness target ``(1 - gr) + gr * clamp(iou, 0)`` into ``tobj_ptr``, with its own IoU (the
+    last pair in pair order wins) or, with ``SORT_OBJ_IOU``, the group's highest IoU.
 
     Args:
         sorted_key_ptr, order_ptr: the candidates' keys sorted (stable) and the sorting permutation.
-        score_ptr: the candidates' objectness targets (candidate order), written by ``_match_kernel``.
+        group_start_ptr: per sorted position, the first position of its key's group.
+        iou_ptr: the candidates' IoUs (candidate order), written by ``_match_kernel``.
         tobj_ptr: ``[num_cells]`` objectness targets, zero-initialised.
-        num_candidates, num_cells: ``na * nt`` and ``bs * na * ny * nx``.
+        num_candidates, num_cells: the candidate capacity and ``bs * na * ny * nx``.
+        gr: the IoU ratio of the objectness target.
     """
-    i = tl.program_id(0).to(tl.int64) * BLOCK_PAIRS + tl.arange(0, BLOCK_PAIRS)
+    i = tl.program_id(0).to(tl.int64)
     won, cell = _is_group_end(sorted_key_ptr, i, num_candidates, num_cells)
-    k = tl.load(order_ptr + i, mask=won, other=0)
-    tl.store(tobj_ptr + cell, tl.load(score_ptr + k, mask=won, other=0.0), mask=won)
+    if won:
+        best = tl.maximum(tl.load(iou_ptr + tl.load(order_ptr + i)).to(COMPUTE_DTYPE), 0.0)
+        if SORT_OBJ_IOU:
+            for j in range(tl.load(group_start_ptr + i), i):
+                best = tl.maximum(best, tl.load(iou_ptr + tl.load(order_ptr + j)).to(COMPUTE_DTYPE))
+        tl.store(tobj_ptr + cell, ((1.0 - gr) + gr * best).to(COMPUTE_DTYPE))
 
 
 @triton.jit
@@ -221,6 +246,8 @@ def _objectness_kernel(
     grad_stride_c,
     tobj_ptr,
     partial_ptr,
+    balance_ptr,
+    layer,
     num_cells,
     num_anchors,
     grid_h,
@@ -230,6 +257,7 @@ def _objectness_kernel(
     focal_gamma,
     obj_scale,
     FOCAL: tl.constexpr,
+    HAS_BALANCE: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     BLOCK_CELLS: tl.constexpr,
@@ -242,6 +270,8 @@ def _objectness_kernel(
         grad_ptr, grad_stride_*: its gradient (p's dtype and layout); unused without ``WRITE_GRAD``.
         tobj_ptr: ``[bs * na * ny * nx]`` objectness targets (compute dtype).
         partial_ptr: one partial loss sum per program (compute dtype), reduced by the caller.
+        balance_ptr, layer: with ``HAS_BALANCE``, the per-layer objectness weights (device, compute
+            dtype) and this layer's index: the gradient is also scaled by ``balance[layer]``.
         num_cells, num_anchors, grid_h, grid_w, num_outputs: ``bs * na * ny * nx``, ``na``, ``ny``,
             ``nx``, ``5 + nc``.
         obj_pos_weight, focal_gamma: the objectness BCE's ``pos_weight`` and focal gamma.
@@ -271,7 +301,10 @@ def _objectness_kernel(
     loss, grad = bce_with_logits(logit, target, obj_pos_weight, focal_gamma, FOCAL)
     tl.store(partial_ptr + pid, tl.sum(tl.where(m, loss, 0.0), axis=0).to(COMPUTE_DTYPE))
     if WRITE_GRAD:
-        g_obj = (grad * obj_scale)[:, None]
+        g_obj = grad * obj_scale
+        if HAS_BALANCE:
+            g_obj = g_obj * tl.load(balance_ptr + layer).to(COMPUTE_DTYPE)
+        g_obj = g_obj[:, None]
         # rows are written whole (zeros and the objectness term): the gradient is written once
         for c0 in range(0, num_outputs, BLOCK_CHANNELS):
             ch = c0 + tl.arange(0, BLOCK_CHANNELS)
@@ -324,7 +357,8 @@ def _pair_grad_kernel(
         group_start_ptr: per sorted position, the first position of its key's group.
         iou_grad_ptr, cls_ptr: written by ``_match_kernel`` (candidate order).
         scale_ptr: ``[2]`` device scalars (compute dtype): the box and class gains over the pair count.
-        num_candidates, num_cells: ``na * nt`` and ``bs * na * ny * nx``. Other scalars as in ``_match_kernel``.
+        num_candidates, num_cells: the candidate capacity and ``bs * na * ny * nx``.
+        Other scalars as in ``_match_kernel``.
     """
     i = tl.program_id(0).to(tl.int64)
     won, cell = _is_group_end(sorted_key_ptr, i, num_candidates, num_cells)
@@ -420,7 +454,6 @@ class _Candidates:
 
     valid: torch.Tensor
     key: torch.Tensor
-    score: torch.Tensor
     iou: torch.Tensor
     iou_grad: torch.Tensor
     cls_loss: torch.Tensor
@@ -431,9 +464,7 @@ class _Candidates:
         def new(*shape, dt=dtype):
             return torch.empty(*shape, dtype=dt, device=device)
 
-        return cls(
-            new(n, dt=torch.int8), new(n, dt=torch.int64), new(n), new(n), new(n, 4), new(n), new(n, dt=torch.int64)
-        )
+        return cls(new(n, dt=torch.int8), new(n, dt=torch.int64), new(n), new(n, 4), new(n), new(n, dt=torch.int64))
 
 
 @dataclasses.dataclass
@@ -452,10 +483,12 @@ class _LayerState:
     tobj: torch.Tensor
 
 
-def fused_loss(p, targets, anchors, options: LossOptions, compute_grad: bool = True):
-    """``(loss [1], loss_items [4], [d loss / d p[i]])`` for float16/bfloat16/float32 ``p`` (math in
-    float32; float64 ``p`` in float64) on the device of ``p`` (CUDA, or CPU under
-    ``TRITON_INTERPRET=1``). No host sync: every shape follows from the input shapes."""
+def fused_loss(p, targets, anchors, options: LossOptions, compute_grad: bool = True, balance=None):
+    """``(loss [1], loss_items [4], layer_obj [nl], [d loss / d p[i]])`` (the op's outputs) for
+    float16/bfloat16/float32 ``p`` (math in float32; float64 ``p`` in float64) on the device of
+    ``p`` (CUDA, or CPU under ``TRITON_INTERPRET=1``). ``balance [nl]`` (a device tensor, or
+    ``None``: ones) weighs each layer's objectness term. No host sync: every shape follows from
+    the input shapes."""
     o = options
     device = p[0].device
     dtype = compute_dtype(p[0].dtype)
@@ -467,42 +500,44 @@ def fused_loss(p, targets, anchors, options: LossOptions, compute_grad: bool = T
     focal, has_cls = o.fl_gamma > 0, nc > 1
     cls_pos, cls_neg = (float(v) for v in o.smooth_targets)
     sum_red = o.reduction == "sum"
+    out_scale = float(bs) if o.family == "yolov5" else 1.0  # the YOLOv5 loss is the sum times the batch size
+    if balance is not None:
+        balance = balance.to(device=device, dtype=dtype).contiguous()
     scalars = dict(cls_pos_weight=float(o.cls_pw), focal_gamma=float(o.fl_gamma))
 
     layers = []
     for pi, anchor_vec in zip(p, anchors):
         na, ny, nx = pi.shape[1], pi.shape[2], pi.shape[3]
-        n_cand, n_cells = na * nt, bs * na * ny * nx
+        n_cand, n_cells = BLOCKS[o.family] * na * nt, bs * na * ny * nx
         cand = _Candidates.empty(n_cand, dtype, device)
         tobj = torch.zeros(n_cells, dtype=dtype, device=device)
         groups = None
         if n_cand:
-            grid = (triton.cdiv(n_cand, BLOCK_PAIRS),)
             _launch(
                 _match_kernel,
-                grid,
+                (triton.cdiv(n_cand, BLOCK_PAIRS),),
                 p_ptr=pi,
                 **_strides("p", pi),
                 targets_ptr=t,
                 anchors_ptr=anchor_vec.to(device=device, dtype=dtype).contiguous(),
                 num_targets=nt,
                 num_anchors=na,
+                num_candidates=n_cand,
                 grid_h=ny,
                 grid_w=nx,
                 num_classes=nc,
                 num_cells=n_cells,
-                iou_t=float(o.iou_t),
-                gr=float(o.gr),
+                threshold=float(o.match_threshold),
                 cls_pos=cls_pos,
                 cls_neg=cls_neg,
                 **scalars,
                 valid_ptr=cand.valid,
                 key_ptr=cand.key,
-                score_ptr=cand.score,
                 iou_ptr=cand.iou,
                 iou_grad_ptr=cand.iou_grad,
                 cls_loss_ptr=cand.cls_loss,
                 cls_ptr=cand.cls,
+                FAMILY=FAMILIES[o.family],
                 BOX_KIND=KINDS[o.box_loss],
                 FOCAL=focal,
                 HAS_CLS=has_cls,
@@ -515,22 +550,25 @@ def fused_loss(p, targets, anchors, options: LossOptions, compute_grad: bool = T
             groups = (sorted_key, order, torch.searchsorted(sorted_key, sorted_key))
             _launch(
                 _objectness_target_kernel,
-                grid,
+                (n_cand,),
                 sorted_key_ptr=sorted_key,
                 order_ptr=order,
-                score_ptr=cand.score,
+                group_start_ptr=groups[2],
+                iou_ptr=cand.iou,
                 tobj_ptr=tobj,
                 num_candidates=n_cand,
                 num_cells=n_cells,
-                BLOCK_PAIRS=BLOCK_PAIRS,
+                gr=float(o.objectness_gr),
+                SORT_OBJ_IOU=o.sort_obj_iou,
+                COMPUTE_DTYPE=tl_dtype,
             )
         layers.append(_LayerState(pi, na, ny, nx, n_cand, n_cells, cand, groups, tobj))
 
     # pair counts and the scales of the box and class terms: device tensors, no sync
     counts = [layer.cand.valid.sum(dtype=dtype) for layer in layers]
     n_total = torch.stack(counts).sum()
-    grads, lbox, lobj, lcls = [], 0.0, 0.0, 0.0
-    for layer, n_i in zip(layers, counts):
+    grads, lbox, lobj, lcls, layer_obj = [], 0.0, 0.0, 0.0, []
+    for index, (layer, n_i) in enumerate(zip(layers, counts)):
         pi, na, ny, nx, n_cand, n_cells = layer.p, layer.na, layer.ny, layer.nx, layer.n_cand, layer.n_cells
         cand, groups, tobj = layer.cand, layer.groups, layer.tobj
         n_pairs = n_total if sum_red else n_i
@@ -558,6 +596,8 @@ def fused_loss(p, targets, anchors, options: LossOptions, compute_grad: bool = T
             **grad_strides,
             tobj_ptr=tobj,
             partial_ptr=partial,
+            balance_ptr=balance if balance is not None else partial,  # unread without HAS_BALANCE
+            layer=index,
             num_cells=n_cells,
             num_anchors=na,
             grid_h=ny,
@@ -565,16 +605,19 @@ def fused_loss(p, targets, anchors, options: LossOptions, compute_grad: bool = T
             num_outputs=no,
             obj_pos_weight=float(o.obj_pw),
             focal_gamma=float(o.fl_gamma),
-            obj_scale=float(obj_scale),
+            obj_scale=float(obj_scale * out_scale),
             FOCAL=focal,
+            HAS_BALANCE=balance is not None,
             WRITE_GRAD=compute_grad,
             COMPUTE_DTYPE=tl_dtype,
             BLOCK_CELLS=BLOCK_CELLS,
             BLOCK_CHANNELS=BLOCK_CHANNELS,
         )
-        lobj = lobj + obj_scale * partial.sum()
+        obj_sum = partial.sum()
+        layer_obj.append(obj_sum / n_cells)
+        lobj = lobj + obj_scale * (obj_sum if balance is None else obj_sum * balance[index])
         if compute_grad and n_cand:
-            scales = torch.stack((box_scale, cls_scale)).to(dtype)
+            scales = (torch.stack((box_scale, cls_scale)) * out_scale).to(dtype)
             sorted_key, order, group_start = groups
             _launch(
                 _pair_grad_kernel,
@@ -608,4 +651,4 @@ def fused_loss(p, targets, anchors, options: LossOptions, compute_grad: bool = T
     zero = torch.zeros((), dtype=dtype, device=device)
     items = torch.stack([zero + lbox, zero + lobj, zero + lcls])
     items = torch.cat((items, items.sum().reshape(1)))
-    return items[3:].clone(), items, grads
+    return items[3:] * out_scale, items, torch.stack(layer_obj).to(dtype), grads

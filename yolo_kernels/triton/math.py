@@ -18,6 +18,9 @@ import triton
 import triton.language as tl
 
 PI = tl.constexpr(3.141592653589793)
+#: The loss families (constexpr ``FAMILY`` of the kernels): the archive YOLOv3 loss, the YOLOv5-style one.
+YOLOV3 = tl.constexpr(0)
+YOLOV5 = tl.constexpr(1)
 
 
 @triton.jit
@@ -157,35 +160,74 @@ def d_atan(av, a0, a1, a2, a3):
 
 
 @triton.jit
-def match(t_row_ptr, aw, ah, grid_h, grid_w, iou_t, mask, COMPUTE_DTYPE: tl.constexpr):
-    """Target matching of (target, anchor) pairs (docs/semantics.md, "Matching"): loads the target
-    rows ``(image, class, x, y, w, h)`` at ``t_row_ptr`` and returns ``(matched, image, class, gj,
-    gi, tx, ty, gw, gh)``: whether wh_iou > iou_t, the image and class ids and the clamped cell
-    (int64), and the box target (offsets within the cell, size in grid units)."""
+def match(t_row_ptr, aw, ah, grid_h, grid_w, threshold, mask, block, COMPUTE_DTYPE: tl.constexpr, FAMILY: tl.constexpr):
+    """Target matching of (target, anchor) pairs (docs/semantics.md "Matching", docs/yolov5.md):
+    loads the target rows ``(image, class, x, y, w, h)`` at ``t_row_ptr`` and returns ``(matched,
+    image, class, gj, gi, tx, ty, gw, gh)``: whether the pair matches, the image and class ids
+    and the clamped cell (int64), and the box target (offsets within the cell, size in grid units).
+
+    YOLOv3: matched when wh_iou > ``threshold`` (``iou_t``); ``block`` is 0. YOLOv5: the pair fits
+    when ``max(r, 1 / r) < threshold`` (``anchor_t``) for the w and h ratios, and ``block`` (0..4:
+    the centre cell, the neighbour left, above, right, below) must be allowed by the position."""
     b = tl.load(t_row_ptr, mask=mask, other=0.0).to(COMPUTE_DTYPE)
     c = tl.load(t_row_ptr + 1, mask=mask, other=0.0).to(COMPUTE_DTYPE)
     gx = tl.load(t_row_ptr + 2, mask=mask, other=0.0).to(COMPUTE_DTYPE) * grid_w
     gy = tl.load(t_row_ptr + 3, mask=mask, other=0.0).to(COMPUTE_DTYPE) * grid_h
     gw = tl.load(t_row_ptr + 4, mask=mask, other=1.0).to(COMPUTE_DTYPE) * grid_w
     gh = tl.load(t_row_ptr + 5, mask=mask, other=1.0).to(COMPUTE_DTYPE) * grid_h
-    inter = tl.minimum(aw, gw) * tl.minimum(ah, gh)
-    matched = mask & (inter / (aw * ah + gw * gh - inter) > iou_t)
+    if FAMILY == YOLOV5:
+        rw = gw / aw
+        rh = gh / ah
+        worst = tl.maximum(tl.maximum(rw, 1.0 / rw), tl.maximum(rh, 1.0 / rh))
+        far_x = grid_w - gx
+        far_y = grid_h - gy
+        left = ((gx - tl.floor(gx)) < 0.5) & (gx > 1.0)
+        up = ((gy - tl.floor(gy)) < 0.5) & (gy > 1.0)
+        right = ((far_x - tl.floor(far_x)) < 0.5) & (far_x > 1.0)
+        down = ((far_y - tl.floor(far_y)) < 0.5) & (far_y > 1.0)
+        allowed = (block == 0) | ((block == 1) & left) | ((block == 2) & up) | ((block == 3) & right)
+        allowed = allowed | ((block == 4) & down)
+        matched = mask & (worst < threshold) & allowed
+        ox = tl.where(block == 1, 0.5, tl.where(block == 3, -0.5, 0.0))
+        oy = tl.where(block == 2, 0.5, tl.where(block == 4, -0.5, 0.0))
+        cx = gx - ox
+        cy = gy - oy
+    else:
+        inter = tl.minimum(aw, gw) * tl.minimum(ah, gh)
+        matched = mask & (inter / (aw * ah + gw * gh - inter) > threshold)
+        cx = gx
+        cy = gy
     # trunc toward zero then clamp == trunc of the clamped value
-    gi = tl.minimum(tl.maximum(gx, 0.0), grid_w - 1.0).to(tl.int64)
-    gj = tl.minimum(tl.maximum(gy, 0.0), grid_h - 1.0).to(tl.int64)
+    gi = tl.minimum(tl.maximum(cx, 0.0), grid_w - 1.0).to(tl.int64)
+    gj = tl.minimum(tl.maximum(cy, 0.0), grid_h - 1.0).to(tl.int64)
     tx = gx - gi.to(COMPUTE_DTYPE)
     ty = gy - gj.to(COMPUTE_DTYPE)
     return matched, b.to(tl.int64), c.to(tl.int64), gj, gi, tx, ty, gw, gh
 
 
 @triton.jit
-def predicted_box(x0, x1, x2, x3, aw, ah):
+def predicted_box(x0, x1, x2, x3, aw, ah, FAMILY: tl.constexpr):
     """The box the logits x0..x3 predict with anchor (aw, ah): ``(sx, sy, pw, ph, dsx, dsy, dpw,
-    dph)`` = centre ``sigmoid(xy)`` within the cell, size ``exp(wh).clamp(max=1e3) * anchor``, and
-    each one's derivative with respect to its own logit (exp is capped at e^30: same values, and a
-    zero rather than a NaN gradient for huge logits)."""
+    dph)`` = centre within the cell, size, and each one's derivative with respect to its own logit.
+
+    YOLOv3: ``sigmoid(xy)``, ``exp(wh).clamp(max=1e3) * anchor`` (exp capped at e^30: same values,
+    and a zero rather than a NaN gradient for huge logits). YOLOv5: ``2 sigmoid(xy) - 0.5``,
+    ``(2 sigmoid(wh))^2 * anchor``."""
     sx = sigmoid(x0)
     sy = sigmoid(x1)
+    if FAMILY == YOLOV5:
+        sw = sigmoid(x2)
+        sh = sigmoid(x3)
+        return (
+            sx * 2.0 - 0.5,
+            sy * 2.0 - 0.5,
+            4.0 * sw * sw * aw,
+            4.0 * sh * sh * ah,
+            2.0 * sx * (1 - sx),
+            2.0 * sy * (1 - sy),
+            8.0 * sw * sw * (1 - sw) * aw,
+            8.0 * sh * sh * (1 - sh) * ah,
+        )
     ew = tl.exp(tl.minimum(x2, 30.0))
     eh = tl.exp(tl.minimum(x3, 30.0))
     pw = tl.minimum(ew, 1e3) * aw
@@ -196,11 +238,15 @@ def predicted_box(x0, x1, x2, x3, aw, ah):
 
 
 @triton.jit
-def box_iou(x0, x1, x2, x3, aw, ah, tx, ty, tw, th, KIND: tl.constexpr):
-    """IoU-family (KIND 0 iou, 1 giou, 2 diou, 3 ciou) of the box predicted by logits x0..x3 with
-    anchor (aw, ah) against the centre-xywh target: (value, d/dx0, d/dx1, d/dx2, d/dx3)."""
+def box_iou(x0, x1, x2, x3, aw, ah, tx, ty, tw, th, KIND: tl.constexpr, FAMILY: tl.constexpr):
+    """IoU-family (KIND 0 iou, 1 giou, 2 diou, 3 ciou) of the box the family predicts from logits
+    x0..x3 with anchor (aw, ah) against the centre-xywh target: (value, d/dx0, d/dx1, d/dx2, d/dx3).
+    The small constant of the union, enclosing area and diagonal is 1e-16 (YOLOv3) or 1e-7
+    (YOLOv5, which adds it to CIoU's alpha denominator too)."""
     z = x0 * 0.0
-    sx, sy, pw, ph, dsx, dsy, dpw, dph = predicted_box(x0, x1, x2, x3, aw, ah)
+    eps = 1e-7 if FAMILY == YOLOV5 else 1e-16
+    alpha_eps = 1e-7 if FAMILY == YOLOV5 else 0.0
+    sx, sy, pw, ph, dsx, dsy, dpw, dph = predicted_box(x0, x1, x2, x3, aw, ah, FAMILY)
     # corners of the prediction (duals) and of the target (constants)
     l1v, l1a, l1b, l1c, l1d = sx - pw / 2, dsx, z, -dpw / 2, z
     r1v, r1a, r1b, r1c, r1d = sx + pw / 2, dsx, z, dpw / 2, z
@@ -219,7 +265,7 @@ def box_iou(x0, x1, x2, x3, aw, ah, tx, ty, tw, th, KIND: tl.constexpr):
     w2 = r2 - l2
     h2 = b2 - t2
     a1 = d_mul(*w1, *h1)
-    union = d_sub(a1[0] + 1e-16 + w2 * h2, a1[1], a1[2], a1[3], a1[4], *inter)
+    union = d_sub(a1[0] + eps + w2 * h2, a1[1], a1[2], a1[3], a1[4], *inter)
     iou = d_div(*inter, *union)
     if KIND == 0:
         return iou
@@ -227,10 +273,10 @@ def box_iou(x0, x1, x2, x3, aw, ah, tx, ty, tw, th, KIND: tl.constexpr):
     ch = d_sub(*d_max(b1v, b1a, b1b, b1c, b1d, b2 + z, z, z, z, z), *d_min(t1v, t1a, t1b, t1c, t1d, t2 + z, z, z, z, z))
     if KIND == 1:
         c_area = d_mul(*cw, *ch)
-        c_area = (c_area[0] + 1e-16, c_area[1], c_area[2], c_area[3], c_area[4])
+        c_area = (c_area[0] + eps, c_area[1], c_area[2], c_area[3], c_area[4])
         return d_sub(*iou, *d_div(*d_sub(*c_area, *union), *c_area))
     c2 = d_add(*d_mul(*cw, *cw), *d_mul(*ch, *ch))
-    c2 = (c2[0] + 1e-16, c2[1], c2[2], c2[3], c2[4])
+    c2 = (c2[0] + eps, c2[1], c2[2], c2[3], c2[4])
     dx = d_sub((l2 + r2) + z, z, z, z, z, *d_add(l1v, l1a, l1b, l1c, l1d, r1v, r1a, r1b, r1c, r1d))
     dy = d_sub((t2 + b2) + z, z, z, z, z, *d_add(t1v, t1a, t1b, t1c, t1d, b1v, b1a, b1b, b1c, b1d))
     rho2 = d_add(*d_scale(*d_mul(*dx, *dx), 0.25), *d_scale(*d_mul(*dy, *dy), 0.25))
@@ -240,5 +286,5 @@ def box_iou(x0, x1, x2, x3, aw, ah, tx, ty, tw, th, KIND: tl.constexpr):
     h1_safe = (h1[0] + 1e-16, h1[1], h1[2], h1[3], h1[4])  # no 0/0 when w and h underflow
     da = d_sub((atan(w2 / h2)) + z, z, z, z, z, *d_atan(*d_div(*w1, *h1_safe)))
     v = d_scale(*d_mul(*da, *da), 4.0 / (PI * PI))
-    alpha = v[0] / ((1.0 - iou[0]) + v[0])  # no gradient through alpha (as the original)
+    alpha = v[0] / (((1.0 - iou[0]) + v[0]) + alpha_eps)  # no gradient through alpha (as the original)
     return d_sub(*diou, *d_scale(*v, alpha))

@@ -1,0 +1,261 @@
+"""The YOLOv5-style loss (ultralytics/yolov5 ``utils/loss.py::ComputeLoss``, the same in
+ultralytics/yolov3 master): a drop-in ``ComputeLoss`` and the module ``YOLOv5Loss``.
+
+    from yolo_kernels.yolov5 import ComputeLoss
+    compute_loss = ComputeLoss(model)                 # as in yolov5's train.py
+    loss, loss_items = compute_loss(pred, targets)    # ((lbox + lobj + lcls) * bs, [lbox, lobj, lcls])
+
+Both run through the same dispatch and fused ops as the YOLOv3 loss (``family="yolov5"``): the
+C++ kernels on the CPU, the Triton kernels on CUDA, the reference anywhere. Semantics and the
+deliberate differences from the original: docs/yolov5.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .config import LossOptions, MissingHyperparameterError, as_anchor_list, is_real_number
+from .loss import run_backend
+
+__all__ = ["DEFAULT_HYP_V5", "HYP_KEYS_V5", "default_balance", "ComputeLoss", "YOLOv5Loss"]
+
+#: The loss hyperparameters of yolov5's ``data/hyps/hyp.scratch-low.yaml`` (the module API's defaults).
+DEFAULT_HYP_V5: dict[str, float] = {
+    "box": 0.05,
+    "cls": 0.5,
+    "cls_pw": 1.0,
+    "obj": 1.0,
+    "obj_pw": 1.0,
+    "anchor_t": 4.0,
+    "fl_gamma": 0.0,
+    "label_smoothing": 0.0,
+}
+#: The keys the original reads with ``hyp[key]`` (``label_smoothing`` is read with a default of 0).
+HYP_KEYS_V5 = ("box", "cls", "cls_pw", "obj", "obj_pw", "anchor_t", "fl_gamma")
+
+
+def default_balance(nl: int) -> list[float]:
+    """The original's per-layer objectness weights: ``[4.0, 1.0, 0.4]`` for 3 layers, else the
+    first ``nl`` of ``[4.0, 1.0, 0.25, 0.06, 0.02]`` (P3-P7)."""
+    if nl == 3:
+        return [4.0, 1.0, 0.4]
+    weights = [4.0, 1.0, 0.25, 0.06, 0.02]
+    if not 1 <= nl <= len(weights):
+        raise ValueError(
+            f"nl: the default objectness balance covers 1 to {len(weights)} layers, got {nl}; pass balance=[...]"
+        )
+    return weights[:nl]
+
+
+def _options(hyp: Mapping[str, Any], nc: int, gr: float, sort_obj_iou: bool, box_loss: str) -> LossOptions:
+    return LossOptions(
+        nc=nc,
+        family="yolov5",
+        gr=gr,
+        giou=hyp["box"],
+        cls=hyp["cls"],
+        cls_pw=hyp["cls_pw"],
+        obj=hyp["obj"],
+        obj_pw=hyp["obj_pw"],
+        anchor_t=hyp["anchor_t"],
+        fl_gamma=hyp["fl_gamma"],
+        label_smoothing=hyp.get("label_smoothing", 0.0),
+        box_loss=box_loss,
+        sort_obj_iou=sort_obj_iou,
+    )
+
+
+class YOLOv5Loss(nn.Module):
+    """The YOLOv5-style loss as a module that holds its anchors, hyperparameters and balance.
+
+    Args:
+        anchors: per layer, ``[na, 2]`` anchor sizes in **pixels**, in the order of ``p``.
+        strides: per layer, the stride in pixels (anchors are divided by it).
+        num_classes: ``nc``; ``p[i]`` has ``nc + 5`` channels.
+        hyp: the loss hyperparameters (keys of ``DEFAULT_HYP_V5``; missing keys take those defaults).
+        gr: the IoU ratio of the objectness target (mixed in only when < 1, as the original).
+        box_loss: ``"ciou"`` (default, the original's), ``"giou"``, ``"diou"`` or ``"iou"``.
+        balance: per-layer objectness weights (default: ``default_balance(nl)``).
+        autobalance: update ``balance`` after every call as the original's ``autobalance`` does,
+            on the device (no host sync), normalised by the weight of the stride-16 layer.
+        sort_obj_iou: on a cell with several pairs the highest IoU sets the objectness target.
+        backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"triton"``.
+        validate: check target values (see ``yolo_kernels.validate``).
+
+    ``forward(p, targets)`` returns ``(loss [1], loss_items [3])`` as the original's ``__call__``:
+    ``loss = (lbox + lobj + lcls) * batch_size`` and ``loss_items = (lbox, lobj, lcls)``, detached.
+    """
+
+    def __init__(
+        self,
+        anchors: Sequence[Any],
+        strides: Sequence[float],
+        num_classes: int,
+        hyp: Mapping[str, Any] | None = None,
+        gr: float = 1.0,
+        box_loss: str = "ciou",
+        balance: Sequence[float] | None = None,
+        autobalance: bool = False,
+        sort_obj_iou: bool = False,
+        backend: str = "auto",
+        validate: bool = True,
+    ):
+        super().__init__()
+        anchors = as_anchor_list(anchors)
+        strides = [float(s) if is_real_number(s) else s for s in strides]
+        if len(strides) != len(anchors) or not all(is_real_number(s) and s > 0 for s in strides):
+            raise ValueError(f"strides: expected {len(anchors)} positive strides (one per anchor set), got {strides!r}")
+        if hyp is not None and not isinstance(hyp, Mapping):
+            raise TypeError(f"hyp: expected a dict of hyperparameters, got {type(hyp).__name__}")
+        self.hyp = {**DEFAULT_HYP_V5, **(hyp or {})}
+        self.nl = len(anchors)
+        self.strides = strides
+        self.box_loss = box_loss
+        self.backend = backend
+        self.validate = validate
+        self.autobalance = bool(autobalance)
+        self._gr, self._sort_obj_iou = float(gr), bool(sort_obj_iou)
+        self.options = _options(self.hyp, num_classes, self._gr, self._sort_obj_iou, box_loss)  # validates
+        for i, (a, s) in enumerate(zip(anchors, strides)):
+            self.register_buffer(f"anchor_vec{i}", a.detach().to(torch.float32) / s, persistent=False)
+        weights = default_balance(self.nl) if balance is None else [float(w) for w in balance]
+        if len(weights) != self.nl:
+            raise ValueError(f"balance: expected {self.nl} weights (one per layer), got {len(weights)}")
+        self.register_buffer("balance_weights", torch.tensor(weights, dtype=torch.float64), persistent=False)
+        self.ssi = 0
+        if self.autobalance:
+            if 16.0 not in strides:
+                raise ValueError(f"autobalance: normalises by the stride-16 layer, but strides are {strides}")
+            self.ssi = strides.index(16.0)
+
+    @property
+    def anchor_vecs(self) -> list[torch.Tensor]:
+        """Per-layer anchors in grid units (pixels / stride)."""
+        return [getattr(self, f"anchor_vec{i}") for i in range(self.nl)]
+
+    @property
+    def nc(self) -> int:
+        return self.options.nc
+
+    @property
+    def gr(self) -> float:
+        return self._gr
+
+    @gr.setter
+    def gr(self, value: float) -> None:
+        self.options = _options(self.hyp, self.nc, value, self._sort_obj_iou, self.box_loss)
+        self._gr = float(value)
+
+    @property
+    def sort_obj_iou(self) -> bool:
+        return self._sort_obj_iou
+
+    @sort_obj_iou.setter
+    def sort_obj_iou(self, value: bool) -> None:
+        self.options = _options(self.hyp, self.nc, self._gr, value, self.box_loss)
+        self._sort_obj_iou = bool(value)
+
+    @property
+    def balance(self) -> list[float]:
+        """The per-layer objectness weights (reading them waits for the device)."""
+        return self.balance_weights.tolist()
+
+    def forward(self, p: Sequence[torch.Tensor], targets: torch.Tensor):
+        device = p[0].device if isinstance(p, (list, tuple)) and p and isinstance(p[0], torch.Tensor) else None
+        if device is not None and self.balance_weights.device != device:
+            self.balance_weights = self.balance_weights.to(device)
+        loss, items, layer_obj = run_backend(
+            p, targets, self.anchor_vecs, self.options, self.backend, self.validate, self.balance_weights
+        )
+        if self.autobalance:  # the original's update, on the device: no .item()
+            w = self.balance_weights * 0.9999 + 0.0001 / layer_obj.to(self.balance_weights.dtype)
+            self.balance_weights = w / w[self.ssi]
+        return loss, items[:3]
+
+    def extra_repr(self) -> str:
+        o = self.options
+        return (
+            f"nl={self.nl}, nc={o.nc}, strides={self.strides}, box_loss={o.box_loss!r}, gr={self._gr}, "
+            f"sort_obj_iou={self._sort_obj_iou}, autobalance={self.autobalance}, backend={self.backend!r}"
+        )
+
+
+def _unwrap(model: Any) -> Any:
+    """``de_parallel``: the model inside DataParallel / DistributedDataParallel."""
+    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) or (
+        not hasattr(model, "model") and hasattr(model, "module")
+    ):
+        model = model.module
+    return model
+
+
+class ComputeLoss:
+    """Drop-in for ultralytics/yolov5's ``ComputeLoss(model, autobalance=False)``.
+
+    Reads ``model.hyp`` from the object passed (in yolov5's ``train.py`` a DataParallel wrapper
+    carries it) and the Detect module ``de_parallel(model).model[-1]`` (``na``, ``nc``, ``nl``,
+    ``anchors`` in grid units, ``stride``). ``gr`` (default 1.0) and ``sort_obj_iou`` (default
+    False) are attributes of the loss object, as in the original (which ignores ``model.gr``).
+    ``backend`` picks the implementation (``"auto"``: Triton on CUDA, C++ on the CPU).
+
+    ``compute_loss(p, targets)`` returns ``((lbox + lobj + lcls) * bs, (lbox, lobj, lcls))``.
+    """
+
+    def __init__(self, model: Any, autobalance: bool = False, backend: str = "auto"):
+        if not hasattr(model, "hyp"):
+            raise TypeError(f"model: expected a 'hyp' attribute (set model.hyp as train.py does), got {type(model)}")
+        hyp = model.hyp
+        if not isinstance(hyp, Mapping):
+            raise TypeError(f"model.hyp: expected a dict of hyperparameters, got {type(hyp).__name__}")
+        missing = [key for key in HYP_KEYS_V5 if key not in hyp]
+        if missing:
+            raise MissingHyperparameterError(
+                f"model.hyp: missing loss hyperparameter(s) {missing}; the loss reads {list(HYP_KEYS_V5)} "
+                f"(and label_smoothing, default 0), got keys {sorted(map(str, hyp))}"
+            )
+        inner = _unwrap(model)
+        if not hasattr(inner, "model") or not len(inner.model):
+            raise TypeError(f"model: expected a YOLOv5 model whose .model[-1] is the Detect module, got {type(inner)}")
+        m = inner.model[-1]
+        for attr in ("na", "nc", "nl", "anchors", "stride"):
+            if not hasattr(m, attr):
+                raise TypeError(f"model.model[-1]: expected a Detect module with '{attr}', got {type(m).__name__}")
+        anchors = m.anchors.detach()
+        if anchors.dim() != 3 or anchors.shape[0] != m.nl or anchors.shape[1] != m.na or anchors.shape[2] != 2:
+            raise ValueError(
+                f"model.model[-1].anchors: expected shape [nl={m.nl}, na={m.na}, 2], got {tuple(anchors.shape)}"
+            )
+        strides = [float(s) for s in torch.as_tensor(m.stride).flatten().tolist()]
+        self.hyp = hyp
+        self.na, self.nc, self.nl = int(m.na), int(m.nc), int(m.nl)
+        self.anchors = anchors
+        self.autobalance = autobalance
+        self.device = next(iter(model.parameters())).device if hasattr(model, "parameters") else anchors.device
+        # the Detect anchors are already in grid units: the loss module keeps them as they are
+        self.loss = YOLOv5Loss(
+            list(anchors.cpu()),
+            [1.0] * self.nl,
+            self.nc,
+            hyp={
+                **DEFAULT_HYP_V5,
+                **{k: hyp[k] for k in HYP_KEYS_V5},
+                "label_smoothing": hyp.get("label_smoothing", 0),
+            },
+            backend=backend,
+        ).to(self.device)
+        if autobalance:
+            if 16.0 not in strides:
+                raise ValueError(f"autobalance: normalises by the stride-16 layer, but model strides are {strides}")
+            self.loss.autobalance, self.loss.ssi = True, strides.index(16.0)
+        self.ssi = self.loss.ssi
+
+    gr = property(lambda self: self.loss.gr, lambda self, v: setattr(self.loss, "gr", v))
+    sort_obj_iou = property(lambda self: self.loss.sort_obj_iou, lambda self, v: setattr(self.loss, "sort_obj_iou", v))
+    balance = property(lambda self: self.loss.balance)
+
+    def __call__(self, p: Sequence[torch.Tensor], targets: torch.Tensor):
+        return self.loss(p, targets)
