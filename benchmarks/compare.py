@@ -33,8 +33,9 @@ def table(groups):
         "|---|---|---|---|---|---|---|",
     ]
     for (batch, img, targets), g in sorted(groups.items()):
-        floor = g.get("floor_zero_fill")
         for label, ms in sorted(g.items(), key=lambda kv: kv[1]):
+            # each loss family against its own floor (the YOLOv5-style heads are other shapes)
+            floor = g.get("yolov5_floor_zero_fill" if label.startswith("yolov5") else "floor_zero_fill")
             mode = "forward" if label.endswith("-forward]") or label.endswith("[forward]") else "forward+backward"
             original = g.get(f"original [{mode}]")
             comparable = label.startswith(("backend", "original", "compiled_reference"))

@@ -6,7 +6,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from yolo_kernels.bench import yolov3_inputs
+from yolo_kernels.bench import yolov3_inputs, yolov5_inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -35,3 +35,19 @@ def bench_targets():
 def yolov3_batch(request):
     batch, img, targets_per_image = request.param
     return yolov3_inputs(batch, img, targets_per_image, device=DEVICE)
+
+
+def bench_imgs_yolov5():
+    """Image sizes of the YOLOv5-style loss: 640, its default (YK_BENCH_IMGS_V5 overrides)."""
+    return [int(i) for i in os.environ.get("YK_BENCH_IMGS_V5", "640").split(",")]
+
+
+@pytest.fixture(
+    scope="module",
+    params=[(b, i, t) for i in bench_imgs_yolov5() for b in bench_batches() for t in bench_targets()],
+    ids=lambda bit: f"batch{bit[0]}-img{bit[1]}-targets{bit[2]}",
+)
+def yolov5_batch(request):
+    """``(anchors, p, targets)``: YOLOv5s's heads (strides 8, 16, 32) and anchors."""
+    batch, img, targets_per_image = request.param
+    return yolov5_inputs(batch, img, targets_per_image, device=DEVICE)

@@ -5,7 +5,8 @@
 
 One test per measured thing: provider x mode (forward, forward+backward) x batch x image x targets
 per image (10, 100, 500: dense scenes are where matching and duplicates cost), plus the
-components alone (matching, box loss, objectness) so that a regression can be located. The floor
+components alone (matching, box loss, objectness) so that a regression can be located, and the
+YOLOv5-style loss (``test_yolov5_*``: YOLOv5s's heads at 640, YK_BENCH_IMGS_V5) against its floor. The floor
 is zero-filling existing buffers of p's size (what writing the gradient costs at least); fresh
 zeros_like shows what a new gradient-sized allocation costs under the default glibc allocator.
 ``benchmark.extra_info`` records shapes, dtype, device, threads and versions. No timing is asserted.
@@ -155,11 +156,16 @@ def test_component_objectness(benchmark, yolov3_batch, impl):
 
 
 def test_original_and_reference_agree(yolov3_batch):
-    """The baseline is timed only because it computes the same loss."""
+    """The baseline is timed only because it computes the same loss. Where pairs share a cell, the
+    original's objectness target is whichever write ``index_put_`` keeps, which is unspecified
+    once it runs in parallel (dense scenes): there lobj is only compared loosely."""
     model, p, targets = yolov3_batch
     a = original.compute_loss(p, targets, model)[1]
     b = yk.compute_loss(p, targets, model, backend="reference")[1]
-    assert torch.allclose(a, b, rtol=1e-5)
+    assert torch.allclose(a[[0, 2]], b[[0, 2]], rtol=1e-5)
+    _, _, indices, _ = yk.build_targets(p, targets, model)
+    shared = any(torch.stack(ix).unique(dim=1).shape[1] < ix[0].numel() for ix in indices)
+    assert torch.allclose(a, b, rtol=1e-3 if shared else 1e-5)
 
 
 def test_fused_backends_agree_with_reference(yolov3_batch):
@@ -167,3 +173,37 @@ def test_fused_backends_agree_with_reference(yolov3_batch):
     want = yk.compute_loss(p, targets, model, backend="reference")[1]
     for backend in BACKENDS:
         assert torch.allclose(yk.compute_loss(p, targets, model, backend=backend)[1], want, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ the YOLOv5-style loss
+
+YOLOV5_PROVIDERS = list(dict.fromkeys(["reference", *BACKENDS]))
+
+
+def _yolov5_loss(anchors, p, backend):
+    from yolo_kernels.yolov5 import YOLOV5_STRIDES
+
+    return yk.YOLOv5Loss(anchors, YOLOV5_STRIDES, p[0].shape[-1] - 5, backend=backend).to(p[0].device)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", YOLOV5_PROVIDERS)
+def test_yolov5_backend(benchmark, yolov5_batch, backend, mode):
+    anchors, p, targets = yolov5_batch
+    crit = _yolov5_loss(anchors, p, backend)
+    _record(benchmark, p, mode=mode, loss="yolov5")
+    benchmark(make_step(lambda: crit(p, targets), p, mode))
+
+
+def test_yolov5_floor_zero_fill(benchmark, yolov5_batch):
+    _, p, _ = yolov5_batch
+    buffers = [torch.empty_like(x) for x in p]
+    _record(benchmark, p, loss="yolov5")
+    benchmark(lambda: ([b.zero_() for b in buffers], _sync()))
+
+
+def test_yolov5_fused_backends_agree_with_reference(yolov5_batch):
+    anchors, p, targets = yolov5_batch
+    want = _yolov5_loss(anchors, p, "reference")(p, targets)[1]
+    for backend in BACKENDS:
+        assert torch.allclose(_yolov5_loss(anchors, p, backend)(p, targets)[1], want, rtol=1e-5)

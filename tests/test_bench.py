@@ -33,7 +33,21 @@ def test_bench_rows_fields_and_table():
     grad_mb = sum(x.numel() * 4 for x in bench.yolov3_inputs(1, 64)[1]) / 2**20
     assert cpp["peak_extra_mb"] >= grad_mb * 0.99 and ref["peak_extra_mb"] >= grad_mb
     table = bench.format_table(rows)
-    assert table.count("\n") == len(rows) + 1 and "| cpp | 1 | 64 | 10 |" in table
+    assert table.count("\n") == len(rows) + 1 and "| cpp | yolov3 | 1 | 64 | 10 |" in table
+
+
+def test_bench_yolov5_loss_axis():
+    rows = bench.run(batches=[2], imgs=[64], backends=["reference", "cpp"], repeats=2, warmup=1, losses=["yolov5"])
+    assert [(r["provider"], r["family"]) for r in rows] == [
+        ("floor", "yolov5"),
+        ("reference", "yolov5"),
+        ("cpp", "yolov5"),
+    ]
+    assert rows[2]["max_rel_err"] < 1e-4 and rows[1]["loss"] == pytest.approx(rows[2]["loss"], rel=1e-5)
+    # YOLOv5s's heads at strides 8, 16, 32
+    assert [tuple(x.shape[2:4]) for x in bench.yolov5_inputs(1, 64)[1]] == [(8, 8), (4, 4), (2, 2)]
+    with pytest.raises(ValueError, match="losses: expected names from"):
+        bench.run(batches=[1], imgs=[64], backends=["cpp"], losses=["yolov4"])
 
 
 def test_bench_main_json_and_plot(tmp_path, capsys):
@@ -55,7 +69,7 @@ def test_bench_main_json_and_plot(tmp_path, capsys):
     ]
     assert bench.main(argv) == 0
     text = capsys.readouterr().out
-    assert "machine:" in text and "| reference | 2 | 64 | 10 |" in text
+    assert "machine:" in text and "| reference | yolov3 | 2 | 64 | 10 |" in text
     data = json.loads(out.read_text())
     assert {r["provider"] for r in data["rows"]} >= {"floor", "reference"}
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -78,7 +92,7 @@ def test_bench_targets_axis_and_scaling_plot(tmp_path, capsys):
     png = tmp_path / "scaling.png"
     bench.plot(rows, str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| cpp | 1 | 64 | 20 |" in bench.format_table(rows)
+    assert "| cpp | yolov3 | 1 | 64 | 20 |" in bench.format_table(rows)
 
 
 def test_interleaved_timing_takes_turns():

@@ -16,7 +16,7 @@ ALL = ["reference"] + FUSED
 
 def run(backend, p, targets, anchors, options):
     q = [x.clone().requires_grad_() for x in p]
-    loss, items = yk.loss.resolve_backend(backend, q[0].device).loss(q, targets, anchors, options)
+    loss, items, _ = yk.loss.resolve_backend(backend, q[0].device).loss(q, targets, anchors, options)
     loss.backward()
     return items, [x.grad for x in q]
 

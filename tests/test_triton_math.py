@@ -28,7 +28,9 @@ if IMPORT_ERROR is None:
         tl.store(grad_ptr + k, grad, mask=m)
 
     @triton.jit
-    def _box_iou_probe(x_ptr, anchor_ptr, tbox_ptr, out_ptr, n, KIND: tl.constexpr, BLOCK: tl.constexpr):
+    def _box_iou_probe(
+        x_ptr, anchor_ptr, tbox_ptr, out_ptr, n, KIND: tl.constexpr, FAMILY: tl.constexpr, BLOCK: tl.constexpr
+    ):
         k = tl.arange(0, BLOCK)
         m = k < n
         x0 = tl.load(x_ptr + 4 * k, mask=m, other=0.0)
@@ -41,7 +43,7 @@ if IMPORT_ERROR is None:
         th = tl.load(tbox_ptr + 4 * k + 3, mask=m, other=1.0)
         aw = tl.load(anchor_ptr + 2 * k, mask=m, other=1.0)
         ah = tl.load(anchor_ptr + 2 * k + 1, mask=m, other=1.0)
-        v, d0, d1, d2, d3 = tmath.box_iou(x0, x1, x2, x3, aw, ah, tx, ty, tw, th, KIND)
+        v, d0, d1, d2, d3 = tmath.box_iou(x0, x1, x2, x3, aw, ah, tx, ty, tw, th, KIND, FAMILY)
         tl.store(out_ptr + 5 * k, v, mask=m)
         tl.store(out_ptr + 5 * k + 1, d0, mask=m)
         tl.store(out_ptr + 5 * k + 2, d1, mask=m)
@@ -49,12 +51,17 @@ if IMPORT_ERROR is None:
         tl.store(out_ptr + 5 * k + 4, d3, mask=m)
 
     @triton.jit
-    def _match_probe(t_ptr, anchor_ptr, out_ptr, n, grid_h, grid_w, iou_t, BLOCK: tl.constexpr):
+    def _match_probe(
+        t_ptr, anchor_ptr, block_ptr, out_ptr, n, grid_h, grid_w, threshold, FAMILY: tl.constexpr, BLOCK: tl.constexpr
+    ):
         k = tl.arange(0, BLOCK)
         m = k < n
         aw = tl.load(anchor_ptr + 2 * k, mask=m, other=1.0)
         ah = tl.load(anchor_ptr + 2 * k + 1, mask=m, other=1.0)
-        ok, b, c, gj, gi, tx, ty, gw, gh = tmath.match(t_ptr + 6 * k, aw, ah, grid_h, grid_w, iou_t, m, tl.float32)
+        block = tl.load(block_ptr + k, mask=m, other=0)
+        ok, b, c, gj, gi, tx, ty, gw, gh = tmath.match(
+            t_ptr + 6 * k, aw, ah, grid_h, grid_w, threshold, m, block, tl.float32, FAMILY
+        )
         row = out_ptr + 9 * k
         tl.store(row, ok.to(tl.float32), mask=m)
         tl.store(row + 1, b.to(tl.float32), mask=m)
@@ -97,19 +104,24 @@ def test_bce_with_logits(device, pos_weight, gamma, gen):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("family", yk.FAMILIES)
 @pytest.mark.parametrize("kind", yk.BOX_LOSSES)
-def test_predicted_box_and_box_iou_with_gradient(device, kind, gen):
+def test_predicted_box_and_box_iou_with_gradient(device, kind, family, gen):
     n = 64
     x = torch.randn(n, 4, generator=gen) * 1.5
     anchors = torch.rand(n, 2, generator=gen) * 3 + 0.3
     tbox = torch.cat((torch.rand(n, 2, generator=gen), torch.rand(n, 2, generator=gen) * 3 + 0.2), 1)
     out = torch.empty(n, 5)
     args = [t.to(device) for t in (x, anchors, tbox, out)]
-    _box_iou_probe[(1,)](*args, n, KIND=yk.triton.loss.KINDS[kind], BLOCK=64)
+    _box_iou_probe[(1,)](*args, n, KIND=yk.triton.loss.KINDS[kind], FAMILY=yk.triton.loss.FAMILIES[family], BLOCK=64)
     xr = x.double().requires_grad_()
-    pxy = xr[:, :2].sigmoid()
-    pwh = torch.exp(xr[:, 2:4].clamp(max=30)).clamp(max=1e3) * anchors.double()
-    iou = yk.reference.box_iou(torch.cat((pxy, pwh), 1), tbox.double(), kind)
+    if family == "yolov5":  # written out here, independent of reference.predicted_box
+        pxy = xr[:, :2].sigmoid() * 2 - 0.5
+        pwh = (xr[:, 2:4].sigmoid() * 2) ** 2 * anchors.double()
+    else:
+        pxy = xr[:, :2].sigmoid()
+        pwh = torch.exp(xr[:, 2:4].clamp(max=30)).clamp(max=1e3) * anchors.double()
+    iou = yk.reference.box_iou(torch.cat((pxy, pwh), 1), tbox.double(), kind, family)
     iou.sum().backward()
     got = args[3].cpu().double()
     torch.testing.assert_close(got[:, 0], iou.detach(), rtol=1e-5, atol=1e-6)
@@ -130,9 +142,9 @@ def test_match(device, gen):
     t[0, 2:4] = torch.tensor([1.0, 1.0])  # the far edge: the last cell, offset 1.0
     anchors = torch.rand(n, 2, generator=gen) * 3 + 0.2
     out = torch.empty(n, 9)
-    args = [v.to(device) for v in (t, anchors, out)]
-    _match_probe[(1,)](*args, n, ny, nx, iou_t, BLOCK=64)
-    got = args[2].cpu()
+    args = [v.to(device) for v in (t, anchors, torch.zeros(n, dtype=torch.int64), out)]
+    _match_probe[(1,)](*args, n, ny, nx, iou_t, FAMILY=0, BLOCK=64)
+    got = args[3].cpu()
     gw, gh = t[:, 4] * nx, t[:, 5] * ny
     inter = torch.min(anchors[:, 0], gw) * torch.min(anchors[:, 1], gh)
     wh_iou = inter / (anchors.prod(1) + gw * gh - inter)
@@ -154,3 +166,34 @@ def test_atan(device):
     out = torch.empty_like(x, device=device)
     _atan_probe[(1,)](x.to(device), out, x.numel(), BLOCK=512)
     torch.testing.assert_close(out.cpu().double(), torch.atan(x.double()), rtol=0, atol=2e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_match_yolov5(device, gen):
+    """Lane k holds block k // nt of target k % nt: the matched lanes, in order, are the
+    reference's pairs (one anchor), neighbour cells and edges included."""
+    nt, ny, nx, anchor_t = 12, 6, 8, 4.0
+    t = torch.cat(
+        (
+            torch.randint(0, 3, (nt, 2), generator=gen).float(),
+            torch.rand(nt, 2, generator=gen),
+            torch.rand(nt, 2, generator=gen) * 0.6 + 0.01,
+        ),
+        1,
+    )
+    t[0, 2:4] = torch.tensor([1.0, 0.0])  # the edges
+    t[1, 2:4] = torch.tensor([4.0 / nx, 2.5 / ny])  # an integer x (both x neighbours), a .5 fraction in y
+    t[2, 2:4] = torch.tensor([1.0 / nx, (ny - 1.0) / ny])  # exactly one cell from an edge
+    anchor = torch.tensor([[1.5, 1.0]])
+    out = torch.empty(5 * nt, 9)
+    block = torch.arange(5 * nt) // nt
+    lanes = (t.repeat(5, 1), anchor.repeat(5 * nt, 1), block, out)
+    args = [v.to(device) for v in lanes]
+    _match_probe[(1,)](*args, 5 * nt, ny, nx, anchor_t, FAMILY=1, BLOCK=64)
+    got = args[3].cpu()
+    got = got[got[:, 0].bool()]
+    want = yk.reference.match_yolov5((ny, nx), t, anchor, anchor_t)
+    assert got.shape[0] == want.b.numel() > nt
+    assert torch.equal(got[:, 1].long(), want.b) and torch.equal(got[:, 2].long(), want.tcls)
+    assert torch.equal(got[:, 3].long(), want.gj) and torch.equal(got[:, 4].long(), want.gi)
+    torch.testing.assert_close(got[:, 5:], want.tbox, rtol=0, atol=0)

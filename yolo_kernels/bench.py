@@ -1,13 +1,15 @@
-"""The main job: time the YOLOv3 loss (forward + backward) with every available backend.
+"""The main job: time the YOLO loss (forward + backward) with every available backend.
 
     python -m yolo_kernels.bench                                  # this machine's device, batch 16, 416
     python -m yolo_kernels.bench --batch 1 16 64 --json out.json --plot out.png
     python -m yolo_kernels.bench --targets 10 100 500 --plot scaling.png   # dense scenes
+    python -m yolo_kernels.bench --loss yolov5 --img 640          # the YOLOv5-style loss
     python -m yolo_kernels.bench --device cuda --img 416 640 --dtype bfloat16
 
-Inputs are YOLOv3-shaped head outputs ``p`` (the shipped yolov3's three heads; random logits with
-the heads' initial objectness bias, since the loss's cost does not depend on the values) and
-random targets (10 per image unless ``--targets`` says otherwise). The providers are timed side by
+Inputs are head outputs ``p`` (``--loss yolov3``: the shipped yolov3's three heads through
+``compute_loss``; ``--loss yolov5``: YOLOv5s's P3-P5 heads and anchors through ``YOLOv5Loss``;
+random logits with the heads' initial objectness bias, since the loss's cost does not depend on
+the values) and random targets (10 per image unless ``--targets`` says otherwise). The providers are timed side by
 side in one run, in turns (floor, provider A, provider B, floor, A, B, ...), each call after the
 caches were evicted (a training step evicts them too), next to the floor (zero-filling existing
 buffers of ``p``'s size, which writing the gradient costs at least). Every backend's loss and
@@ -31,9 +33,12 @@ import torch
 
 from . import loss as loss_api
 from .models import Darknet
+from .yolov5 import YOLOV5_ANCHORS, YOLOV5_STRIDES, YOLOv5Loss
 
 __all__ = [
     "yolov3_inputs",
+    "yolov5_inputs",
+    "LOSSES",
     "time_call",
     "time_interleaved",
     "percentile",
@@ -76,6 +81,46 @@ def yolov3_inputs(
     classes = torch.randint(0, model.nc, (nt, 1), generator=g).float()
     image = torch.arange(batch).repeat_interleave(targets_per_image)[:, None].float()
     return model, p, torch.cat((image, classes, boxes), 1).to(device)
+
+
+def yolov5_inputs(
+    batch: int,
+    img: int = 640,
+    targets_per_image: int = 10,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    nc: int = 80,
+):
+    """``(anchors, p, targets)`` for the YOLOv5-style loss: YOLOv5s's P3-P5 anchors (pixels), head
+    outputs ``p [batch, 3, img / s, img / s, nc + 5]`` for strides 8, 16, 32 (leaves requiring
+    grad) and ``targets [batch * targets_per_image, 6]``, drawn as ``yolov3_inputs`` draws them."""
+    g = torch.Generator().manual_seed(seed)
+    p = []
+    for s in YOLOV5_STRIDES:
+        x = torch.randn(batch, 3, img // s, img // s, nc + 5, generator=g) * 0.5
+        x[..., 4] -= 4.5
+        p.append(x.to(device=device, dtype=dtype).requires_grad_())
+    nt = batch * targets_per_image
+    boxes = torch.rand(nt, 4, generator=g)
+    boxes[:, 2:] = boxes[:, 2:] * 0.5 + 0.02
+    classes = torch.randint(0, nc, (nt, 1), generator=g).float()
+    image = torch.arange(batch).repeat_interleave(targets_per_image)[:, None].float()
+    return YOLOV5_ANCHORS, p, torch.cat((image, classes, boxes), 1).to(device)
+
+
+def _loss_calls(family: str, batch, img, targets_per_image, seed, dtype, device, names):
+    """``(p, targets, {backend name: call(p) -> (loss, items)})`` for a loss family."""
+    if family == "yolov3":
+        model, p, targets = yolov3_inputs(batch, img, targets_per_image, seed, dtype, device)
+        return p, targets, {n: lambda q, n=n: loss_api.compute_loss(q, targets, model, backend=n) for n in names}
+    anchors, p, targets = yolov5_inputs(batch, img, targets_per_image, seed, dtype, device)
+    crits = {n: YOLOv5Loss(anchors, YOLOV5_STRIDES, p[0].shape[-1] - 5, backend=n).to(device) for n in names}
+    return p, targets, {n: lambda q, c=c: c(q, targets) for n, c in crits.items()}
+
+
+#: The loss families the bench times (``--loss``).
+LOSSES = ("yolov3", "yolov5")
 
 
 def time_call(fn: Callable[[], Any], repeats: int, warmup: int, device: torch.device) -> list[float]:
@@ -156,9 +201,9 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
-def _step(name: str, p, targets, model):
+def _step(call, p):
     def step():
-        loss, _ = loss_api.compute_loss(p, targets, model, backend=name)
+        loss, _ = call(p)
         loss.backward()
 
     return step
@@ -169,15 +214,18 @@ def _drop_grads(p) -> None:
         x.grad = None
 
 
-def _measure_batch(batch, img, targets_per_image, backends, dtype, device, repeats, warmup, seed, progress):
-    model, p, targets = yolov3_inputs(batch, img, targets_per_image, seed, DTYPES[dtype], device)
+def _measure_batch(
+    batch, img, targets_per_image, backends, dtype, device, repeats, warmup, seed, progress, family="yolov3"
+):
+    names = list(dict.fromkeys(["reference", *backends]))
+    p, targets, calls = _loss_calls(family, batch, img, targets_per_image, seed, DTYPES[dtype], device, names)
     up = [x.detach().float().requires_grad_() for x in p]  # the reference on the same values, upcast
-    ref_loss, ref_items = loss_api.compute_loss(up, targets, model, backend="reference")
+    ref_loss, ref_items = calls["reference"](up)
     ref_loss.backward()
 
     buffers = [torch.empty_like(x) for x in p]
     steps = {"floor": lambda: [b.zero_() for b in buffers]}
-    steps.update({name: _step(name, p, targets, model) for name in backends})
+    steps.update({name: _step(calls[name], p) for name in backends})
     times = time_interleaved(steps, repeats, warmup, device, before=lambda: _drop_grads(p))
     rows = [{"provider": "floor", "times": times["floor"], "peak_extra_bytes": 0}]
     progress()
@@ -187,7 +235,7 @@ def _measure_batch(batch, img, targets_per_image, backends, dtype, device, repea
         peak = peak_extra_bytes(steps[name], device)
         for x in p:
             x.grad = None
-        loss, items = loss_api.compute_loss(p, targets, model, backend=name)
+        loss, items = calls[name](p)
         loss.backward()
         err = max([_rel_err(items, ref_items)] + [_rel_err(x.grad.float(), r.grad) for x, r in zip(p, up)])
         rows.append(
@@ -213,7 +261,9 @@ def _measure_batch(batch, img, targets_per_image, backends, dtype, device, repea
         r["speedup_vs_reference"] = ref_ms / r["median_ms"] if ref_ms and r["provider"] != "floor" else None
         r["peak_extra_mb"] = r.pop("peak_extra_bytes") / 2**20
         r.setdefault("max_rel_err", None)
-        r.update(batch=batch, img=img, targets_per_image=targets_per_image, dtype=dtype, device=str(device))
+        r.update(
+            family=family, batch=batch, img=img, targets_per_image=targets_per_image, dtype=dtype, device=str(device)
+        )
     return rows
 
 
@@ -228,26 +278,34 @@ def run(
     seed=0,
     progress: Callable[[], None] = lambda: None,
     targets=(10,),
+    losses=("yolov3",),
 ) -> list[dict[str, Any]]:
-    """Rows with ``provider, batch, img, targets_per_image, dtype, device, median_ms, p20_ms, p80_ms,
-    x_floor, speedup_vs_reference, peak_extra_mb, max_rel_err, loss``: one per provider, batch,
-    image size and number of targets per image."""
+    """Rows with ``provider, family, batch, img, targets_per_image, dtype, device, median_ms, p20_ms,
+    p80_ms, x_floor, speedup_vs_reference, peak_extra_mb, max_rel_err, loss``: one per provider,
+    loss family, batch, image size and number of targets per image."""
+    for family in losses:
+        if family not in LOSSES:
+            raise ValueError(f"losses: expected names from {LOSSES}, got {family!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if backends is None:
         backends = [b for b in loss_api.available_backends(device) if not (b == "triton" and device.type == "cpu")]
     for name in backends:
         loss_api.resolve_backend(name, device)  # a clear error now, not after the first batch
     rows = []
-    for img in imgs:
-        for batch in batches:
-            for n in targets:
-                rows += _measure_batch(batch, img, n, backends, dtype, device, repeats, warmup, seed, progress)
+    for family in losses:
+        for img in imgs:
+            for batch in batches:
+                for n in targets:
+                    rows += _measure_batch(
+                        batch, img, n, backends, dtype, device, repeats, warmup, seed, progress, family
+                    )
     return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     head = [
         "provider",
+        "loss",
         "batch",
         "img",
         "targets/img",
@@ -261,6 +319,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         cells = [
             r["provider"],
+            r.get("family", "yolov3"),
             str(r["batch"]),
             str(r["img"]),
             str(r.get("targets_per_image", 10)),
@@ -307,7 +366,8 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
         ax.set_xlabel(x_label)
         ax.set_ylabel("forward + backward, median ms")
         where = f"batch {batch}, {img}x{img}" if by_targets else f"{img}x{img}"
-        ax.set_title(f"YOLOv3 loss, {where} ({rows[0]['device']}, {rows[0]['dtype']})")
+        family = "/".join(dict.fromkeys(r.get("family", "yolov3") for r in mine))
+        ax.set_title(f"{family} loss, {where} ({rows[0]['device']}, {rows[0]['dtype']})")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -357,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         default=[10],
         help="targets per image (default 10; e.g. 10 100 500 for dense scenes)",
     )
+    parser.add_argument("--loss", nargs="+", choices=LOSSES, default=["yolov3"], help="loss families (default yolov3)")
     parser.add_argument("--backends", nargs="+", help="backends to time (default: all available on the device)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of p")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
@@ -373,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         args.backends
         or [b for b in loss_api.available_backends(device) if not (b == "triton" and device.type == "cpu")]
     )
-    progress = _Progress(n_providers * len(args.batch) * len(args.img) * len(args.targets))
+    progress = _Progress(n_providers * len(args.loss) * len(args.batch) * len(args.img) * len(args.targets))
     rows = run(
         args.batch,
         args.img,
@@ -385,10 +446,11 @@ def main(argv: list[str] | None = None) -> int:
         args.seed,
         progress,
         targets=args.targets,
+        losses=args.loss,
     )
     machine = machine_line(device, torch.get_num_threads())
     print(
-        f"YOLOv3 loss, forward + backward, p {args.dtype}, medians of {args.repeats} interleaved runs, "
+        f"{'/'.join(args.loss)} loss, forward + backward, p {args.dtype}, medians of {args.repeats} interleaved runs, "
         "caches evicted before each call"
     )
     print(f"machine: {machine}")

@@ -21,7 +21,19 @@ import torch.nn as nn
 from .config import LossOptions, MissingHyperparameterError, as_anchor_list, is_real_number
 from .loss import run_backend
 
-__all__ = ["DEFAULT_HYP_V5", "HYP_KEYS_V5", "default_balance", "ComputeLoss", "YOLOv5Loss"]
+__all__ = [
+    "DEFAULT_HYP_V5",
+    "HYP_KEYS_V5",
+    "YOLOV5_ANCHORS",
+    "YOLOV5_STRIDES",
+    "default_balance",
+    "ComputeLoss",
+    "YOLOv5Loss",
+]
+
+#: YOLOv5's default anchors (pixels) of the P3, P4, P5 heads, and their strides.
+YOLOV5_ANCHORS = ((10, 13, 16, 30, 33, 23), (30, 61, 62, 45, 59, 119), (116, 90, 156, 198, 373, 326))
+YOLOV5_STRIDES = (8, 16, 32)
 
 #: The loss hyperparameters of yolov5's ``data/hyps/hyp.scratch-low.yaml`` (the module API's defaults).
 DEFAULT_HYP_V5: dict[str, float] = {

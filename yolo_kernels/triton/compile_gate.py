@@ -12,10 +12,11 @@ a cubin with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32)
 ``ptxas``: no CUDA toolkit and no GPU are needed. A specialisation without float64 tensors also
 fails when its Triton IR holds float64 values (a silent promotion that costs speed on a GPU).
 
-The grid: every box loss x focal on/off x ``nc == 1`` / ``nc > 1`` x fp16/bf16/fp32/fp64 ``p`` x
-with/without gradient x mean/sum, on a contiguous ``p``; plus, for every dtype, a non-contiguous
-``p`` (no unit channel stride) and a layer whose sizes are all 1 (Triton specialises integer
-arguments equal to 1). Block sizes are fixed constants of ``loss.py``, so these cover every block
+The grid: both loss families x every box loss x focal on/off x ``nc == 1`` / ``nc > 1`` x
+fp16/bf16/fp32/fp64 ``p`` x with/without gradient x (yolov3) mean/sum or (yolov5) plain /
+``sort_obj_iou`` with a ``balance`` tensor, on a contiguous ``p``; plus, for every family and dtype,
+a non-contiguous ``p`` (no unit channel stride) and a layer whose sizes are all 1 (Triton
+specialises integer arguments equal to 1). Block sizes are fixed constants of ``loss.py``, so these cover every block
 size the launcher picks.
 
 Must run with the interpreter off (``TRITON_INTERPRET`` unset or ``0``): under the interpreter
@@ -35,8 +36,9 @@ import time
 
 import torch
 
+from ..config import BOX_LOSSES, FAMILIES
+
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-BOX_LOSSES = ("iou", "giou", "diou", "ciou")
 DEFAULT_ARCHS = (80, 90)
 
 
@@ -74,16 +76,34 @@ def specialisations():
     from ..config import LossOptions
 
     grid = itertools.product(BOX_LOSSES, (0.0, 1.5), (1, 80), DTYPES, (True, False), ("mean", "sum"))
-    cases = [(box, gamma, nc, dtype, grad, red, "contiguous") for box, gamma, nc, dtype, grad, red in grid]
-    cases += [("giou", 0.0, 80, dtype, True, "mean", layout) for dtype in DTYPES for layout in ("strided", "ones")]
-    for box, gamma, nc, dtype, grad, reduction, layout in cases:
+    cases = [("yolov3", box, gamma, nc, dtype, grad, red, "contiguous") for box, gamma, nc, dtype, grad, red in grid]
+    # yolov5: "sum" stands for sort_obj_iou with a balance tensor (the family has only "mean")
+    grid = itertools.product(BOX_LOSSES, (0.0, 1.5), (1, 80), DTYPES, (True, False), ("mean", "sum"))
+    cases += [("yolov5", box, gamma, nc, dtype, grad, red, "contiguous") for box, gamma, nc, dtype, grad, red in grid]
+    cases += [
+        (family, "giou", 0.0, 80, dtype, True, "mean", layout)
+        for family in FAMILIES
+        for dtype in DTYPES
+        for layout in ("strided", "ones")
+    ]
+    for family, box, gamma, nc, dtype, grad, reduction, layout in cases:
         p, targets, anchors = _case_inputs(dtype, nc, layout)
-        options = LossOptions(nc=nc, box_loss=box, fl_gamma=gamma, reduction=reduction)
-        label = (
-            f"box_loss={box} fl_gamma={gamma} nc={nc} p={str(dtype).replace('torch.', '')} "
-            f"grad={grad} reduction={reduction} layout={layout}"
+        v5_extras = family == "yolov5" and reduction == "sum"
+        options = LossOptions(
+            nc=nc,
+            family=family,
+            box_loss=box,
+            fl_gamma=gamma,
+            reduction="mean" if family == "yolov5" else reduction,
+            sort_obj_iou=v5_extras,
         )
-        yield label, dict(p=p, targets=targets, anchors=anchors, options=options, compute_grad=grad)
+        balance = torch.ones(len(p)) if v5_extras else None
+        label = (
+            f"family={family} box_loss={box} fl_gamma={gamma} nc={nc} p={str(dtype).replace('torch.', '')} "
+            f"grad={grad} {'sort_obj_iou+balance' if v5_extras else 'reduction=' + reduction} layout={layout}"
+        )
+        kwargs = dict(p=p, targets=targets, anchors=anchors, options=options, compute_grad=grad, balance=balance)
+        yield label, kwargs
 
 
 def _bind(kernel, arguments, backend):
