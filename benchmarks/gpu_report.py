@@ -42,12 +42,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # the source tree, installed or not (no pytest needed)
 
 import yolo_kernels as yk  # noqa: E402
-from yolo_kernels.bench import percentile, time_interleaved, yolov3_inputs  # noqa: E402
+from yolo_kernels.bench import percentile, time_interleaved, yolov3_inputs, yolov5_inputs  # noqa: E402
+from yolo_kernels.yolov5 import DEFAULT_HYP_V5, YOLOV5_STRIDES  # noqa: E402
 
 #: Parity limits (max relative error against the reference): bf16 gradients are rounded to bf16.
 TOLERANCES = {"float32": {"loss": 1e-5, "grad": 1e-4}, "bfloat16": {"loss": 1e-5, "grad": 1e-2}}
 #: Option sets checked for parity besides the defaults: every kernel constexpr path on the GPU.
 PARITY_OPTIONS = [{}, {"box_loss": "ciou", "fl_gamma": 1.5, "reduction": "sum", "label_smoothing": 0.1, "gr": 0.5}]
+#: The same for the YOLOv5-style loss (YOLOv5s's heads at the report's image size).
+YOLOV5_PARITY_OPTIONS = [{}, {"sort_obj_iou": True, "gr": 0.5, "fl_gamma": 1.5, "label_smoothing": 0.1}]
 
 
 def floor_bytes(p) -> int:
@@ -119,6 +122,54 @@ def parity(batch, img):
             row["passed"] = row["loss_rel_err"] <= limits["loss"] and row["grad_rel_err"] <= limits["grad"]
             rows.append(row)
     return rows
+
+
+def _yolov5_criterion(anchors, options: dict, backend: str, autobalance=False):
+    hyp = {**DEFAULT_HYP_V5, **{k: options[k] for k in ("fl_gamma", "label_smoothing") if k in options}}
+    extra = {k: options[k] for k in ("gr", "sort_obj_iou") if k in options}
+    return yk.YOLOv5Loss(anchors, YOLOV5_STRIDES, 80, hyp=hyp, backend=backend, autobalance=autobalance, **extra).cuda()
+
+
+def parity_yolov5(batch, img):
+    """The YOLOv5-style loss: triton vs the reference, float32 and bfloat16 ``p``."""
+    rows = []
+    for options in YOLOV5_PARITY_OPTIONS:
+        for dtype in (torch.float32, torch.bfloat16):
+            anchors, p, targets = yolov5_inputs(batch, img, dtype=dtype, device="cuda")
+            fast, ref = _yolov5_criterion(anchors, options, "triton"), _yolov5_criterion(anchors, options, "reference")
+            _, items = forward_backward(p, targets, None, loss_fn=lambda q, t, m, fast=fast: fast(q, t))
+            grads = [x.grad.clone() for x in p]
+            up = [x.detach().float().requires_grad_() for x in p]
+            _, ref_items = forward_backward(up, targets, None, loss_fn=lambda q, t, m, ref=ref: ref(q, t))
+            name = str(dtype).replace("torch.", "")
+            row = {
+                "dtype": name,
+                "batch": batch,
+                "img": img,
+                "options": {"family": "yolov5", **options},
+                "loss_rel_err": rel_err(items, ref_items),
+                "grad_rel_err": max(rel_err(g.float(), r.grad) for g, r in zip(grads, up)),
+            }
+            limits = TOLERANCES[name]
+            row["passed"] = row["loss_rel_err"] <= limits["loss"] and row["grad_rel_err"] <= limits["grad"]
+            rows.append(row)
+    return rows
+
+
+def no_sync_yolov5_check(batch, img):
+    """The YOLOv5-style loss with ``autobalance`` (whose original syncs per layer) never syncs."""
+    anchors, p, targets = yolov5_inputs(batch, img, device="cuda")
+    crit = _yolov5_criterion(anchors, {}, "triton", autobalance=True)
+    forward_backward(p, targets, None, loss_fn=lambda q, t, m: crit(q, t))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        forward_backward(p, targets, None, loss_fn=lambda q, t, m: crit(q, t))
+        return "passed"
+    except RuntimeError as error:
+        return f"FAILED: {error}"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def speed(batch, img, bandwidth, quick=False, rounds=25):
@@ -291,6 +342,7 @@ def markdown(report) -> str:
     lines += [
         "",
         f"No host sync (set_sync_debug_mode('error')): {report.get('no_sync', 'not run')}",
+        f"No host sync, YOLOv5-style loss with autobalance: {report.get('no_sync_yolov5', 'not run')}",
         f"CUDA graph capture: {report.get('cuda_graph', 'not run')}",
         f"CUDA graph of a whole training step: {report.get('train_step_graph', 'not run')}",
         "",
@@ -308,7 +360,7 @@ def failures(report) -> list[str]:
         for r in report.get("parity", [])
         if not r.get("passed", True)
     ]
-    for key in ("no_sync", "cuda_graph", "train_step_graph"):
+    for key in ("no_sync", "no_sync_yolov5", "cuda_graph", "train_step_graph"):
         if str(report.get(key, "")).startswith("FAILED"):
             out.append(f"{key}: {report[key]}")
     if "error" in report:
@@ -386,8 +438,9 @@ def main(argv=None) -> int:
         write_report(report, args.out)
         print(f"gpu_report: {key} done in {report['seconds'][key]:.0f} s", flush=True)
 
-    section("parity", parity, args.batch[0], args.img[0])
+    section("parity", lambda b, i: parity(b, i) + parity_yolov5(b, i), args.batch[0], args.img[0])
     section("no_sync", no_sync_check, args.batch[0], args.img[0])
+    section("no_sync_yolov5", no_sync_yolov5_check, args.batch[0], args.img[0])
     section("cuda_graph", cuda_graph_check, args.batch[0], args.img[0])
     section("train_step_graph", train_step_graph_check)
     bandwidth = copy_bandwidth(device)
