@@ -49,14 +49,15 @@ def fixed_problem(bs=2, nc=4, img=128, seed=0, nt=12):
     return p, targets, anchors
 
 
-def small_problem(bs=2, nc=5, seed=0):
-    """Two layers (8x8, 4x4) and nine targets (six on the edges of the neighbour rule, one of them
-    duplicated): small enough for the Triton interpreter, whose cost grows with the candidates."""
+def small_problem(bs=2, nc=5, seed=0, nl=2):
+    """``nl`` layers (8x8, 4x4, 2x2) and nine targets (six on the edges of the neighbour rule, one
+    of them duplicated): small enough for the Triton interpreter, whose cost grows with the
+    candidates."""
     anchors, grids = grid_anchors(64)
     g = torch.Generator().manual_seed(seed)
-    p = make_p(bs, [3, 3], grids[:2], nc, g)
+    p = make_p(bs, [3] * nl, grids[:nl], nc, g)
     edges = edge_targets(bs, nc, grids[0][1])[[0, 1, 2, 6, 7, 9]]
-    return p, torch.cat((edges, make_targets(3, bs, nc, g, lo=0.1, hi=0.9))), list(anchors[:2])
+    return p, torch.cat((edges, make_targets(3, bs, nc, g, lo=0.1, hi=0.9))), list(anchors[:nl])
 
 
 # ----------------------------------------------------------------- reference against the original
@@ -185,7 +186,9 @@ def test_fused_equals_reference(backend, device, options):
 
 
 @pytest.mark.parametrize("backend, device", fused_backends())
-@pytest.mark.parametrize("case", ["empty", "nc1", "one_pair_sorted", "four_layers", "duplicates", "no_balance"])
+@pytest.mark.parametrize(
+    "case", ["empty", "nc1", "one_pair_sorted", "three_layers", "four_layers", "duplicates", "no_balance"]
+)
 def test_fused_edge_cases(backend, device, case):
     g = torch.Generator().manual_seed(11)
     nc = 1 if case == "nc1" else 3
@@ -206,7 +209,12 @@ def test_fused_edge_cases(backend, device, case):
         targets = torch.tensor([[1, 0, 0.5 + 0.5 / 6, 0.5 + 0.5 / 6, 1 / 6, 1 / 6]])  # one fit, x = y = 3.5
         options["sort_obj_iou"] = True
         assert reference.match_yolov5((6, 6), targets, anchors[0], 4.0).b.numel() == 1
+    if case == "three_layers":  # YOLOv5s's heads and anchors, the default balance
+        p, targets, anchors = small_problem(nc=nc, nl=3)
+        nas = [3, 3, 3]
     balance = None if case == "no_balance" else torch.rand(len(nas), generator=g) + 0.5
+    if case == "three_layers":
+        balance = torch.tensor(default_balance(3))
     assert_fused_matches_reference(backend, device, p, targets, anchors, LossOptions(**options), balance)
 
 
