@@ -15,14 +15,17 @@ TORCH_LIBRARY(yolo_kernels, m) {
   // Element-wise BCE with logits (pos_weight, focal gamma; gamma 0 = plain): loss and d loss / d x.
   m.def("bce_with_logits(Tensor x, Tensor y, float pos_weight, float gamma) -> (Tensor, Tensor)");
   // The whole loss of a family over all layers in one pass: loss [1], loss_items [4] = (lbox,
-  // lobj, lcls, their sum), layer_obj [nl] (each layer's mean objectness BCE, unweighted) and,
-  // when compute_grad, d loss / d p[i] for every layer (laid out with p[i]'s strides when dense).
-  // balance [nl] (or None: ones) weighs each layer's objectness term; gr is the IoU ratio mixed
-  // into the objectness target; threshold the family's matching threshold; the yolov5 loss is
-  // the sum times the batch size. Only loss is differentiable: its backward scales the gradients.
+  // lobj, lcls, their sum), layer_obj [nl] (each layer's mean objectness BCE, unweighted), with
+  // compute_stats the gradient statistics stats [nl, 8] (per layer: sum of squares of d loss / d p
+  // over the box, objectness and class channels, their largest magnitudes, matched pairs, pairs
+  // sharing a cell with a later pair; else [0, 8]) and, when compute_grad, d loss / d p[i] for
+  // every layer (laid out with p[i]'s strides when dense). balance [nl] (or None: ones) weighs each
+  // layer's objectness term; gr is the IoU ratio mixed into the objectness target; threshold the
+  // family's matching threshold; the yolov5 loss is the sum times the batch size. Only loss is
+  // differentiable: its backward scales the gradients.
   m.def(
       "fused_loss(Tensor[] p, Tensor targets, Tensor[] anchors, Tensor? balance, str family, float gr, "
       "float giou, float cls, float cls_pw, float obj, float obj_pw, float threshold, float fl_gamma, "
-      "float label_smoothing, str box_loss, str reduction, bool sort_obj_iou, bool compute_grad) -> "
-      "(Tensor, Tensor, Tensor, Tensor[])");
+      "float label_smoothing, str box_loss, str reduction, bool sort_obj_iou, bool compute_stats, "
+      "bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor[])");
 }

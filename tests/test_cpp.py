@@ -40,11 +40,11 @@ def test_gradient_keeps_the_layout_of_p(gen):
     leaf = conv.clone().requires_grad_()
     p = leaf.view(bs, na, nc + 5, ny, nx).permute(0, 1, 3, 4, 2)  # what YOLOLayer's view+permute gives
     assert not p.is_contiguous()
-    _, items, _, grads = yk.ops.fused_loss([p.detach()], targets, anchors, LossOptions(nc=nc))
+    _, items, _, _, grads = yk.ops.fused_loss([p.detach()], targets, anchors, LossOptions(nc=nc))
     assert grads[0].stride() == p.stride()  # the head's backward gets its own layout: no copy
     # a strided slice (not dense): the gradient is laid out densely, in the slice's dimension order
     wide = torch.randn(bs, na, ny, nx * 2, nc + 5, generator=gen)
-    _, _, _, grads = yk.ops.fused_loss([wide[:, :, :, ::2]], targets, anchors, LossOptions(nc=nc))
+    _, _, _, _, grads = yk.ops.fused_loss([wide[:, :, :, ::2]], targets, anchors, LossOptions(nc=nc))
     assert grads[0].is_contiguous()
 
 
@@ -72,7 +72,7 @@ def test_bitwise_deterministic_across_runs_and_threads(gen):
     try:
         for n in (1, 2, 1, max(2, threads)):
             torch.set_num_threads(n)
-            _, items, _, grads = yk.ops.fused_loss(p, targets, anchors, options)
+            _, items, _, _, grads = yk.ops.fused_loss(p, targets, anchors, options)
             results.append((items.clone(), [g.clone() for g in grads]))
     finally:
         torch.set_num_threads(threads)
@@ -85,7 +85,7 @@ def test_no_grad_forward_allocates_no_gradient(gen):
     p = make_p(1, [2], [(3, 3)], 2, gen)
     targets = make_targets(3, 1, 2, gen)
     anchors = random_anchors([2], gen)
-    _, items, _, grads = yk.ops.fused_loss(p, targets, anchors, LossOptions(nc=2), compute_grad=False)
+    _, items, _, _, grads = yk.ops.fused_loss(p, targets, anchors, LossOptions(nc=2), compute_grad=False)
     assert grads[0].numel() == 0
     with torch.no_grad():
         loss, li = yk.compute_loss([x.requires_grad_() for x in p], targets, duck_model(anchors, 2), backend="cpp")
@@ -141,7 +141,7 @@ def _opcheck_cases(gen):
         (LossOptions(nc=4, family="yolov5", box_loss="ciou", sort_obj_iou=True), torch.tensor([4.0, 1.0])),
     ):
         scalars = [read(o) for _, read in library._OP_SCALARS]
-        cases.append((OPS.fused_loss.default, (p, targets, anchors, balance, *scalars, True)))
+        cases.append((OPS.fused_loss.default, (p, targets, anchors, balance, *scalars, balance is not None, True)))
     ps, tbox, anch = torch.randn(5, 9, generator=gen), torch.rand(5, 4, generator=gen) + 0.1, torch.rand(5, 2) + 0.1
     return cases + [
         (OPS.match.default, (targets, anchors[0], 4, 3, 0.2)),
@@ -187,7 +187,7 @@ def test_fused_op_rejects_malformed_input(gen):
     anchors = random_anchors([2], gen)
     p = make_p(2, [2], [(3, 3)], 3, gen)
     t = make_targets(4, 2, 3, gen)
-    o = (None, "yolov3", 1.0, 3.54, 37.4, 1.0, 64.3, 1.0, 0.2, 0.0, 0.0, "giou", "mean", False, True)
+    o = (None, "yolov3", 1.0, 3.54, 37.4, 1.0, 64.3, 1.0, 0.2, 0.0, 0.0, "giou", "mean", False, False, True)
     f = OPS.fused_loss
     cases = [
         (lambda: f([], t, [], *o), r"p: expected at least one layer"),
@@ -247,7 +247,7 @@ def test_gradient_pool_reuses_and_can_be_limited_or_disabled(gen):
         yk.ops.fused_loss(p, targets, anchors, LossOptions(nc=3))
         assert yk.cpp.pool_stats()["cached_bytes"] == 0  # freed, not kept
         yk.cpp.pool_set_enabled(False)
-        _, _, _, grads = yk.ops.fused_loss(p, targets, anchors, LossOptions(nc=3))
+        _, _, _, _, grads = yk.ops.fused_loss(p, targets, anchors, LossOptions(nc=3))
         assert torch.isfinite(grads[0]).all() and not yk.cpp.pool_stats()["enabled"]
     finally:
         yk.cpp.pool_set_enabled(True)

@@ -72,7 +72,9 @@ def problems(draw, max_layers=4, max_anchors=5, max_classes=100, max_batch=3):
 
 def loss_and_grads(backend, p, targets, anchors, options, balance):
     q = [x.clone().requires_grad_() for x in p]
-    loss, items, layer_obj = yk.loss.resolve_backend(backend, q[0].device).loss(q, targets, anchors, options, balance)
+    loss, items, layer_obj, _ = yk.loss.resolve_backend(backend, q[0].device).loss(
+        q, targets, anchors, options, balance
+    )
     loss.backward()
     return torch.cat((items, layer_obj)), [x.grad for x in q]
 

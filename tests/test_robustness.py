@@ -16,7 +16,7 @@ ALL = ["reference"] + FUSED
 
 def run(backend, p, targets, anchors, options):
     q = [x.clone().requires_grad_() for x in p]
-    loss, items, _ = yk.loss.resolve_backend(backend, q[0].device).loss(q, targets, anchors, options)
+    loss, items, _, _ = yk.loss.resolve_backend(backend, q[0].device).loss(q, targets, anchors, options)
     loss.backward()
     return items, [x.grad for x in q]
 
@@ -162,6 +162,7 @@ def test_fuzz_fused_loss(p, targets, anchors, gr, box_loss, reduction, compute_g
             box_loss,
             reduction,
             sort_obj_iou,
+            compute_grad,  # compute_stats
             compute_grad,
         )
     )
@@ -183,7 +184,7 @@ def test_fuzz_fused_loss_well_shaped_with_bad_values(bs, na, ny, nx, nc, rows):
     targets = torch.tensor(rows, dtype=torch.float32).reshape(-1, 6)
     anchors = [torch.rand(na, 2) + 0.1]
     try:
-        loss, items, _, grads = torch.ops.yolo_kernels.fused_loss(
+        loss, items, _, stats, grads = torch.ops.yolo_kernels.fused_loss(
             p,
             targets,
             anchors,
@@ -201,6 +202,7 @@ def test_fuzz_fused_loss_well_shaped_with_bad_values(bs, na, ny, nx, nc, rows):
             "giou",
             "mean",
             False,
+            True,
             True,
         )
     except RuntimeError as error:

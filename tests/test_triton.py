@@ -24,7 +24,7 @@ def test_gradient_keeps_the_layout_of_p(device, gen):
     p = conv.view(bs, na, nc + 5, ny, nx).permute(0, 1, 3, 4, 2)  # the head's view: channel stride ny * nx
     anchors = [a.to(device) for a in random_anchors([na], gen)]
     targets = make_targets(5, bs, nc, gen).to(device)
-    _, _, _, grads = triton_loss.fused_loss([p], targets, anchors, LossOptions(nc=nc))
+    _, _, _, _, grads = triton_loss.fused_loss([p], targets, anchors, LossOptions(nc=nc))
     assert grads[0].stride() == p.stride()
 
 
@@ -33,8 +33,8 @@ def test_without_gradient_no_gradient_is_allocated(device, gen):
     p = [x.to(device) for x in make_p(1, [2], [(3, 3)], 2, gen)]
     targets = make_targets(3, 1, 2, gen).to(device)
     anchors = [a.to(device) for a in random_anchors([2], gen)]
-    _, items, _, grads = triton_loss.fused_loss(p, targets, anchors, LossOptions(nc=2), compute_grad=False)
-    _, items_grad, _, _ = triton_loss.fused_loss(p, targets, anchors, LossOptions(nc=2), compute_grad=True)
+    _, items, _, _, grads = triton_loss.fused_loss(p, targets, anchors, LossOptions(nc=2), compute_grad=False)
+    _, items_grad, _, _, _ = triton_loss.fused_loss(p, targets, anchors, LossOptions(nc=2), compute_grad=True)
     assert grads[0].numel() == 0 and torch.equal(items, items_grad)
 
 

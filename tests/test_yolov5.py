@@ -162,7 +162,7 @@ FUSED_OPTIONS = OPTION_SETS + [
 def _loss_items_grads(backend, device, p, targets, anchors, options, balance):
     q = [x.detach().to(device).clone().requires_grad_() for x in p]
     b = balance.to(device) if balance is not None else None
-    loss, items, layer_obj = run_backend(q, targets.to(device), anchors, options, backend, True, b)
+    loss, items, layer_obj, _ = run_backend(q, targets.to(device), anchors, options, backend, True, b)
     loss.backward()
     return torch.cat((loss.detach(), items, layer_obj)).cpu(), [x.grad.cpu() for x in q]
 

@@ -50,10 +50,10 @@ def pool_set_enabled(enabled: bool) -> None:
     require_extension().pool_set_enabled(bool(enabled))
 
 
-def _op_below_autograd(p, targets, anchors, options, compute_grad, balance):
+def _op_below_autograd(p, targets, anchors, options, compute_grad, balance, compute_stats):
     """The op straight to its CPU kernel: FusedLoss provides the autograd, not the registered layer."""
     with torch._C._AutoDispatchBelowAutograd():
-        return fused_loss_op(p, targets, anchors, options, compute_grad, balance)
+        return fused_loss_op(p, targets, anchors, options, compute_grad, balance, compute_stats)
 
 
 class CppBackend:
@@ -68,11 +68,13 @@ class CppBackend:
             return f"the cpp backend runs on CPU tensors, got {device}"
         return None
 
-    def loss(self, p, targets, anchors, options, balance=None):
+    def loss(self, p, targets, anchors, options, balance=None, stats=False):
         require_extension()
         compute_grad = torch.is_grad_enabled() and any(x.requires_grad for x in p)
         if compute_grad and not torch.compiler.is_compiling():
-            return FusedLoss.apply(_op_below_autograd, options, balance, targets, anchors, *p)
+            return FusedLoss.apply(_op_below_autograd, options, balance, stats, targets, anchors, *p)
         # traced, or no gradient: the op's own autograd
-        loss, items, layer_obj, _ = fused_loss_op(p, targets, anchors, options, compute_grad, balance)
-        return loss, items, layer_obj
+        loss, items, layer_obj, grad_stats, _ = fused_loss_op(
+            p, targets, anchors, options, compute_grad, balance, stats
+        )
+        return loss, items, layer_obj, grad_stats

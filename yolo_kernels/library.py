@@ -80,21 +80,21 @@ def scale_gradients(grads, grad_output: torch.Tensor | None) -> list[torch.Tenso
 
 class FusedLoss(torch.autograd.Function):
     """Eager autograd around a fused implementation ``impl(p, targets, anchors, options,
-    compute_grad, balance) -> (loss, loss_items, layer_obj, grads)``: forward runs it with the
-    gradient, backward applies ``scale_gradients``. (The registered autograd of the op has the
-    same contract and serves tracing; this one costs a fraction of its Python overhead per eager
-    call.)"""
+    compute_grad, balance, compute_stats) -> (loss, loss_items, layer_obj, stats, grads)``: forward
+    runs it with the gradient, backward applies ``scale_gradients``. (The registered autograd of
+    the op has the same contract and serves tracing; this one costs a fraction of its Python
+    overhead per eager call.)"""
 
     @staticmethod
-    def forward(ctx, impl: Callable, options: LossOptions, balance, targets, anchors, *p):
-        loss, items, layer_obj, grads = impl(p, targets, anchors, options, True, balance)
+    def forward(ctx, impl: Callable, options: LossOptions, balance, compute_stats: bool, targets, anchors, *p):
+        loss, items, layer_obj, stats, grads = impl(p, targets, anchors, options, True, balance, compute_stats)
         ctx.save_for_backward(*grads)
-        ctx.mark_non_differentiable(items, layer_obj)
-        return loss, items, layer_obj
+        ctx.mark_non_differentiable(items, layer_obj, stats)
+        return loss, items, layer_obj, stats
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_items, grad_layer_obj):
-        return (None, None, None, None, None, *scale_gradients(ctx.saved_tensors, grad_loss))
+    def backward(ctx, grad_loss, grad_items, grad_layer_obj, grad_stats):
+        return (None,) * 6 + tuple(scale_gradients(ctx.saved_tensors, grad_loss))
 
 
 #: The op's scalar arguments after ``balance``, in schema order: (name, how to read it from LossOptions).
@@ -115,11 +115,12 @@ _OP_SCALARS: tuple[tuple[str, Callable[[LossOptions], Any]], ...] = (
 )
 
 
-def fused_loss_op(p, targets, anchors, options: LossOptions, compute_grad: bool, balance=None):
+def fused_loss_op(p, targets, anchors, options: LossOptions, compute_grad: bool, balance=None, compute_stats=False):
     """``torch.ops.yolo_kernels.fused_loss`` with the options of ``options`` (the op's schema
     takes them one by one, in ``_OP_SCALARS`` order)."""
     scalars = [read(options) for _, read in _OP_SCALARS]
-    return torch.ops.yolo_kernels.fused_loss(list(p), targets, list(anchors), balance, *scalars, compute_grad)
+    op = torch.ops.yolo_kernels.fused_loss
+    return op(list(p), targets, list(anchors), balance, *scalars, compute_stats, compute_grad)
 
 
 def options_from_op(p, *scalars) -> LossOptions:
@@ -139,9 +140,9 @@ def _register_triton_cuda_kernel() -> None:
     launcher = triton_backend.launcher
 
     @torch.library.register_kernel("yolo_kernels::fused_loss", "cuda")
-    def _fused_loss_cuda(p, targets, anchors, balance, *scalars_and_flag):
-        *scalars, compute_grad = scalars_and_flag
-        return launcher(p, targets, anchors, options_from_op(p, *scalars), compute_grad, balance)
+    def _fused_loss_cuda(p, targets, anchors, balance, *scalars_and_flags):
+        *scalars, compute_stats, compute_grad = scalars_and_flags
+        return launcher(p, targets, anchors, options_from_op(p, *scalars), compute_grad, balance, compute_stats)
 
 
 if _C is not None:
@@ -168,22 +169,23 @@ if _C is not None:
         return x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape, dtype=dtype)
 
     @torch.library.register_fake("yolo_kernels::fused_loss")
-    def _fused_loss_fake(p, targets, anchors, balance, *scalars_and_flag):
-        compute_grad = scalars_and_flag[-1]
+    def _fused_loss_fake(p, targets, anchors, balance, *scalars_and_flags):
+        compute_stats, compute_grad = scalars_and_flags[-2:]
         dtype = compute_dtype(p[0].dtype)
         grads = [torch.empty_like(x) if compute_grad else x.new_empty(0) for x in p]
         new = p[0].new_empty
-        return new(1, dtype=dtype), new(4, dtype=dtype), new(len(p), dtype=dtype), grads
+        stats = new(len(p) if compute_stats else 0, 8, dtype=dtype)
+        return new(1, dtype=dtype), new(4, dtype=dtype), new(len(p), dtype=dtype), stats, grads
 
     def _fused_loss_setup(ctx, inputs, output):
         ctx.set_materialize_grads(False)  # the other outputs get none: no p-sized zeros in backward
-        ctx.save_for_backward(*output[3])
+        ctx.save_for_backward(*output[4])
         ctx.compute_grad = inputs[-1]
         ctx.n_layers = len(inputs[0])
 
-    def _fused_loss_backward(ctx, grad_loss, grad_items, grad_layer_obj, grad_grads):
-        # Only `loss` is differentiable; the items and the gradients are results, not functions of p.
-        no_grad = ([None] * ctx.n_layers, None, [None] * ctx.n_layers, None) + (None,) * (len(_OP_SCALARS) + 1)
+    def _fused_loss_backward(ctx, grad_loss, grad_items, grad_layer_obj, grad_stats, grad_grads):
+        # Only `loss` is differentiable; the items, statistics and gradients are results, not functions of p.
+        no_grad = ([None] * ctx.n_layers, None, [None] * ctx.n_layers, None) + (None,) * (len(_OP_SCALARS) + 2)
         if grad_loss is None:
             return no_grad
         if not ctx.compute_grad:

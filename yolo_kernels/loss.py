@@ -2,7 +2,8 @@
 backend dispatch.
 
 Data flows one way: public call -> ``validate.check_inputs`` -> ``resolve_backend`` -> one backend
-call ``backend.loss(p, targets, anchors, options, balance=None) -> (loss, loss_items, layer_obj)``.
+call ``backend.loss(p, targets, anchors, options, balance=None, stats=False) -> (loss, loss_items,
+layer_obj, grad_stats)`` (``grad_stats``: the op's ``[nl, 8]`` statistics, or None).
 A backend is an object with a ``name``, an ``unavailable_reason(device)`` (``None`` when it can run
 there) and that ``loss`` method; ``BACKENDS`` lists them. The YOLOv5-style family
 (``yolo_kernels.yolov5``) goes through the same dispatch.
@@ -29,6 +30,7 @@ from .config import (
     model_options,
 )
 from .cpp import CppBackend
+from .stats import LossStats
 from .triton import TritonBackend
 from .validate import check_inputs
 
@@ -51,8 +53,10 @@ class ReferenceBackend:
     def unavailable_reason(self, device: torch.device | None) -> str | None:
         return None
 
-    def loss(self, p, targets, anchors, options, balance=None):
-        return reference.loss(p, targets, anchors, options, balance, return_layer_obj=True)
+    def loss(self, p, targets, anchors, options, balance=None, stats=False):
+        loss, items, layer_obj = reference.loss(p, targets, anchors, options, balance, return_layer_obj=True)
+        grad_stats = reference.gradient_stats(p, targets, anchors, options, balance) if stats else None
+        return loss, items, layer_obj, grad_stats
 
 
 BACKENDS: dict[str, Any] = {
@@ -118,17 +122,27 @@ def _first_device(p: Any) -> torch.device:
     return torch.device("cpu")
 
 
-def run_backend(p, targets, anchors, options: LossOptions, backend: str, validate: bool, balance=None):
-    """Check the inputs, pick the backend, run it: ``(loss, loss_items, layer_obj)``."""
+def run_backend(
+    p, targets, anchors, options: LossOptions, backend: str, validate: bool, balance=None, stats: bool = False
+):
+    """Check the inputs, pick the backend, run it: ``(loss, loss_items, layer_obj, LossStats or None)``."""
+    if not isinstance(stats, bool):
+        raise TypeError(f"stats: expected a bool, got {type(stats).__name__}")
     device = _first_device(p)
     anchors = [a.to(device=device) for a in anchors]
     p = check_inputs(p, targets, anchors, options, validate)
-    return resolve_backend(backend, device).loss(p, targets, anchors, options, balance)
+    loss, items, layer_obj, grad_stats = resolve_backend(backend, device).loss(
+        p, targets, anchors, options, balance, stats
+    )
+    if not stats:
+        return loss, items, layer_obj, None
+    unmatched = reference.unmatched_targets(p, targets.to(device), anchors, options)
+    return loss, items, layer_obj, LossStats.from_op(grad_stats, loss.detach(), unmatched)
 
 
-def _run(p, targets, anchors, options: LossOptions, backend: str, validate: bool):
-    loss, items, _ = run_backend(p, targets, anchors, options, backend, validate)
-    return loss, items
+def _run(p, targets, anchors, options: LossOptions, backend: str, validate: bool, stats: bool = False):
+    loss, items, _, loss_stats = run_backend(p, targets, anchors, options, backend, validate, stats=stats)
+    return (loss, items, loss_stats) if stats else (loss, items)
 
 
 def compute_loss(
@@ -141,17 +155,20 @@ def compute_loss(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     validate: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    stats: bool = False,
+):
     """Drop-in for ultralytics' ``compute_loss(p, targets, model)``.
 
     Reads ``model.hyp``, ``model.gr``, ``model.nc``, ``model.yolo_layers`` and
     ``model.module_list[j].anchor_vec`` (``.module`` of DataParallel/DDP is unwrapped).
     Returns ``(loss [1], loss_items [4] = (lbox, lobj, lcls, loss))``, float32 (float64 for
-    float64 ``p``). ``validate=False`` skips the value checks of the targets (see ``validate``).
+    float64 ``p``); with ``stats=True`` also a ``LossStats`` (``yolo_kernels.stats``: per-layer,
+    per-component gradient norms and maxima, pair counts, unmatched targets, non-finite flag; device
+    tensors, no host sync). ``validate=False`` skips the value checks of the targets (see ``validate``).
     """
     anchors = model_anchors(model)
     options = model_options(model, box_loss=box_loss, reduction=reduction, label_smoothing=label_smoothing)
-    return _run(p, targets, anchors, options, backend, validate)
+    return _run(p, targets, anchors, options, backend, validate, stats)
 
 
 def build_targets(p: Sequence[torch.Tensor], targets: torch.Tensor, model: Any, *, validate: bool = True):
@@ -178,8 +195,9 @@ class YOLOv3Loss(nn.Module):
         backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"triton"``.
         validate: check target values (see ``yolo_kernels.validate``).
 
-    ``forward(p, targets)`` returns ``(loss [1], loss_items [4])``, the same numbers as
-    ``compute_loss`` on a model with those anchors and settings.
+    ``forward(p, targets, stats=False)`` returns ``(loss [1], loss_items [4])``, the same numbers
+    as ``compute_loss`` on a model with those anchors and settings, and with ``stats=True`` a
+    ``LossStats`` as third value.
     """
 
     def __init__(
@@ -241,8 +259,8 @@ class YOLOv3Loss(nn.Module):
 
     giou_ratio = gr
 
-    def forward(self, p: Sequence[torch.Tensor], targets: torch.Tensor):
-        return _run(p, targets, self.anchor_vecs, self.options, self.backend, self.validate)
+    def forward(self, p: Sequence[torch.Tensor], targets: torch.Tensor, stats: bool = False):
+        return _run(p, targets, self.anchor_vecs, self.options, self.backend, self.validate, stats)
 
     def extra_repr(self) -> str:
         o = self.options

@@ -48,6 +48,11 @@ __all__ = [
     "LayerTargets",
     "match",
     "match_yolov5",
+    "ratio_fits",
+    "anchor_fits",
+    "unmatched_targets",
+    "loss_terms",
+    "gradient_stats",
     "build_targets",
     "last_pair_mask",
     "loss",
@@ -205,6 +210,13 @@ def match(
     return LayerTargets(b, a, gj, gi, tbox, anchor_vec[a], tcls)
 
 
+def ratio_fits(anchor_vec: torch.Tensor, gwh: torch.Tensor, anchor_t: float) -> torch.Tensor:
+    """``[na, nt]``: the yolov5 test, ``max(r, 1 / r) < anchor_t`` for both ratios ``r`` of the
+    target sizes ``gwh [nt, 2]`` to the anchors ``anchor_vec [na, 2]`` (grid units)."""
+    r = gwh[None] / anchor_vec[:, None]  # [na, nt, 2]
+    return torch.max(r, 1 / r).amax(2) < anchor_t
+
+
 #: The cell offsets of the yolov5 matching's five blocks: the centre cell, then the neighbour to
 #: the left, above, to the right and below (subtracted from the grid position before truncation).
 NEIGHBOUR_OFFSETS = ((0.0, 0.0), (0.5, 0.0), (0.0, 0.5), (-0.5, 0.0), (0.0, -0.5))
@@ -231,8 +243,7 @@ def match_yolov5(
     gxy = t[:, 2:4] * scale
     gwh = t[:, 4:6] * scale
 
-    r = gwh[None] / anchor_vec[:, None]  # [na, nt, 2]
-    fits = torch.max(r, 1 / r).amax(2) < anchor_t  # [na, nt]
+    fits = ratio_fits(anchor_vec, gwh, anchor_t)  # [na, nt]
     far = scale - gxy  # distance to the far edge
     near_ok = (gxy % 1 < 0.5) & (gxy > 1)  # [nt, 2]: left (x), up (y)
     far_ok = (far % 1 < 0.5) & (far > 1)  # [nt, 2]: right (x), down (y)
@@ -285,23 +296,27 @@ def last_pair_mask(b, a, gj, gi, shape, iou: torch.Tensor | None = None) -> torc
     return last[inverse] == order
 
 
-def loss(
+class LossTerms(NamedTuple):
+    """The three terms of the loss after their gains (``[1]`` each, differentiable), the factor of
+    their sum (the batch size for the yolov5 family, else 1), each layer's mean objectness BCE and
+    each layer's (matched pairs, pairs sharing a cell with a later pair)."""
+
+    lbox: torch.Tensor
+    lobj: torch.Tensor
+    lcls: torch.Tensor
+    out_scale: int
+    layer_obj: torch.Tensor
+    counts: list
+
+
+def loss_terms(
     p: Sequence[torch.Tensor],
     targets: torch.Tensor,
     anchors: Sequence[torch.Tensor],
     options: LossOptions,
     balance: torch.Tensor | None = None,
-    return_layer_obj: bool = False,
-):
-    """The loss of ``options.family`` of ``p`` (per-layer ``[bs, na, ny, nx, nc + 5]`` logits) against ``targets``.
-
-    ``anchors[i]`` is layer ``i``'s anchors in grid units. ``balance [nl]`` weighs each layer's
-    objectness term (the yolov5 loss's per-layer balance; ``None``: 1 for every layer). Returns
-    ``(loss [1], loss_items [4])`` with ``loss_items = (lbox, lobj, lcls, lbox + lobj + lcls)``,
-    detached; ``loss`` is that sum, times the batch size for the yolov5 family. With
-    ``return_layer_obj`` also ``layer_obj [nl]``: each layer's objectness BCE (mean, unweighted,
-    detached), what the yolov5 ``autobalance`` reads.
-    """
+) -> LossTerms:
+    """The terms of the loss of ``options.family`` (see ``loss``), before they are summed."""
     dtype = compute_dtype(p[0].dtype)
     device = p[0].device
     yolov5 = options.family == "yolov5"
@@ -319,13 +334,15 @@ def loss(
     lbox = torch.zeros(1, device=device, dtype=dtype)
     lobj = torch.zeros(1, device=device, dtype=dtype)
     lcls = torch.zeros(1, device=device, dtype=dtype)
-    layer_obj = []
+    layer_obj, counts = [], []
     n_pairs = 0
     for i, (pi, anchor_vec) in enumerate(zip(p, anchors)):
         pi = pi.to(dtype)
         m = match_layer(tuple(pi.shape[2:4]), targets, anchor_vec, options, dtype)
         tobj = torch.zeros_like(pi[..., 4])
         n = m.b.shape[0]
+        cells = torch.stack((m.b, m.a, m.gj, m.gi)).unique(dim=1).shape[1] if n else 0
+        counts.append((n, n - cells))  # pairs, pairs that share a cell with a later pair
         if n:
             n_pairs += n
             ps = pi[m.b, m.a, m.gj, m.gi]
@@ -354,13 +371,88 @@ def loss(
         if n_pairs:
             lcls *= gain / n_pairs / options.nc
             lbox *= gain / n_pairs
-    total = lbox + lobj + lcls
-    items = torch.cat((lbox, lobj, lcls, total)).detach()
-    if yolov5:
-        total = total * p[0].shape[0]
+    out_scale = p[0].shape[0] if yolov5 else 1  # the yolov5 loss is the sum times the batch size
+    return LossTerms(lbox, lobj, lcls, out_scale, torch.cat(layer_obj), counts)
+
+
+def loss(
+    p: Sequence[torch.Tensor],
+    targets: torch.Tensor,
+    anchors: Sequence[torch.Tensor],
+    options: LossOptions,
+    balance: torch.Tensor | None = None,
+    return_layer_obj: bool = False,
+):
+    """The loss of ``options.family`` of ``p`` (per-layer ``[bs, na, ny, nx, nc + 5]`` logits) against ``targets``.
+
+    ``anchors[i]`` is layer ``i``'s anchors in grid units. ``balance [nl]`` weighs each layer's
+    objectness term (the yolov5 loss's per-layer balance; ``None``: 1 for every layer). Returns
+    ``(loss [1], loss_items [4])`` with ``loss_items = (lbox, lobj, lcls, lbox + lobj + lcls)``,
+    detached; ``loss`` is that sum, times the batch size for the yolov5 family. With
+    ``return_layer_obj`` also ``layer_obj [nl]``: each layer's objectness BCE (mean, unweighted,
+    detached), what the yolov5 ``autobalance`` reads.
+    """
+    t = loss_terms(p, targets, anchors, options, balance)
+    total = t.lbox + t.lobj + t.lcls
+    items = torch.cat((t.lbox, t.lobj, t.lcls, total)).detach()
+    total = total * t.out_scale if t.out_scale != 1 else total
     if return_layer_obj:
-        return total, items, torch.cat(layer_obj)
+        return total, items, t.layer_obj
     return total, items
+
+
+def gradient_stats(
+    p: Sequence[torch.Tensor],
+    targets: torch.Tensor,
+    anchors: Sequence[torch.Tensor],
+    options: LossOptions,
+    balance: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The gradient statistics of the loss (docs/design.md, "Gradient statistics"), by autograd
+    one component at a time: ``[nl, 8]`` per layer = sums of squares of d loss / d p[i] of the box,
+    objectness and class terms, their largest magnitudes, matched pairs, duplicate pairs.
+
+    Each component's gradient is taken alone (the objectness target's IoU is detached, so the box
+    term's gradient lives in channels 0-3, the objectness term's in channel 4 and the class term's
+    in 5...); the statistics are taken over those channels."""
+    dtype = compute_dtype(p[0].dtype)
+    q = [x.detach().to(dtype).requires_grad_() for x in p]
+    with torch.enable_grad():
+        t = loss_terms(q, targets, anchors, options, balance)
+        rows = [[] for _ in q]
+        for k, (term, channels) in enumerate(((t.lbox, slice(0, 4)), (t.lobj, slice(4, 5)), (t.lcls, slice(5, None)))):
+            grads = torch.autograd.grad(term.sum() * t.out_scale, q, allow_unused=True, retain_graph=k < 2)
+            for i, (g, x) in enumerate(zip(grads, q)):
+                g = (torch.zeros_like(x) if g is None else g)[..., channels]
+                rows[i].append((g.pow(2).sum(), g.abs().amax() if g.numel() else g.new_zeros(())))
+    out = []
+    for (n, dup), components in zip(t.counts, rows):
+        sq = [s for s, _ in components]
+        mx = [m for _, m in components]
+        out.append(torch.stack([*sq, *mx, sq[0].new_tensor(float(n)), sq[0].new_tensor(float(dup))]))
+    return torch.stack(out).detach()
+
+
+def anchor_fits(grid: tuple[int, int], targets: torch.Tensor, anchor_vec: torch.Tensor, options: LossOptions, dtype):
+    """``[na, nt]``: whether each (anchor, target) passes the family's matching test on a layer
+    with grid ``(ny, nx)`` (yolov3: wh-IoU > ``iou_t``; yolov5: wh ratio < ``anchor_t``)."""
+    ny, nx = grid
+    t = targets.to(dtype)
+    anchor_vec = anchor_vec.to(device=t.device, dtype=dtype)
+    gwh = t[:, 4:6] * torch.tensor([nx, ny], device=t.device, dtype=dtype)
+    if options.family == "yolov5":
+        return ratio_fits(anchor_vec, gwh, options.anchor_t)
+    return wh_iou(anchor_vec, gwh) > options.iou_t
+
+
+def unmatched_targets(p: Sequence[torch.Tensor], targets: torch.Tensor, anchors, options: LossOptions) -> torch.Tensor:
+    """How many targets no anchor of any layer matched (they contribute nothing to the loss): an
+    int64 scalar on the targets' device, computed without a host sync."""
+    dtype = compute_dtype(p[0].dtype)
+    matched = torch.zeros(targets.shape[0], dtype=torch.bool, device=targets.device)
+    for pi, anchor_vec in zip(p, anchors):
+        matched |= anchor_fits(tuple(pi.shape[2:4]), targets, anchor_vec, options, dtype).any(0)
+    return (~matched).sum()
 
 
 def compute_loss(p: Sequence[torch.Tensor], targets: torch.Tensor, model: Any, **options: Any):

@@ -98,8 +98,9 @@ class YOLOv5Loss(nn.Module):
         backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"triton"``.
         validate: check target values (see ``yolo_kernels.validate``).
 
-    ``forward(p, targets)`` returns ``(loss [1], loss_items [3])`` as the original's ``__call__``:
-    ``loss = (lbox + lobj + lcls) * batch_size`` and ``loss_items = (lbox, lobj, lcls)``, detached.
+    ``forward(p, targets, stats=False)`` returns ``(loss [1], loss_items [3])`` as the original's
+    ``__call__``: ``loss = (lbox + lobj + lcls) * batch_size`` and ``loss_items = (lbox, lobj,
+    lcls)``, detached; with ``stats=True`` also a ``LossStats`` (``yolo_kernels.stats``).
     """
 
     def __init__(
@@ -176,17 +177,17 @@ class YOLOv5Loss(nn.Module):
         """The per-layer objectness weights (reading them waits for the device)."""
         return self.balance_weights.tolist()
 
-    def forward(self, p: Sequence[torch.Tensor], targets: torch.Tensor):
+    def forward(self, p: Sequence[torch.Tensor], targets: torch.Tensor, stats: bool = False):
         device = p[0].device if isinstance(p, (list, tuple)) and p and isinstance(p[0], torch.Tensor) else None
         if device is not None and self.balance_weights.device != device:
             self.balance_weights = self.balance_weights.to(device)
-        loss, items, layer_obj = run_backend(
-            p, targets, self.anchor_vecs, self.options, self.backend, self.validate, self.balance_weights
+        loss, items, layer_obj, loss_stats = run_backend(
+            p, targets, self.anchor_vecs, self.options, self.backend, self.validate, self.balance_weights, stats
         )
         if self.autobalance:  # the original's update, on the device: no .item()
             w = self.balance_weights * 0.9999 + 0.0001 / layer_obj.to(self.balance_weights.dtype)
             self.balance_weights = w / w[self.ssi]
-        return loss, items[:3]
+        return (loss, items[:3], loss_stats) if stats else (loss, items[:3])
 
     def extra_repr(self) -> str:
         o = self.options
@@ -269,5 +270,6 @@ class ComputeLoss:
     sort_obj_iou = property(lambda self: self.loss.sort_obj_iou, lambda self, v: setattr(self.loss, "sort_obj_iou", v))
     balance = property(lambda self: self.loss.balance)
 
-    def __call__(self, p: Sequence[torch.Tensor], targets: torch.Tensor):
-        return self.loss(p, targets)
+    def __call__(self, p: Sequence[torch.Tensor], targets: torch.Tensor, stats: bool = False):
+        """``(loss, loss_items)``; with ``stats=True`` also a ``LossStats`` (``yolo_kernels.stats``)."""
+        return self.loss(p, targets, stats=stats)

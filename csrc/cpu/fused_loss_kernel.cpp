@@ -102,6 +102,28 @@ double sum4(const T* x, int64_t n) {
   return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
 }
 
+// Gradient statistics of one part of a layer (docs/design.md, "Gradient statistics"): per
+// component (box channels 0-3, objectness 4, classes 5...) the sum of squares of d loss / d p and
+// the largest magnitude (NaN-propagating, so a NaN entry shows), and the matched-cell counts.
+struct GradStats {
+  double sq[3] = {0.0, 0.0, 0.0};
+  double max[3] = {0.0, 0.0, 0.0};
+  int64_t pairs = 0, cells = 0;  // matched pairs, distinct matched cells
+  void add(int component, double v) {
+    sq[component] += v * v;
+    const double a = std::abs(v);
+    if (a > max[component] || a != a) max[component] = a;
+  }
+  void merge(const GradStats& o) {
+    for (int k = 0; k < 3; ++k) {
+      sq[k] += o.sq[k];
+      if (o.max[k] > max[k] || o.max[k] != o.max[k]) max[k] = o.max[k];
+    }
+    pairs += o.pairs, cells += o.cells;
+  }
+};
+enum Component { kBox = 0, kObj = 1, kCls = 2 };
+
 // Scratch rows of one thread for cell_terms.
 template <typename T>
 struct CellScratch {
@@ -114,16 +136,21 @@ using Group = typename std::vector<PlanePair<T>>::const_iterator;
 
 // The pairs [first, last) of one cell: returns the sum of their class BCEs
 // and, when `out` is given, adds their box and class gradient terms to the cell's gradient row
-// (element stride `step`). The class BCE of the row against the negative target is evaluated
-// once; each pair then swaps in its own class's positive term.
+// (element stride `step`); with `stats`, adds those terms to its statistics. The class BCE of the
+// row against the negative target is evaluated once; each pair then swaps in its own class's
+// positive term.
 template <typename scalar_t, typename T>
 double cell_terms(const Layer<scalar_t, T>& L, Group<T> first, Group<T> last, const Options& o, int64_t nc,
-                  CellScratch<T>& s, scalar_t* out, int64_t step) {
-  if (out) {
+                  CellScratch<T>& s, scalar_t* out, int64_t step, GradStats* stats) {
+  if (out || stats) {
     T acc[4] = {0, 0, 0, 0};
     for (Group<T> q = first; q != last; ++q)
       for (int k = 0; k < 4; ++k) acc[k] += q->diou[k];
-    for (int k = 0; k < 4; ++k) out[k * step] = scalar_t(T(out[k * step]) - L.box_scale * acc[k]);
+    for (int k = 0; k < 4; ++k) {
+      const T term = -L.box_scale * acc[k];  // the row is zero there before: this is the entry
+      if (out) out[k * step] = scalar_t(T(out[k * step]) + term);
+      if (stats) stats->add(kBox, double(term));
+    }
   }
   if (nc <= 1) return 0.0;
   const scalar_t* src = L.p + L.row_offset(L.pairs[first->pair]) + 5 * L.ps[4];
@@ -136,7 +163,8 @@ double cell_terms(const Layer<scalar_t, T>& L, Group<T> first, Group<T> last, co
   bce_row(s.x.data(), s.loss.data(), s.grad.data(), nc, cn, T(o.cls_pw), T(o.fl_gamma));
   const double negatives = sum4(s.loss.data(), nc);
   const T count = T(last - first);
-  if (out) {  // every pair pushes every class toward cn ...
+  const bool terms = out || stats;
+  if (terms) {  // every pair pushes every class toward cn ...
     for (int64_t c = 0; c < nc; ++c) s.total_grad[c] = count * s.grad[c];
   }
   double total = 0.0;
@@ -144,18 +172,21 @@ double cell_terms(const Layer<scalar_t, T>& L, Group<T> first, Group<T> last, co
     const int64_t c = L.pairs[q->pair].cls;
     const auto hit = bce_with_logits<T>(s.x[c], cp, T(o.cls_pw), T(o.fl_gamma));
     total += negatives - double(s.loss[c]) + double(hit.loss);
-    if (out) s.total_grad[c] += hit.grad - s.grad[c];  // ... but its own class toward cp
+    if (terms) s.total_grad[c] += hit.grad - s.grad[c];  // ... but its own class toward cp
   }
   if (out) {
     scalar_t* cls = out + 5 * step;
     for (int64_t c = 0; c < nc; ++c) cls[c * step] = scalar_t(T(cls[c * step]) + L.cls_scale * s.total_grad[c]);
   }
+  if (stats)
+    for (int64_t c = 0; c < nc; ++c) stats->add(kCls, double(L.cls_scale * s.total_grad[c]));
   return total;
 }
 
 // Sums of the element losses of one layer, each added over planes in plane order.
 struct LayerSums {
   double box = 0.0, obj = 0.0, cls = 0.0;
+  GradStats stats;  // filled when the caller asks for statistics
 };
 
 // Everything of one layer, one (image, anchor) plane per task. Per plane: the plane's pairs
@@ -166,7 +197,7 @@ struct LayerSums {
 // matched cells): streamed from a cache-resident staging block when the plane is one contiguous
 // block of rows, else into the pre-zeroed gradient. Without a gradient only the sums are taken.
 template <typename scalar_t, typename T>
-LayerSums layer_pass(const Layer<scalar_t, T>& L, const Options& o, T grad_scale, int64_t nc) {
+LayerSums layer_pass(const Layer<scalar_t, T>& L, const Options& o, T grad_scale, int64_t nc, bool want_stats) {
   const int64_t planes = L.bs * L.na, cells = L.ny * L.nx, no = L.no;
   const bool block_rows = L.block_rows();
   const T gr = T(o.gr);
@@ -261,6 +292,12 @@ LayerSums layer_pass(const Layer<scalar_t, T>& L, const Options& o, T grad_scale
         g = last;
       }
       const double obj_sum = sum4(loss.data(), cells);
+      GradStats stats;
+      GradStats* st = want_stats ? &stats : nullptr;
+      if (st) {
+        for (int64_t c = 0; c < cells; ++c) stats.add(kObj, double(grad[c] * grad_scale));
+        stats.pairs = count;
+      }
 
       double cls_sum = 0.0;
       Group<T> group = matched.cbegin();
@@ -272,7 +309,8 @@ LayerSums layer_pass(const Layer<scalar_t, T>& L, const Options& o, T grad_scale
           const Group<T> chunk_first = group;
           for (; group != matched_end && group->cell < k0 + rows;) {
             const Group<T> last = group_end(group);
-            cls_sum += cell_terms(L, group, last, o, nc, scratch, staging.data() + (group->cell - k0) * no, 1);
+            cls_sum += cell_terms(L, group, last, o, nc, scratch, staging.data() + (group->cell - k0) * no, 1, st);
+            stats.cells += 1;
             group = last;
           }
           stream_store(reinterpret_cast<char*>(gp + k0 * no), reinterpret_cast<const char*>(staging.data()),
@@ -291,25 +329,29 @@ LayerSums layer_pass(const Layer<scalar_t, T>& L, const Options& o, T grad_scale
         for (; group != matched_end;) {
           const Group<T> last = group_end(group);
           scalar_t* row = gp ? L.g + L.grad_row_offset(L.pairs[group->pair]) : nullptr;
-          cls_sum += cell_terms(L, group, last, o, nc, scratch, row, L.gs[4]);
+          cls_sum += cell_terms(L, group, last, o, nc, scratch, row, L.gs[4], st);
+          stats.cells += 1;
           group = last;
         }
       }
-      partial[plane] = {box_sum, obj_sum, cls_sum};
+      partial[plane] = {box_sum, obj_sum, cls_sum, stats};
     }
     stream_fence();
   });
   LayerSums total;
-  for (const auto& s : partial) total.box += s.box, total.obj += s.obj, total.cls += s.cls;
+  for (const auto& s : partial) {
+    total.box += s.box, total.obj += s.obj, total.cls += s.cls;
+    total.stats.merge(s.stats);
+  }
   return total;
 }
 
-using FusedResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>>;
+using FusedResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>>;
 
 template <typename scalar_t>
 FusedResult fused_loss_impl(const std::vector<at::Tensor>& p, const at::Tensor& targets,
                             const std::vector<at::Tensor>& anchors, const std::vector<double>& balance,
-                            const Options& o, bool compute_grad) {
+                            const Options& o, bool compute_stats, bool compute_grad) {
   using T = at::opmath_type<scalar_t>;  // float for half/bfloat16/float, double for double
   static_assert(std::is_same<T, float>::value || std::is_same<T, double>::value, "opmath");
   const auto T_type = c10::CppTypeToScalarType<T>::value;
@@ -359,6 +401,8 @@ FusedResult fused_loss_impl(const std::vector<at::Tensor>& p, const at::Tensor& 
   const double out_scale = o.family == Family::kYOLOv5 ? double(bs) : 1.0;
   double lbox = 0.0, lobj = 0.0, lcls = 0.0;
   at::Tensor layer_obj = at::empty({nl}, T_type);
+  // per layer: sum of squares (box, obj, cls), largest magnitude (box, obj, cls), pairs, duplicates
+  at::Tensor stats = at::empty({compute_stats ? nl : 0, 8}, T_type);
   for (int64_t i = 0; i < nl; ++i) {
     auto& L = layers[i];
     const int64_t P = int64_t(L.pairs.size());
@@ -370,7 +414,12 @@ FusedResult fused_loss_impl(const std::vector<at::Tensor>& p, const at::Tensor& 
     }
     const double n_cells = double(L.bs * L.na * L.ny * L.nx);
     const double obj_scale = (sum_red ? o.obj * 3.0 / double(bs) : o.obj / n_cells) * balance[i];
-    const LayerSums sums = layer_pass(L, o, T(obj_scale * out_scale), nc);
+    const LayerSums sums = layer_pass(L, o, T(obj_scale * out_scale), nc, compute_stats);
+    if (compute_stats) {
+      T* row = stats.data_ptr<T>() + 8 * i;
+      for (int k = 0; k < 3; ++k) row[k] = T(sums.stats.sq[k]), row[3 + k] = T(sums.stats.max[k]);
+      row[6] = T(sums.stats.pairs), row[7] = T(sums.stats.pairs - sums.stats.cells);
+    }
     lbox += box_scale * sums.box;
     lobj += obj_scale * sums.obj;
     layer_obj.data_ptr<T>()[i] = T(sums.obj / n_cells);
@@ -382,14 +431,14 @@ FusedResult fused_loss_impl(const std::vector<at::Tensor>& p, const at::Tensor& 
   it[3] = it[0] + it[1] + it[2];
   at::Tensor loss = at::empty({1}, T_type);
   loss.data_ptr<T>()[0] = T(double(it[3]) * out_scale);
-  return {loss, items, layer_obj, grads};
+  return {loss, items, layer_obj, stats, grads};
 }
 
 FusedResult fused_loss_cpu(at::TensorList p_list, const at::Tensor& targets, at::TensorList anchor_list,
                            const std::optional<at::Tensor>& balance, c10::string_view family, double gr, double giou,
                            double cls, double cls_pw, double obj, double obj_pw, double threshold, double fl_gamma,
                            double label_smoothing, c10::string_view box_loss, c10::string_view reduction,
-                           bool sort_obj_iou, bool compute_grad) {
+                           bool sort_obj_iou, bool compute_stats, bool compute_grad) {
   const std::vector<at::Tensor> p = p_list.vec(), anchors = anchor_list.vec();
   TORCH_CHECK(!p.empty(), "p: expected at least one layer, got an empty list");
   TORCH_CHECK(p.size() == anchors.size(), "p: expected ", anchors.size(), " layers (one per anchor set), got ",
@@ -445,7 +494,7 @@ FusedResult fused_loss_cpu(at::TensorList p_list, const at::Tensor& targets, at:
 
   FusedResult out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p[0].scalar_type(), "yolo_kernels::fused_loss", [&] {
-    out = fused_loss_impl<scalar_t>(p, targets, anchors, weights, o, compute_grad);
+    out = fused_loss_impl<scalar_t>(p, targets, anchors, weights, o, compute_stats, compute_grad);
   });
   return out;
 }

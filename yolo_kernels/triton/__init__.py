@@ -46,7 +46,8 @@ else:
 if IMPORT_ERROR is None:
     from . import loss as _loss
 
-    #: ``fused_loss(p, targets, anchors, options, compute_grad, balance=None)``, or None without a usable Triton.
+    #: ``fused_loss(p, targets, anchors, options, compute_grad, balance=None, compute_stats=False)``, or
+    #: None without a usable Triton.
     launcher = _loss.fused_loss
 else:  # never import the kernels with an unsupported triton: the backend says why instead
     _loss = None
@@ -81,9 +82,9 @@ class TritonBackend:
             return None
         return f"the triton backend runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), got {device}"
 
-    def loss(self, p, targets, anchors, options, balance=None):
+    def loss(self, p, targets, anchors, options, balance=None, stats=False):
         compute_grad = torch.is_grad_enabled() and any(x.requires_grad for x in p)
         if compute_grad:  # backward never reads grad_output on the device: no sync (library.scale_gradients)
-            return FusedLoss.apply(launcher, options, balance, targets, anchors, *p)
-        loss, items, layer_obj, _ = launcher(p, targets, anchors, options, False, balance)
-        return loss, items, layer_obj
+            return FusedLoss.apply(launcher, options, balance, stats, targets, anchors, *p)
+        loss, items, layer_obj, grad_stats, _ = launcher(p, targets, anchors, options, False, balance, stats)
+        return loss, items, layer_obj, grad_stats

@@ -16,7 +16,9 @@ The grid: both loss families x every box loss x focal on/off x ``nc == 1`` / ``n
 fp16/bf16/fp32/fp64 ``p`` x with/without gradient x (yolov3) mean/sum or (yolov5) plain /
 ``sort_obj_iou`` with a ``balance`` tensor, on a contiguous ``p``; plus, for every family and dtype,
 a non-contiguous ``p`` (no unit channel stride) and a layer whose sizes are all 1 (Triton
-specialises integer arguments equal to 1). Block sizes are fixed constants of ``loss.py``, so these cover every block
+specialises integer arguments equal to 1); plus the gradient statistics (``compute_stats``) for
+both families x focal on/off x ``nc`` 1 / 80 x every dtype x with/without gradient.
+Block sizes are fixed constants of ``loss.py``, so these cover every block
 size the launcher picks.
 
 Must run with the interpreter off (``TRITON_INTERPRET`` unset or ``0``): under the interpreter
@@ -86,7 +88,18 @@ def specialisations():
         for dtype in DTYPES
         for layout in ("strided", "ones")
     ]
-    for family, box, gamma, nc, dtype, grad, reduction, layout in cases:
+    # the gradient statistics (compute_stats): their kernel variants, with and without a gradient
+    stats_cases = [
+        (family, "ciou", gamma, nc, dtype, grad, "mean", "stats")
+        for family in FAMILIES
+        for gamma in (0.0, 1.5)
+        for nc in (1, 80)
+        for dtype in DTYPES
+        for grad in (True, False)
+    ]
+    for family, box, gamma, nc, dtype, grad, reduction, layout in cases + stats_cases:
+        stats = layout == "stats"
+        layout = "contiguous" if stats else layout
         p, targets, anchors = _case_inputs(dtype, nc, layout)
         v5_extras = family == "yolov5" and reduction == "sum"
         options = LossOptions(
@@ -101,8 +114,17 @@ def specialisations():
         label = (
             f"family={family} box_loss={box} fl_gamma={gamma} nc={nc} p={str(dtype).replace('torch.', '')} "
             f"grad={grad} {'sort_obj_iou+balance' if v5_extras else 'reduction=' + reduction} layout={layout}"
+            f" stats={stats}"
         )
-        kwargs = dict(p=p, targets=targets, anchors=anchors, options=options, compute_grad=grad, balance=balance)
+        kwargs = dict(
+            p=p,
+            targets=targets,
+            anchors=anchors,
+            options=options,
+            compute_grad=grad,
+            balance=balance,
+            compute_stats=stats,
+        )
         yield label, kwargs
 
 

@@ -246,6 +246,7 @@ def _objectness_kernel(
     grad_stride_c,
     tobj_ptr,
     partial_ptr,
+    obj_stats_ptr,
     balance_ptr,
     layer,
     num_cells,
@@ -259,6 +260,7 @@ def _objectness_kernel(
     FOCAL: tl.constexpr,
     HAS_BALANCE: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
+    STATS: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     BLOCK_CELLS: tl.constexpr,
     BLOCK_CHANNELS: tl.constexpr,
@@ -270,6 +272,8 @@ def _objectness_kernel(
         grad_ptr, grad_stride_*: its gradient (p's dtype and layout); unused without ``WRITE_GRAD``.
         tobj_ptr: ``[bs * na * ny * nx]`` objectness targets (compute dtype).
         partial_ptr: one partial loss sum per program (compute dtype), reduced by the caller.
+        obj_stats_ptr: with ``STATS``, per program the sum of squares and the largest magnitude of
+            the objectness gradient of its cells (``[programs, 2]``, compute dtype).
         balance_ptr, layer: with ``HAS_BALANCE``, the per-layer objectness weights (device, compute
             dtype) and this layer's index: the gradient is also scaled by ``balance[layer]``.
         num_cells, num_anchors, grid_h, grid_w, num_outputs: ``bs * na * ny * nx``, ``na``, ``ny``,
@@ -300,10 +304,15 @@ def _objectness_kernel(
     target = tl.load(tobj_ptr + cell, mask=m, other=0.0)
     loss, grad = bce_with_logits(logit, target, obj_pos_weight, focal_gamma, FOCAL)
     tl.store(partial_ptr + pid, tl.sum(tl.where(m, loss, 0.0), axis=0).to(COMPUTE_DTYPE))
-    if WRITE_GRAD:
+    if WRITE_GRAD or STATS:
         g_obj = grad * obj_scale
         if HAS_BALANCE:
             g_obj = g_obj * tl.load(balance_ptr + layer).to(COMPUTE_DTYPE)
+    if STATS:
+        g_in = tl.where(m, g_obj, 0.0)
+        tl.store(obj_stats_ptr + 2 * pid, tl.sum(g_in * g_in, axis=0).to(COMPUTE_DTYPE))
+        tl.store(obj_stats_ptr + 2 * pid + 1, tl.max(tl.abs(g_in), axis=0).to(COMPUTE_DTYPE))
+    if WRITE_GRAD:
         g_obj = g_obj[:, None]
         # rows are written whole (zeros and the objectness term): the gradient is written once
         for c0 in range(0, num_outputs, BLOCK_CHANNELS):
@@ -333,6 +342,7 @@ def _pair_grad_kernel(
     iou_grad_ptr,
     cls_ptr,
     scale_ptr,
+    pair_stats_ptr,
     num_candidates,
     num_cells,
     num_anchors,
@@ -345,11 +355,15 @@ def _pair_grad_kernel(
     focal_gamma,
     FOCAL: tl.constexpr,
     HAS_CLS: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    STATS: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     BLOCK_CLASSES: tl.constexpr,
 ):
     """One program per sorted position: the last candidate of each cell's group adds the box and
-    class gradient terms of every candidate of the group (in pair order) to the cell's row.
+    class gradient terms of every candidate of the group (in pair order) to the cell's row
+    (``WRITE_GRAD``) and, with ``STATS``, writes their sums of squares and largest magnitudes to
+    ``pair_stats_ptr`` (``[positions, 4]``: box, box, class, class; zero-initialised).
 
     Args:
         p_ptr, p_stride_*, grad_ptr, grad_stride_*: as in ``_objectness_kernel``.
@@ -388,9 +402,15 @@ def _pair_grad_kernel(
             q = tl.load(order_ptr + j)
             acc += tl.load(iou_grad_ptr + 4 * q + four).to(COMPUTE_DTYPE)
         g_box = g_row + four * grad_stride_c
-        box = tl.load(g_box).to(COMPUTE_DTYPE) - box_scale * acc
-        tl.store(g_box, box.to(grad_ptr.dtype.element_ty))
+        box_terms = -box_scale * acc  # the row is zero there before: these are the entries
+        if WRITE_GRAD:
+            tl.store(g_box, (tl.load(g_box).to(COMPUTE_DTYPE) + box_terms).to(grad_ptr.dtype.element_ty))
+        if STATS:
+            tl.store(pair_stats_ptr + 4 * i, tl.sum(box_terms * box_terms, axis=0).to(COMPUTE_DTYPE))
+            tl.store(pair_stats_ptr + 4 * i + 1, tl.max(tl.abs(box_terms), axis=0).to(COMPUTE_DTYPE))
         if HAS_CLS:
+            cls_sq = tl.zeros([BLOCK_CLASSES], dtype=COMPUTE_DTYPE)
+            cls_max = tl.zeros([BLOCK_CLASSES], dtype=COMPUTE_DTYPE)
             count = (i + 1 - first).to(COMPUTE_DTYPE)
             offs_c = tl.arange(0, BLOCK_CLASSES)
             for c0 in range(0, num_classes, BLOCK_CLASSES):
@@ -406,10 +426,16 @@ def _pair_grad_kernel(
                 for j in range(first, i + 1):
                     cls_q = tl.load(cls_ptr + tl.load(order_ptr + j))
                     hits += (cc == cls_q).to(COMPUTE_DTYPE)
-                total = count * g_neg + hits * (g_pos - g_neg)
-                g_cls = g_row + (5 + cc) * grad_stride_c
-                old = tl.load(g_cls, mask=mc, other=0.0).to(COMPUTE_DTYPE)
-                tl.store(g_cls, (old + cls_scale * total).to(grad_ptr.dtype.element_ty), mask=mc)
+                cls_terms = tl.where(mc, cls_scale * (count * g_neg + hits * (g_pos - g_neg)), 0.0)
+                if WRITE_GRAD:
+                    g_cls = g_row + (5 + cc) * grad_stride_c
+                    old = tl.load(g_cls, mask=mc, other=0.0).to(COMPUTE_DTYPE)
+                    tl.store(g_cls, (old + cls_terms).to(grad_ptr.dtype.element_ty), mask=mc)
+                cls_sq += cls_terms * cls_terms
+                cls_max = tl.maximum(cls_max, tl.abs(cls_terms))
+            if STATS:
+                tl.store(pair_stats_ptr + 4 * i + 2, tl.sum(cls_sq, axis=0).to(COMPUTE_DTYPE))
+                tl.store(pair_stats_ptr + 4 * i + 3, tl.max(cls_max, axis=0).to(COMPUTE_DTYPE))
 
 
 @dataclasses.dataclass
@@ -483,8 +509,10 @@ class _LayerState:
     tobj: torch.Tensor
 
 
-def fused_loss(p, targets, anchors, options: LossOptions, compute_grad: bool = True, balance=None):
-    """``(loss [1], loss_items [4], layer_obj [nl], [d loss / d p[i]])`` (the op's outputs) for
+def fused_loss(p, targets, anchors, options: LossOptions, compute_grad: bool = True, balance=None, compute_stats=False):
+    """``(loss [1], loss_items [4], layer_obj [nl], stats [nl, 8] or [0, 8], [d loss / d p[i]])``
+    (the op's outputs; ``stats``: per layer the sums of squares and largest magnitudes of the
+    box / objectness / class gradient, matched pairs, duplicate pairs) for
     float16/bfloat16/float32 ``p`` (math in float32; float64 ``p`` in float64) on the device of
     ``p`` (CUDA, or CPU under ``TRITON_INTERPRET=1``). ``balance [nl]`` (a device tensor, or
     ``None``: ones) weighs each layer's objectness term. No host sync: every shape follows from
@@ -567,7 +595,7 @@ def fused_loss(p, targets, anchors, options: LossOptions, compute_grad: bool = T
     # pair counts and the scales of the box and class terms: device tensors, no sync
     counts = [layer.cand.valid.sum(dtype=dtype) for layer in layers]
     n_total = torch.stack(counts).sum()
-    grads, lbox, lobj, lcls, layer_obj = [], 0.0, 0.0, 0.0, []
+    grads, lbox, lobj, lcls, layer_obj, layer_stats = [], 0.0, 0.0, 0.0, [], []
     for index, (layer, n_i) in enumerate(zip(layers, counts)):
         pi, na, ny, nx, n_cand, n_cells = layer.p, layer.na, layer.ny, layer.nx, layer.n_cand, layer.n_cells
         cand, groups, tobj = layer.cand, layer.groups, layer.tobj
@@ -585,6 +613,7 @@ def fused_loss(p, targets, anchors, options: LossOptions, compute_grad: bool = T
         grad = torch.empty_like(pi) if compute_grad else pi.new_empty(0)
         n_prog = triton.cdiv(n_cells, BLOCK_CELLS)
         partial = torch.empty(n_prog, dtype=dtype, device=device)
+        obj_stats = torch.empty(n_prog if compute_stats else 0, 2, dtype=dtype, device=device)
         # without a gradient the kernel never touches grad_ptr: p's strides stand in for its own
         grad_strides = _strides("grad", grad if compute_grad else pi)
         _launch(
@@ -596,6 +625,7 @@ def fused_loss(p, targets, anchors, options: LossOptions, compute_grad: bool = T
             **grad_strides,
             tobj_ptr=tobj,
             partial_ptr=partial,
+            obj_stats_ptr=obj_stats if compute_stats else partial,  # unread without STATS
             balance_ptr=balance if balance is not None else partial,  # unread without HAS_BALANCE
             layer=index,
             num_cells=n_cells,
@@ -609,6 +639,7 @@ def fused_loss(p, targets, anchors, options: LossOptions, compute_grad: bool = T
             FOCAL=focal,
             HAS_BALANCE=balance is not None,
             WRITE_GRAD=compute_grad,
+            STATS=compute_stats,
             COMPUTE_DTYPE=tl_dtype,
             BLOCK_CELLS=BLOCK_CELLS,
             BLOCK_CHANNELS=BLOCK_CHANNELS,
@@ -616,7 +647,8 @@ def fused_loss(p, targets, anchors, options: LossOptions, compute_grad: bool = T
         obj_sum = partial.sum()
         layer_obj.append(obj_sum / n_cells)
         lobj = lobj + obj_scale * (obj_sum if balance is None else obj_sum * balance[index])
-        if compute_grad and n_cand:
+        pair_stats = torch.zeros(n_cand if compute_stats else 0, 4, dtype=dtype, device=device)
+        if (compute_grad or compute_stats) and n_cand:
             scales = (torch.stack((box_scale, cls_scale)) * out_scale).to(dtype)
             sorted_key, order, group_start = groups
             _launch(
@@ -632,6 +664,7 @@ def fused_loss(p, targets, anchors, options: LossOptions, compute_grad: bool = T
                 iou_grad_ptr=cand.iou_grad,
                 cls_ptr=cand.cls,
                 scale_ptr=scales,
+                pair_stats_ptr=pair_stats if compute_stats else scales,  # unread without STATS
                 num_candidates=n_cand,
                 num_cells=n_cells,
                 num_anchors=na,
@@ -643,12 +676,35 @@ def fused_loss(p, targets, anchors, options: LossOptions, compute_grad: bool = T
                 **scalars,
                 FOCAL=focal,
                 HAS_CLS=has_cls,
+                WRITE_GRAD=compute_grad,
+                STATS=compute_stats,
                 COMPUTE_DTYPE=tl_dtype,
                 BLOCK_CLASSES=BLOCK_CLASSES,
             )
+        if compute_stats:
+            layer_stats.append(_layer_stats(obj_stats, pair_stats, n_i, groups, n_cells))
         grads.append(grad)
 
     zero = torch.zeros((), dtype=dtype, device=device)
     items = torch.stack([zero + lbox, zero + lobj, zero + lcls])
     items = torch.cat((items, items.sum().reshape(1)))
-    return items[3:] * out_scale, items, torch.stack(layer_obj).to(dtype), grads
+    stats = torch.stack(layer_stats) if compute_stats else torch.empty(0, 8, dtype=dtype, device=device)
+    return items[3:] * out_scale, items, torch.stack(layer_obj).to(dtype), stats, grads
+
+
+def _layer_stats(obj_stats, pair_stats, n_pairs, groups, n_cells) -> torch.Tensor:
+    """One layer's ``[8]`` statistics from the kernels' per-program / per-position values: device
+    reductions only (no sync)."""
+    zero = n_pairs.new_zeros(())
+    if groups is not None:  # distinct matched cells: the group ends among the sorted keys
+        sorted_key = groups[0]
+        following = torch.cat((sorted_key[1:], sorted_key.new_full((1,), n_cells)))
+        cells = ((sorted_key < n_cells) & (sorted_key != following)).sum().to(n_pairs.dtype)
+    else:
+        cells = zero
+    box_sq = pair_stats[:, 0].sum() if pair_stats.numel() else zero
+    cls_sq = pair_stats[:, 2].sum() if pair_stats.numel() else zero
+    box_max = pair_stats[:, 1].amax() if pair_stats.numel() else zero
+    cls_max = pair_stats[:, 3].amax() if pair_stats.numel() else zero
+    obj_sq, obj_max = obj_stats[:, 0].sum(), obj_stats[:, 1].amax()
+    return torch.stack((box_sq, obj_sq, cls_sq, box_max, obj_max, cls_max, n_pairs, n_pairs - cells))
