@@ -193,6 +193,32 @@ std::array<Dual<T, 4>, 4> predicted_box(const T* logits, T aw, T ah, Family fami
   return box;
 }
 
+// The sum of squares and the largest magnitude of x[0 .. n) times `scale`, in eight interleaved
+// lanes that the compiler vectorises (a fixed order: the same result on every run and thread
+// count); the largest magnitude propagates NaN.
+template <typename T>
+inline void scaled_sq_max(const T* x, int64_t n, T scale, double& sq, double& mx) {
+  T s[8] = {0, 0, 0, 0, 0, 0, 0, 0}, m[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int l = 0; l < 8; ++l) {
+      const T v = x[i + l] * scale, a = v < T(0) ? -v : v;
+      s[l] += v * v;
+      m[l] = (a > m[l] || a != a) ? a : m[l];
+    }
+  for (; i < n; ++i) {
+    const T v = x[i] * scale, a = v < T(0) ? -v : v;
+    s[0] += v * v;
+    m[0] = (a > m[0] || a != a) ? a : m[0];
+  }
+  double total = 0.0;
+  for (int l = 0; l < 8; ++l) {
+    total += double(s[l]);
+    if (double(m[l]) > mx || m[l] != m[l]) mx = double(m[l]);
+  }
+  sq += total;
+}
+
 // ---------------------------------------------------------------------------------------------
 // exp and log1p by polynomials (float: a few ulp; double: the C library) on arguments where they
 // are well conditioned: exp on [-87, 0], log1p on [0, 1] through log1p(e) = 2 atanh(e / (2 + e)).
@@ -451,9 +477,11 @@ inline int64_t grid_index(T v, int64_t n) {
 }
 
 // targets: [nt, 6] contiguous rows (image, class, x, y, w, h); anchors: [na, 2] contiguous.
+// matched_targets, when given ([nt], zeroed by the caller), is set to 1 for every target that some
+// anchor matched.
 template <typename T>
 std::vector<Pair<T>> match(const T* targets, int64_t nt, const T* anchors, int64_t na, int64_t ny, int64_t nx,
-                           T threshold, Family family = Family::kYOLOv3) {
+                           T threshold, Family family = Family::kYOLOv3, char* matched_targets = nullptr) {
   std::vector<Pair<T>> pairs;
   const T sx = T(nx), sy = T(ny);
   auto add = [&](const T* t, int64_t a, T ox, T oy) {
@@ -480,7 +508,10 @@ std::vector<Pair<T>> match(const T* targets, int64_t nt, const T* anchors, int64
         const T gw = t[4] * sx, gh = t[5] * sy;
         const T inter = std::min(aw, gw) * std::min(ah, gh);
         const T iou = inter / (aw * ah + gw * gh - inter);
-        if (iou > threshold) add(t, a, T(0), T(0));
+        if (iou > threshold) {
+          add(t, a, T(0), T(0));
+          if (matched_targets) matched_targets[k] = 1;
+        }
       }
     }
     return pairs;
@@ -493,6 +524,7 @@ std::vector<Pair<T>> match(const T* targets, int64_t nt, const T* anchors, int64
       const T rw = t[4] * sx / anchors[2 * a], rh = t[5] * sy / anchors[2 * a + 1];
       const T worst = std::max(std::max(rw, T(1) / rw), std::max(rh, T(1) / rh));
       fits[a * nt + k] = worst < threshold;
+      if (matched_targets && fits[a * nt + k]) matched_targets[k] = 1;
     }
   auto frac = [](T v) { return v - std::floor(v); };  // v % 1 (exact)
   const T offsets[5][2] = {{T(0), T(0)}, {T(0.5), T(0)}, {T(0), T(0.5)}, {T(-0.5), T(0)}, {T(0), T(-0.5)}};

@@ -16,9 +16,10 @@ TORCH_LIBRARY(yolo_kernels, m) {
   m.def("bce_with_logits(Tensor x, Tensor y, float pos_weight, float gamma) -> (Tensor, Tensor)");
   // The whole loss of a family over all layers in one pass: loss [1], loss_items [4] = (lbox,
   // lobj, lcls, their sum), layer_obj [nl] (each layer's mean objectness BCE, unweighted), with
-  // compute_stats the gradient statistics stats [nl, 8] (per layer: sum of squares of d loss / d p
-  // over the box, objectness and class channels, their largest magnitudes, matched pairs, pairs
-  // sharing a cell with a later pair; else [0, 8]) and, when compute_grad, d loss / d p[i] for
+  // compute_stats the gradient statistics stats [nl + 1, 8] (row i < nl, layer i: sums of squares
+  // of d loss / d p over the box, objectness and class channels, their largest magnitudes, matched
+  // pairs, pairs sharing a cell with a later pair; row nl: the number of targets no layer matched,
+  // then zeros; without compute_stats [0, 8]) and, when compute_grad, d loss / d p[i] for
   // every layer (laid out with p[i]'s strides when dense). balance [nl] (or None: ones) weighs each
   // layer's objectness term; gr is the IoU ratio mixed into the objectness target; threshold the
   // family's matching threshold; the yolov5 loss is the sum times the batch size. Only loss is

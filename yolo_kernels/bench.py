@@ -109,14 +109,26 @@ def yolov5_inputs(
     return YOLOV5_ANCHORS, p, torch.cat((image, classes, boxes), 1).to(device)
 
 
+#: The suffix of a provider that also computes the gradient statistics (``--stats``).
+STATS_SUFFIX = "+stats"
+
+
 def _loss_calls(family: str, batch, img, targets_per_image, seed, dtype, device, names):
-    """``(p, targets, {backend name: call(p) -> (loss, items)})`` for a loss family."""
+    """``(p, targets, {provider: call(p) -> (loss, items)})`` for a loss family; a provider is a
+    backend name, with ``STATS_SUFFIX`` when it also computes the gradient statistics."""
+    split = {n: (n.removesuffix(STATS_SUFFIX), n.endswith(STATS_SUFFIX)) for n in names}
     if family == "yolov3":
         model, p, targets = yolov3_inputs(batch, img, targets_per_image, seed, dtype, device)
-        return p, targets, {n: lambda q, n=n: loss_api.compute_loss(q, targets, model, backend=n) for n in names}
+
+        def call(q, backend, stats):
+            return loss_api.compute_loss(q, targets, model, backend=backend, stats=stats)[:2]
+
+        return p, targets, {n: lambda q, b=b, st=st: call(q, b, st) for n, (b, st) in split.items()}
     anchors, p, targets = yolov5_inputs(batch, img, targets_per_image, seed, dtype, device)
-    crits = {n: YOLOv5Loss(anchors, YOLOV5_STRIDES, p[0].shape[-1] - 5, backend=n).to(device) for n in names}
-    return p, targets, {n: lambda q, c=c: c(q, targets) for n, c in crits.items()}
+    crits = {
+        b: YOLOv5Loss(anchors, YOLOV5_STRIDES, p[0].shape[-1] - 5, backend=b).to(device) for b, _ in split.values()
+    }
+    return p, targets, {n: lambda q, c=crits[b], st=st: c(q, targets, stats=st)[:2] for n, (b, st) in split.items()}
 
 
 #: The loss families the bench times (``--loss``).
@@ -279,10 +291,12 @@ def run(
     progress: Callable[[], None] = lambda: None,
     targets=(10,),
     losses=("yolov3",),
+    stats=False,
 ) -> list[dict[str, Any]]:
     """Rows with ``provider, family, batch, img, targets_per_image, dtype, device, median_ms, p20_ms,
     p80_ms, x_floor, speedup_vs_reference, peak_extra_mb, max_rel_err, loss``: one per provider,
-    loss family, batch, image size and number of targets per image."""
+    loss family, batch, image size and number of targets per image. With ``stats`` every fused
+    backend is also timed with the gradient statistics on (provider ``<backend>+stats``)."""
     for family in losses:
         if family not in LOSSES:
             raise ValueError(f"losses: expected names from {LOSSES}, got {family!r}")
@@ -291,6 +305,8 @@ def run(
         backends = [b for b in loss_api.available_backends(device) if not (b == "triton" and device.type == "cpu")]
     for name in backends:
         loss_api.resolve_backend(name, device)  # a clear error now, not after the first batch
+    if stats:
+        backends = [*backends, *(b + STATS_SUFFIX for b in backends if b != "reference")]
     rows = []
     for family in losses:
         for img in imgs:
@@ -419,6 +435,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--loss", nargs="+", choices=LOSSES, default=["yolov3"], help="loss families (default yolov3)")
     parser.add_argument("--backends", nargs="+", help="backends to time (default: all available on the device)")
+    parser.add_argument(
+        "--stats", action="store_true", help="also time each fused backend with stats=True (provider <backend>+stats)"
+    )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of p")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=20)
@@ -430,10 +449,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    n_providers = 1 + len(
-        args.backends
-        or [b for b in loss_api.available_backends(device) if not (b == "triton" and device.type == "cpu")]
-    )
+    timed = args.backends or [
+        b for b in loss_api.available_backends(device) if not (b == "triton" and device.type == "cpu")
+    ]
+    n_providers = 1 + len(timed) + (sum(b != "reference" for b in timed) if args.stats else 0)
     progress = _Progress(n_providers * len(args.loss) * len(args.batch) * len(args.img) * len(args.targets))
     rows = run(
         args.batch,
@@ -447,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         progress,
         targets=args.targets,
         losses=args.loss,
+        stats=args.stats,
     )
     machine = machine_line(device, torch.get_num_threads())
     print(

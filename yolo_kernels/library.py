@@ -174,7 +174,7 @@ if _C is not None:
         dtype = compute_dtype(p[0].dtype)
         grads = [torch.empty_like(x) if compute_grad else x.new_empty(0) for x in p]
         new = p[0].new_empty
-        stats = new(len(p) if compute_stats else 0, 8, dtype=dtype)
+        stats = new(len(p) + 1 if compute_stats else 0, 8, dtype=dtype)
         return new(1, dtype=dtype), new(4, dtype=dtype), new(len(p), dtype=dtype), stats, grads
 
     def _fused_loss_setup(ctx, inputs, output):

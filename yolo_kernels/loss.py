@@ -136,8 +136,7 @@ def run_backend(
     )
     if not stats:
         return loss, items, layer_obj, None
-    unmatched = reference.unmatched_targets(p, targets.to(device), anchors, options)
-    return loss, items, layer_obj, LossStats.from_op(grad_stats, loss.detach(), unmatched)
+    return loss, items, layer_obj, LossStats.from_op(grad_stats, loss.detach())
 
 
 def _run(p, targets, anchors, options: LossOptions, backend: str, validate: bool, stats: bool = False):

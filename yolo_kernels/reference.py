@@ -409,8 +409,9 @@ def gradient_stats(
     balance: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The gradient statistics of the loss (docs/design.md, "Gradient statistics"), by autograd
-    one component at a time: ``[nl, 8]`` per layer = sums of squares of d loss / d p[i] of the box,
-    objectness and class terms, their largest magnitudes, matched pairs, duplicate pairs.
+    one component at a time: ``[nl + 1, 8]``, per layer the sums of squares of d loss / d p[i] of
+    the box, objectness and class terms, their largest magnitudes, matched pairs, duplicate pairs;
+    in the last row the number of targets no layer matched, then zeros (the op's layout).
 
     Each component's gradient is taken alone (the objectness target's IoU is detached, so the box
     term's gradient lives in channels 0-3, the objectness term's in channel 4 and the class term's
@@ -421,7 +422,10 @@ def gradient_stats(
         t = loss_terms(q, targets, anchors, options, balance)
         rows = [[] for _ in q]
         for k, (term, channels) in enumerate(((t.lbox, slice(0, 4)), (t.lobj, slice(4, 5)), (t.lcls, slice(5, None)))):
-            grads = torch.autograd.grad(term.sum() * t.out_scale, q, allow_unused=True, retain_graph=k < 2)
+            if term.requires_grad:
+                grads = torch.autograd.grad(term.sum() * t.out_scale, q, allow_unused=True, retain_graph=k < 2)
+            else:  # no pairs, or nc == 1: the term is a constant zero
+                grads = [None] * len(q)
             for i, (g, x) in enumerate(zip(grads, q)):
                 g = (torch.zeros_like(x) if g is None else g)[..., channels]
                 rows[i].append((g.pow(2).sum(), g.abs().amax() if g.numel() else g.new_zeros(())))
@@ -430,7 +434,9 @@ def gradient_stats(
         sq = [s for s, _ in components]
         mx = [m for _, m in components]
         out.append(torch.stack([*sq, *mx, sq[0].new_tensor(float(n)), sq[0].new_tensor(float(dup))]))
-    return torch.stack(out).detach()
+    last = torch.zeros(8, dtype=dtype, device=q[0].device)
+    last[0] = unmatched_targets(p, targets, anchors, options)
+    return torch.cat((torch.stack(out), last[None])).detach()
 
 
 def anchor_fits(grid: tuple[int, int], targets: torch.Tensor, anchor_vec: torch.Tensor, options: LossOptions, dtype):

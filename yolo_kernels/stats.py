@@ -11,8 +11,6 @@ sync); ``LossStats.summary()`` and ``problems()`` read the values back.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 __all__ = ["COMPONENTS", "LossStats"]
@@ -21,11 +19,10 @@ __all__ = ["COMPONENTS", "LossStats"]
 COMPONENTS = ("box", "obj", "cls")
 
 
-@dataclasses.dataclass(frozen=True)
 class LossStats:
     """What the loss's gradient looks like, per output layer and component (device tensors).
 
-    Attributes:
+    Attributes (each computed from the op's statistics when read, on the device, without a sync):
         grad_norm: ``float [nl, 3]``, the L2 norm of d loss / d p[i] over the box channels (0-3),
             the objectness channel (4) and the class channels (5...): each component's gradient.
         grad_max: ``float [nl, 3]``, the largest magnitude of the same entries.
@@ -36,26 +33,50 @@ class LossStats:
         nonfinite: ``bool`` scalar, whether the loss or any gradient entry is NaN or infinite.
     """
 
-    grad_norm: torch.Tensor
-    grad_max: torch.Tensor
-    num_pairs: torch.Tensor
-    num_duplicates: torch.Tensor
-    unmatched_targets: torch.Tensor
-    nonfinite: torch.Tensor
+    def __init__(self, stats: torch.Tensor, loss: torch.Tensor):
+        # the op's stats [nl + 1, 8] (per layer: sums of squares, largest magnitudes, pairs,
+        # duplicates; last row: unmatched targets) and the loss; nothing is derived until read,
+        # so stats=True costs the kernels' reductions and no more
+        self._stats = stats
+        self._loss = loss
 
     @classmethod
-    def from_op(cls, stats: torch.Tensor, loss: torch.Tensor, unmatched: torch.Tensor) -> LossStats:
-        """From the op's ``stats [nl, 8]`` (sums of squares, largest magnitudes, pairs, duplicates),
-        the loss and the count of unmatched targets. Device ops only: no host sync."""
-        sq, mx = stats[:, :3], stats[:, 3:6]
+    def from_op(cls, stats: torch.Tensor, loss: torch.Tensor) -> LossStats:
+        return cls(stats, loss)
+
+    @property
+    def grad_norm(self) -> torch.Tensor:
+        return self._stats[:-1, :3].sqrt()
+
+    @property
+    def grad_max(self) -> torch.Tensor:
+        return self._stats[:-1, 3:6]
+
+    @property
+    def num_pairs(self) -> torch.Tensor:
+        return self._stats[:-1, 6].long()
+
+    @property
+    def num_duplicates(self) -> torch.Tensor:
+        return self._stats[:-1, 7].long()
+
+    @property
+    def unmatched_targets(self) -> torch.Tensor:
+        return self._stats[-1, 0].long()
+
+    @property
+    def nonfinite(self) -> torch.Tensor:
         # a NaN entry makes its sum of squares NaN; an infinite one makes the largest magnitude
         # infinite (a sum of squares that only overflows is not a non-finite entry)
-        nonfinite = (~torch.isfinite(loss)).any() | torch.isnan(sq).any() | (~torch.isfinite(mx)).any()
-        return cls(sq.sqrt(), mx, stats[:, 6].long(), stats[:, 7].long(), unmatched.long(), nonfinite)
+        sq, mx = self._stats[:-1, :3], self._stats[:-1, 3:6]
+        return (~torch.isfinite(self._loss)).any() | torch.isnan(sq).any() | (~torch.isfinite(mx)).any()
+
+    def __repr__(self) -> str:
+        return f"LossStats(num_layers={self.num_layers}, device={self._stats.device})"
 
     @property
     def num_layers(self) -> int:
-        return self.grad_norm.shape[0]
+        return self._stats.shape[0] - 1
 
     def summary(self) -> dict:
         """Plain Python values (reads the device: call it when you log, not inside a captured step)."""

@@ -178,8 +178,7 @@ double cell_terms(const Layer<scalar_t, T>& L, Group<T> first, Group<T> last, co
     scalar_t* cls = out + 5 * step;
     for (int64_t c = 0; c < nc; ++c) cls[c * step] = scalar_t(T(cls[c * step]) + L.cls_scale * s.total_grad[c]);
   }
-  if (stats)
-    for (int64_t c = 0; c < nc; ++c) stats->add(kCls, double(L.cls_scale * s.total_grad[c]));
+  if (stats) scaled_sq_max(s.total_grad.data(), nc, L.cls_scale, stats->sq[kCls], stats->max[kCls]);
   return total;
 }
 
@@ -295,7 +294,7 @@ LayerSums layer_pass(const Layer<scalar_t, T>& L, const Options& o, T grad_scale
       GradStats stats;
       GradStats* st = want_stats ? &stats : nullptr;
       if (st) {
-        for (int64_t c = 0; c < cells; ++c) stats.add(kObj, double(grad[c] * grad_scale));
+        scaled_sq_max(grad.data(), cells, grad_scale, stats.sq[kObj], stats.max[kObj]);
         stats.pairs = count;
       }
 
@@ -384,12 +383,14 @@ FusedResult fused_loss_impl(const std::vector<at::Tensor>& p, const at::Tensor& 
     }
   }
 
-  // matching and grouping: the layers are independent, one task each
+  // matching and grouping: the layers are independent, one task each; with statistics each
+  // layer also marks the targets it matched
+  std::vector<std::vector<char>> matched(compute_stats ? nl : 0, std::vector<char>(nt, 0));
   at::parallel_for(0, nl, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       auto& L = layers[i];
       L.pairs = match<T>(t.data_ptr<T>(), nt, anchor_values[i].data_ptr<T>(), L.na, L.ny, L.nx, T(o.threshold),
-                         o.family);
+                         o.family, compute_stats ? matched[i].data() : nullptr);
       group_by_plane(L);
     }
   });
@@ -401,8 +402,18 @@ FusedResult fused_loss_impl(const std::vector<at::Tensor>& p, const at::Tensor& 
   const double out_scale = o.family == Family::kYOLOv5 ? double(bs) : 1.0;
   double lbox = 0.0, lobj = 0.0, lcls = 0.0;
   at::Tensor layer_obj = at::empty({nl}, T_type);
-  // per layer: sum of squares (box, obj, cls), largest magnitude (box, obj, cls), pairs, duplicates
-  at::Tensor stats = at::empty({compute_stats ? nl : 0, 8}, T_type);
+  // per layer: sum of squares (box, obj, cls), largest magnitude (box, obj, cls), pairs, duplicates;
+  // a last row: the targets no layer matched, then zeros
+  at::Tensor stats = at::zeros({compute_stats ? nl + 1 : 0, 8}, T_type);
+  if (compute_stats) {
+    int64_t unmatched = 0;
+    for (int64_t k = 0; k < nt; ++k) {
+      bool any = false;
+      for (int64_t i = 0; i < nl; ++i) any = any || matched[i][k];
+      unmatched += !any;
+    }
+    stats.data_ptr<T>()[8 * nl] = T(unmatched);
+  }
   for (int64_t i = 0; i < nl; ++i) {
     auto& L = layers[i];
     const int64_t P = int64_t(L.pairs.size());

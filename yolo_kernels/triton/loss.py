@@ -87,10 +87,12 @@ def _match_kernel(
     iou_grad_ptr,
     cls_loss_ptr,
     cls_ptr,
+    matched_target_ptr,
     FAMILY: tl.constexpr,
     BOX_KIND: tl.constexpr,
     FOCAL: tl.constexpr,
     HAS_CLS: tl.constexpr,
+    STATS: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     BLOCK_PAIRS: tl.constexpr,
     BLOCK_CLASSES: tl.constexpr,
@@ -111,6 +113,8 @@ def _match_kernel(
         valid_ptr .. cls_ptr: per candidate outputs ``[num_candidates]`` (``iou_grad_ptr``:
             ``[num_candidates, 4]``): matched flag (int8), flat cell index or ``num_cells`` when
             unmatched (int64), IoU, d IoU / d box logits, summed class BCE, class id (int64).
+        matched_target_ptr: with ``STATS``, ``[nt]`` int8 flags (shared by the layers): set to 1 for
+            each target a candidate matched (every writer stores the same value).
         FAMILY: ``math.YOLOV3`` or ``math.YOLOV5``.
         BOX_KIND: 0 IoU, 1 GIoU, 2 DIoU, 3 CIoU. FOCAL: focal class BCE. HAS_CLS: ``nc > 1``.
         COMPUTE_DTYPE: float32, or float64 for a float64 ``p``.
@@ -157,6 +161,8 @@ def _match_kernel(
     tl.store(iou_grad_ptr + 4 * k + 3, d3.to(COMPUTE_DTYPE), mask=in_range)
     tl.store(cls_loss_ptr + k, cls_loss, mask=in_range)
     tl.store(cls_ptr + k, ci, mask=in_range)
+    if STATS:
+        tl.store(matched_target_ptr + j, tl.full([BLOCK_PAIRS], 1, tl.int8), mask=valid)
 
 
 @triton.jit
@@ -510,9 +516,9 @@ class _LayerState:
 
 
 def fused_loss(p, targets, anchors, options: LossOptions, compute_grad: bool = True, balance=None, compute_stats=False):
-    """``(loss [1], loss_items [4], layer_obj [nl], stats [nl, 8] or [0, 8], [d loss / d p[i]])``
+    """``(loss [1], loss_items [4], layer_obj [nl], stats [nl + 1, 8] or [0, 8], [d loss / d p[i]])``
     (the op's outputs; ``stats``: per layer the sums of squares and largest magnitudes of the
-    box / objectness / class gradient, matched pairs, duplicate pairs) for
+    box / objectness / class gradient, matched pairs, duplicate pairs; last row: unmatched targets) for
     float16/bfloat16/float32 ``p`` (math in float32; float64 ``p`` in float64) on the device of
     ``p`` (CUDA, or CPU under ``TRITON_INTERPRET=1``). ``balance [nl]`` (a device tensor, or
     ``None``: ones) weighs each layer's objectness term. No host sync: every shape follows from
@@ -532,6 +538,7 @@ def fused_loss(p, targets, anchors, options: LossOptions, compute_grad: bool = T
     if balance is not None:
         balance = balance.to(device=device, dtype=dtype).contiguous()
     scalars = dict(cls_pos_weight=float(o.cls_pw), focal_gamma=float(o.fl_gamma))
+    matched_targets = torch.zeros(nt if compute_stats else 0, dtype=torch.int8, device=device)
 
     layers = []
     for pi, anchor_vec in zip(p, anchors):
@@ -565,10 +572,12 @@ def fused_loss(p, targets, anchors, options: LossOptions, compute_grad: bool = T
                 iou_grad_ptr=cand.iou_grad,
                 cls_loss_ptr=cand.cls_loss,
                 cls_ptr=cand.cls,
+                matched_target_ptr=matched_targets if compute_stats else cand.valid,  # unread without STATS
                 FAMILY=FAMILIES[o.family],
                 BOX_KIND=KINDS[o.box_loss],
                 FOCAL=focal,
                 HAS_CLS=has_cls,
+                STATS=compute_stats,
                 COMPUTE_DTYPE=tl_dtype,
                 BLOCK_PAIRS=BLOCK_PAIRS,
                 BLOCK_CLASSES=BLOCK_CLASSES,
@@ -688,7 +697,11 @@ def fused_loss(p, targets, anchors, options: LossOptions, compute_grad: bool = T
     zero = torch.zeros((), dtype=dtype, device=device)
     items = torch.stack([zero + lbox, zero + lobj, zero + lcls])
     items = torch.cat((items, items.sum().reshape(1)))
-    stats = torch.stack(layer_stats) if compute_stats else torch.empty(0, 8, dtype=dtype, device=device)
+    if compute_stats:  # the op's layout: a row per layer, then the unmatched targets
+        last = torch.cat(((matched_targets == 0).sum().to(dtype).reshape(1), zero.new_zeros(7)))
+        stats = torch.cat((torch.stack(layer_stats), last[None]))
+    else:
+        stats = torch.empty(0, 8, dtype=dtype, device=device)
     return items[3:] * out_scale, items, torch.stack(layer_obj).to(dtype), stats, grads
 
 
