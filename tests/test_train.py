@@ -32,6 +32,24 @@ def test_train_command_runs_and_reports(tmp_path, capsys):
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_train_records_gradient_statistics_and_warns_once_on_unmatched_targets():
+    model = train_mod.build_model("yolov3-tiny", 3)
+    history = train_mod.train(model, steps=2, batch=2, img=64, backend="cpp")
+    assert len(history["grad_norm"]) == 2 and len(history["grad_norm"][0]) == 2  # steps x layers
+    assert all(len(layer) == 3 for layer in history["grad_norm"][0])
+    assert history["unmatched_share"] == [0.0, 0.0] and history["nonfinite"] == [False, False]
+    # anchors far larger than any shape: every target goes unmatched, and the run says so once
+    torch.manual_seed(0)
+    model = train_mod.build_model("yolov3-tiny", 3)
+    for j in model.yolo_layers:
+        model.module_list[j].anchor_vec *= 50
+    with pytest.warns(RuntimeWarning, match=r"target\(s\) matched no anchor") as record:
+        history = train_mod.train(model, steps=2, batch=2, img=64, backend="cpp")
+    assert sum("matched no anchor" in str(w.message) for w in record) == 1
+    assert history["unmatched_share"] == [1.0, 1.0]
+    assert "grad_norm" not in train_mod.train(model, steps=1, batch=2, img=64, backend="cpp", stats=False)
+
+
 def test_train_command_with_amp():
     model = train_mod.build_model("yolov3-tiny", 3)
     history = train_mod.train(model, steps=2, batch=2, img=64, backend="cpp", amp=True)

@@ -9,9 +9,12 @@ noise, each a class (kind x colour), with known boxes. The recipe: SGD with mome
 (Nesterov), weight decay on conv weights only, ``hyp['cls']`` scaled by ``nc / 80``, a burn-in
 during which the learning rate warms up and ``model.gr`` ramps from 0 to 1, then cosine decay.
 Each step times the loss (its forward and backward, which produces the gradient of ``p``)
-separately from the whole step. At the end, held-out images are decoded (YOLOLayer's inference
-output) and each object is matched to its best-scoring overlapping detection: the mean IoU and
-the fraction of objects found with IoU >= 0.5 say whether the model learned to find the shapes.
+separately from the whole step, and records the loss's gradient statistics (``stats=True``: the
+gradient norm of each component on each output layer, matched and unmatched targets), warning
+once, with the layer and the component, when targets go unmatched or values turn non-finite.
+At the end, held-out images are decoded (YOLOLayer's inference output) and each object is
+matched to its best-scoring overlapping detection: the mean IoU and the fraction of objects
+found with IoU >= 0.5 say whether the model learned to find the shapes.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import argparse
 import math
 import sys
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -27,6 +31,7 @@ import torch
 from .config import DEFAULT_HYP
 from .loss import compute_loss
 from .models import SHIPPED, Darknet
+from .stats import COMPONENTS
 
 __all__ = ["SyntheticShapes", "build_model", "train", "evaluate", "main"]
 
@@ -90,8 +95,11 @@ def train(
     seed: int = 0,
     device: str = "cpu",
     progress: bool = False,
+    stats: bool = True,
 ) -> dict[str, Any]:
-    """Train in place; returns per-step ``items`` (lbox, lobj, lcls, loss), ``loss_ms`` and ``step_ms``."""
+    """Train in place; returns per-step ``items`` (lbox, lobj, lcls, loss), ``loss_ms`` and
+    ``step_ms``, and with ``stats`` ``grad_norm`` (``[nl][3]``: box, obj, cls per output layer),
+    ``unmatched_share`` (the share of targets no anchor matched) and ``nonfinite``."""
     torch.manual_seed(seed)
     model.to(device).train()
     data = SyntheticShapes(model.nc)
@@ -101,6 +109,9 @@ def train(
     scaler = torch.amp.GradScaler("cuda", enabled=amp and device.startswith("cuda"))
     burn_in = max(1, min(steps // 5, 200))
     history: dict[str, list] = {"items": [], "loss_ms": [], "step_ms": []}
+    if stats:
+        history.update(grad_norm=[], unmatched_share=[], nonfinite=[])
+    warned: set[str] = set()
     for step in range(steps):
         if step < burn_in:
             ramp = (step + 1) / burn_in
@@ -121,7 +132,7 @@ def train(
         heads = [x.detach().requires_grad_() for x in p]
         _sync(device)
         loss_start = time.perf_counter()
-        loss, items = compute_loss(heads, targets, model, backend=backend)
+        loss, items, *loss_stats = compute_loss(heads, targets, model, backend=backend, stats=stats)
         scaler.scale(loss).backward()
         _sync(device)
         loss_ms = (time.perf_counter() - loss_start) * 1e3
@@ -134,9 +145,25 @@ def train(
         history["items"].append(items.tolist())
         history["loss_ms"].append(loss_ms)
         history["step_ms"].append(step_ms)
+        if stats:
+            _record_stats(history, loss_stats[0], targets.shape[0], step, warned)
         if progress:
             _progress(step, steps, items.tolist(), step_ms)
     return history
+
+
+def _record_stats(history: dict[str, list], loss_stats, n_targets: int, step: int, warned: set[str]) -> None:
+    """Append one step's gradient statistics; warn once per kind of problem (unmatched targets,
+    non-finite values), naming the step, the layer and the component."""
+    history["grad_norm"].append(loss_stats.grad_norm.tolist())
+    unmatched = int(loss_stats.unmatched_targets)
+    history["unmatched_share"].append(unmatched / n_targets if n_targets else 0.0)
+    history["nonfinite"].append(bool(loss_stats.nonfinite))
+    for message in loss_stats.problems():
+        kind = "non-finite" if message.startswith("non-finite") else "unmatched"
+        if kind not in warned:
+            warned.add(kind)
+            warnings.warn(f"yolo_kernels.train: step {step}: {message}", RuntimeWarning, stacklevel=3)
 
 
 def _sync(device: str) -> None:
@@ -198,7 +225,9 @@ def plot_history(history: dict[str, list], path: str) -> None:
     except ImportError:
         raise SystemExit("--plot needs matplotlib: pip install matplotlib (or yolo_kernels[plot])") from None
     items = torch.tensor(history["items"])
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    with_stats = bool(history.get("grad_norm"))
+    fig, axes = plt.subplots(1, 3 if with_stats else 1, figsize=(19 if with_stats else 7, 4.5), squeeze=False)
+    ax = axes[0][0]
     for k, name in enumerate(("lbox", "lobj", "lcls", "loss")):
         ax.plot(items[:, k].numpy(), label=name, linewidth=2 if name == "loss" else 1)
     ax.set_yscale("log")
@@ -207,6 +236,25 @@ def plot_history(history: dict[str, list], path: str) -> None:
     ax.set_title("YOLOv3 loss on synthetic shapes")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
+    if with_stats:
+        norms = torch.tensor(history["grad_norm"])  # [steps, nl, 3]
+        ax = axes[0][1]
+        styles = ("-", "--", ":")
+        for i in range(norms.shape[1]):
+            for k, name in enumerate(COMPONENTS):
+                ax.plot(norms[:, i, k].numpy(), styles[k], color=f"C{i}", label=f"layer {i} {name}")
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("||d loss / d p||")
+        ax.set_title("gradient norm per output layer and component")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        ax = axes[0][2]
+        ax.plot(torch.tensor(history["unmatched_share"]).numpy() * 100)
+        ax.set_xlabel("step")
+        ax.set_ylabel("% of targets")
+        ax.set_title("targets no anchor matched")
+        ax.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -226,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--eval-images", type=int, default=32)
     parser.add_argument("--threads", type=int)
-    parser.add_argument("--plot", metavar="FILE.png", help="loss curves (needs matplotlib)")
+    parser.add_argument("--plot", metavar="FILE.png", help="loss curves and gradient statistics (needs matplotlib)")
+    parser.add_argument("--no-stats", action="store_true", help="skip the gradient statistics (stats=True of the loss)")
     args = parser.parse_args(argv)
     if args.img % 32:
         parser.error(f"--img: expected a multiple of 32, got {args.img}")
@@ -235,7 +284,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)  # the initial weights too: same seed, same run
     model = build_model(args.cfg, args.nc)
     history = train(
-        model, args.steps, args.batch, args.img, args.backend, args.amp, args.lr, args.seed, args.device, progress=True
+        model,
+        args.steps,
+        args.batch,
+        args.img,
+        args.backend,
+        args.amp,
+        args.lr,
+        args.seed,
+        args.device,
+        progress=True,
+        stats=not args.no_stats,
     )
     held_out = SyntheticShapes(model.nc).batch(args.eval_images, args.img, torch.Generator().manual_seed(args.seed + 1))
     quality = evaluate(model, held_out[0].to(args.device), held_out[1])
@@ -255,6 +314,14 @@ def main(argv: list[str] | None = None) -> int:
         f"held-out detection: mean IoU {quality['mean_iou']:.3f}, found at IoU>=0.5 {quality['found_at_0.5']:.1%} "
         f"of {quality['objects']} objects"
     )
+    if history.get("grad_norm"):
+        last_norms = history["grad_norm"][-1]
+        parts = [
+            f"layer {i} " + " ".join(f"{name} {v:.3g}" for name, v in zip(COMPONENTS, norms))
+            for i, norms in enumerate(last_norms)
+        ]
+        unmatched = sum(history["unmatched_share"]) / len(history["unmatched_share"])
+        print(f"gradient norms at the last step: {'; '.join(parts)}; unmatched targets {unmatched:.1%} on average")
     if args.plot:
         plot_history(history, args.plot)
     return 0
