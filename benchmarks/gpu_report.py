@@ -228,12 +228,20 @@ def speed(batch, img, bandwidth, quick=False, rounds=25):
 
 
 def no_sync_check(batch, img):
+    """A training step's loss, and the same with the gradient statistics on, never syncs."""
     model, p, targets = cuda_inputs(batch, img)
-    forward_backward(p, targets, model, "triton")  # compile the kernels first
+
+    def with_stats(q, t, m):
+        loss, items, stats = yk.compute_loss(q, t, m, backend="triton", stats=True)
+        return loss, items
+
+    for fn in (None, with_stats):  # compile the kernels first
+        forward_backward(p, targets, model, "triton", loss_fn=fn)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         forward_backward(p, targets, model, "triton")
+        forward_backward(p, targets, model, "triton", loss_fn=with_stats)
         return "passed"
     except RuntimeError as error:
         return f"FAILED: {error}"

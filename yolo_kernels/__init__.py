@@ -8,7 +8,7 @@ compute_loss = yk.yolov5.ComputeLoss(model)                    # ultralytics/yol
 crit = yk.YOLOv5Loss(anchors, strides, num_classes)            # the same as a module
 """
 
-from . import integrations, models, ops, reference, yolov5
+from . import integrations, models, ops, reference, stats, yolov5
 from .config import (
     BOX_LOSSES,
     DEFAULT_HYP,
@@ -40,5 +40,6 @@ __all__ = [
     "models",
     "ops",
     "reference",
+    "stats",
     "yolov5",
 ]
