@@ -98,6 +98,26 @@ def _criterion(model, options: dict, backend: str):
     return criterion.cuda()  # anchors on the device: no host-to-device copy per call
 
 
+def _parity_row(fast, ref, p, targets, batch, img, options) -> dict:
+    """One parity row: criterion ``fast`` on ``p`` against ``ref`` on the same values in float32."""
+    _, items = forward_backward(p, targets, None, loss_fn=lambda q, t, m: fast(q, t))
+    grads = [x.grad.clone() for x in p]
+    up = [x.detach().float().requires_grad_() for x in p]
+    _, ref_items = forward_backward(up, targets, None, loss_fn=lambda q, t, m: ref(q, t))
+    name = str(p[0].dtype).replace("torch.", "")
+    row = {
+        "dtype": name,
+        "batch": batch,
+        "img": img,
+        "options": options,
+        "loss_rel_err": rel_err(items, ref_items),
+        "grad_rel_err": max(rel_err(g.float(), r.grad) for g, r in zip(grads, up)),
+    }
+    limits = TOLERANCES[name]
+    row["passed"] = row["loss_rel_err"] <= limits["loss"] and row["grad_rel_err"] <= limits["grad"]
+    return row
+
+
 def parity(batch, img):
     """Triton vs the reference (float32 on the same values) for float32 and bfloat16 ``p``."""
     rows = []
@@ -105,22 +125,7 @@ def parity(batch, img):
         for dtype in (torch.float32, torch.bfloat16):
             model, p, targets = cuda_inputs(batch, img, dtype)
             fast, ref = _criterion(model, options, "triton"), _criterion(model, options, "reference")
-            _, items = forward_backward(p, targets, model, loss_fn=lambda q, t, m, fast=fast: fast(q, t))
-            grads = [x.grad.clone() for x in p]
-            up = [x.detach().float().requires_grad_() for x in p]
-            _, ref_items = forward_backward(up, targets, model, loss_fn=lambda q, t, m, ref=ref: ref(q, t))
-            name = str(dtype).replace("torch.", "")
-            row = {
-                "dtype": name,
-                "batch": batch,
-                "img": img,
-                "options": options or "defaults",
-                "loss_rel_err": rel_err(items, ref_items),
-                "grad_rel_err": max(rel_err(g.float(), r.grad) for g, r in zip(grads, up)),
-            }
-            limits = TOLERANCES[name]
-            row["passed"] = row["loss_rel_err"] <= limits["loss"] and row["grad_rel_err"] <= limits["grad"]
-            rows.append(row)
+            rows.append(_parity_row(fast, ref, p, targets, batch, img, options or "defaults"))
     return rows
 
 
@@ -137,22 +142,7 @@ def parity_yolov5(batch, img):
         for dtype in (torch.float32, torch.bfloat16):
             anchors, p, targets = yolov5_inputs(batch, img, dtype=dtype, device="cuda")
             fast, ref = _yolov5_criterion(anchors, options, "triton"), _yolov5_criterion(anchors, options, "reference")
-            _, items = forward_backward(p, targets, None, loss_fn=lambda q, t, m, fast=fast: fast(q, t))
-            grads = [x.grad.clone() for x in p]
-            up = [x.detach().float().requires_grad_() for x in p]
-            _, ref_items = forward_backward(up, targets, None, loss_fn=lambda q, t, m, ref=ref: ref(q, t))
-            name = str(dtype).replace("torch.", "")
-            row = {
-                "dtype": name,
-                "batch": batch,
-                "img": img,
-                "options": {"family": "yolov5", **options},
-                "loss_rel_err": rel_err(items, ref_items),
-                "grad_rel_err": max(rel_err(g.float(), r.grad) for g, r in zip(grads, up)),
-            }
-            limits = TOLERANCES[name]
-            row["passed"] = row["loss_rel_err"] <= limits["loss"] and row["grad_rel_err"] <= limits["grad"]
-            rows.append(row)
+            rows.append(_parity_row(fast, ref, p, targets, batch, img, {"family": "yolov5", **options}))
     return rows
 
 

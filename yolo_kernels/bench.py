@@ -75,12 +75,17 @@ def yolov3_inputs(
         x = torch.randn(batch, head.na, n, n, head.no, generator=g) * 0.5
         x[..., 4] -= 4.5  # the head's initial objectness bias
         p.append(x.to(device=device, dtype=dtype).requires_grad_())
+    return model, p, _random_targets(batch, targets_per_image, model.nc, g).to(device)
+
+
+def _random_targets(batch: int, targets_per_image: int, nc: int, g: torch.Generator) -> torch.Tensor:
+    """``[batch * targets_per_image, 6]`` targets: uniform centres, sizes 2%..52% of the image."""
     nt = batch * targets_per_image
     boxes = torch.rand(nt, 4, generator=g)
-    boxes[:, 2:] = boxes[:, 2:] * 0.5 + 0.02  # widths/heights 2%..52% of the image
-    classes = torch.randint(0, model.nc, (nt, 1), generator=g).float()
+    boxes[:, 2:] = boxes[:, 2:] * 0.5 + 0.02
+    classes = torch.randint(0, nc, (nt, 1), generator=g).float()
     image = torch.arange(batch).repeat_interleave(targets_per_image)[:, None].float()
-    return model, p, torch.cat((image, classes, boxes), 1).to(device)
+    return torch.cat((image, classes, boxes), 1)
 
 
 def yolov5_inputs(
@@ -101,12 +106,7 @@ def yolov5_inputs(
         x = torch.randn(batch, 3, img // s, img // s, nc + 5, generator=g) * 0.5
         x[..., 4] -= 4.5
         p.append(x.to(device=device, dtype=dtype).requires_grad_())
-    nt = batch * targets_per_image
-    boxes = torch.rand(nt, 4, generator=g)
-    boxes[:, 2:] = boxes[:, 2:] * 0.5 + 0.02
-    classes = torch.randint(0, nc, (nt, 1), generator=g).float()
-    image = torch.arange(batch).repeat_interleave(targets_per_image)[:, None].float()
-    return YOLOV5_ANCHORS, p, torch.cat((image, classes, boxes), 1).to(device)
+    return YOLOV5_ANCHORS, p, _random_targets(batch, targets_per_image, nc, g).to(device)
 
 
 #: The suffix of a provider that also computes the gradient statistics (``--stats``).

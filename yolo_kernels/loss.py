@@ -179,7 +179,36 @@ def build_targets(p: Sequence[torch.Tensor], targets: torch.Tensor, model: Any, 
     return reference.build_targets(p, targets, model)
 
 
-class YOLOv3Loss(nn.Module):
+class AnchoredLoss(nn.Module):
+    """What the loss modules share: per-layer anchors given in pixels with their strides, kept as
+    grid-unit buffers (``model.to(device)`` moves them), and the options."""
+
+    options: LossOptions
+
+    def _set_anchors(self, anchors: Sequence[Any], strides: Sequence[float]) -> None:
+        anchors = as_anchor_list(anchors)
+        strides = list(strides) if isinstance(strides, (list, tuple)) else strides
+        if not isinstance(strides, list) or len(strides) != len(anchors):
+            raise ValueError(f"strides: expected {len(anchors)} strides (one per anchor set), got {strides!r}")
+        for i, s in enumerate(strides):
+            if not is_real_number(s) or not s > 0:
+                raise ValueError(f"strides[{i}]: expected a positive number, got {s!r}")
+        self.strides = [float(s) for s in strides]
+        for i, (a, s) in enumerate(zip(anchors, self.strides)):
+            self.register_buffer(f"anchor_vec{i}", a.detach().to(torch.float32) / s, persistent=False)
+        self.nl = len(anchors)
+
+    @property
+    def anchor_vecs(self) -> list[torch.Tensor]:
+        """Per-layer anchors in grid units (pixels / stride)."""
+        return [getattr(self, f"anchor_vec{i}") for i in range(self.nl)]
+
+    @property
+    def nc(self) -> int:
+        return self.options.nc
+
+
+class YOLOv3Loss(AnchoredLoss):
     """The YOLOv3 loss as a module that holds its anchors, strides and hyperparameters.
 
     Args:
@@ -213,22 +242,12 @@ class YOLOv3Loss(nn.Module):
         validate: bool = True,
     ):
         super().__init__()
-        anchors = as_anchor_list(anchors)
-        strides = list(strides) if isinstance(strides, (list, tuple)) else strides
-        if not isinstance(strides, list) or len(strides) != len(anchors):
-            raise ValueError(f"strides: expected {len(anchors)} strides (one per anchor set), got {strides!r}")
-        for i, s in enumerate(strides):
-            if not is_real_number(s) or not s > 0:
-                raise ValueError(f"strides[{i}]: expected a positive number, got {s!r}")
-        self.strides = [float(s) for s in strides]
+        self._set_anchors(anchors, strides)
         self.options = LossOptions.from_hyp(
             hyp, nc=num_classes, gr=giou_ratio, box_loss=box_loss, reduction=reduction, label_smoothing=label_smoothing
         )
         self.backend = backend
         self.validate = validate
-        for i, (a, s) in enumerate(zip(anchors, self.strides)):
-            self.register_buffer(f"anchor_vec{i}", a.detach().to(torch.float32) / s, persistent=False)
-        self.nl = len(anchors)
 
     @classmethod
     def from_model(cls, model: Any, **kwargs: Any) -> YOLOv3Loss:
@@ -238,15 +257,6 @@ class YOLOv3Loss(nn.Module):
         kwargs.setdefault("hyp", {k: getattr(m, k) for k in DEFAULT_HYP})
         kwargs.setdefault("giou_ratio", m.gr)
         return cls([a.detach().cpu() for a in anchors], [1.0] * len(anchors), m.nc, **kwargs)
-
-    @property
-    def anchor_vecs(self) -> list[torch.Tensor]:
-        """Per-layer anchors in grid units (pixels / stride)."""
-        return [getattr(self, f"anchor_vec{i}") for i in range(self.nl)]
-
-    @property
-    def nc(self) -> int:
-        return self.options.nc
 
     @property
     def gr(self) -> float:

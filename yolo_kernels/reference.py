@@ -184,6 +184,27 @@ class LayerTargets(NamedTuple):
     tcls: torch.Tensor  # [P] class index
 
 
+def _on_grid(grid: tuple[int, int], targets: torch.Tensor, anchor_vec: torch.Tensor, dtype):
+    """``(t, anchor_vec, scale, gxy, gwh)``: targets and anchors in ``dtype`` on the targets'
+    device, the grid's ``(nx, ny)`` and the targets' centres and sizes in grid units."""
+    ny, nx = grid
+    t = targets.to(dtype)
+    anchor_vec = anchor_vec.to(device=t.device, dtype=dtype)
+    scale = torch.tensor([nx, ny], device=t.device, dtype=dtype)
+    return t, anchor_vec, scale, t[:, 2:4] * scale, t[:, 4:6] * scale
+
+
+def _pairs(grid, t, anchor_vec, a, k, cell, gxy, gwh, dtype) -> LayerTargets:
+    """The pairs of anchors ``a`` and targets ``k`` whose cells are at grid positions ``cell``:
+    truncated toward zero and clamped into the grid (== trunc of the clamped value, no int
+    overflow), the box target taken relative to the clamped cell."""
+    ny, nx = grid
+    gi = cell[:, 0].clamp(0, nx - 1).long()
+    gj = cell[:, 1].clamp(0, ny - 1).long()
+    tbox = torch.cat((gxy - torch.stack((gi, gj), 1).to(dtype), gwh), 1)
+    return LayerTargets(t[k, 0].long(), a, gj, gi, tbox, anchor_vec[a], t[k, 1].long())
+
+
 def match(
     grid: tuple[int, int], targets: torch.Tensor, anchor_vec: torch.Tensor, iou_t: float, dtype=torch.float32
 ) -> LayerTargets:
@@ -191,23 +212,9 @@ def match(
 
     Pairs are every (anchor, target) with ``wh_iou > iou_t``, anchor-major then target order.
     """
-    ny, nx = grid
-    device = targets.device
-    t = targets.to(dtype)
-    anchor_vec = anchor_vec.to(device=device, dtype=dtype)
-    scale = torch.tensor([nx, ny], device=device, dtype=dtype)
-    gxy = t[:, 2:4] * scale
-    gwh = t[:, 4:6] * scale
-
+    t, anchor_vec, _, gxy, gwh = _on_grid(grid, targets, anchor_vec, dtype)
     a, k = (wh_iou(anchor_vec, gwh) > iou_t).nonzero(as_tuple=True)  # row-major: anchor-major order
-    b = t[k, 0].long()
-    tcls = t[k, 1].long()
-    gxy, gwh = gxy[k], gwh[k]
-    # trunc toward zero, then clamp into the grid == trunc of the clamped value (no int overflow)
-    gi = gxy[:, 0].clamp(0, nx - 1).long()
-    gj = gxy[:, 1].clamp(0, ny - 1).long()
-    tbox = torch.cat((gxy - torch.stack((gi, gj), 1).to(dtype), gwh), 1)
-    return LayerTargets(b, a, gj, gi, tbox, anchor_vec[a], tcls)
+    return _pairs(grid, t, anchor_vec, a, k, gxy[k], gxy[k], gwh[k], dtype)
 
 
 def ratio_fits(anchor_vec: torch.Tensor, gwh: torch.Tensor, anchor_t: float) -> torch.Tensor:
@@ -235,28 +242,15 @@ def match_yolov5(
     truncated and clamped into the grid, and the box target is the position relative to the
     clamped cell (the original clamps its index tensor in place before taking the offsets).
     """
-    ny, nx = grid
-    device = targets.device
-    t = targets.to(dtype)
-    anchor_vec = anchor_vec.to(device=device, dtype=dtype)
-    scale = torch.tensor([nx, ny], device=device, dtype=dtype)
-    gxy = t[:, 2:4] * scale
-    gwh = t[:, 4:6] * scale
-
+    t, anchor_vec, scale, gxy, gwh = _on_grid(grid, targets, anchor_vec, dtype)
     fits = ratio_fits(anchor_vec, gwh, anchor_t)  # [na, nt]
     far = scale - gxy  # distance to the far edge
     near_ok = (gxy % 1 < 0.5) & (gxy > 1)  # [nt, 2]: left (x), up (y)
     far_ok = (far % 1 < 0.5) & (far > 1)  # [nt, 2]: right (x), down (y)
     blocks = torch.stack((torch.ones_like(near_ok[:, 0]), near_ok[:, 0], near_ok[:, 1], far_ok[:, 0], far_ok[:, 1]))
     block, a, k = (blocks[:, None, :] & fits[None]).nonzero(as_tuple=True)  # row-major: the original's order
-    offsets = torch.tensor(NEIGHBOUR_OFFSETS, device=device, dtype=dtype)[block]
-    gxy, gwh = gxy[k], gwh[k]
-    cell = gxy - offsets
-    # trunc toward zero, then clamp into the grid == trunc of the clamped value (no int overflow)
-    gi = cell[:, 0].clamp(0, nx - 1).long()
-    gj = cell[:, 1].clamp(0, ny - 1).long()
-    tbox = torch.cat((gxy - torch.stack((gi, gj), 1).to(dtype), gwh), 1)
-    return LayerTargets(t[k, 0].long(), a, gj, gi, tbox, anchor_vec[a], t[k, 1].long())
+    offsets = torch.tensor(NEIGHBOUR_OFFSETS, device=t.device, dtype=dtype)[block]
+    return _pairs(grid, t, anchor_vec, a, k, gxy[k] - offsets, gxy[k], gwh[k], dtype)
 
 
 def match_layer(grid, targets, anchor_vec, options: LossOptions, dtype) -> LayerTargets:
@@ -442,10 +436,7 @@ def gradient_stats(
 def anchor_fits(grid: tuple[int, int], targets: torch.Tensor, anchor_vec: torch.Tensor, options: LossOptions, dtype):
     """``[na, nt]``: whether each (anchor, target) passes the family's matching test on a layer
     with grid ``(ny, nx)`` (yolov3: wh-IoU > ``iou_t``; yolov5: wh ratio < ``anchor_t``)."""
-    ny, nx = grid
-    t = targets.to(dtype)
-    anchor_vec = anchor_vec.to(device=t.device, dtype=dtype)
-    gwh = t[:, 4:6] * torch.tensor([nx, ny], device=t.device, dtype=dtype)
+    _, anchor_vec, _, _, gwh = _on_grid(grid, targets, anchor_vec, dtype)
     if options.family == "yolov5":
         return ratio_fits(anchor_vec, gwh, options.anchor_t)
     return wh_iou(anchor_vec, gwh) > options.iou_t

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .config import LossOptions, MissingHyperparameterError, as_anchor_list, is_real_number
-from .loss import run_backend
+from .config import LossOptions, MissingHyperparameterError
+from .loss import AnchoredLoss, run_backend
 
 __all__ = [
     "DEFAULT_HYP_V5",
@@ -81,7 +81,7 @@ def _options(hyp: Mapping[str, Any], nc: int, gr: float, sort_obj_iou: bool, box
     )
 
 
-class YOLOv5Loss(nn.Module):
+class YOLOv5Loss(AnchoredLoss):
     """The YOLOv5-style loss as a module that holds its anchors, hyperparameters and balance.
 
     Args:
@@ -118,41 +118,25 @@ class YOLOv5Loss(nn.Module):
         validate: bool = True,
     ):
         super().__init__()
-        anchors = as_anchor_list(anchors)
-        strides = [float(s) if is_real_number(s) else s for s in strides]
-        if len(strides) != len(anchors) or not all(is_real_number(s) and s > 0 for s in strides):
-            raise ValueError(f"strides: expected {len(anchors)} positive strides (one per anchor set), got {strides!r}")
+        self._set_anchors(anchors, strides)
         if hyp is not None and not isinstance(hyp, Mapping):
             raise TypeError(f"hyp: expected a dict of hyperparameters, got {type(hyp).__name__}")
         self.hyp = {**DEFAULT_HYP_V5, **(hyp or {})}
-        self.nl = len(anchors)
-        self.strides = strides
         self.box_loss = box_loss
         self.backend = backend
         self.validate = validate
         self.autobalance = bool(autobalance)
         self._gr, self._sort_obj_iou = float(gr), bool(sort_obj_iou)
         self.options = _options(self.hyp, num_classes, self._gr, self._sort_obj_iou, box_loss)  # validates
-        for i, (a, s) in enumerate(zip(anchors, strides)):
-            self.register_buffer(f"anchor_vec{i}", a.detach().to(torch.float32) / s, persistent=False)
         weights = default_balance(self.nl) if balance is None else [float(w) for w in balance]
         if len(weights) != self.nl:
             raise ValueError(f"balance: expected {self.nl} weights (one per layer), got {len(weights)}")
         self.register_buffer("balance_weights", torch.tensor(weights, dtype=torch.float64), persistent=False)
         self.ssi = 0
         if self.autobalance:
-            if 16.0 not in strides:
-                raise ValueError(f"autobalance: normalises by the stride-16 layer, but strides are {strides}")
-            self.ssi = strides.index(16.0)
-
-    @property
-    def anchor_vecs(self) -> list[torch.Tensor]:
-        """Per-layer anchors in grid units (pixels / stride)."""
-        return [getattr(self, f"anchor_vec{i}") for i in range(self.nl)]
-
-    @property
-    def nc(self) -> int:
-        return self.options.nc
+            if 16.0 not in self.strides:
+                raise ValueError(f"autobalance: normalises by the stride-16 layer, but strides are {self.strides}")
+            self.ssi = self.strides.index(16.0)
 
     @property
     def gr(self) -> float:
