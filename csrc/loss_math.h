@@ -346,10 +346,10 @@ static inline void bce_row(const double* x, double* loss, double* grad, int64_t 
 
 // The box terms of many pairs at once (float), in a loop the compiler vectorises across pairs:
 // the same forward-mode duals as box_iou<Dual<float, 4>>, spelled as plain floats with selects
-// instead of branches, and exp by the polynomial of exp_nonpositive. Inputs and outputs are
-// structure-of-arrays: logits x0..x3, anchors aw/ah and targets tx/ty/tw/th in, the IoU-family
-// value and its derivatives d0..d3 with respect to the logits out. CIoU needs atan, which does
-// not vectorise: it takes the scalar path (box_iou<Dual>) instead.
+// instead of branches, exp by the polynomial of exp_nonpositive and atan (CIoU) by the polynomial
+// of atan_poly. Inputs and outputs are structure-of-arrays: logits x0..x3, anchors aw/ah and
+// targets tx/ty/tw/th in, the IoU-family value and its derivatives d0..d3 with respect to the
+// logits out. Both families: the predicted box and the small constants follow Family.
 struct Lanes4 {
   float v, d0, d1, d2, d3;
 };
@@ -388,28 +388,70 @@ inline float exp_capped(float x) {  // exp(min(x, 30)) by exp_nonpositive: no li
   return c <= 0.0f ? exp_nonpositive(c) : 1.0f / exp_nonpositive(-c);
 }
 
+// arctan by argument reduction (|x| > 1 -> 1/x, then x -> (x - 1)/(x + 1) past tan(pi/8)) and an
+// odd series to u^23 (|u| <= 0.4143: truncation below 1e-10), branch-free: vectorises.
+inline float atan_poly(float x) {
+  const float t = x < 0.0f ? -x : x;
+  const bool big = t > 1.0f;
+  const float r0 = big ? 1.0f / (t > 1e-30f ? t : 1e-30f) : t;
+  const bool mid = r0 > 0.41421356237309503f;
+  const float u = mid ? (r0 - 1.0f) / (r0 + 1.0f) : r0;
+  const float u2 = u * u;
+  float q = 1.0f / 23.0f;
+  q = -q * u2 + 1.0f / 21.0f;
+  q = -q * u2 + 1.0f / 19.0f;
+  q = -q * u2 + 1.0f / 17.0f;
+  q = -q * u2 + 1.0f / 15.0f;
+  q = -q * u2 + 1.0f / 13.0f;
+  q = -q * u2 + 1.0f / 11.0f;
+  q = -q * u2 + 1.0f / 9.0f;
+  q = -q * u2 + 1.0f / 7.0f;
+  q = -q * u2 + 1.0f / 5.0f;
+  q = -q * u2 + 1.0f / 3.0f;
+  q = -q * u2 + 1.0f;
+  float r = u * q + (mid ? float(M_PI / 4) : 0.0f);
+  r = big ? float(M_PI / 2) - r : r;
+  return x < 0.0f ? -r : r;
+}
+
 // The arrays of box_iou_rows: inputs x0..th, outputs v, d0..d3; separate, non-overlapping.
 struct BoxRows {
   const float *x0, *x1, *x2, *x3, *aw, *ah, *tx, *ty, *tw, *th;
   float *v, *d0, *d1, *d2, *d3;
 };
 
-template <BoxKind kind>
+template <BoxKind kind, Family family>
 inline void box_iou_rows_kind(int64_t n, const float* __restrict__ x0, const float* __restrict__ x1,
                               const float* __restrict__ x2, const float* __restrict__ x3, const float* __restrict__ aw,
                               const float* __restrict__ ah, const float* __restrict__ tx, const float* __restrict__ ty,
                               const float* __restrict__ tw, const float* __restrict__ th, float* __restrict__ v,
                               float* __restrict__ d0, float* __restrict__ d1, float* __restrict__ d2,
                               float* __restrict__ d3) {
+  constexpr bool kV5 = family == Family::kYOLOv5;
+  constexpr float eps = kV5 ? 1e-7f : 1e-16f, alpha_eps = kV5 ? 1e-7f : 0.0f;
   for (int64_t i = 0; i < n; ++i) {
-    // predicted box: sigmoid(xy) (stable form), exp(wh).clamp(max=1e3) * anchor
+    // predicted box. YOLOv3: sigmoid(xy) (stable form), exp(wh).clamp(max=1e3) * anchor.
+    // YOLOv5: 2 sigmoid(xy) - 0.5, (2 sigmoid(wh))^2 * anchor.
     const float ex = exp_nonpositive(-std::abs(x0[i])), ey = exp_nonpositive(-std::abs(x1[i]));
     const float ix = 1.0f / (1.0f + ex), iy = 1.0f / (1.0f + ey);
-    const float sx = x0[i] >= 0.0f ? ix : ex * ix, sy = x1[i] >= 0.0f ? iy : ey * iy;
-    const float ew = exp_capped(x2[i]), eh = exp_capped(x3[i]);
-    const float pw = (ew <= 1e3f ? ew : 1e3f) * aw[i], ph = (eh <= 1e3f ? eh : 1e3f) * ah[i];
-    const float dpw = ew <= 1e3f ? ew * aw[i] : 0.0f, dph = eh <= 1e3f ? eh * ah[i] : 0.0f;
-    const float dsx = sx * (1.0f - sx), dsy = sy * (1.0f - sy);
+    const float s0 = x0[i] >= 0.0f ? ix : ex * ix, s1 = x1[i] >= 0.0f ? iy : ey * iy;
+    float sx, sy, pw, ph, dsx, dsy, dpw, dph;
+    if constexpr (kV5) {
+      const float ew = exp_nonpositive(-std::abs(x2[i])), eh = exp_nonpositive(-std::abs(x3[i]));
+      const float iw = 1.0f / (1.0f + ew), ih = 1.0f / (1.0f + eh);
+      const float s2 = x2[i] >= 0.0f ? iw : ew * iw, s3 = x3[i] >= 0.0f ? ih : eh * ih;
+      sx = s0 * 2.0f - 0.5f, sy = s1 * 2.0f - 0.5f;
+      dsx = 2.0f * (s0 * (1.0f - s0)), dsy = 2.0f * (s1 * (1.0f - s1));
+      const float w2x = s2 * 2.0f, h2x = s3 * 2.0f;
+      pw = w2x * w2x * aw[i], ph = h2x * h2x * ah[i];
+      dpw = 4.0f * w2x * (s2 * (1.0f - s2)) * aw[i], dph = 4.0f * h2x * (s3 * (1.0f - s3)) * ah[i];
+    } else {
+      sx = s0, sy = s1;
+      const float ew = exp_capped(x2[i]), eh = exp_capped(x3[i]);
+      pw = (ew <= 1e3f ? ew : 1e3f) * aw[i], ph = (eh <= 1e3f ? eh : 1e3f) * ah[i];
+      dpw = ew <= 1e3f ? ew * aw[i] : 0.0f, dph = eh <= 1e3f ? eh * ah[i] : 0.0f;
+      dsx = sx * (1.0f - sx), dsy = sy * (1.0f - sy);
+    }
     const Lanes4 b1_x1{sx - pw / 2.0f, dsx, 0.0f, -dpw / 2.0f, 0.0f}, b1_x2{sx + pw / 2.0f, dsx, 0.0f, dpw / 2.0f, 0.0f};
     const Lanes4 b1_y1{sy - ph / 2.0f, 0.0f, dsy, 0.0f, -dph / 2.0f}, b1_y2{sy + ph / 2.0f, 0.0f, dsy, 0.0f, dph / 2.0f};
     const Lanes4 b2_x1{tx[i] - tw[i] / 2.0f, 0, 0, 0, 0}, b2_x2{tx[i] + tw[i] / 2.0f, 0, 0, 0, 0};
@@ -418,7 +460,7 @@ inline void box_iou_rows_kind(int64_t n, const float* __restrict__ x0, const flo
                                    lanes_clamp0(lanes_sub(lanes_min(b1_y2, b2_y2), lanes_max(b1_y1, b2_y1))));
     const Lanes4 w1 = lanes_sub(b1_x2, b1_x1), h1 = lanes_sub(b1_y2, b1_y1);
     const Lanes4 w2 = lanes_sub(b2_x2, b2_x1), h2 = lanes_sub(b2_y2, b2_y1);
-    Lanes4 uni = lanes_add_const(lanes_mul(w1, h1), 1e-16f);
+    Lanes4 uni = lanes_add_const(lanes_mul(w1, h1), eps);
     uni = lanes_sub({uni.v + lanes_mul(w2, h2).v, uni.d0, uni.d1, uni.d2, uni.d3}, inter);
     const Lanes4 iou = lanes_div(inter, uni);
     Lanes4 r = iou;
@@ -426,12 +468,12 @@ inline void box_iou_rows_kind(int64_t n, const float* __restrict__ x0, const flo
       const Lanes4 cw = lanes_sub(lanes_max(b1_x2, b2_x2), lanes_min(b1_x1, b2_x1));
       const Lanes4 ch = lanes_sub(lanes_max(b1_y2, b2_y2), lanes_min(b1_y1, b2_y1));
       if constexpr (kind == BoxKind::kGIoU) {
-        const Lanes4 c_area = lanes_add_const(lanes_mul(cw, ch), 1e-16f);
+        const Lanes4 c_area = lanes_add_const(lanes_mul(cw, ch), eps);
         r = lanes_sub(iou, lanes_div(lanes_sub(c_area, uni), c_area));
-      } else {  // DIoU
+      } else {  // DIoU, CIoU
         Lanes4 c2 = lanes_mul(cw, cw);
         const Lanes4 ch2 = lanes_mul(ch, ch);
-        c2 = {c2.v + ch2.v + 1e-16f, c2.d0 + ch2.d0, c2.d1 + ch2.d1, c2.d2 + ch2.d2, c2.d3 + ch2.d3};
+        c2 = {c2.v + ch2.v + eps, c2.d0 + ch2.d0, c2.d1 + ch2.d1, c2.d2 + ch2.d2, c2.d3 + ch2.d3};
         const Lanes4 sx1 = {b1_x1.v + b1_x2.v, b1_x1.d0 + b1_x2.d0, b1_x1.d1 + b1_x2.d1, b1_x1.d2 + b1_x2.d2,
                             b1_x1.d3 + b1_x2.d3};
         const Lanes4 sy1 = {b1_y1.v + b1_y2.v, b1_y1.d0 + b1_y2.d0, b1_y1.d1 + b1_y2.d1, b1_y1.d2 + b1_y2.d2,
@@ -442,20 +484,38 @@ inline void box_iou_rows_kind(int64_t n, const float* __restrict__ x0, const flo
         const Lanes4 rho2 = {dx2.v / 4.0f + dy2.v / 4.0f, dx2.d0 / 4.0f + dy2.d0 / 4.0f, dx2.d1 / 4.0f + dy2.d1 / 4.0f,
                              dx2.d2 / 4.0f + dy2.d2 / 4.0f, dx2.d3 / 4.0f + dy2.d3 / 4.0f};
         r = lanes_sub(iou, lanes_div(rho2, c2));
+        if constexpr (kind == BoxKind::kCIoU) {
+          // v = 4 / pi^2 (atan(w2 / h2) - atan(w1 / (h1 + 1e-16)))^2; alpha carries no gradient
+          const Lanes4 u = lanes_div(w1, lanes_add_const(h1, 1e-16f));
+          const float g = 1.0f / (1.0f + u.v * u.v);
+          const Lanes4 da = {atan_poly(w2.v / h2.v) - atan_poly(u.v), -u.d0 * g, -u.d1 * g, -u.d2 * g, -u.d3 * g};
+          const Lanes4 da2 = lanes_mul(da, da);
+          const float k = float(4.0 / (M_PI * M_PI));
+          const Lanes4 v = {da2.v * k, da2.d0 * k, da2.d1 * k, da2.d2 * k, da2.d3 * k};
+          const float alpha = v.v / (((1.0f - iou.v) + v.v) + alpha_eps);
+          r = lanes_sub(r, {v.v * alpha, v.d0 * alpha, v.d1 * alpha, v.d2 * alpha, v.d3 * alpha});
+        }
       }
     }
     v[i] = r.v, d0[i] = r.d0, d1[i] = r.d1, d2[i] = r.d2, d3[i] = r.d3;
   }
 }
 
-YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) static void box_iou_rows(int64_t n, const BoxRows& rows,
-                                                                                  BoxKind kind) {
+template <Family family>
+inline void box_iou_rows_family(int64_t n, const BoxRows& rows, BoxKind kind) {
 #define YOLO_KERNELS_BOX_ROWS rows.x0, rows.x1, rows.x2, rows.x3, rows.aw, rows.ah, rows.tx, rows.ty, rows.tw, rows.th, \
                               rows.v, rows.d0, rows.d1, rows.d2, rows.d3
-  if (kind == BoxKind::kIoU) return box_iou_rows_kind<BoxKind::kIoU>(n, YOLO_KERNELS_BOX_ROWS);
-  if (kind == BoxKind::kGIoU) return box_iou_rows_kind<BoxKind::kGIoU>(n, YOLO_KERNELS_BOX_ROWS);
-  box_iou_rows_kind<BoxKind::kDIoU>(n, YOLO_KERNELS_BOX_ROWS);  // CIoU never comes here (atan: the scalar path)
+  if (kind == BoxKind::kIoU) return box_iou_rows_kind<BoxKind::kIoU, family>(n, YOLO_KERNELS_BOX_ROWS);
+  if (kind == BoxKind::kGIoU) return box_iou_rows_kind<BoxKind::kGIoU, family>(n, YOLO_KERNELS_BOX_ROWS);
+  if (kind == BoxKind::kDIoU) return box_iou_rows_kind<BoxKind::kDIoU, family>(n, YOLO_KERNELS_BOX_ROWS);
+  box_iou_rows_kind<BoxKind::kCIoU, family>(n, YOLO_KERNELS_BOX_ROWS);
 #undef YOLO_KERNELS_BOX_ROWS
+}
+
+YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) static void box_iou_rows(int64_t n, const BoxRows& rows,
+                                                                                  BoxKind kind, Family family) {
+  if (family == Family::kYOLOv5) return box_iou_rows_family<Family::kYOLOv5>(n, rows, kind);
+  box_iou_rows_family<Family::kYOLOv3>(n, rows, kind);
 }
 
 // ---------------------------------------------------------------------------------------------

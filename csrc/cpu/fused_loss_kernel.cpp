@@ -200,8 +200,7 @@ LayerSums layer_pass(const Layer<scalar_t, T>& L, const Options& o, T grad_scale
   const int64_t planes = L.bs * L.na, cells = L.ny * L.nx, no = L.no;
   const bool block_rows = L.block_rows();
   const T gr = T(o.gr);
-  // the vectorised box loop has the YOLOv3 box; CIoU needs atan: both take the scalar duals
-  const bool vector_boxes = std::is_same<T, float>::value && o.box != BoxKind::kCIoU && o.family == Family::kYOLOv3;
+  const bool vector_boxes = std::is_same<T, float>::value;  // float math: box_iou_rows; double: scalar duals
   const BoxEps<T> box_eps = BoxEps<T>::of(o.family);
   std::vector<LayerSums> partial(planes);
   at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
@@ -227,7 +226,7 @@ LayerSums layer_pass(const Layer<scalar_t, T>& L, const Options& o, T grad_scale
       }
       std::stable_sort(order.begin(), order.end(), [](const auto& x, const auto& y) { return x.first < y.first; });
       if (vector_boxes) {
-        // float, not CIoU: gather the plane's pairs as arrays, then one vectorised pass
+        // float: gather the plane's pairs as arrays, then one vectorised pass
         soa.resize(15 * count);
         float* a = soa.data();
         for (int64_t k = 0; k < count; ++k) {
@@ -241,7 +240,7 @@ LayerSums layer_pass(const Layer<scalar_t, T>& L, const Options& o, T grad_scale
         const BoxRows rows{a, a + count, a + 2 * count, a + 3 * count, a + 4 * count, a + 5 * count,
                            a + 6 * count, a + 7 * count, a + 8 * count, a + 9 * count, a + 10 * count,
                            a + 11 * count, a + 12 * count, a + 13 * count, a + 14 * count};
-        box_iou_rows(count, rows, o.box);
+        box_iou_rows(count, rows, o.box, o.family);
         for (int64_t k = 0; k < count; ++k) {
           const T v = T(rows.v[k]);
           matched.push_back({order[k].first, order[k].second, v,
