@@ -321,6 +321,27 @@ def test_compute_loss_drop_in_equals_the_original():
         torch.testing.assert_close(items, want_items, rtol=1e-6, atol=1e-7)
 
 
+def test_compute_loss_attributes_of_the_original():
+    p, targets, anchors = fixed_problem(nc=4)
+    model = TinyYOLOv5(4)
+    model.hyp = dict(HYP, label_smoothing=0.1)
+    compute_loss = ComputeLoss(model, backend="reference")
+    assert (compute_loss.cp, compute_loss.cn) == pytest.approx((0.95, 0.05))
+    want = original.build_targets(p, targets, anchors, HYP["anchor_t"])
+    got = compute_loss.build_targets(p, targets)
+    for w_layer, g_layer in zip(zip(*want), zip(*got)):
+        tcls, tbox, ind, anch = g_layer
+        assert torch.equal(tcls, w_layer[0]) and torch.equal(tbox, w_layer[1]) and torch.equal(anch, w_layer[3])
+        assert all(torch.equal(a, b) for a, b in zip(ind, w_layer[2]))
+    compute_loss.balance = [1.0, 2.0, 3.0]
+    assert compute_loss.balance == [1.0, 2.0, 3.0]
+    loss, _ = compute_loss(p, targets)
+    want_loss, _ = original.compute_loss(p, targets, anchors, dict(HYP, label_smoothing=0.1), 4, [1.0, 2.0, 3.0])
+    torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="balance: expected 3 weights"):
+        compute_loss.balance = [1.0]
+
+
 @pytest.mark.parametrize("backend", ["reference", "auto"])
 def test_compute_loss_reads_hyp_from_the_wrapper_and_detect_from_the_model(backend):
     model = TinyYOLOv5(3)

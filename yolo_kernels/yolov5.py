@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from . import reference
 from .config import LossOptions, MissingHyperparameterError
 from .loss import AnchoredLoss, run_backend
 
@@ -161,6 +162,37 @@ class YOLOv5Loss(AnchoredLoss):
         """The per-layer objectness weights (reading them waits for the device)."""
         return self.balance_weights.tolist()
 
+    @balance.setter
+    def balance(self, weights: Sequence[float]) -> None:
+        weights = [float(w) for w in weights]
+        if len(weights) != self.nl:
+            raise ValueError(f"balance: expected {self.nl} weights (one per layer), got {len(weights)}")
+        w = self.balance_weights
+        self.balance_weights = torch.tensor(weights, dtype=w.dtype, device=w.device)
+
+    @property
+    def cp(self) -> float:
+        """The positive class target after label smoothing (the original's ``cp``)."""
+        return self.options.smooth_targets[0]
+
+    @property
+    def cn(self) -> float:
+        """The negative class target after label smoothing (the original's ``cn``)."""
+        return self.options.smooth_targets[1]
+
+    def build_targets(self, p: Sequence[torch.Tensor], targets: torch.Tensor):
+        """The original's ``build_targets``: ``(tcls, tbox, indices, anch)`` per layer, with
+        ``indices[i] = (b, a, gj, gi)``, in the original's pair order (reference.match_yolov5)."""
+        tcls, tbox, indices, anch = [], [], [], []
+        for pi, anchor_vec in zip(p, self.anchor_vecs):
+            dtype = reference.compute_dtype(pi.dtype)
+            m = reference.match_yolov5(tuple(pi.shape[2:4]), targets, anchor_vec, self.options.anchor_t, dtype)
+            tcls.append(m.tcls)
+            tbox.append(m.tbox)
+            indices.append((m.b, m.a, m.gj, m.gi))
+            anch.append(m.anch)
+        return tcls, tbox, indices, anch
+
     def forward(self, p: Sequence[torch.Tensor], targets: torch.Tensor, stats: bool = False):
         device = p[0].device if isinstance(p, (list, tuple)) and p and isinstance(p[0], torch.Tensor) else None
         if device is not None and self.balance_weights.device != device:
@@ -252,7 +284,13 @@ class ComputeLoss:
 
     gr = property(lambda self: self.loss.gr, lambda self, v: setattr(self.loss, "gr", v))
     sort_obj_iou = property(lambda self: self.loss.sort_obj_iou, lambda self, v: setattr(self.loss, "sort_obj_iou", v))
-    balance = property(lambda self: self.loss.balance)
+    balance = property(lambda self: self.loss.balance, lambda self, v: setattr(self.loss, "balance", v))
+    cp = property(lambda self: self.loss.cp)
+    cn = property(lambda self: self.loss.cn)
+
+    def build_targets(self, p: Sequence[torch.Tensor], targets: torch.Tensor):
+        """The original's ``build_targets(p, targets)``: ``(tcls, tbox, indices, anch)``."""
+        return self.loss.build_targets(p, targets)
 
     def __call__(self, p: Sequence[torch.Tensor], targets: torch.Tensor, stats: bool = False):
         """``(loss, loss_items)``; with ``stats=True`` also a ``LossStats`` (``yolo_kernels.stats``)."""
