@@ -188,6 +188,57 @@ struct LayerSums {
   GradStats stats;  // filled when the caller asks for statistics
 };
 
+// The box IoU terms of one plane's pairs, given in cell order by `order` (cell, pair): appends
+// each pair with its IoU and d IoU / d logits to `matched` and returns the sum of (1 - IoU). Float
+// math runs the vectorised box_iou_rows over the pairs gathered as arrays (`soa`), double the
+// scalar duals. A function of its own, not inlined: the plane loop's memory-bound passes compile
+// the same whatever this one holds.
+template <typename scalar_t, typename T>
+__attribute__((noinline)) double plane_box_terms(const Layer<scalar_t, T>& L, const Options& o,
+                                                 const std::vector<std::pair<int64_t, int64_t>>& order,
+                                                 std::vector<float>& soa, std::vector<PlanePair<T>>& matched) {
+  constexpr int64_t kAhead = 4;  // rows are scattered over the plane: fetch a few pairs ahead
+  const int64_t count = int64_t(order.size());
+  double box_sum = 0.0;
+  if constexpr (std::is_same<T, float>::value) {
+    // gather the plane's pairs as arrays, then one vectorised pass
+    soa.resize(15 * count);
+    float* a = soa.data();
+    for (int64_t k = 0; k < count; ++k) {
+      if (k + kAhead < count) prefetch_row(L, L.pairs[order[k + kAhead].second]);
+      const auto& q = L.pairs[order[k].second];
+      const scalar_t* src = L.p + L.row_offset(q);
+      for (int c = 0; c < 4; ++c) a[c * count + k] = float(src[c * L.ps[4]]);
+      a[4 * count + k] = float(q.anch[0]), a[5 * count + k] = float(q.anch[1]);
+      for (int c = 0; c < 4; ++c) a[(6 + c) * count + k] = float(q.tbox[c]);
+    }
+    const BoxRows rows{a, a + count, a + 2 * count, a + 3 * count, a + 4 * count, a + 5 * count,
+                       a + 6 * count, a + 7 * count, a + 8 * count, a + 9 * count, a + 10 * count,
+                       a + 11 * count, a + 12 * count, a + 13 * count, a + 14 * count};
+    box_iou_rows(count, rows, o.box, o.family);
+    for (int64_t k = 0; k < count; ++k) {
+      const T v = T(rows.v[k]);
+      matched.push_back({order[k].first, order[k].second, v,
+                         {T(rows.d0[k]), T(rows.d1[k]), T(rows.d2[k]), T(rows.d3[k])}});
+      box_sum += double(T(1) - v);
+    }
+  } else {
+    const BoxEps<T> box_eps = BoxEps<T>::of(o.family);
+    for (int64_t k = 0; k < count; ++k) {
+      if (k + kAhead < count) prefetch_row(L, L.pairs[order[k + kAhead].second]);
+      const auto& q = L.pairs[order[k].second];
+      const scalar_t* src = L.p + L.row_offset(q);
+      const T logits[4] = {T(src[0]), T(src[L.ps[4]]), T(src[2 * L.ps[4]]), T(src[3 * L.ps[4]])};
+      const auto box = predicted_box<T>(logits, q.anch[0], q.anch[1], o.family);
+      const auto r =
+          box_iou(box[0], box[1], box[2], box[3], q.tbox[0], q.tbox[1], q.tbox[2], q.tbox[3], o.box, box_eps);
+      matched.push_back({order[k].first, order[k].second, r.v, {r.d[0], r.d[1], r.d[2], r.d[3]}});
+      box_sum += double(T(1) - r.v);
+    }
+  }
+  return box_sum;
+}
+
 // Everything of one layer, one (image, anchor) plane per task. Per plane: the plane's pairs
 // grouped by cell (stable: pair order within a cell; the last pair of a cell sets its objectness
 // target) and the box IoU and its gradient for each of them, in that order; the objectness logits
@@ -200,8 +251,6 @@ LayerSums layer_pass(const Layer<scalar_t, T>& L, const Options& o, T grad_scale
   const int64_t planes = L.bs * L.na, cells = L.ny * L.nx, no = L.no;
   const bool block_rows = L.block_rows();
   const T gr = T(o.gr);
-  const bool vector_boxes = std::is_same<T, float>::value;  // float math: box_iou_rows; double: scalar duals
-  const BoxEps<T> box_eps = BoxEps<T>::of(o.family);
   std::vector<LayerSums> partial(planes);
   at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> xs(cells), loss(cells), grad(cells);
@@ -214,8 +263,6 @@ LayerSums layer_pass(const Layer<scalar_t, T>& L, const Options& o, T grad_scale
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t b = plane / L.na, a = plane % L.na;
       matched.clear();
-      double box_sum = 0.0;
-      constexpr int64_t kAhead = 4;  // rows are scattered over the plane: fetch a few pairs ahead
       // the plane's pairs in cell order (stable: pair order within a cell), so that their rows are
       // read in address order, and grouped by cell as the later passes need
       const int64_t first = L.plane_start[plane], count = L.plane_start[plane + 1] - first;
@@ -225,41 +272,7 @@ LayerSums layer_pass(const Layer<scalar_t, T>& L, const Options& o, T grad_scale
         order[k] = {L.pairs[j].gj * L.nx + L.pairs[j].gi, j};
       }
       std::stable_sort(order.begin(), order.end(), [](const auto& x, const auto& y) { return x.first < y.first; });
-      if (vector_boxes) {
-        // float: gather the plane's pairs as arrays, then one vectorised pass
-        soa.resize(15 * count);
-        float* a = soa.data();
-        for (int64_t k = 0; k < count; ++k) {
-          if (k + kAhead < count) prefetch_row(L, L.pairs[order[k + kAhead].second]);
-          const auto& q = L.pairs[order[k].second];
-          const scalar_t* src = L.p + L.row_offset(q);
-          for (int c = 0; c < 4; ++c) a[c * count + k] = float(src[c * L.ps[4]]);
-          a[4 * count + k] = float(q.anch[0]), a[5 * count + k] = float(q.anch[1]);
-          for (int c = 0; c < 4; ++c) a[(6 + c) * count + k] = float(q.tbox[c]);
-        }
-        const BoxRows rows{a, a + count, a + 2 * count, a + 3 * count, a + 4 * count, a + 5 * count,
-                           a + 6 * count, a + 7 * count, a + 8 * count, a + 9 * count, a + 10 * count,
-                           a + 11 * count, a + 12 * count, a + 13 * count, a + 14 * count};
-        box_iou_rows(count, rows, o.box, o.family);
-        for (int64_t k = 0; k < count; ++k) {
-          const T v = T(rows.v[k]);
-          matched.push_back({order[k].first, order[k].second, v,
-                             {T(rows.d0[k]), T(rows.d1[k]), T(rows.d2[k]), T(rows.d3[k])}});
-          box_sum += double(T(1) - v);
-        }
-      } else {
-        for (int64_t k = 0; k < count; ++k) {
-          if (k + kAhead < count) prefetch_row(L, L.pairs[order[k + kAhead].second]);
-          const auto& q = L.pairs[order[k].second];
-          const scalar_t* src = L.p + L.row_offset(q);
-          const T logits[4] = {T(src[0]), T(src[L.ps[4]]), T(src[2 * L.ps[4]]), T(src[3 * L.ps[4]])};
-          const auto box = predicted_box<T>(logits, q.anch[0], q.anch[1], o.family);
-          const auto r = box_iou(box[0], box[1], box[2], box[3], q.tbox[0], q.tbox[1], q.tbox[2], q.tbox[3], o.box,
-                                 box_eps);
-          matched.push_back({order[k].first, order[k].second, r.v, {r.d[0], r.d[1], r.d[2], r.d[3]}});
-          box_sum += double(T(1) - r.v);
-        }
-      }
+      const double box_sum = plane_box_terms(L, o, order, soa, matched);
       const auto matched_end = matched.cend();
       auto group_end = [&](Group<T> g) {
         Group<T> e = g;
