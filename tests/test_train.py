@@ -50,6 +50,20 @@ def test_train_records_gradient_statistics_and_warns_once_on_unmatched_targets()
     assert "grad_norm" not in train_mod.train(model, steps=1, batch=2, img=64, backend="cpp", stats=False)
 
 
+def test_training_with_the_yolov5_loss_agrees_across_backends():
+    curves = {}
+    for backend in ("reference", "cpp"):
+        torch.manual_seed(0)
+        model = train_mod.build_model("yolov3-tiny", 4)
+        history = train_mod.train(model, steps=4, batch=2, img=64, backend=backend, loss="yolov5")
+        curves[backend] = torch.tensor(history["items"])
+        assert len(history["grad_norm"]) == 4
+    torch.testing.assert_close(curves["cpp"], curves["reference"], rtol=1e-4, atol=1e-5)
+    assert torch.isfinite(curves["cpp"]).all() and curves["cpp"].shape == (4, 4)
+    with pytest.raises(ValueError, match="loss: expected 'yolov3' or 'yolov5'"):
+        train_mod.train(model, steps=1, batch=2, img=64, loss="yolov4")
+
+
 def test_train_command_with_amp():
     model = train_mod.build_model("yolov3-tiny", 3)
     history = train_mod.train(model, steps=2, batch=2, img=64, backend="cpp", amp=True)

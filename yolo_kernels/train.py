@@ -3,6 +3,7 @@
     python -m yolo_kernels.train                                   # yolov3-tiny, 300 steps of 8 at 96px
     python -m yolo_kernels.train --steps 20 --batch 4 --img 64 --backend reference --plot loss.png
     python -m yolo_kernels.train --cfg path/to/model.cfg --amp
+    python -m yolo_kernels.train --loss yolov5                     # the YOLOv5-style loss on the same net
 
 The data are generated on the fly (fixed seed, no downloads): coloured rectangles and ellipses on
 noise, each a class (kind x colour), with known boxes. The recipe: SGD with momentum 0.937
@@ -32,6 +33,7 @@ from .config import DEFAULT_HYP
 from .loss import compute_loss
 from .models import SHIPPED, Darknet
 from .stats import COMPONENTS
+from .yolov5 import DEFAULT_HYP_V5, YOLOv5Loss, default_balance
 
 __all__ = ["SyntheticShapes", "build_model", "train", "evaluate", "main"]
 
@@ -96,12 +98,20 @@ def train(
     device: str = "cpu",
     progress: bool = False,
     stats: bool = True,
+    loss: str = "yolov3",
 ) -> dict[str, Any]:
     """Train in place; returns per-step ``items`` (lbox, lobj, lcls, loss), ``loss_ms`` and
     ``step_ms``, and with ``stats`` ``grad_norm`` (``[nl][3]``: box, obj, cls per output layer),
-    ``unmatched_share`` (the share of targets no anchor matched) and ``nonfinite``."""
+    ``unmatched_share`` (the share of targets no anchor matched) and ``nonfinite``.
+
+    ``loss="yolov5"`` trains with the YOLOv5-style loss (``YOLOv5Loss`` on the network's anchors,
+    with yolov5's ``train.py`` scaling of the gains and its balance by stride, ``gr`` 1); ``items``
+    are then ``(lbox, lobj, lcls, their sum)`` and the loss is that sum times the batch size."""
+    if loss not in ("yolov3", "yolov5"):
+        raise ValueError(f"loss: expected 'yolov3' or 'yolov5', got {loss!r}")
     torch.manual_seed(seed)
     model.to(device).train()
+    criterion = _yolov5_criterion(model, img, backend) if loss == "yolov5" else None
     data = SyntheticShapes(model.nc)
     gen = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.SGD(_param_groups(model, 5e-4), lr=lr0, momentum=0.937, nesterov=True)
@@ -132,8 +142,12 @@ def train(
         heads = [x.detach().requires_grad_() for x in p]
         _sync(device)
         loss_start = time.perf_counter()
-        loss, items, *loss_stats = compute_loss(heads, targets, model, backend=backend, stats=stats)
-        scaler.scale(loss).backward()
+        if criterion is None:
+            loss_value, items, *loss_stats = compute_loss(heads, targets, model, backend=backend, stats=stats)
+        else:
+            loss_value, items, *loss_stats = criterion(heads, targets, stats=stats)
+            items = torch.cat((items, items.sum().reshape(1)))
+        scaler.scale(loss_value).backward()
         _sync(device)
         loss_ms = (time.perf_counter() - loss_start) * 1e3
         torch.autograd.backward(p, [h.grad for h in heads])
@@ -150,6 +164,26 @@ def train(
         if progress:
             _progress(step, steps, items.tolist(), step_ms)
     return history
+
+
+def _yolov5_criterion(model: Darknet, img: int, backend: str) -> YOLOv5Loss:
+    """``YOLOv5Loss`` on the network's heads, as yolov5's ``train.py`` sets it up: gains scaled by
+    the number of layers, classes and image size; the P3-first balance given to the layers by
+    stride (the Darknet heads come coarse first)."""
+    heads = [model.module_list[j] for j in model.yolo_layers]
+    strides = [float(h.stride) for h in heads]
+    nl = len(heads)
+    hyp = dict(DEFAULT_HYP_V5)
+    hyp["box"] *= 3 / nl
+    hyp["cls"] *= model.nc / 80 * 3 / nl
+    hyp["obj"] *= (img / 640) ** 2 * 3 / nl
+    by_stride = sorted(range(nl), key=lambda i: strides[i])
+    balance = [0.0] * nl
+    for weight, i in zip(default_balance(nl), by_stride):
+        balance[i] = weight
+    anchors = [h.anchor_vec.detach().cpu() * s for h, s in zip(heads, strides)]
+    device = heads[0].anchor_vec.device
+    return YOLOv5Loss(anchors, strides, model.nc, hyp=hyp, balance=balance, backend=backend).to(device)
 
 
 def _record_stats(history: dict[str, list], loss_stats, n_targets: int, step: int, warned: set[str]) -> None:
@@ -268,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--img", type=int, default=96, help="image size, a multiple of 32 (default 96)")
     parser.add_argument("--backend", default="auto")
+    parser.add_argument("--loss", choices=["yolov3", "yolov5"], default="yolov3", help="loss family (default yolov3)")
     parser.add_argument("--amp", action="store_true", help="autocast (bf16 on CPU, fp16 + GradScaler on CUDA)")
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
@@ -295,25 +330,35 @@ def main(argv: list[str] | None = None) -> int:
         args.device,
         progress=True,
         stats=not args.no_stats,
+        loss=args.loss,
     )
-    held_out = SyntheticShapes(model.nc).batch(args.eval_images, args.img, torch.Generator().manual_seed(args.seed + 1))
-    quality = evaluate(model, held_out[0].to(args.device), held_out[1])
+    quality = None
+    if args.loss == "yolov3":  # the network decodes its boxes the YOLOv3 way
+        gen = torch.Generator().manual_seed(args.seed + 1)
+        held_out = SyntheticShapes(model.nc).batch(args.eval_images, args.img, gen)
+        quality = evaluate(model, held_out[0].to(args.device), held_out[1])
     steady = slice(min(5, args.steps - 1), None)  # skip warm-up steps in the timings
     loss_ms = torch.tensor(history["loss_ms"][steady]).median().item()
     step_ms = torch.tensor(history["step_ms"][steady]).median().item()
     first, last = history["items"][0][3], history["items"][-1][3]
     print(
         f"{args.cfg} (nc={model.nc}) on synthetic shapes, {args.steps} steps, batch {args.batch}, {args.img}px, "
-        f"backend {args.backend}, amp {args.amp}, device {args.device}"
+        f"{args.loss} loss, backend {args.backend}, amp {args.amp}, device {args.device}"
     )
     print(
         f"loss {first:.3f} -> {last:.3f}; loss fwd+bwd {loss_ms:.2f} ms of a {step_ms:.1f} ms step "
         f"({100 * loss_ms / step_ms:.1f}%), medians"
     )
-    print(
-        f"held-out detection: mean IoU {quality['mean_iou']:.3f}, found at IoU>=0.5 {quality['found_at_0.5']:.1%} "
-        f"of {quality['objects']} objects"
-    )
+    if quality is not None:
+        print(
+            f"held-out detection: mean IoU {quality['mean_iou']:.3f}, found at IoU>=0.5 "
+            f"{quality['found_at_0.5']:.1%} of {quality['objects']} objects"
+        )
+    else:
+        print(
+            "held-out detection: not evaluated (the network decodes boxes as YOLOv3 does; the yolov5 "
+            "loss trains the YOLOv5 box parametrisation)"
+        )
     if history.get("grad_norm"):
         last_norms = history["grad_norm"][-1]
         parts = [
