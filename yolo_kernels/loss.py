@@ -136,7 +136,7 @@ def run_backend(
     )
     if not stats:
         return loss, items, layer_obj, None
-    return loss, items, layer_obj, LossStats.from_op(grad_stats, loss.detach())
+    return loss, items, layer_obj, LossStats(grad_stats, loss.detach())
 
 
 def _run(p, targets, anchors, options: LossOptions, backend: str, validate: bool, stats: bool = False):

@@ -40,10 +40,6 @@ class LossStats:
         self._stats = stats
         self._loss = loss
 
-    @classmethod
-    def from_op(cls, stats: torch.Tensor, loss: torch.Tensor) -> LossStats:
-        return cls(stats, loss)
-
     @property
     def grad_norm(self) -> torch.Tensor:
         return self._stats[:-1, :3].sqrt()

@@ -64,6 +64,13 @@ def default_balance(nl: int) -> list[float]:
     return weights[:nl]
 
 
+def _stride16_index(strides: Sequence[float], what: str = "strides") -> int:
+    """Which layer ``autobalance`` normalises by: the one of stride 16, as the original."""
+    if 16.0 not in strides:
+        raise ValueError(f"autobalance: normalises by the stride-16 layer, but {what} are {list(strides)}")
+    return list(strides).index(16.0)
+
+
 def _options(hyp: Mapping[str, Any], nc: int, gr: float, sort_obj_iou: bool, box_loss: str) -> LossOptions:
     return LossOptions(
         nc=nc,
@@ -129,15 +136,15 @@ class YOLOv5Loss(AnchoredLoss):
         self.autobalance = bool(autobalance)
         self._gr, self._sort_obj_iou = float(gr), bool(sort_obj_iou)
         self.options = _options(self.hyp, num_classes, self._gr, self._sort_obj_iou, box_loss)  # validates
-        weights = default_balance(self.nl) if balance is None else [float(w) for w in balance]
+        weights = self._checked_balance(default_balance(self.nl) if balance is None else balance)
+        self.register_buffer("balance_weights", torch.tensor(weights, dtype=torch.float64), persistent=False)
+        self.ssi = _stride16_index(self.strides) if self.autobalance else 0
+
+    def _checked_balance(self, weights: Sequence[float]) -> list[float]:
+        weights = [float(w) for w in weights]
         if len(weights) != self.nl:
             raise ValueError(f"balance: expected {self.nl} weights (one per layer), got {len(weights)}")
-        self.register_buffer("balance_weights", torch.tensor(weights, dtype=torch.float64), persistent=False)
-        self.ssi = 0
-        if self.autobalance:
-            if 16.0 not in self.strides:
-                raise ValueError(f"autobalance: normalises by the stride-16 layer, but strides are {self.strides}")
-            self.ssi = self.strides.index(16.0)
+        return weights
 
     @property
     def gr(self) -> float:
@@ -164,11 +171,8 @@ class YOLOv5Loss(AnchoredLoss):
 
     @balance.setter
     def balance(self, weights: Sequence[float]) -> None:
-        weights = [float(w) for w in weights]
-        if len(weights) != self.nl:
-            raise ValueError(f"balance: expected {self.nl} weights (one per layer), got {len(weights)}")
         w = self.balance_weights
-        self.balance_weights = torch.tensor(weights, dtype=w.dtype, device=w.device)
+        self.balance_weights = torch.tensor(self._checked_balance(weights), dtype=w.dtype, device=w.device)
 
     @property
     def cp(self) -> float:
@@ -276,10 +280,8 @@ class ComputeLoss:
             },
             backend=backend,
         ).to(self.device)
-        if autobalance:
-            if 16.0 not in strides:
-                raise ValueError(f"autobalance: normalises by the stride-16 layer, but model strides are {strides}")
-            self.loss.autobalance, self.loss.ssi = True, strides.index(16.0)
+        if autobalance:  # the loss holds grid-unit anchors (strides 1): the model's strides pick the layer
+            self.loss.autobalance, self.loss.ssi = True, _stride16_index(strides, "model strides")
         self.ssi = self.loss.ssi
 
     gr = property(lambda self: self.loss.gr, lambda self, v: setattr(self.loss, "gr", v))
