@@ -536,13 +536,13 @@ inline int64_t grid_index(T v, int64_t n) {
   return static_cast<int64_t>(std::min(std::max(v, T(0)), T(n - 1)));
 }
 
-// targets: [nt, 6] contiguous rows (image, class, x, y, w, h); anchors: [na, 2] contiguous.
-// matched_targets, when given ([nt], zeroed by the caller), is set to 1 for every target that some
-// anchor matched.
+// targets: [nt, 6] contiguous rows (image, class, x, y, w, h); anchors: [na, 2] contiguous. The
+// pairs replace the contents of `pairs` (its memory is reused). matched_targets, when given ([nt],
+// zeroed by the caller), is set to 1 for every target that some anchor matched.
 template <typename T>
-std::vector<Pair<T>> match(const T* targets, int64_t nt, const T* anchors, int64_t na, int64_t ny, int64_t nx,
-                           T threshold, Family family = Family::kYOLOv3, char* matched_targets = nullptr) {
-  std::vector<Pair<T>> pairs;
+void match(const T* targets, int64_t nt, const T* anchors, int64_t na, int64_t ny, int64_t nx, T threshold,
+           Family family, std::vector<Pair<T>>& pairs, char* matched_targets = nullptr) {
+  pairs.clear();
   const T sx = T(nx), sy = T(ny);
   auto add = [&](const T* t, int64_t a, T ox, T oy) {
     const T gx = t[2] * sx, gy = t[3] * sy;
@@ -574,7 +574,7 @@ std::vector<Pair<T>> match(const T* targets, int64_t nt, const T* anchors, int64
         }
       }
     }
-    return pairs;
+    return;
   }
   // YOLOv5: the fit of each (anchor, target), then the five blocks in order
   std::vector<char> fits(na * nt);
@@ -601,7 +601,6 @@ std::vector<Pair<T>> match(const T* targets, int64_t nt, const T* anchors, int64
                                            : frac(fy) < T(0.5) && fy > T(1);
         if (in_block) add(t, a, offsets[block][0], offsets[block][1]);
       }
-  return pairs;
 }
 
 }  // namespace yolo_kernels

@@ -64,9 +64,11 @@ def _check_values_cpu(targets: torch.Tensor, anchors: Sequence[torch.Tensor], bs
     b, c, xy, wh = t[:, 0], t[:, 1], t[:, 2:4], t[:, 4:6]
     ok = True
     if len(t):  # column minima and maxima (NaN and inf propagate into them) cover all but integrality
-        lo, hi = t.min(0), t.max(0)
+        # on the columns as rows: numpy reduces a [nt, 6] array along axis 0 ten times slower
+        cols = np.ascontiguousarray(t.T)
+        lo, hi = cols.min(1), cols.max(1)
         ok = bool(np.isfinite(lo).all() and np.isfinite(hi).all() and lo[0] >= 0 and hi[0] < bs and lo[1] >= 0)
-        ok = ok and bool(hi[1] < nc and lo[4] > 0 and lo[5] > 0 and (t[:, :2] == np.trunc(t[:, :2])).all())
+        ok = ok and bool(hi[1] < nc and lo[4] > 0 and lo[5] > 0 and (cols[:2] == np.trunc(cols[:2])).all())
     sizes = torch.cat([a.reshape(-1) for a in anchors])
     ok = ok and bool(((sizes > 0) & torch.isfinite(sizes)).all())
     if ok:  # the common case in a few vector operations; the details below only on failure

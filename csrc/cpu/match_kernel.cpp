@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <tuple>
+#include <vector>
 
 #include "checks.h"
 #include "loss_math.h"
@@ -36,7 +37,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> match_cpu(const at::T
                   "targets[", k, "]: expected finite values");
     }
     check_anchor_values(a.data_ptr<T>(), na, "anchors");
-    const auto pairs = match<T>(t.data_ptr<T>(), nt, a.data_ptr<T>(), na, ny, nx, T(threshold), family);
+    std::vector<Pair<T>> pairs;
+    match<T>(t.data_ptr<T>(), nt, a.data_ptr<T>(), na, ny, nx, T(threshold), family, pairs);
     const int64_t P = int64_t(pairs.size());
     indices = at::empty({P, 4}, at::kLong);
     tbox = at::empty({P, 4}, T_type);
