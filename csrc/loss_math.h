@@ -344,6 +344,34 @@ static inline void bce_row(const double* x, double* loss, double* grad, int64_t 
   bce_const_target_row<double>(x, loss, grad, n, y, w, gamma);
 }
 
+// loss[i], grad[i] of BCE(x[i], y[i]): a target per logit (the objectness of the matched cells).
+// Vectorised without the focal factor; with it, the scalar path.
+template <typename T>
+void bce_target_row(const T* x, const T* y, T* loss, T* grad, int64_t n, T w, T gamma) {
+  if (gamma > T(0)) {
+    for (int64_t i = 0; i < n; ++i) {
+      const auto r = bce_with_logits<T>(x[i], y[i], w, gamma);
+      loss[i] = r.loss;
+      grad[i] = r.grad;
+    }
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const auto r = bce_with_logits(x[i], y[i], w, T(0));
+    loss[i] = r.loss;
+    grad[i] = r.grad;
+  }
+}
+YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) static void bce_row(const float* x, const float* y,
+                                                                              float* loss, float* grad, int64_t n,
+                                                                              float w, float gamma) {
+  bce_target_row<float>(x, y, loss, grad, n, w, gamma);
+}
+static inline void bce_row(const double* x, const double* y, double* loss, double* grad, int64_t n, double w,
+                           double gamma) {
+  bce_target_row<double>(x, y, loss, grad, n, w, gamma);
+}
+
 // The box terms of many pairs at once (float), in a loop the compiler vectorises across pairs:
 // the same forward-mode duals as box_iou<Dual<float, 4>>, spelled as plain floats with selects
 // instead of branches, exp by the polynomial of exp_nonpositive and atan (CIoU) by the polynomial
@@ -530,36 +558,54 @@ struct Pair {
   T anch[2];
 };
 
+// A matched pair by reference: the target's row, the anchor, and the cell block (0: the target's
+// own cell; YOLOv5 1-4: the neighbour to the left, above, to the right, below). Eight bytes, where
+// the expanded Pair takes 64: matching thousands of targets writes little memory. pair_of expands it.
+struct PairRef {
+  int32_t target;
+  int16_t anchor;
+  int16_t block;
+};
+
+// The cell offsets of the blocks: the cell is that of (gx - ox, gy - oy).
+template <typename T>
+constexpr T kBlockOffsets[5][2] = {{T(0), T(0)}, {T(0.5), T(0)}, {T(0), T(0.5)}, {T(-0.5), T(0)}, {T(0), T(-0.5)}};
+
 // trunc toward zero then clamp == trunc of the clamped value, without integer overflow
 template <typename T>
 inline int64_t grid_index(T v, int64_t n) {
   return static_cast<int64_t>(std::min(std::max(v, T(0)), T(n - 1)));
 }
 
-// targets: [nt, 6] contiguous rows (image, class, x, y, w, h); anchors: [na, 2] contiguous. The
-// pairs replace the contents of `pairs` (its memory is reused). matched_targets, when given ([nt],
-// zeroed by the caller), is set to 1 for every target that some anchor matched.
+// The pair a PairRef stands for, on a grid of ny x nx cells (targets and anchors as for match).
+template <typename T>
+inline Pair<T> pair_of(const T* targets, const T* anchors, int64_t ny, int64_t nx, PairRef r) {
+  const T* t = targets + 6 * int64_t(r.target);
+  const T sx = T(nx), sy = T(ny), gx = t[2] * sx, gy = t[3] * sy;
+  Pair<T> p;
+  p.b = static_cast<int64_t>(t[0]);
+  p.cls = static_cast<int64_t>(t[1]);
+  p.a = r.anchor;
+  p.gi = grid_index(gx - kBlockOffsets<T>[r.block][0], nx);
+  p.gj = grid_index(gy - kBlockOffsets<T>[r.block][1], ny);
+  p.tbox[0] = gx - T(p.gi);  // relative to the clamped cell
+  p.tbox[1] = gy - T(p.gj);
+  p.tbox[2] = t[4] * sx;
+  p.tbox[3] = t[5] * sy;
+  p.anch[0] = anchors[2 * r.anchor];
+  p.anch[1] = anchors[2 * r.anchor + 1];
+  return p;
+}
+
+// targets: [nt, 6] contiguous rows (image, class, x, y, w, h), nt < 2^31; anchors: [na, 2]
+// contiguous, na < 2^15. The pairs, in pair order, replace the contents of `pairs` (its memory is
+// reused). matched_targets, when given ([nt], zeroed by the caller), is set to 1 for every target
+// that some anchor matched.
 template <typename T>
 void match(const T* targets, int64_t nt, const T* anchors, int64_t na, int64_t ny, int64_t nx, T threshold,
-           Family family, std::vector<Pair<T>>& pairs, char* matched_targets = nullptr) {
+           Family family, std::vector<PairRef>& pairs, char* matched_targets = nullptr) {
   pairs.clear();
   const T sx = T(nx), sy = T(ny);
-  auto add = [&](const T* t, int64_t a, T ox, T oy) {
-    const T gx = t[2] * sx, gy = t[3] * sy;
-    Pair<T> p;
-    p.b = static_cast<int64_t>(t[0]);
-    p.cls = static_cast<int64_t>(t[1]);
-    p.a = a;
-    p.gi = grid_index(gx - ox, nx);
-    p.gj = grid_index(gy - oy, ny);
-    p.tbox[0] = gx - T(p.gi);  // relative to the clamped cell
-    p.tbox[1] = gy - T(p.gj);
-    p.tbox[2] = t[4] * sx;
-    p.tbox[3] = t[5] * sy;
-    p.anch[0] = anchors[2 * a];
-    p.anch[1] = anchors[2 * a + 1];
-    pairs.push_back(p);
-  };
   if (family == Family::kYOLOv3) {
     for (int64_t a = 0; a < na; ++a) {
       const T aw = anchors[2 * a], ah = anchors[2 * a + 1];
@@ -569,7 +615,7 @@ void match(const T* targets, int64_t nt, const T* anchors, int64_t na, int64_t n
         const T inter = std::min(aw, gw) * std::min(ah, gh);
         const T iou = inter / (aw * ah + gw * gh - inter);
         if (iou > threshold) {
-          add(t, a, T(0), T(0));
+          pairs.push_back({int32_t(k), int16_t(a), 0});
           if (matched_targets) matched_targets[k] = 1;
         }
       }
@@ -587,7 +633,6 @@ void match(const T* targets, int64_t nt, const T* anchors, int64_t na, int64_t n
       if (matched_targets && fits[a * nt + k]) matched_targets[k] = 1;
     }
   auto frac = [](T v) { return v - std::floor(v); };  // v % 1 (exact)
-  const T offsets[5][2] = {{T(0), T(0)}, {T(0.5), T(0)}, {T(0), T(0.5)}, {T(-0.5), T(0)}, {T(0), T(-0.5)}};
   for (int block = 0; block < 5; ++block)
     for (int64_t a = 0; a < na; ++a)
       for (int64_t k = 0; k < nt; ++k) {
@@ -599,7 +644,7 @@ void match(const T* targets, int64_t nt, const T* anchors, int64_t na, int64_t n
                               : block == 2 ? frac(gy) < T(0.5) && gy > T(1)
                               : block == 3 ? frac(fx) < T(0.5) && fx > T(1)
                                            : frac(fy) < T(0.5) && fy > T(1);
-        if (in_block) add(t, a, offsets[block][0], offsets[block][1]);
+        if (in_block) pairs.push_back({int32_t(k), int16_t(a), int16_t(block)});
       }
 }
 

@@ -49,9 +49,11 @@ struct Layer {
   scalar_t* g = nullptr;
   int64_t gs[5] = {};
   int64_t bs = 0, na = 0, ny = 0, nx = 0, no = 0;
-  std::vector<Pair<T>> pairs;
+  const T* targets = nullptr;        // [nt, 6] (as T), what the pairs refer to
+  const T* anchors = nullptr;        // [na, 2] (as T)
+  std::vector<PairRef> pairs;        // in pair order
   std::vector<int64_t> plane_start;  // [bs * na + 1]: the pairs of plane k are by_plane[plane_start[k] ..]
-  std::vector<int64_t> by_plane;     // pair indices grouped by (image, anchor) plane, pair order kept
+  std::vector<int32_t> by_plane;     // pair indices grouped by (image, anchor) plane, pair order kept
   T box_scale = 0, cls_scale = 0;    // d loss / d (1 - iou), d loss / d class BCE
 
   // The gradient of each (image, anchor) plane is one contiguous block of whole rows (p contiguous).
@@ -63,12 +65,13 @@ struct Layer {
 template <typename scalar_t, typename T>
 void group_by_plane(Layer<scalar_t, T>& L) {
   const int64_t planes = L.bs * L.na, P = int64_t(L.pairs.size());
+  auto plane_of = [&](PairRef r) { return int64_t(L.targets[6 * int64_t(r.target)]) * L.na + r.anchor; };
   L.plane_start.assign(planes + 1, 0);
-  for (const auto& q : L.pairs) ++L.plane_start[q.b * L.na + q.a + 1];
+  for (const auto r : L.pairs) ++L.plane_start[plane_of(r) + 1];
   for (int64_t k = 0; k < planes; ++k) L.plane_start[k + 1] += L.plane_start[k];
   std::vector<int64_t> fill(L.plane_start.begin(), L.plane_start.end() - 1);
   L.by_plane.resize(P);
-  for (int64_t j = 0; j < P; ++j) L.by_plane[fill[L.pairs[j].b * L.na + L.pairs[j].a]++] = j;
+  for (int64_t j = 0; j < P; ++j) L.by_plane[fill[plane_of(L.pairs[j])]++] = int32_t(j);
 }
 
 // Start loading one row of p (its box, objectness and class logits).
@@ -120,17 +123,19 @@ struct LayerSums {
 // One thread's working set for the planes it handles, reused from plane to plane and from call to
 // call (thread-local: freeing and re-faulting these pages every call costs more than their use). A
 // plane's matched cells ("groups": the cells with at least one pair, in cell order) hold their
-// pairs in `order[group_start[g] .. group_start[g + 1])`, in pair order.
+// pairs in `pairs[group_start[g] .. group_start[g + 1])`, in pair order.
 template <typename scalar_t, typename T>
 struct PlaneScratch {
   std::vector<int64_t> count;                    // [cells + 1]: the counting sort by cell
-  std::vector<int64_t> order;                    // the plane's pair indices, by cell
+  std::vector<Pair<T>> unsorted;                 // the plane's pairs in pair order
+  std::vector<int64_t> unsorted_cell;            // and their cells
+  std::vector<Pair<T>> pairs;                    // the plane's pairs by cell
   std::vector<int64_t> group_start, group_cell;  // [G + 1], [G]
   std::vector<T> box_x, box_term;                // [G * 4]: a group's box logits; its summed box gradient
-  std::vector<T> obj_x, obj_loss, obj_grad;      // [G]: a group's objectness logit, BCE against its target, gradient
+  std::vector<T> obj_x, obj_y, obj_loss, obj_grad;  // [G]: a group's objectness logit, target, BCE, gradient
   std::vector<T> cls_x, cls_loss, cls_grad;      // [G * nc]: class logits, BCE against cn and its gradient
   std::vector<T> iou, diou;                      // [P], [P * 4]: a pair's IoU and d IoU / d box logits
-  std::vector<T> fix;                            // [P]: d (its class's BCE) / d logit, positive minus negative target
+  std::vector<T> hit_x, hit_loss, hit_grad;      // [P]: its class's logit, BCE against cp and its gradient
   std::vector<float> soa;                        // the pairs' box inputs and outputs as arrays (float)
   std::vector<T> xs, loss, grad;                 // [cells]: the plane's objectness logits, their BCE, its gradient
 
@@ -143,7 +148,8 @@ struct PlaneScratch {
   void trim() {
     constexpr size_t kKeepBytes = size_t(16) << 20;
     const size_t bytes = sizeof(T) * (cls_x.capacity() + cls_loss.capacity() + cls_grad.capacity()) +
-                         sizeof(int64_t) * (count.capacity() + order.capacity()) + sizeof(float) * soa.capacity();
+                         sizeof(int64_t) * count.capacity() + sizeof(Pair<T>) * 2 * pairs.capacity() +
+                         sizeof(float) * soa.capacity();
     if (bytes > kKeepBytes) *this = PlaneScratch();
   }
 };
@@ -154,32 +160,34 @@ PlaneScratch<scalar_t, T>& thread_scratch() {
   return scratch;
 }
 
-// The pairs of `plane` ordered by cell, pair order kept within a cell (stable), and grouped by cell.
-// O(P + cells): a counting sort (an insertion sort for a few pairs).
+// The pairs of `plane`, expanded, ordered by cell with pair order kept within a cell (stable), and
+// grouped by cell. O(P + cells): a counting sort (an insertion sort for a few pairs).
 template <typename scalar_t, typename T>
 void group_by_cell(const Layer<scalar_t, T>& L, int64_t plane, PlaneScratch<scalar_t, T>& s) {
   const int64_t first = L.plane_start[plane], n = L.plane_start[plane + 1] - first, cells = L.ny * L.nx;
-  auto cell_of = [&](int64_t j) { return L.pairs[j].gj * L.nx + L.pairs[j].gi; };
-  s.order.resize(n);
+  s.unsorted.resize(n), s.unsorted_cell.resize(n), s.pairs.resize(n);
+  for (int64_t k = 0; k < n; ++k) {
+    s.unsorted[k] = pair_of(L.targets, L.anchors, L.ny, L.nx, L.pairs[L.by_plane[first + k]]);
+    s.unsorted_cell[k] = s.unsorted[k].gj * L.nx + s.unsorted[k].gi;
+  }
   if (n <= 16) {
-    for (int64_t k = 0; k < n; ++k) {
-      const int64_t j = L.by_plane[first + k], c = cell_of(j);
+    for (int64_t k = 0; k < n; ++k) {  // insertion: after a pair of the same cell, so stable
+      const Pair<T> q = s.unsorted[k];
+      const int64_t c = s.unsorted_cell[k];
       int64_t m = k;
-      for (; m > 0 && cell_of(s.order[m - 1]) > c; --m) s.order[m] = s.order[m - 1];
-      s.order[m] = j;
+      for (; m > 0 && s.unsorted_cell[m - 1] > c; --m) s.unsorted[m] = s.unsorted[m - 1], s.unsorted_cell[m] = s.unsorted_cell[m - 1];
+      s.unsorted[m] = q, s.unsorted_cell[m] = c;
     }
+    std::copy(s.unsorted.begin(), s.unsorted.end(), s.pairs.begin());
   } else {
     std::fill(s.count.begin(), s.count.end(), 0);
-    for (int64_t k = 0; k < n; ++k) ++s.count[cell_of(L.by_plane[first + k]) + 1];
+    for (int64_t k = 0; k < n; ++k) ++s.count[s.unsorted_cell[k] + 1];
     for (int64_t c = 0; c < cells; ++c) s.count[c + 1] += s.count[c];
-    for (int64_t k = 0; k < n; ++k) {
-      const int64_t j = L.by_plane[first + k];
-      s.order[s.count[cell_of(j)]++] = j;
-    }
+    for (int64_t k = 0; k < n; ++k) s.pairs[s.count[s.unsorted_cell[k]]++] = s.unsorted[k];
   }
   s.group_start.clear(), s.group_cell.clear();
   for (int64_t k = 0; k < n; ++k) {
-    const int64_t c = cell_of(s.order[k]);
+    const int64_t c = s.pairs[k].gj * L.nx + s.pairs[k].gi;
     if (k == 0 || c != s.group_cell.back()) s.group_start.push_back(k), s.group_cell.push_back(c);
   }
   s.group_start.push_back(n);
@@ -218,7 +226,7 @@ void gather_matched(const Layer<scalar_t, T>& L, const scalar_t* plane_p, int64_
 template <typename scalar_t, typename T>
 __attribute__((noinline)) double plane_box_terms(const Layer<scalar_t, T>& L, const Options& o,
                                                  PlaneScratch<scalar_t, T>& s) {
-  const int64_t n = int64_t(s.order.size()), G = int64_t(s.group_cell.size());
+  const int64_t n = int64_t(s.pairs.size()), G = int64_t(s.group_cell.size());
   s.iou.resize(n), s.diou.resize(4 * n);
   double box_sum = 0.0;
   if constexpr (std::is_same<T, float>::value) {
@@ -226,7 +234,7 @@ __attribute__((noinline)) double plane_box_terms(const Layer<scalar_t, T>& L, co
     float* a = s.soa.data();
     for (int64_t g = 0; g < G; ++g)
       for (int64_t k = s.group_start[g]; k < s.group_start[g + 1]; ++k) {
-        const auto& q = L.pairs[s.order[k]];
+        const auto& q = s.pairs[k];
         for (int c = 0; c < 4; ++c) a[c * n + k] = s.box_x[4 * g + c];
         a[4 * n + k] = q.anch[0], a[5 * n + k] = q.anch[1];
         for (int c = 0; c < 4; ++c) a[(6 + c) * n + k] = q.tbox[c];
@@ -245,7 +253,7 @@ __attribute__((noinline)) double plane_box_terms(const Layer<scalar_t, T>& L, co
     const BoxEps<T> box_eps = BoxEps<T>::of(o.family);
     for (int64_t g = 0; g < G; ++g)
       for (int64_t k = s.group_start[g]; k < s.group_start[g + 1]; ++k) {
-        const auto& q = L.pairs[s.order[k]];
+        const auto& q = s.pairs[k];
         const auto box = predicted_box<T>(&s.box_x[4 * g], q.anch[0], q.anch[1], o.family);
         const auto r =
             box_iou(box[0], box[1], box[2], box[3], q.tbox[0], q.tbox[1], q.tbox[2], q.tbox[3], o.box, box_eps);
@@ -266,27 +274,28 @@ template <typename scalar_t, typename T>
 double plane_class_terms(const Layer<scalar_t, T>& L, const Options& o, int64_t nc, bool terms,
                          PlaneScratch<scalar_t, T>& s) {
   const int64_t G = int64_t(s.group_cell.size());
-  s.cls_loss.resize(G * nc), s.cls_grad.resize(G * nc), s.fix.resize(s.order.size());
+  const int64_t n = int64_t(s.pairs.size());
+  s.cls_loss.resize(G * nc), s.cls_grad.resize(G * nc);
+  s.hit_x.resize(n), s.hit_loss.resize(n), s.hit_grad.resize(n);
   const T cp = T(1.0 - 0.5 * o.label_smoothing), cn = T(0.5 * o.label_smoothing);
   bce_row(s.cls_x.data(), s.cls_loss.data(), s.cls_grad.data(), G * nc, cn, T(o.cls_pw), T(o.fl_gamma));
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t k = s.group_start[g]; k < s.group_start[g + 1]; ++k) s.hit_x[k] = s.cls_x[g * nc + s.pairs[k].cls];
+  bce_row(s.hit_x.data(), s.hit_loss.data(), s.hit_grad.data(), n, cp, T(o.cls_pw), T(o.fl_gamma));
   double total = 0.0;
   for (int64_t g = 0; g < G; ++g) {
-    const T* x = s.cls_x.data() + g * nc;
     const T* loss = s.cls_loss.data() + g * nc;
     T* grad = s.cls_grad.data() + g * nc;
     const int64_t first = s.group_start[g], last = s.group_start[g + 1];
     const double negatives = sum4(loss, nc);
     // every pair pushes every class toward cn, but its own class toward cp
-    for (int64_t k = first; k < last; ++k) {
-      const int64_t c = L.pairs[s.order[k]].cls;
-      const auto hit = bce_with_logits<T>(x[c], cp, T(o.cls_pw), T(o.fl_gamma));
-      total += negatives - double(loss[c]) + double(hit.loss);
-      s.fix[k] = hit.grad - grad[c];
-    }
+    for (int64_t k = first; k < last; ++k)
+      total += negatives - double(loss[s.pairs[k].cls]) + double(s.hit_loss[k]);
     if (!terms) continue;
     const T count = T(last - first);
+    for (int64_t k = first; k < last; ++k) s.hit_grad[k] -= grad[s.pairs[k].cls];  // before the row is scaled
     for (int64_t c = 0; c < nc; ++c) grad[c] *= count;
-    for (int64_t k = first; k < last; ++k) grad[L.pairs[s.order[k]].cls] += s.fix[k];
+    for (int64_t k = first; k < last; ++k) grad[s.pairs[k].cls] += s.hit_grad[k];
   }
   return total;
 }
@@ -317,19 +326,19 @@ LayerSums layer_pass(const Layer<scalar_t, T>& L, const Options& o, T grad_scale
       const int64_t b = plane / L.na, a = plane % L.na;
       const scalar_t* plane_p = L.p + b * L.ps[0] + a * L.ps[1];
       group_by_cell(L, plane, s);
-      const int64_t n = int64_t(s.order.size()), G = int64_t(s.group_cell.size());
+      const int64_t n = int64_t(s.pairs.size()), G = int64_t(s.group_cell.size());
       gather_matched(L, plane_p, nc, s);
       const double box_sum = plane_box_terms(L, o, s);
-      s.obj_loss.resize(G), s.obj_grad.resize(G);
+      s.obj_y.resize(G), s.obj_loss.resize(G), s.obj_grad.resize(G);
       for (int64_t g = 0; g < G; ++g) {
         const int64_t first = s.group_start[g], last = s.group_start[g + 1];
         // the last pair wins the cell, or with sort_obj_iou the highest (clamped) IoU: only its value matters
         T won = std::max(s.iou[last - 1], T(0));
         if (o.sort_obj_iou)
           for (int64_t k = first; k < last; ++k) won = std::max(won, s.iou[k]);
-        const auto lg = bce_with_logits<T>(s.obj_x[g], (T(1) - gr) + gr * won, T(o.obj_pw), T(o.fl_gamma));
-        s.obj_loss[g] = lg.loss, s.obj_grad[g] = lg.grad;
+        s.obj_y[g] = (T(1) - gr) + gr * won;
       }
+      bce_row(s.obj_x.data(), s.obj_y.data(), s.obj_loss.data(), s.obj_grad.data(), G, T(o.obj_pw), T(o.fl_gamma));
       scalar_t* gp = L.g ? L.g + b * L.gs[0] + a * L.gs[1] : nullptr;
       const bool terms = gp != nullptr || want_stats;
       s.box_term.resize(4 * G);
@@ -429,6 +438,12 @@ FusedResult fused_loss_impl(const std::vector<at::Tensor>& p, const at::Tensor& 
   const at::Tensor t = targets.to(T_type).contiguous();
   const int64_t nt = t.size(0);
   check_target_values(t.data_ptr<T>(), nt, bs, nc);
+  // pairs refer to targets and anchors by 32- and 16-bit indices, and are counted in 32 bits
+  int64_t max_na = 1;
+  for (const auto& a : anchors) max_na = std::max(max_na, a.size(0));
+  TORCH_CHECK(5 * max_na * nt < (int64_t(1) << 31) && max_na < (int64_t(1) << 15), "targets: expected fewer than ",
+              ((int64_t(1) << 31) - 1) / (5 * max_na), " targets (and anchors: fewer than 2^15 per layer), got ", nt,
+              " targets and ", max_na, " anchors");
 
   std::vector<at::Tensor> grads(nl);
   // the calling thread's layers, kept from call to call with their pair buffers: allocated afresh,
@@ -441,10 +456,12 @@ FusedResult fused_loss_impl(const std::vector<at::Tensor>& p, const at::Tensor& 
     auto& L = layers[i];
     L.g = nullptr, L.box_scale = T(0), L.cls_scale = T(0);  // only the buffers carry over from an earlier call
     L.p = p[i].data_ptr<scalar_t>();
+    L.targets = t.data_ptr<T>();
     for (int d = 0; d < 5; ++d) L.ps[d] = p[i].stride(d);
     L.bs = bs, L.na = p[i].size(1), L.ny = p[i].size(2), L.nx = p[i].size(3), L.no = no;
     anchor_values[i] = anchors[i].to(T_type).contiguous();
     check_anchor_values(anchor_values[i].data_ptr<T>(), L.na, "anchors[" + std::to_string(i) + "]");
+    L.anchors = anchor_values[i].data_ptr<T>();
     if (compute_grad) {
       // p's own layout when it is dense (so the head's backward needs no copy), else the dense
       // layout closest to it: the rule of empty_like, which the fake implementation uses
@@ -519,7 +536,7 @@ FusedResult fused_loss_impl(const std::vector<at::Tensor>& p, const at::Tensor& 
   at::Tensor loss = at::empty({1}, T_type);
   loss.data_ptr<T>()[0] = T(double(it[3]) * out_scale);
   for (auto& L : layers) {  // give back the memory of an exceptional call (hundreds of thousands of pairs)
-    if (L.pairs.capacity() * sizeof(Pair<T>) > (size_t(16) << 20)) L = Layer<scalar_t, T>();
+    if (L.pairs.capacity() * sizeof(PairRef) > (size_t(16) << 20)) L = Layer<scalar_t, T>();
   }
   return {loss, items, layer_obj, stats, grads};
 }

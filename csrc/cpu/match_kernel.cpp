@@ -37,7 +37,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> match_cpu(const at::T
                   "targets[", k, "]: expected finite values");
     }
     check_anchor_values(a.data_ptr<T>(), na, "anchors");
-    std::vector<Pair<T>> pairs;
+    TORCH_CHECK(nt < (int64_t(1) << 31) && na < (int64_t(1) << 15), "targets, anchors: expected fewer than 2^31 "
+                "targets and 2^15 anchors, got ", nt, " and ", na);
+    std::vector<PairRef> pairs;
     match<T>(t.data_ptr<T>(), nt, a.data_ptr<T>(), na, ny, nx, T(threshold), family, pairs);
     const int64_t P = int64_t(pairs.size());
     indices = at::empty({P, 4}, at::kLong);
@@ -46,7 +48,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> match_cpu(const at::T
     tcls = at::empty({P}, at::kLong);
     auto* ind = indices.data_ptr<int64_t>();
     for (int64_t j = 0; j < P; ++j) {
-      const auto& q = pairs[j];
+      const auto q = pair_of(t.data_ptr<T>(), a.data_ptr<T>(), ny, nx, pairs[j]);
       ind[4 * j] = q.b, ind[4 * j + 1] = q.a, ind[4 * j + 2] = q.gj, ind[4 * j + 3] = q.gi;
       std::copy(q.tbox, q.tbox + 4, tbox.data_ptr<T>() + 4 * j);
       std::copy(q.anch, q.anch + 2, anch.data_ptr<T>() + 2 * j);
