@@ -1,10 +1,15 @@
 // Argument checks shared by the CPU kernels of the yolo_kernels ops: each names the argument, what
-// was expected and what came (TORCH_CHECK raises a RuntimeError with that message).
+// was expected and what came (TORCH_CHECK raises a RuntimeError with that message, TORCH_CHECK_VALUE
+// a ValueError).
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "loss_math.h"
@@ -56,27 +61,55 @@ inline void check_finite_option(T value, const char* name) {
   TORCH_CHECK(std::isfinite(value), name, ": expected a finite number, got ", value);
 }
 
-// Every value check the loss relies on, on the targets converted to T (a few rows).
+// A number as Python prints float(f"{v:.7g}"): at most seven significant digits, the shortest form
+// that reads back, "2.0" rather than "2", exponent form below 1e-4 and from 1e16 (the messages of
+// the value checks are the same from this kernel and from yolo_kernels/validate.py).
+inline std::string py_float(double v) {
+  if (std::isnan(v)) return "nan";
+  if (std::isinf(v)) return v > 0 ? "inf" : "-inf";
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "%.7g", v);
+  const double r = std::strtod(buf, nullptr);
+  int digits = 1;
+  for (; digits < 17; ++digits) {
+    std::snprintf(buf, sizeof(buf), "%.*e", digits - 1, r);
+    if (std::strtod(buf, nullptr) == r) break;
+  }
+  const int exponent = std::atoi(std::strchr(buf, 'e') + 1);
+  if (exponent < -4 || exponent >= 16) return buf;
+  std::snprintf(buf, sizeof(buf), "%.*f", std::max(digits - 1 - exponent, 1), r);
+  return buf;
+}
+
+inline std::string py_pair(double a, double b) { return "[" + py_float(a) + ", " + py_float(b) + "]"; }
+
+// Every value check the loss relies on, on the targets converted to T: column by column, naming the
+// first bad row, with the messages of yolo_kernels/validate.py (ValueError).
 template <typename T>
 inline void check_target_values(const T* t, int64_t nt, int64_t bs, int64_t nc) {
+  auto integral_in = [](T v, int64_t hi) { return v >= 0 && v < T(hi) && v == std::trunc(v); };
+  for (int64_t k = 0; k < nt; ++k)
+    TORCH_CHECK_VALUE(integral_in(t[6 * k], bs), "targets[:, 0] (image index): expected integers in [0, ", bs,
+                      "), got ", py_float(t[6 * k]), " at row ", k);
+  for (int64_t k = 0; k < nt; ++k)
+    TORCH_CHECK_VALUE(integral_in(t[6 * k + 1], nc), "targets[:, 1] (class): expected integers in [0, ", nc,
+                      "), got ", py_float(t[6 * k + 1]), " at row ", k);
+  for (int64_t k = 0; k < nt; ++k)
+    TORCH_CHECK_VALUE(std::isfinite(t[6 * k + 2]) && std::isfinite(t[6 * k + 3]),
+                      "targets[:, 2:4] (box centre x, y): expected finite values, got ",
+                      py_pair(t[6 * k + 2], t[6 * k + 3]), " at row ", k);
   for (int64_t k = 0; k < nt; ++k) {
-    const T* r = t + 6 * k;
-    TORCH_CHECK(r[0] >= 0 && r[0] < T(bs) && r[0] == std::trunc(r[0]), "targets[", k,
-                ", 0] (image index): expected an integer in [0, ", bs, "), got ", r[0]);
-    TORCH_CHECK(r[1] >= 0 && r[1] < T(nc) && r[1] == std::trunc(r[1]), "targets[", k,
-                ", 1] (class): expected an integer in [0, ", nc, "), got ", r[1]);
-    TORCH_CHECK(std::isfinite(r[2]) && std::isfinite(r[3]), "targets[", k,
-                ", 2:4] (box centre): expected finite values, got ", r[2], ", ", r[3]);
-    TORCH_CHECK(std::isfinite(r[4]) && std::isfinite(r[5]) && r[4] > 0 && r[5] > 0, "targets[", k,
-                ", 4:6] (box size): expected finite values > 0, got ", r[4], ", ", r[5]);
+    const T w = t[6 * k + 4], h = t[6 * k + 5];
+    TORCH_CHECK_VALUE(std::isfinite(w) && std::isfinite(h) && w > 0 && h > 0,
+                      "targets[:, 4:6] (box w, h): expected finite values > 0, got ", py_pair(w, h), " at row ", k);
   }
 }
 
 template <typename T>
 inline void check_anchor_values(const T* a, int64_t na, const std::string& name) {
-  for (int64_t i = 0; i < 2 * na; ++i) {
-    TORCH_CHECK(std::isfinite(a[i]) && a[i] > 0, name, ": expected finite sizes > 0, got ", a[i], " at row ",
-                i / 2);
+  for (int64_t i = 0; i < na; ++i) {
+    const bool ok = std::isfinite(a[2 * i]) && std::isfinite(a[2 * i + 1]) && a[2 * i] > 0 && a[2 * i + 1] > 0;
+    TORCH_CHECK_VALUE(ok, name, ": expected finite sizes > 0, got ", py_pair(a[2 * i], a[2 * i + 1]), " at row ", i);
   }
 }
 

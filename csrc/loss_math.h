@@ -565,6 +565,8 @@ struct PairRef {
   int32_t target;
   int16_t anchor;
   int16_t block;
+  PairRef() {}  // left unset: match sizes its output to the most pairs there can be without writing it
+  PairRef(int64_t t, int64_t a, int b) : target(int32_t(t)), anchor(int16_t(a)), block(int16_t(b)) {}
 };
 
 // The cell offsets of the blocks: the cell is that of (gx - ox, gy - oy).
@@ -600,13 +602,16 @@ inline Pair<T> pair_of(const T* targets, const T* anchors, int64_t ny, int64_t n
 // targets: [nt, 6] contiguous rows (image, class, x, y, w, h), nt < 2^31; anchors: [na, 2]
 // contiguous, na < 2^15. The pairs, in pair order, replace the contents of `pairs` (its memory is
 // reused). matched_targets, when given ([nt], zeroed by the caller), is set to 1 for every target
-// that some anchor matched.
+// that some anchor matched. Branch-free: every candidate is written at the next free place, which
+// advances when it matches (a matched-or-not branch mispredicts on half the candidates).
 template <typename T>
 void match(const T* targets, int64_t nt, const T* anchors, int64_t na, int64_t ny, int64_t nx, T threshold,
            Family family, std::vector<PairRef>& pairs, char* matched_targets = nullptr) {
-  pairs.clear();
   const T sx = T(nx), sy = T(ny);
+  int64_t n = 0;
   if (family == Family::kYOLOv3) {
+    pairs.resize(na * nt + 1);
+    PairRef* out = pairs.data();
     for (int64_t a = 0; a < na; ++a) {
       const T aw = anchors[2 * a], ah = anchors[2 * a + 1];
       for (int64_t k = 0; k < nt; ++k) {
@@ -614,12 +619,13 @@ void match(const T* targets, int64_t nt, const T* anchors, int64_t na, int64_t n
         const T gw = t[4] * sx, gh = t[5] * sy;
         const T inter = std::min(aw, gw) * std::min(ah, gh);
         const T iou = inter / (aw * ah + gw * gh - inter);
-        if (iou > threshold) {
-          pairs.push_back({int32_t(k), int16_t(a), 0});
-          if (matched_targets) matched_targets[k] = 1;
-        }
+        const bool hit = iou > threshold;
+        out[n] = PairRef(k, a, 0);
+        n += hit;
+        if (matched_targets) matched_targets[k] |= char(hit);
       }
     }
+    pairs.resize(n);
     return;
   }
   // YOLOv5: the fit of each (anchor, target), then the five blocks in order
@@ -633,19 +639,22 @@ void match(const T* targets, int64_t nt, const T* anchors, int64_t na, int64_t n
       if (matched_targets && fits[a * nt + k]) matched_targets[k] = 1;
     }
   auto frac = [](T v) { return v - std::floor(v); };  // v % 1 (exact)
+  pairs.resize(5 * na * nt + 1);
+  PairRef* out = pairs.data();
   for (int block = 0; block < 5; ++block)
     for (int64_t a = 0; a < na; ++a)
       for (int64_t k = 0; k < nt; ++k) {
-        if (!fits[a * nt + k]) continue;
         const T* t = targets + 6 * k;
         const T gx = t[2] * sx, gy = t[3] * sy, fx = sx - gx, fy = sy - gy;
-        const bool in_block = block == 0                   ? true
-                              : block == 1 ? frac(gx) < T(0.5) && gx > T(1)
-                              : block == 2 ? frac(gy) < T(0.5) && gy > T(1)
-                              : block == 3 ? frac(fx) < T(0.5) && fx > T(1)
-                                           : frac(fy) < T(0.5) && fy > T(1);
-        if (in_block) pairs.push_back({int32_t(k), int16_t(a), int16_t(block)});
+        const bool in_block = block == 0   ? true
+                              : block == 1 ? (frac(gx) < T(0.5)) & (gx > T(1))
+                              : block == 2 ? (frac(gy) < T(0.5)) & (gy > T(1))
+                              : block == 3 ? (frac(fx) < T(0.5)) & (fx > T(1))
+                                           : (frac(fy) < T(0.5)) & (fy > T(1));
+        out[n] = PairRef(k, a, block);
+        n += int(fits[a * nt + k] != 0) & int(in_block);
       }
+  pairs.resize(n);
 }
 
 }  // namespace yolo_kernels

@@ -6,6 +6,7 @@ import torch
 from helpers import duck_model, make_p, make_targets
 
 import yolo_kernels as yk
+from yolo_kernels import library
 
 NC, BS = 3, 2
 ANCHORS = [torch.tensor([[1.0, 1.0], [2.0, 2.0]]), torch.tensor([[0.5, 0.8]])]
@@ -19,6 +20,13 @@ def good(gen):
 
 def call(p, targets, model, **kw):
     return yk.compute_loss(p, targets, model, backend="reference", **kw)
+
+
+# the value checks: the Python pass (reference) and the cpp op's own (same messages)
+VALUE_BACKENDS = [
+    "reference",
+    pytest.param("cpp", marks=pytest.mark.skipif(library.LOAD_ERROR is not None, reason="no extension")),
+]
 
 
 def test_good_inputs_pass(good):
@@ -93,10 +101,21 @@ def _set(t, row, col, value):
         (0, 5, float("nan"), r"targets\[:, 4:6\] \(box w, h\): .* got \[.*, nan\] at row 0"),
     ],
 )
-def test_value_errors_name_row_and_value(good, row, col, value, pattern):
+@pytest.mark.parametrize("backend", VALUE_BACKENDS)
+def test_value_errors_name_row_and_value(good, row, col, value, pattern, backend):
     p, t, model = good
     with pytest.raises(ValueError, match=pattern):
-        call(p, _set(t, row, col, value), model)
+        yk.compute_loss(p, _set(t, row, col, value), model, backend=backend)
+
+
+@pytest.mark.parametrize("backend", VALUE_BACKENDS)
+def test_value_errors_report_the_first_bad_column_then_row(good, backend):
+    p, t, model = good
+    t = _set(_set(_set(t, 3, 0, 5.0), 1, 1, 7.0), 0, 4, -1.0)  # image at row 3, class at row 1, size at row 0
+    with pytest.raises(ValueError, match=r"targets\[:, 0\] \(image index\): .* got 5.0 at row 3"):
+        yk.compute_loss(p, t, model, backend=backend)
+    with pytest.raises(ValueError, match=r"targets\[:, 0\] .* got 123456800.0 at row 2"):
+        yk.compute_loss(p, _set(t, 2, 0, 123456789.0), model, backend=backend)
 
 
 def test_validate_false_skips_value_checks(good):
@@ -108,10 +127,18 @@ def test_validate_false_skips_value_checks(good):
     assert loss.shape == (1,)
 
 
-def test_bad_anchors_and_options(good):
+@pytest.mark.parametrize("backend", VALUE_BACKENDS)
+def test_bad_anchor_values(good, backend):
     p, t, _ = good
     with pytest.raises(ValueError, match=r"anchors\[1\]: expected finite sizes > 0, got \[0.0, 0.8\] at row 0"):
-        call(p, t, duck_model([ANCHORS[0], torch.tensor([[0.0, 0.8]])], NC))
+        yk.compute_loss(p, t, duck_model([ANCHORS[0], torch.tensor([[0.0, 0.8]])], NC), backend=backend)
+    with pytest.raises(ValueError, match=r"anchors\[0\]: expected finite sizes > 0, got \[2.0, nan\] at row 1"):
+        bad = torch.tensor([[1.0, 1.0], [2.0, float("nan")]])
+        yk.compute_loss(p, t, duck_model([bad, ANCHORS[1]], NC), backend=backend)
+
+
+def test_bad_anchors_and_options(good):
+    p, t, _ = good
     with pytest.raises(ValueError, match="box_loss: expected one of .* got 'eiou'"):
         call(p, t, duck_model(ANCHORS, NC), box_loss="eiou")
     with pytest.raises(ValueError, match="reduction: expected one of .* got 'none'"):

@@ -60,6 +60,9 @@ class CppBackend:
     """Fused C++ kernels on CPU tensors (fp16/bf16/fp32/fp64 ``p``)."""
 
     name = "cpp"
+    #: The op checks the target and anchor values (ValueError, the messages of ``validate``) in the
+    #: pass that converts the targets, even with ``validate=False``: ``run_backend`` skips its own.
+    checks_values = True
 
     def unavailable_reason(self, device: torch.device | None) -> str | None:
         if library.LOAD_ERROR is not None:

@@ -367,7 +367,11 @@ LayerSums layer_pass(const Layer<scalar_t, T>& L, const Options& o, T grad_scale
         if (nc <= 1) return;
         const T* grad = s.cls_grad.data() + g * nc;
         scalar_t* cls = row + 5 * step;
-        for (int64_t c = 0; c < nc; ++c) cls[c * step] = scalar_t(L.cls_scale * grad[c]);
+        if (step == 1) {  // the staging block: a loop the compiler vectorises
+          for (int64_t c = 0; c < nc; ++c) cls[c] = scalar_t(L.cls_scale * grad[c]);
+        } else {
+          for (int64_t c = 0; c < nc; ++c) cls[c * step] = scalar_t(L.cls_scale * grad[c]);
+        }
       };
       // every objectness logit of the plane, then their vectorised BCE (the matched cells' from above)
       for (int64_t y = 0; y < L.ny; ++y) {
