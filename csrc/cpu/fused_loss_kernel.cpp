@@ -55,6 +55,7 @@ struct Layer {
   std::vector<int64_t> plane_start;  // [bs * na + 1]: the pairs of plane k are by_plane[plane_start[k] ..]
   std::vector<int32_t> by_plane;     // pair indices grouped by (image, anchor) plane, pair order kept
   T box_scale = 0, cls_scale = 0;    // d loss / d (1 - iou), d loss / d class BCE
+  T obj_scale = 0;                   // d loss / d objectness BCE
 
   // The gradient of each (image, anchor) plane is one contiguous block of whole rows (p contiguous).
   bool block_rows() const { return g != nullptr && gs[4] == 1 && gs[3] == no && gs[2] == nx * no; }
@@ -300,133 +301,170 @@ double plane_class_terms(const Layer<scalar_t, T>& L, const Options& o, int64_t 
   return total;
 }
 
-// Everything of one layer, one (image, anchor) plane per task. Per plane: the pairs grouped by
-// cell (stable: pair order within a cell; the last pair of a cell sets its objectness target); the
-// matched cells' logits gathered; the box IoU and its gradient for every pair, the matched cells'
-// objectness targets and class BCE; then one pass over the plane's cells in chunks of rows that
-// reads the chunk's objectness logits (the next chunk's requested ahead), takes their vectorised
-// BCE (the matched cells' from above) and, with a gradient, writes the chunk's rows once (zeros,
-// the objectness term, the matched cells' box and class terms): streamed from a cache-resident
-// staging block when the plane is one contiguous block of rows, else into the pre-zeroed gradient.
-// Reading the objectness logits inside the writing pass overlaps the two memory streams.
+// The rows of a staging block: 16 KB, resident in L1 while it fills.
+inline int64_t staging_rows(int64_t no) { return std::max<int64_t>(1, 4096 / no); }
+
+// Everything of one (image, anchor) plane of a layer: the pairs grouped by cell (stable: pair order
+// within a cell; the last pair of a cell sets its objectness target); the matched cells' logits
+// gathered; the box IoU and its gradient for every pair, the matched cells' objectness targets and
+// class BCE; the objectness logits of every cell and their vectorised BCE; then, with a gradient,
+// the plane's rows written once (zeros, the objectness term, the matched cells' box and class
+// terms): streamed from a cache-resident staging block (`staging`, chunk rows, zero outside what a
+// chunk writes) when the plane is one contiguous block of rows, else into the pre-zeroed gradient.
+// Without a gradient only the sums are taken.
 template <typename scalar_t, typename T>
-LayerSums layer_pass(const Layer<scalar_t, T>& L, const Options& o, T grad_scale, int64_t nc, bool want_stats) {
-  const int64_t planes = L.bs * L.na, cells = L.ny * L.nx, no = L.no;
-  const bool block_rows = L.block_rows();
-  const T gr = T(o.gr);
-  const int64_t chunk = std::max<int64_t>(1, 4096 / no);  // rows per staging block
-  std::vector<LayerSums> partial(planes);
-  at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
+LayerSums plane_pass(const Layer<scalar_t, T>& L, int64_t plane, const Options& o, int64_t nc, bool want_stats,
+                     PlaneScratch<scalar_t, T>& s, std::vector<scalar_t>& staging) {
+  const int64_t cells = L.ny * L.nx, no = L.no;
+  const int64_t chunk = staging_rows(no);
+  const bool block_rows = L.block_rows() && !staging.empty();
+  const T gr = T(o.gr), grad_scale = L.obj_scale;
+  const int64_t b = plane / L.na, a = plane % L.na;
+  const scalar_t* plane_p = L.p + b * L.ps[0] + a * L.ps[1];
+  group_by_cell(L, plane, s);
+  const int64_t n = int64_t(s.pairs.size()), G = int64_t(s.group_cell.size());
+  gather_matched(L, plane_p, nc, s);
+  const double box_sum = plane_box_terms(L, o, s);
+  s.obj_y.resize(G), s.obj_loss.resize(G), s.obj_grad.resize(G);
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t first = s.group_start[g], last = s.group_start[g + 1];
+    // the last pair wins the cell, or with sort_obj_iou the highest (clamped) IoU: only its value matters
+    T won = std::max(s.iou[last - 1], T(0));
+    if (o.sort_obj_iou)
+      for (int64_t k = first; k < last; ++k) won = std::max(won, s.iou[k]);
+    s.obj_y[g] = (T(1) - gr) + gr * won;
+  }
+  bce_row(s.obj_x.data(), s.obj_y.data(), s.obj_loss.data(), s.obj_grad.data(), G, T(o.obj_pw), T(o.fl_gamma));
+  scalar_t* gp = L.g ? L.g + b * L.gs[0] + a * L.gs[1] : nullptr;
+  const bool terms = gp != nullptr || want_stats;
+  s.box_term.resize(4 * G);
+  if (terms) {
+    for (int64_t g = 0; g < G; ++g) {
+      T acc[4] = {0, 0, 0, 0};
+      for (int64_t k = s.group_start[g]; k < s.group_start[g + 1]; ++k)
+        for (int c = 0; c < 4; ++c) acc[c] += s.diou[4 * k + c];
+      for (int c = 0; c < 4; ++c) s.box_term[4 * g + c] = -L.box_scale * acc[c];
+    }
+  }
+  const double cls_sum = nc > 1 ? plane_class_terms(L, o, nc, terms, s) : 0.0;
+  GradStats stats;
+  if (want_stats) {
+    stats.pairs = n, stats.cells = G;
+    for (int64_t g = 0; g < G; ++g) {
+      for (int c = 0; c < 4; ++c) stats.add(kBox, double(s.box_term[4 * g + c]));
+      if (nc > 1)
+        scaled_sq_max(s.cls_grad.data() + g * nc, nc, L.cls_scale, stats.sq[kCls], stats.max[kCls]);
+    }
+  }
+
+  // a matched cell's box and class entries (the objectness entry is written with the others)
+  auto write_terms = [&](int64_t g, scalar_t* row, int64_t step) {
+    for (int c = 0; c < 4; ++c) row[c * step] = scalar_t(s.box_term[4 * g + c]);
+    if (nc <= 1) return;
+    const T* grad = s.cls_grad.data() + g * nc;
+    scalar_t* cls = row + 5 * step;
+    if (step == 1) {  // the staging block: a loop the compiler vectorises
+      for (int64_t c = 0; c < nc; ++c) cls[c] = scalar_t(L.cls_scale * grad[c]);
+    } else {
+      for (int64_t c = 0; c < nc; ++c) cls[c * step] = scalar_t(L.cls_scale * grad[c]);
+    }
+  };
+  // every objectness logit of the plane, then their vectorised BCE (the matched cells' from above)
+  for (int64_t y = 0; y < L.ny; ++y) {
+    const scalar_t* py = plane_p + y * L.ps[2] + 4 * L.ps[4];
+    T* xy = s.xs.data() + y * L.nx;
+    for (int64_t x = 0; x < L.nx; ++x) {
+      __builtin_prefetch(py + (x + 16) * L.ps[3]);
+      xy[x] = T(py[x * L.ps[3]]);
+    }
+  }
+  bce_row(s.xs.data(), s.loss.data(), s.grad.data(), cells, T(0), T(o.obj_pw), T(o.fl_gamma));
+  for (int64_t g = 0; g < G; ++g) {
+    s.loss[s.group_cell[g]] = s.obj_loss[g];
+    s.grad[s.group_cell[g]] = s.obj_grad[g];
+  }
+  const double obj_sum = sum4(s.loss.data(), cells);
+  if (want_stats) scaled_sq_max(s.grad.data(), cells, grad_scale, stats.sq[kObj], stats.max[kObj]);
+
+  // the plane's rows, chunk by chunk
+  int64_t g = 0;
+  for (int64_t k0 = 0; k0 < cells; k0 += chunk) {
+    const int64_t rows = std::min(chunk, cells - k0);
+    const T* grad = s.grad.data() + k0;
+    const int64_t chunk_first = g;
+    while (g < G && s.group_cell[g] < k0 + rows) ++g;
+    if (gp && block_rows) {
+      for (int64_t r = 0; r < rows; ++r) staging[r * no + 4] = scalar_t(grad[r] * grad_scale);
+      for (int64_t q = chunk_first; q < g; ++q) write_terms(q, staging.data() + (s.group_cell[q] - k0) * no, 1);
+      stream_store(reinterpret_cast<char*>(gp + k0 * no), reinterpret_cast<const char*>(staging.data()),
+                   sizeof(scalar_t) * rows * no);
+      for (int64_t r = 0; r < rows; ++r) staging[r * no + 4] = scalar_t(0);
+      for (int64_t q = chunk_first; q < g; ++q)
+        std::memset(static_cast<void*>(staging.data() + (s.group_cell[q] - k0) * no), 0, sizeof(scalar_t) * no);
+    } else if (gp) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t cell = k0 + r;
+        gp[(cell / L.nx) * L.gs[2] + (cell % L.nx) * L.gs[3] + 4 * L.gs[4]] = scalar_t(grad[r] * grad_scale);
+      }
+      for (int64_t q = chunk_first; q < g; ++q) {
+        const int64_t cell = s.group_cell[q];
+        write_terms(q, gp + (cell / L.nx) * L.gs[2] + (cell % L.nx) * L.gs[3], L.gs[4]);
+      }
+    }
+  }
+  return {box_sum, obj_sum, cls_sum, stats};
+}
+
+// Every plane of every layer in one parallel region, split into one contiguous run of planes per
+// thread by an estimate of the work (cells plus pairs): the layers' planes differ in size by 16x,
+// and a region per layer would wait at each layer's end for its slowest thread. Each plane's sums
+// are kept apart and added per layer in plane order afterwards, so the results do not depend on the
+// split or the thread count.
+template <typename scalar_t, typename T>
+std::vector<LayerSums> all_planes(const std::vector<Layer<scalar_t, T>>& layers, const Options& o, int64_t nc,
+                                  bool want_stats) {
+  constexpr int64_t kPairCost = 8;  // a pair's work in cells' (measured: ~100 ns against ~12 ns a cell)
+  std::vector<std::pair<int64_t, int64_t>> tasks;  // (layer, plane)
+  std::vector<int64_t> cost_end;                   // running total of the work up to each task
+  int64_t total = 0, max_cells = 1, no = layers[0].no;
+  bool staged = false;
+  for (int64_t i = 0; i < int64_t(layers.size()); ++i) {
+    const auto& L = layers[i];
+    max_cells = std::max(max_cells, L.ny * L.nx);
+    staged = staged || L.block_rows();
+    for (int64_t k = 0; k < L.bs * L.na; ++k) {
+      total += L.ny * L.nx + kPairCost * (L.plane_start[k + 1] - L.plane_start[k]);
+      tasks.emplace_back(i, k), cost_end.push_back(total);
+    }
+  }
+  std::vector<LayerSums> partial(tasks.size());
+  const int64_t runs = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), int64_t(tasks.size())));
+  at::parallel_for(0, runs, 1, [&](int64_t run_begin, int64_t run_end) {
     PlaneScratch<scalar_t, T>& s = thread_scratch<scalar_t, T>();
-    s.prepare(cells);
+    s.prepare(max_cells);
     // whole gradient rows, streamed out when full; allocated per call (a thread-local block measured
     // 10-20% slower in the streaming pass of a 52 x 52 layer)
-    std::vector<scalar_t> staging(block_rows ? chunk * no : 0, scalar_t(0));
-    for (int64_t plane = begin; plane < end; ++plane) {
-      const int64_t b = plane / L.na, a = plane % L.na;
-      const scalar_t* plane_p = L.p + b * L.ps[0] + a * L.ps[1];
-      group_by_cell(L, plane, s);
-      const int64_t n = int64_t(s.pairs.size()), G = int64_t(s.group_cell.size());
-      gather_matched(L, plane_p, nc, s);
-      const double box_sum = plane_box_terms(L, o, s);
-      s.obj_y.resize(G), s.obj_loss.resize(G), s.obj_grad.resize(G);
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t first = s.group_start[g], last = s.group_start[g + 1];
-        // the last pair wins the cell, or with sort_obj_iou the highest (clamped) IoU: only its value matters
-        T won = std::max(s.iou[last - 1], T(0));
-        if (o.sort_obj_iou)
-          for (int64_t k = first; k < last; ++k) won = std::max(won, s.iou[k]);
-        s.obj_y[g] = (T(1) - gr) + gr * won;
-      }
-      bce_row(s.obj_x.data(), s.obj_y.data(), s.obj_loss.data(), s.obj_grad.data(), G, T(o.obj_pw), T(o.fl_gamma));
-      scalar_t* gp = L.g ? L.g + b * L.gs[0] + a * L.gs[1] : nullptr;
-      const bool terms = gp != nullptr || want_stats;
-      s.box_term.resize(4 * G);
-      if (terms) {
-        for (int64_t g = 0; g < G; ++g) {
-          T acc[4] = {0, 0, 0, 0};
-          for (int64_t k = s.group_start[g]; k < s.group_start[g + 1]; ++k)
-            for (int c = 0; c < 4; ++c) acc[c] += s.diou[4 * k + c];
-          for (int c = 0; c < 4; ++c) s.box_term[4 * g + c] = -L.box_scale * acc[c];
-        }
-      }
-      const double cls_sum = nc > 1 ? plane_class_terms(L, o, nc, terms, s) : 0.0;
-      GradStats stats;
-      if (want_stats) {
-        stats.pairs = n, stats.cells = G;
-        for (int64_t g = 0; g < G; ++g) {
-          for (int c = 0; c < 4; ++c) stats.add(kBox, double(s.box_term[4 * g + c]));
-          if (nc > 1)
-            scaled_sq_max(s.cls_grad.data() + g * nc, nc, L.cls_scale, stats.sq[kCls], stats.max[kCls]);
-        }
-      }
-
-      // a matched cell's box and class entries (the objectness entry is written with the others)
-      auto write_terms = [&](int64_t g, scalar_t* row, int64_t step) {
-        for (int c = 0; c < 4; ++c) row[c * step] = scalar_t(s.box_term[4 * g + c]);
-        if (nc <= 1) return;
-        const T* grad = s.cls_grad.data() + g * nc;
-        scalar_t* cls = row + 5 * step;
-        if (step == 1) {  // the staging block: a loop the compiler vectorises
-          for (int64_t c = 0; c < nc; ++c) cls[c] = scalar_t(L.cls_scale * grad[c]);
-        } else {
-          for (int64_t c = 0; c < nc; ++c) cls[c * step] = scalar_t(L.cls_scale * grad[c]);
-        }
-      };
-      // every objectness logit of the plane, then their vectorised BCE (the matched cells' from above)
-      for (int64_t y = 0; y < L.ny; ++y) {
-        const scalar_t* py = plane_p + y * L.ps[2] + 4 * L.ps[4];
-        T* xy = s.xs.data() + y * L.nx;
-        for (int64_t x = 0; x < L.nx; ++x) {
-          __builtin_prefetch(py + (x + 16) * L.ps[3]);
-          xy[x] = T(py[x * L.ps[3]]);
-        }
-      }
-      bce_row(s.xs.data(), s.loss.data(), s.grad.data(), cells, T(0), T(o.obj_pw), T(o.fl_gamma));
-      for (int64_t g = 0; g < G; ++g) {
-        s.loss[s.group_cell[g]] = s.obj_loss[g];
-        s.grad[s.group_cell[g]] = s.obj_grad[g];
-      }
-      const double obj_sum = sum4(s.loss.data(), cells);
-      if (want_stats) scaled_sq_max(s.grad.data(), cells, grad_scale, stats.sq[kObj], stats.max[kObj]);
-
-      // the plane's rows, chunk by chunk
-      int64_t g = 0;
-      for (int64_t k0 = 0; k0 < cells; k0 += chunk) {
-        const int64_t rows = std::min(chunk, cells - k0);
-        const T* grad = s.grad.data() + k0;
-        const int64_t chunk_first = g;
-        while (g < G && s.group_cell[g] < k0 + rows) ++g;
-        if (gp && block_rows) {
-          for (int64_t r = 0; r < rows; ++r) staging[r * no + 4] = scalar_t(grad[r] * grad_scale);
-          for (int64_t q = chunk_first; q < g; ++q) write_terms(q, staging.data() + (s.group_cell[q] - k0) * no, 1);
-          stream_store(reinterpret_cast<char*>(gp + k0 * no), reinterpret_cast<const char*>(staging.data()),
-                       sizeof(scalar_t) * rows * no);
-          for (int64_t r = 0; r < rows; ++r) staging[r * no + 4] = scalar_t(0);
-          for (int64_t q = chunk_first; q < g; ++q)
-            std::memset(static_cast<void*>(staging.data() + (s.group_cell[q] - k0) * no), 0, sizeof(scalar_t) * no);
-        } else if (gp) {
-          for (int64_t r = 0; r < rows; ++r) {
-            const int64_t cell = k0 + r;
-            gp[(cell / L.nx) * L.gs[2] + (cell % L.nx) * L.gs[3] + 4 * L.gs[4]] = scalar_t(grad[r] * grad_scale);
-          }
-          for (int64_t q = chunk_first; q < g; ++q) {
-            const int64_t cell = s.group_cell[q];
-            write_terms(q, gp + (cell / L.nx) * L.gs[2] + (cell % L.nx) * L.gs[3], L.gs[4]);
-          }
-        }
-      }
-      partial[plane] = {box_sum, obj_sum, cls_sum, stats};
-    }
+    std::vector<scalar_t> staging(staged ? staging_rows(no) * no : 0, scalar_t(0));
+    // the tasks whose work ends in (total * run_begin / runs, total * run_end / runs]
+    auto first_task = [&](int64_t run) {
+      const int64_t bound = total * run / runs;
+      return int64_t(std::upper_bound(cost_end.begin(), cost_end.end(), bound) - cost_end.begin());
+    };
+    const int64_t begin = run_begin == 0 ? 0 : first_task(run_begin);
+    const int64_t end = run_end == runs ? int64_t(tasks.size()) : first_task(run_end);
+    for (int64_t t = begin; t < end; ++t)
+      partial[t] = plane_pass(layers[tasks[t].first], tasks[t].second, o, nc, want_stats, s, staging);
     stream_fence();
     s.trim();
   });
-  LayerSums total;
-  for (const auto& s : partial) {
-    total.box += s.box, total.obj += s.obj, total.cls += s.cls;
-    total.stats.merge(s.stats);
+  std::vector<LayerSums> sums(layers.size());
+  for (size_t t = 0; t < tasks.size(); ++t) {
+    auto& total_sums = sums[tasks[t].first];
+    const auto& p = partial[t];
+    total_sums.box += p.box, total_sums.obj += p.obj, total_sums.cls += p.cls;
+    total_sums.stats.merge(p.stats);
   }
-  return total;
+  return sums;
 }
 
 using FusedResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>>;
@@ -458,7 +496,7 @@ FusedResult fused_loss_impl(const std::vector<at::Tensor>& p, const at::Tensor& 
   std::vector<at::Tensor> anchor_values(nl);
   for (int64_t i = 0; i < nl; ++i) {
     auto& L = layers[i];
-    L.g = nullptr, L.box_scale = T(0), L.cls_scale = T(0);  // only the buffers carry over from an earlier call
+    L.g = nullptr, L.box_scale = L.cls_scale = L.obj_scale = T(0);  // only the buffers carry over from a call
     L.p = p[i].data_ptr<scalar_t>();
     L.targets = t.data_ptr<T>();
     for (int d = 0; d < 5; ++d) L.ps[d] = p[i].stride(d);
@@ -511,27 +549,32 @@ FusedResult fused_loss_impl(const std::vector<at::Tensor>& p, const at::Tensor& 
     }
     stats.data_ptr<T>()[8 * nl] = T(unmatched);
   }
+  std::vector<double> box_scales(nl, 0.0), cls_scales(nl, 0.0), obj_scales(nl, 0.0);
   for (int64_t i = 0; i < nl; ++i) {
     auto& L = layers[i];
     const int64_t P = int64_t(L.pairs.size());
-    double box_scale = 0.0, cls_scale = 0.0;
     if (P > 0) {
-      box_scale = sum_red ? o.giou * 3.0 / double(n_total) : o.giou / double(P);
-      cls_scale = sum_red ? o.cls * 3.0 / double(n_total * nc) : o.cls / double(P * nc);
-      L.box_scale = T(box_scale * out_scale), L.cls_scale = T(cls_scale * out_scale);
+      box_scales[i] = sum_red ? o.giou * 3.0 / double(n_total) : o.giou / double(P);
+      cls_scales[i] = sum_red ? o.cls * 3.0 / double(n_total * nc) : o.cls / double(P * nc);
+      L.box_scale = T(box_scales[i] * out_scale), L.cls_scale = T(cls_scales[i] * out_scale);
     }
     const double n_cells = double(L.bs * L.na * L.ny * L.nx);
-    const double obj_scale = (sum_red ? o.obj * 3.0 / double(bs) : o.obj / n_cells) * balance[i];
-    const LayerSums sums = layer_pass(L, o, T(obj_scale * out_scale), nc, compute_stats);
+    obj_scales[i] = (sum_red ? o.obj * 3.0 / double(bs) : o.obj / n_cells) * balance[i];
+    L.obj_scale = T(obj_scales[i] * out_scale);
+  }
+  const std::vector<LayerSums> layer_sums = all_planes(layers, o, nc, compute_stats);
+  for (int64_t i = 0; i < nl; ++i) {
+    const auto& L = layers[i];
+    const LayerSums& sums = layer_sums[i];
     if (compute_stats) {
       T* row = stats.data_ptr<T>() + 8 * i;
       for (int k = 0; k < 3; ++k) row[k] = T(sums.stats.sq[k]), row[3 + k] = T(sums.stats.max[k]);
       row[6] = T(sums.stats.pairs), row[7] = T(sums.stats.pairs - sums.stats.cells);
     }
-    lbox += box_scale * sums.box;
-    lobj += obj_scale * sums.obj;
-    layer_obj.data_ptr<T>()[i] = T(sums.obj / n_cells);
-    if (nc > 1) lcls += cls_scale * sums.cls;
+    lbox += box_scales[i] * sums.box;
+    lobj += obj_scales[i] * sums.obj;
+    layer_obj.data_ptr<T>()[i] = T(sums.obj / double(L.bs * L.na * L.ny * L.nx));
+    if (nc > 1) lcls += cls_scales[i] * sums.cls;
   }
   at::Tensor items = at::empty({4}, T_type);
   T* it = items.data_ptr<T>();
