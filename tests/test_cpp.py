@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import duck_model, make_p, make_targets, random_anchors
+from helpers import assert_matches_reference, duck_model, make_p, make_targets, random_anchors
 
 import yolo_kernels as yk
 from yolo_kernels import library
@@ -79,6 +79,30 @@ def test_bitwise_deterministic_across_runs_and_threads(gen):
     for items, grads in results[1:]:
         assert torch.equal(items, results[0][0])
         assert all(torch.equal(a, b) for a, b in zip(grads, results[0][1]))
+
+
+def test_dense_crowded_images_bitwise_across_threads_and_equal_to_reference(gen):
+    # hundreds of pairs per plane (the counting sorts), most targets in one image (the work split
+    # gives that image's planes their own thread), duplicates; with the statistics
+    nas, grids, nc = [3, 3], [(8, 8), (16, 16)], 12
+    anchors = random_anchors(nas, gen)
+    p = make_p(4, nas, grids, nc, gen)
+    targets = make_targets(700, 4, nc, gen)
+    targets[:550, 0] = 0
+    options = LossOptions(nc=nc)
+    assert_matches_reference("cpp", "cpu", p, targets, anchors, options)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3, 4):
+            torch.set_num_threads(n)
+            _, items, _, stats, grads = library.fused_loss_op(p, targets, anchors, options, True, None, True)
+            results.append((items.clone(), stats.clone(), [g.clone() for g in grads]))
+    finally:
+        torch.set_num_threads(threads)
+    for items, stats, grads in results[1:]:
+        assert torch.equal(items, results[0][0]) and torch.equal(stats, results[0][1])
+        assert all(torch.equal(a, b) for a, b in zip(grads, results[0][2]))
 
 
 def test_no_grad_forward_allocates_no_gradient(gen):

@@ -38,7 +38,8 @@ def bce_with_logits(x: torch.Tensor, y: torch.Tensor, pos_weight: float = 1.0, g
 
 
 def fused_loss(p, targets, anchors, options: LossOptions, compute_grad: bool = True, balance=None):
-    """The whole loss in one call: ``(loss [1], loss_items [4], layer_obj [nl], [d loss / d p[i]])``;
+    """The whole loss in one call: ``(loss [1], loss_items [4], layer_obj [nl], stats [0, 8] (none
+    asked for: ``yolo_kernels.stats`` reads the op's full form), [d loss / d p[i]])``;
     ``loss`` is differentiable with respect to ``p`` (its backward only scales the gradients
     computed here). ``balance [nl]``: per-layer objectness weights (``None``: ones)."""
     require_extension()
