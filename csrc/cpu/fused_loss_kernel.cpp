@@ -125,7 +125,7 @@ struct LayerSums {
 // call (thread-local: freeing and re-faulting these pages every call costs more than their use). A
 // plane's matched cells ("groups": the cells with at least one pair, in cell order) hold their
 // pairs in `pairs[group_start[g] .. group_start[g + 1])`, in pair order.
-template <typename scalar_t, typename T>
+template <typename T>
 struct PlaneScratch {
   std::vector<int64_t> count;                    // [cells + 1]: the counting sort by cell
   std::vector<Pair<T>> unsorted;                 // the plane's pairs in pair order
@@ -155,16 +155,16 @@ struct PlaneScratch {
   }
 };
 
-template <typename scalar_t, typename T>
-PlaneScratch<scalar_t, T>& thread_scratch() {
-  static thread_local PlaneScratch<scalar_t, T> scratch;
+template <typename T>
+PlaneScratch<T>& thread_scratch() {
+  static thread_local PlaneScratch<T> scratch;
   return scratch;
 }
 
 // The pairs of `plane`, expanded, ordered by cell with pair order kept within a cell (stable), and
 // grouped by cell. O(P + cells): a counting sort (an insertion sort for a few pairs).
 template <typename scalar_t, typename T>
-void group_by_cell(const Layer<scalar_t, T>& L, int64_t plane, PlaneScratch<scalar_t, T>& s) {
+void group_by_cell(const Layer<scalar_t, T>& L, int64_t plane, PlaneScratch<T>& s) {
   const int64_t first = L.plane_start[plane], n = L.plane_start[plane + 1] - first, cells = L.ny * L.nx;
   s.unsorted.resize(n), s.unsorted_cell.resize(n), s.pairs.resize(n);
   for (int64_t k = 0; k < n; ++k) {
@@ -197,7 +197,7 @@ void group_by_cell(const Layer<scalar_t, T>& L, int64_t plane, PlaneScratch<scal
 // The logits of the plane's matched cells, in cell (address) order, rows requested a few ahead:
 // box logits into box_x, the objectness logit into obj_x, class logits into cls_x.
 template <typename scalar_t, typename T>
-void gather_matched(const Layer<scalar_t, T>& L, const scalar_t* plane_p, int64_t nc, PlaneScratch<scalar_t, T>& s) {
+void gather_matched(const Layer<scalar_t, T>& L, const scalar_t* plane_p, int64_t nc, PlaneScratch<T>& s) {
   constexpr int64_t kAhead = 8;  // rows
   const int64_t G = int64_t(s.group_cell.size()), step = L.ps[4];
   s.box_x.resize(4 * G), s.obj_x.resize(G);
@@ -226,7 +226,7 @@ void gather_matched(const Layer<scalar_t, T>& L, const scalar_t* plane_p, int64_
 // loop's memory-bound passes compile the same whatever this one holds.
 template <typename scalar_t, typename T>
 __attribute__((noinline)) double plane_box_terms(const Layer<scalar_t, T>& L, const Options& o,
-                                                 PlaneScratch<scalar_t, T>& s) {
+                                                 PlaneScratch<T>& s) {
   const int64_t n = int64_t(s.pairs.size()), G = int64_t(s.group_cell.size());
   s.iou.resize(n), s.diou.resize(4 * n);
   double box_sum = 0.0;
@@ -273,7 +273,7 @@ __attribute__((noinline)) double plane_box_terms(const Layer<scalar_t, T>& L, co
 // share its logits and differ in one class only).
 template <typename scalar_t, typename T>
 double plane_class_terms(const Layer<scalar_t, T>& L, const Options& o, int64_t nc, bool terms,
-                         PlaneScratch<scalar_t, T>& s) {
+                         PlaneScratch<T>& s) {
   const int64_t G = int64_t(s.group_cell.size());
   const int64_t n = int64_t(s.pairs.size());
   s.cls_loss.resize(G * nc), s.cls_grad.resize(G * nc);
@@ -314,7 +314,7 @@ inline int64_t staging_rows(int64_t no) { return std::max<int64_t>(1, 4096 / no)
 // Without a gradient only the sums are taken.
 template <typename scalar_t, typename T>
 LayerSums plane_pass(const Layer<scalar_t, T>& L, int64_t plane, const Options& o, int64_t nc, bool want_stats,
-                     PlaneScratch<scalar_t, T>& s, std::vector<scalar_t>& staging) {
+                     PlaneScratch<T>& s, std::vector<scalar_t>& staging) {
   const int64_t cells = L.ny * L.nx, no = L.no;
   const int64_t chunk = staging_rows(no);
   const bool block_rows = L.block_rows() && !staging.empty();
@@ -440,7 +440,7 @@ std::vector<LayerSums> all_planes(const std::vector<Layer<scalar_t, T>>& layers,
   std::vector<LayerSums> partial(tasks.size());
   const int64_t runs = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), int64_t(tasks.size())));
   at::parallel_for(0, runs, 1, [&](int64_t run_begin, int64_t run_end) {
-    PlaneScratch<scalar_t, T>& s = thread_scratch<scalar_t, T>();
+    PlaneScratch<T>& s = thread_scratch<T>();
     s.prepare(max_cells);
     // whole gradient rows, streamed out when full; allocated per call (a thread-local block measured
     // 10-20% slower in the streaming pass of a 52 x 52 layer)
