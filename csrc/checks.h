@@ -105,6 +105,14 @@ inline void check_target_values(const T* t, int64_t nt, int64_t bs, int64_t nc) 
   }
 }
 
+// match writes pairs as PairRef (32-bit target, 16-bit anchor indices), at most 5 * na * nt of
+// them, counted in 32 bits.
+inline void check_pair_capacity(int64_t nt, int64_t na) {
+  TORCH_CHECK(na < (int64_t(1) << 15) && 5 * na * nt < (int64_t(1) << 31), "targets: expected fewer than ",
+              ((int64_t(1) << 31) - 1) / (5 * na), " targets with ", na, " anchors (and fewer than 2^15 anchors), got ",
+              nt);
+}
+
 template <typename T>
 inline void check_anchor_values(const T* a, int64_t na, const std::string& name) {
   for (int64_t i = 0; i < na; ++i) {

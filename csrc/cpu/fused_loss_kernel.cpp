@@ -480,12 +480,7 @@ FusedResult fused_loss_impl(const std::vector<at::Tensor>& p, const at::Tensor& 
   const at::Tensor t = targets.to(T_type).contiguous();
   const int64_t nt = t.size(0);
   check_target_values(t.data_ptr<T>(), nt, bs, nc);
-  // pairs refer to targets and anchors by 32- and 16-bit indices, and are counted in 32 bits
-  int64_t max_na = 1;
-  for (const auto& a : anchors) max_na = std::max(max_na, a.size(0));
-  TORCH_CHECK(5 * max_na * nt < (int64_t(1) << 31) && max_na < (int64_t(1) << 15), "targets: expected fewer than ",
-              ((int64_t(1) << 31) - 1) / (5 * max_na), " targets (and anchors: fewer than 2^15 per layer), got ", nt,
-              " targets and ", max_na, " anchors");
+  for (const auto& a : anchors) check_pair_capacity(nt, a.size(0));
 
   std::vector<at::Tensor> grads(nl);
   // the calling thread's layers, kept from call to call with their pair buffers: allocated afresh,

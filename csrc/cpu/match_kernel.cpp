@@ -37,8 +37,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> match_cpu(const at::T
                   "targets[", k, "]: expected finite values");
     }
     check_anchor_values(a.data_ptr<T>(), na, "anchors");
-    TORCH_CHECK(nt < (int64_t(1) << 31) && na < (int64_t(1) << 15), "targets, anchors: expected fewer than 2^31 "
-                "targets and 2^15 anchors, got ", nt, " and ", na);
+    check_pair_capacity(nt, na);
     std::vector<PairRef> pairs;
     match<T>(t.data_ptr<T>(), nt, a.data_ptr<T>(), na, ny, nx, T(threshold), family, pairs);
     const int64_t P = int64_t(pairs.size());
