@@ -240,9 +240,14 @@ def no_sync_check(batch, img):
 
 
 def cuda_graph_check(batch, img):
+    """Forward + backward of the triton loss (value checks on) captured once and replayed: the
+    replay equals eager, and its time against an eager call shows what host and launch costs."""
     model, p, targets = cuda_inputs(batch, img)
     eager_loss, _ = forward_backward(p, targets, model, "triton")
     eager = [eager_loss.detach().clone()] + [x.grad.clone() for x in p]
+    # the eager graph holds the leaves' AccumulateGrad nodes, made on the default stream: capture on
+    # another stream must not meet them (autograd would synchronise with that stream mid-capture)
+    del eager_loss
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -253,13 +258,56 @@ def cuda_graph_check(batch, img):
     for x in p:
         x.grad = None
     with torch.cuda.graph(graph):
-        loss, _ = yk.compute_loss(p, targets, model, backend="triton", validate=False)
+        loss, _ = yk.compute_loss(p, targets, model, backend="triton")
         loss.backward()
     graph.replay()
     torch.cuda.synchronize()
     replayed = [loss.detach()] + [x.grad for x in p]
-    same = all(torch.equal(a, b) for a, b in zip(eager, replayed))
-    return "replay identical to eager" if same else "FAILED: replay differs from eager"
+    if not all(torch.equal(a, b) for a, b in zip(eager, replayed)):
+        return "FAILED: replay differs from eager"
+    replay_ms, eager_ms = [], []
+    for _ in range(20):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        graph.replay()
+        torch.cuda.synchronize()
+        replay_ms.append((time.perf_counter() - t0) * 1e3)
+        t0 = time.perf_counter()
+        forward_backward(p, targets, model, "triton")
+        torch.cuda.synchronize()
+        eager_ms.append((time.perf_counter() - t0) * 1e3)
+    return (
+        f"replay identical to eager; forward + backward at batch {batch}, {img}: "
+        f"{percentile(eager_ms, 0.5):.3f} ms eager, {percentile(replay_ms, 0.5):.3f} ms replayed "
+        "(medians of 20, L2 warm; the difference is host and launch time)"
+    )
+
+
+def launch_profile(batch, img):
+    """Device kernels per forward + backward call of each provider (torch.profiler): at common
+    sizes each launch costs more host and driver time than its kernel takes on the GPU."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    model, p, targets = cuda_inputs(batch, img)
+    out = {}
+    for provider in ("reference", "triton"):
+        for _ in range(3):
+            forward_backward(p, targets, model, provider)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            forward_backward(p, targets, model, provider)
+            torch.cuda.synchronize()
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        device_us = sum(getattr(e, "device_time", getattr(e, "cuda_time", 0.0)) for e in kernels)
+        names = Counter(e.name[:60] for e in kernels)
+        out[provider] = {
+            "device_kernels": len(kernels),
+            "device_ms": round(device_us / 1e3, 4),
+            "top": dict(names.most_common(8)),
+        }
+    return out
 
 
 def train_step_graph_check(batch=8, img=256):
@@ -280,7 +328,19 @@ def train_step_graph_check(batch=8, img=256):
         optimizer.step()
         return loss
 
+    # deterministic convolutions: otherwise two eager runs from one state differ after a step or two
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        return _train_step_graph(step, model, state)
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+
+
+def _train_step_graph(step, model, state):
     eager = [step().detach().clone() for _ in range(3)]
+    model.load_state_dict(state)
+    again = [step().detach().clone() for _ in range(3)]
     model.load_state_dict(state)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -297,8 +357,11 @@ def train_step_graph_check(batch=8, img=256):
         graph.replay()
         replayed.append(static_loss.detach().clone())
     torch.cuda.synchronize()
+    spread = max(float(((a - b).abs() / b.abs()).max()) for a, b in zip(again, eager))
     close = all(torch.allclose(a, b, rtol=1e-4) for a, b in zip(eager, replayed))
-    return "training step replays like eager" if close else f"FAILED: eager {eager} vs replayed {replayed}"
+    if close:
+        return f"training step replays like eager (eager vs eager: max rel diff {spread:.1e})"
+    return f"FAILED: eager {eager} vs replayed {replayed} (eager vs eager: max rel diff {spread:.1e})"
 
 
 def _format_options(options) -> str:
@@ -345,6 +408,14 @@ def markdown(report) -> str:
         f"CUDA graph of a whole training step: {report.get('train_step_graph', 'not run')}",
         "",
     ]
+    launches = report.get("launches")
+    if isinstance(launches, dict):
+        lines += ["## Device kernels per forward + backward call", ""]
+        lines += ["| provider | kernels | device ms (sum of kernel times) |", "|---|---|---|"]
+        lines += [f"| {k} | {v['device_kernels']} | {v['device_ms']:.3f} |" for k, v in launches.items()]
+        lines += [""]
+    elif launches is not None:
+        lines += [f"Device kernels per call: {launches}", ""]
     problems = failures(report)
     lines += ["Result: " + ("all checks passed" if not problems else "FAILED: " + "; ".join(problems)), ""]
     return "\n".join(lines)
@@ -441,6 +512,7 @@ def main(argv=None) -> int:
     section("no_sync_yolov5", no_sync_yolov5_check, args.batch[0], args.img[0])
     section("cuda_graph", cuda_graph_check, args.batch[0], args.img[0])
     section("train_step_graph", train_step_graph_check)
+    section("launches", launch_profile, args.batch[0], args.img[0])
     bandwidth = copy_bandwidth(device)
     report["copy_bandwidth_gbs"] = bandwidth / 1e9
     report["speed"], report["floor_ms"] = [], {}

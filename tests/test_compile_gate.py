@@ -35,6 +35,7 @@ def test_every_kernel_specialisation_compiles_for_sm80_and_sm90():
 BROKEN_KERNELS = """
 import triton
 import triton.language as tl
+from yolo_kernels.triton.math import as_compute
 
 SCALE = 2.0  # not a constexpr: the compiler refuses to read it, the interpreter does not mind
 
@@ -56,6 +57,18 @@ def promotes_to_float64(x_ptr, n, BLOCK: tl.constexpr):
 def fine(x_ptr, n, BLOCK: tl.constexpr):
     k = tl.arange(0, BLOCK)
     tl.store(x_ptr + k, tl.load(x_ptr + k, mask=k < n) * 2.0, mask=k < n)
+
+
+@triton.jit
+def uses_a_float64_argument(x_ptr, n, s: tl.float64, BLOCK: tl.constexpr):
+    k = tl.arange(0, BLOCK)
+    tl.store(x_ptr + k, tl.load(x_ptr + k, mask=k < n) * s, mask=k < n)  # float64 math on float32 data
+
+
+@triton.jit
+def converts_a_float64_argument(x_ptr, n, s: tl.float64, BLOCK: tl.constexpr):
+    k = tl.arange(0, BLOCK)
+    tl.store(x_ptr + k, tl.load(x_ptr + k, mask=k < n) * as_compute(s, tl.float32), mask=k < n)
 """
 
 CHECK = """
@@ -69,9 +82,11 @@ from yolo_kernels.triton import compile_gate
 
 backend = make_backend(GPUTarget("cuda", 90, 32))
 x = torch.zeros(8)
-for name in ("reads_a_plain_global", "promotes_to_float64", "fine"):
+names = ("reads_a_plain_global", "promotes_to_float64", "fine")
+for name in names + ("uses_a_float64_argument", "converts_a_float64_argument"):
     kernel = getattr(broken, name)
-    job = compile_gate.Job(name, *compile_gate._bind(kernel, dict(x_ptr=x, n=5, BLOCK=8), backend), [name])
+    arguments = dict(x_ptr=x, n=5, BLOCK=8, **({"s": 0.1} if "argument" in name else {}))
+    job = compile_gate.Job(name, *compile_gate._bind(kernel, arguments, backend), [name])
     print(f"== {name}: {compile_gate.compile_job(job, 90, kernel=kernel)}")
 """
 
@@ -82,10 +97,12 @@ def test_gate_reports_what_the_interpreter_accepts(tmp_path):
     result = run_compiled([str(tmp_path / "check.py"), str(tmp_path)], timeout=600)
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    plain, promoted, fine = out.split("== ")[1:]
+    plain, promoted, fine, argument, converted = out.split("== ")[1:]
     assert "Cannot access global variable SCALE" in plain
     assert "float64 arithmetic" in promoted and "f64" in promoted
     assert fine.strip() == "fine: None"
+    assert "float64 arithmetic" in argument and "arith.mulf" in argument
+    assert converted.strip() == "converts_a_float64_argument: None"
 
 
 def test_launches_are_recorded_with_keyword_arguments_not_run(gen):
@@ -97,7 +114,13 @@ def test_launches_are_recorded_with_keyword_arguments_not_run(gen):
     with triton_loss.record_launches() as launches:
         triton_loss.fused_loss(p, make_targets(4, 2, 7, gen), random_anchors([3], gen), yk.LossOptions(nc=7))
     names = [launch.kernel.fn.__name__ for launch in launches]
-    assert names == ["_match_kernel", "_objectness_target_kernel", "_objectness_kernel", "_pair_grad_kernel"]
+    assert names == [
+        "_match_kernel",
+        "_objectness_target_kernel",
+        "_objectness_kernel",
+        "_finalize_kernel",
+        "_pair_grad_kernel",
+    ]
     for launch in launches:
         assert set(launch.arguments) == set(launch.kernel.arg_names)
 

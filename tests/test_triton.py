@@ -67,3 +67,82 @@ def test_matching_and_duplicates_are_linear_in_the_pairs(monkeypatch):
     assert large <= 4.5 * small, iterations
     # per pair: one step of its group's box walk and one of its class walk; per winner one class chunk
     assert large <= 3 * (3 * 512) + 64, iterations
+
+
+BAD_VALUES = [  # (column, value, the failing check's words in the message)
+    (0, 2.0, "image index"),
+    (0, 0.5, "image index"),
+    (1, 3.0, "class"),
+    (1, float("nan"), "class"),
+    (2, float("inf"), "box centre"),
+    (3, float("nan"), "box centre"),
+    (4, 0.0, "box w, h"),
+    (5, float("inf"), "box w, h"),
+]
+
+
+@pytest.mark.skipif(not interpreter_active(), reason="a failed device-side assertion ends a CUDA context")
+@pytest.mark.parametrize("column, value, words", BAD_VALUES)
+def test_device_value_checks_assert_and_never_match_the_bad_row(column, value, words, gen):
+    """The kernels check the target values (the Python checks are skipped on CUDA): one assertion
+    whose message names every condition; the failing row is unmatched either way, so the loss
+    equals the loss without it (a bad image index never addresses memory outside ``p``)."""
+    p = make_p(2, [2, 3], [(4, 4), (2, 2)], 3, gen)
+    anchors = random_anchors([2, 3], gen, lo=0.5, hi=2.0)
+    targets = make_targets(6, 2, 3, gen, lo=0.2, hi=0.6)
+    bad = targets.clone()
+    bad[2, column] = value
+    options = LossOptions(nc=3)
+    assert triton_loss.fused_loss(p, targets, anchors, options, check_values=True)[0].isfinite().all()
+    with pytest.raises(RuntimeError, match=r"device-side value checks") as error:
+        triton_loss.fused_loss(p, bad, anchors, options, check_values=True)
+    assert words in str(error.value)
+    kept = torch.cat((targets[:2], targets[3:]))
+    loss_bad, items_bad, _, _, grads_bad = triton_loss.fused_loss(p, bad, anchors, options)
+    loss_kept, items_kept, _, _, grads_kept = triton_loss.fused_loss(p, kept, anchors, options)
+    torch.testing.assert_close(items_bad, items_kept)
+    for g, h in zip(grads_bad, grads_kept):
+        torch.testing.assert_close(g, h)
+
+
+@pytest.mark.skipif(not interpreter_active(), reason="a failed device-side assertion ends a CUDA context")
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf")])
+def test_device_value_checks_cover_the_anchors_even_without_targets(value, gen):
+    p = make_p(1, [2, 2], [(3, 3), (2, 2)], 2, gen)
+    anchors = random_anchors([2, 2], gen)
+    anchors[1][1, 0] = value
+    for targets in (make_targets(3, 1, 2, gen), torch.zeros(0, 6)):
+        with pytest.raises(RuntimeError, match=r"finite anchor sizes > 0"):
+            triton_loss.fused_loss(p, targets, anchors, LossOptions(nc=2), check_values=True)
+
+
+def test_tensor_operations_outside_the_kernels_do_not_grow_with_the_layers(gen):
+    """Each CUDA launch costs host and driver time that, at common sizes, exceeds the kernels'
+    own time: besides its Triton kernels the launcher issues one memset, one sort, one search and
+    the value assertion, whatever the number of layers (the per-layer sums, scales and items are
+    one finalize kernel). Counted with the kernels recorded, not run."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    free = {"empty", "empty_like", "new_empty", "view", "slice", "select", "reshape", "_reshape_alias", "detach"}
+    free |= {"as_strided", "alias", "unsqueeze", "expand", "t", "transpose", "permute", "lift_fresh", "_to_copy"}
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name not in free:
+                self.ops.append(name)
+            if name == "_assert_async":  # the recorded kernels left its flag unwritten
+                return None
+            return func(*args, **(kwargs or {}))
+
+    for nl in (1, 3, 5):
+        p = make_p(2, [3] * nl, [(4, 4)] * nl, 3, gen)
+        anchors, targets = random_anchors([3] * nl, gen), make_targets(5, 2, 3, gen)
+        with triton_loss.record_launches() as launches, Count() as count:
+            triton_loss.fused_loss(p, targets, anchors, LossOptions(nc=3), check_values=True)
+        assert len(launches) == 3 * nl + 2
+        assert sorted(count.ops) == ["_assert_async", "searchsorted", "sort", "zeros"], count.ops

@@ -62,7 +62,9 @@ class CppBackend:
     name = "cpp"
     #: The op checks the target and anchor values (ValueError, the messages of ``validate``) in the
     #: pass that converts the targets, even with ``validate=False``: ``run_backend`` skips its own.
-    checks_values = True
+
+    def checks_values(self, device: torch.device) -> bool:
+        return True
 
     def unavailable_reason(self, device: torch.device | None) -> str | None:
         if library.LOAD_ERROR is not None:
@@ -71,7 +73,8 @@ class CppBackend:
             return f"the cpp backend runs on CPU tensors, got {device}"
         return None
 
-    def loss(self, p, targets, anchors, options, balance=None, stats=False):
+    def loss(self, p, targets, anchors, options, balance=None, stats=False, validate=True):
+        """``validate`` changes nothing: the op always checks the values (``checks_values``)."""
         require_extension()
         compute_grad = torch.is_grad_enabled() and any(x.requires_grad for x in p)
         if compute_grad and not torch.compiler.is_compiling():

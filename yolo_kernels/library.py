@@ -75,7 +75,14 @@ def scale_gradients(grads, grad_output: torch.Tensor | None) -> list[torch.Tenso
         return [None] * len(grads)
     if _readable_one(grad_output):
         return list(grads)
+    same = all(g.dtype == grad_output.dtype and g.device == grad_output.device for g in grads)
+    if same and grad_output.numel() == 1 and _FOREACH_MUL_TENSOR:  # one launch for all layers
+        return list(torch._foreach_mul(list(grads), grad_output.reshape(())))
     return [g * grad_output.to(g.dtype) for g in grads]
+
+
+#: ``torch._foreach_mul(tensors, scalar_tensor)`` (not in every torch the package supports).
+_FOREACH_MUL_TENSOR = hasattr(torch.ops.aten._foreach_mul, "Tensor")
 
 
 class FusedLoss(torch.autograd.Function):
@@ -142,7 +149,9 @@ def _register_triton_cuda_kernel() -> None:
     @torch.library.register_kernel("yolo_kernels::fused_loss", "cuda")
     def _fused_loss_cuda(p, targets, anchors, balance, *scalars_and_flags):
         *scalars, compute_stats, compute_grad = scalars_and_flags
-        return launcher(p, targets, anchors, options_from_op(p, *scalars), compute_grad, balance, compute_stats)
+        # the op checks the values, as the CPU op does (here with one device-side assertion)
+        options = options_from_op(p, *scalars)
+        return launcher(p, targets, anchors, options, compute_grad, balance, compute_stats, check_values=True)
 
 
 if _C is not None:

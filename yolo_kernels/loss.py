@@ -131,9 +131,13 @@ def run_backend(
     device = _first_device(p)
     anchors = [a.to(device=device) for a in anchors]
     impl = resolve_backend(backend, device)
-    # a backend whose op checks the target and anchor values itself (same messages) skips the Python pass
-    p = check_inputs(p, targets, anchors, options, validate and not getattr(impl, "checks_values", False))
-    loss, items, layer_obj, grad_stats = impl.loss(p, targets, anchors, options, balance, stats)
+    # a backend that checks the target and anchor values itself on this device skips the Python pass
+    own_checks = hasattr(impl, "checks_values") and impl.checks_values(device)
+    p = check_inputs(p, targets, anchors, options, validate and not own_checks)
+    if own_checks:
+        loss, items, layer_obj, grad_stats = impl.loss(p, targets, anchors, options, balance, stats, validate=validate)
+    else:
+        loss, items, layer_obj, grad_stats = impl.loss(p, targets, anchors, options, balance, stats)
     if not stats:
         return loss, items, layer_obj, None
     return loss, items, layer_obj, LossStats(grad_stats, loss.detach())

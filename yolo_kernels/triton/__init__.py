@@ -9,6 +9,7 @@ check it on machines without a GPU.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 
@@ -82,9 +83,17 @@ class TritonBackend:
             return None
         return f"the triton backend runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), got {device}"
 
-    def loss(self, p, targets, anchors, options, balance=None, stats=False):
+    def checks_values(self, device: torch.device) -> bool:
+        """On CUDA the kernels check the target and anchor values (one device-side assertion, no
+        host sync), so ``run_backend`` skips its own checks there; on CPU (the interpreter) the
+        Python checks run, which name the first bad row."""
+        return device.type == "cuda"
+
+    def loss(self, p, targets, anchors, options, balance=None, stats=False, validate=False):
+        """``validate``: assert the values on the device (``checks_values``)."""
         compute_grad = torch.is_grad_enabled() and any(x.requires_grad for x in p)
+        impl = functools.partial(launcher, check_values=validate)
         if compute_grad:  # backward never reads grad_output on the device: no sync (library.scale_gradients)
-            return FusedLoss.apply(launcher, options, balance, stats, targets, anchors, *p)
-        loss, items, layer_obj, grad_stats, _ = launcher(p, targets, anchors, options, False, balance, stats)
+            return FusedLoss.apply(impl, options, balance, stats, targets, anchors, *p)
+        loss, items, layer_obj, grad_stats, _ = impl(p, targets, anchors, options, False, balance, stats)
         return loss, items, layer_obj, grad_stats

@@ -2,34 +2,46 @@
 
 Both families (``FAMILY``: the archive YOLOv3 loss, the YOLOv5-style one) share the kernels; they
 differ in ``math.match``, ``math.predicted_box``, ``math.box_iou``'s constants, the objectness
-weights and the batch-size factor. Per layer, with a fixed capacity of candidate pairs in pair
-order (YOLOv3: ``na * nt``, anchor-major; YOLOv5: ``5 * na * nt``, the five cell blocks, each
-anchor-major) and a validity mask instead of compaction:
+weights and the batch-size factor. The cells of all layers are numbered end to end (global cell
+index = the layer's offset + its flat cell index), and so are the candidate pairs: per layer a
+fixed capacity in pair order (YOLOv3: ``na * nt``, anchor-major; YOLOv5: ``5 * na * nt``, the
+five cell blocks, each anchor-major), with an unmatched key instead of compaction.
 
-1. ``_match_kernel``: match each candidate (clamped cell), gather its row, compute the IoU-family
-   value and its gradient w.r.t. the 4 box logits (dual numbers) and the summed class BCE; write
-   its cell as a sort key (``num_cells`` when unmatched).
-2. ``torch.sort(..., stable=True)`` of the keys groups the candidates by cell, in pair order
-   within a cell; ``torch.searchsorted`` gives each group's first position. O(P log P) for P
-   candidates, on the device, no sync.
-3. ``_objectness_target_kernel``: the last candidate of each group writes the cell's objectness
-   target into ``tobj``: from its own IoU (the last pair in pair order wins, deterministically),
-   or with ``sort_obj_iou`` from the group's highest IoU.
-4. ``_objectness_kernel``: every cell's objectness BCE (a partial sum per program) and, with a
-   gradient, every row of the gradient: zeros and the objectness term, with p's layout.
-5. ``_pair_grad_kernel``: the last candidate of each group adds the box and class terms of the
-   group's candidates (in pair order) to its cell's row: duplicates are summed without atomics,
-   and each candidate is visited once, so the whole pass is O(P · nc).
+Launch cost rules the design: on a GPU each launch costs microseconds of host and driver time,
+more than most of these kernels run, so a loss call is a fixed handful of launches whatever the
+layers hold (``test_triton.py`` counts them):
 
-Reductions are two-stage and fixed (per-program partials, then ``torch.sum``), so results are
-bitwise reproducible. Offsets are int64 (a batch-64, 640x640 ``p`` has more than 2^31 bytes).
+1. one memset: every cell's objectness target and the value-check flags;
+2. ``_match_kernel`` per layer: match each candidate (clamped cell), gather its row, compute the
+   IoU-family value and its gradient w.r.t. the 4 box logits (dual numbers) and the class BCE;
+   write its global cell as the sort key (``total_cells`` when unmatched) and per-program partial
+   sums (pairs, ``1 - IoU``, class BCE); check the target rows (first layer) and the anchors,
+   never matching a row that fails;
+3. one ``torch.sort(..., stable=True)`` of all keys groups the candidates by cell, in pair order
+   within a cell, and ``torch.searchsorted`` gives each group's first position;
+4. ``_objectness_target_kernel`` (all layers): the last candidate of each group writes the cell's
+   objectness target: from its own IoU (the last pair in pair order wins, deterministically), or
+   with ``sort_obj_iou`` from the group's highest IoU;
+5. ``_objectness_kernel`` per layer: every cell's objectness BCE (a partial sum per program) and,
+   with a gradient, every row of the gradient: zeros and the objectness term, with p's layout;
+6. ``_finalize_kernel`` (one program): the loss items, the per-layer objectness means and the box
+   and class gradient scales from the partial sums (the scales depend on the pair counts, which
+   only the device knows), and the flag the optional value assertion reads;
+7. ``_pair_grad_kernel`` per layer: the last candidate of each of its groups adds the box and
+   class terms of the group's candidates (in pair order) to its cell's row: duplicates are summed
+   without atomics, and each candidate is visited once, so the pass is O(P · nc).
+
+Reductions are two-stage and fixed (per-program partials, then one program in a fixed order), so
+results are bitwise reproducible. Offsets are int64 (a batch-64, 640x640 ``p`` has more than 2^31
+bytes).
 
 Every launch goes through ``_launch`` with keyword arguments; ``record_launches`` captures them
 instead of running them, which is how the compile gate (``compile_gate.py``) derives each kernel's
 signature from this launcher rather than from a hand-written list.
 
-Float hyperparameters are float32 kernel arguments (Triton's type for a Python float); with a
-float64 ``p`` the math runs in float64 and those scalars enter it as their float32 values.
+Float kernel arguments are typed float64 (annotations) and converted once to the compute dtype
+(``math.as_compute``): a float64 ``p`` gets its hyperparameters exactly, float32 math rounds each
+once (a plain Python float argument is float32, which cost float64 runs their last digits).
 """
 
 from __future__ import annotations
@@ -46,7 +58,7 @@ import triton.language as tl
 
 from ..config import LossOptions
 from ..reference import compute_dtype
-from .math import YOLOV3, YOLOV5, bce_with_logits, box_iou, match
+from .math import YOLOV3, YOLOV5, as_compute, bce_with_logits, box_iou, match
 
 KINDS = {"iou": 0, "giou": 1, "diou": 2, "ciou": 3}
 FAMILIES = {"yolov3": YOLOV3.value, "yolov5": YOLOV5.value}
@@ -59,7 +71,7 @@ BLOCK_CELLS = 128  # cells per program of the objectness kernel
 BLOCK_CHANNELS = 32  # gradient channels per step of the objectness kernel's row writes
 
 
-@triton.jit(do_not_specialize=["num_targets"])
+@triton.jit(do_not_specialize=["num_targets", "check_rows", "candidate_offset", "cell_offset", "partial_offset"])
 def _match_kernel(
     p_ptr,
     p_stride_b,
@@ -70,23 +82,28 @@ def _match_kernel(
     targets_ptr,
     anchors_ptr,
     num_targets,
+    check_rows,
     num_anchors,
     num_candidates,
+    batch_size,
     grid_h,
     grid_w,
     num_classes,
-    num_cells,
-    threshold,
-    cls_pos,
-    cls_neg,
-    cls_pos_weight,
-    focal_gamma,
-    valid_ptr,
+    total_cells,
+    cell_offset,
+    candidate_offset,
+    partial_offset,
+    threshold: tl.float64,
+    cls_pos: tl.float64,
+    cls_neg: tl.float64,
+    cls_pos_weight: tl.float64,
+    focal_gamma: tl.float64,
     key_ptr,
     iou_ptr,
     iou_grad_ptr,
-    cls_loss_ptr,
     cls_ptr,
+    partial_ptr,
+    flags_ptr,
     matched_target_ptr,
     FAMILY: tl.constexpr,
     BOX_KIND: tl.constexpr,
@@ -97,32 +114,54 @@ def _match_kernel(
     BLOCK_PAIRS: tl.constexpr,
     BLOCK_CLASSES: tl.constexpr,
 ):
-    """Match, box IoU with its gradient, class BCE and the cell (sort key) of ``BLOCK_PAIRS`` candidates.
+    """Match, box IoU with its gradient, class BCE and the cell (sort key) of ``BLOCK_PAIRS``
+    candidates of one layer, their partial sums, and the value checks of the targets and anchors.
 
     Args:
         p_ptr, p_stride_*: one layer's ``p [bs, na, ny, nx, 5 + nc]`` and its strides (elements).
         targets_ptr: ``[nt, 6]`` rows ``(image, class, x, y, w, h)`` (normalised), compute dtype.
         anchors_ptr: ``[na, 2]`` anchor sizes in grid units, compute dtype.
-        num_targets, num_anchors, grid_h, grid_w, num_classes: ``nt``, ``na``, ``ny``, ``nx``, ``nc``.
+        num_targets: ``nt`` (at least 1: with no targets ``num_candidates`` is 0).
+        check_rows: how many target rows this launch checks (``nt`` for the first layer, else 0).
+        num_anchors, batch_size, grid_h, grid_w, num_classes: ``na``, ``bs``, ``ny``, ``nx``, ``nc``.
         num_candidates: ``blocks * na * nt`` (blocks: 1 for YOLOv3, 5 for YOLOv5).
-        num_cells: ``bs * na * ny * nx``, the sort key of an unmatched candidate.
+        total_cells: the cells of all layers, the sort key of an unmatched candidate.
+        cell_offset: this layer's first global cell (keys are global: one sort serves every layer).
+        candidate_offset: this layer's first slot in the candidate buffers.
+        partial_offset: this layer's first row in ``partial_ptr``.
         threshold: ``iou_t`` (YOLOv3: matched when wh-IoU > it) or ``anchor_t`` (YOLOv5: matched
             when the worst wh ratio < it).
         cls_pos, cls_neg: the class targets after label smoothing.
         cls_pos_weight, focal_gamma: the class BCE's ``pos_weight`` and focal gamma.
-        valid_ptr .. cls_ptr: per candidate outputs ``[num_candidates]`` (``iou_grad_ptr``:
-            ``[num_candidates, 4]``): matched flag (int8), flat cell index or ``num_cells`` when
-            unmatched (int64), IoU, d IoU / d box logits, summed class BCE, class id (int64).
+        key_ptr, iou_ptr, iou_grad_ptr, cls_ptr: per candidate outputs (all layers): global cell or
+            ``total_cells`` when unmatched (int32 or int64), IoU, d IoU / d box logits (``[., 4]``),
+            class id (int32).
+        partial_ptr: per program ``[3]``: matched pairs, sum of ``1 - IoU``, sum of the class BCE.
+        flags_ptr: the value checks, set to 1 where one fails (zero-initialised): image index,
+            class, box centre, box size, anchors. A failing target row is never matched, so a bad
+            image index or a non-finite box cannot address memory outside ``p``.
         matched_target_ptr: with ``STATS``, ``[nt]`` int8 flags (shared by the layers): set to 1 for
             each target a candidate matched (every writer stores the same value).
         FAMILY: ``math.YOLOV3`` or ``math.YOLOV5``.
         BOX_KIND: 0 IoU, 1 GIoU, 2 DIoU, 3 CIoU. FOCAL: focal class BCE. HAS_CLS: ``nc > 1``.
         COMPUTE_DTYPE: float32, or float64 for a float64 ``p``.
     """
+    threshold = as_compute(threshold, COMPUTE_DTYPE)
+    cls_pos = as_compute(cls_pos, COMPUTE_DTYPE)
+    cls_neg = as_compute(cls_neg, COMPUTE_DTYPE)
+    cls_pos_weight = as_compute(cls_pos_weight, COMPUTE_DTYPE)
+    focal_gamma = as_compute(focal_gamma, COMPUTE_DTYPE)
     pid = tl.program_id(0).to(tl.int64)
-    k = pid * BLOCK_PAIRS + tl.arange(0, BLOCK_PAIRS)  # candidate = (block * na + anchor) * nt + target
+    lanes = tl.arange(0, BLOCK_PAIRS)
+    if pid == 0:  # the anchors, once per layer (also with no targets)
+        for a0 in range(0, 2 * num_anchors, BLOCK_PAIRS):
+            m_a = a0 + lanes < 2 * num_anchors
+            size = tl.load(anchors_ptr + a0 + lanes, mask=m_a, other=1.0).to(COMPUTE_DTYPE)
+            bad = m_a & ~((size > 0.0) & ((size - size) == 0.0))  # x - x is NaN for inf and NaN
+            tl.store(flags_ptr + 4 + lanes * 0, tl.full([BLOCK_PAIRS], 1.0, COMPUTE_DTYPE), mask=bad)
+    k = pid * BLOCK_PAIRS + lanes  # candidate = (block * na + anchor) * nt + target
     in_range = k < num_candidates
-    row = k // num_targets  # launched only when nt > 0
+    row = k // num_targets
     j = k - row * num_targets
     block = row // num_anchors
     a = row - block * num_anchors
@@ -131,6 +170,25 @@ def _match_kernel(
     valid, bi, ci, gj, gi, tx, ty, gw, gh = match(
         targets_ptr + 6 * j, aw, ah, grid_h, grid_w, threshold, in_range, block, COMPUTE_DTYPE, FAMILY
     )
+    # the value checks of the target row (each row once: its first candidate, in the first layer)
+    t_row = targets_ptr + 6 * j
+    b = tl.load(t_row, mask=in_range, other=0.0).to(COMPUTE_DTYPE)
+    c = tl.load(t_row + 1, mask=in_range, other=0.0).to(COMPUTE_DTYPE)
+    x = tl.load(t_row + 2, mask=in_range, other=0.0).to(COMPUTE_DTYPE)
+    y = tl.load(t_row + 3, mask=in_range, other=0.0).to(COMPUTE_DTYPE)
+    w = tl.load(t_row + 4, mask=in_range, other=1.0).to(COMPUTE_DTYPE)
+    h = tl.load(t_row + 5, mask=in_range, other=1.0).to(COMPUTE_DTYPE)
+    ok_image = (b >= 0.0) & (b < batch_size) & (b == tl.floor(b))
+    ok_class = (c >= 0.0) & (c < num_classes) & (c == tl.floor(c))
+    ok_xy = ((x - x) == 0.0) & ((y - y) == 0.0)
+    ok_wh = (w > 0.0) & (h > 0.0) & ((w - w) == 0.0) & ((h - h) == 0.0)
+    checked = in_range & (k < check_rows)
+    one = tl.full([BLOCK_PAIRS], 1.0, COMPUTE_DTYPE)
+    tl.store(flags_ptr + lanes * 0, one, mask=checked & ~ok_image)
+    tl.store(flags_ptr + 1 + lanes * 0, one, mask=checked & ~ok_class)
+    tl.store(flags_ptr + 2 + lanes * 0, one, mask=checked & ~ok_xy)
+    tl.store(flags_ptr + 3 + lanes * 0, one, mask=checked & ~ok_wh)
+    valid = valid & ok_image & ok_class & ok_xy & ok_wh
 
     base = p_ptr + bi * p_stride_b + a * p_stride_a + gj * p_stride_y + gi * p_stride_x
     x0 = tl.load(base, mask=valid, other=0.0).to(COMPUTE_DTYPE)
@@ -152,15 +210,20 @@ def _match_kernel(
             cls_loss += tl.sum(tl.where(m, lc, 0.0), axis=1).to(COMPUTE_DTYPE)
 
     cell = ((bi * num_anchors + a) * grid_h + gj) * grid_w + gi
-    tl.store(valid_ptr + k, valid.to(tl.int8), mask=in_range)
-    tl.store(key_ptr + k, tl.where(valid, cell, num_cells), mask=in_range)
-    tl.store(iou_ptr + k, iou.to(COMPUTE_DTYPE), mask=in_range)
-    tl.store(iou_grad_ptr + 4 * k, d0.to(COMPUTE_DTYPE), mask=in_range)
-    tl.store(iou_grad_ptr + 4 * k + 1, d1.to(COMPUTE_DTYPE), mask=in_range)
-    tl.store(iou_grad_ptr + 4 * k + 2, d2.to(COMPUTE_DTYPE), mask=in_range)
-    tl.store(iou_grad_ptr + 4 * k + 3, d3.to(COMPUTE_DTYPE), mask=in_range)
-    tl.store(cls_loss_ptr + k, cls_loss, mask=in_range)
-    tl.store(cls_ptr + k, ci, mask=in_range)
+    slot = candidate_offset + k
+    key = tl.where(valid, cell_offset + cell, total_cells)
+    tl.store(key_ptr + slot, key.to(key_ptr.dtype.element_ty), mask=in_range)
+    tl.store(iou_ptr + slot, iou.to(COMPUTE_DTYPE), mask=in_range)
+    tl.store(iou_grad_ptr + 4 * slot, d0.to(COMPUTE_DTYPE), mask=in_range)
+    tl.store(iou_grad_ptr + 4 * slot + 1, d1.to(COMPUTE_DTYPE), mask=in_range)
+    tl.store(iou_grad_ptr + 4 * slot + 2, d2.to(COMPUTE_DTYPE), mask=in_range)
+    tl.store(iou_grad_ptr + 4 * slot + 3, d3.to(COMPUTE_DTYPE), mask=in_range)
+    tl.store(cls_ptr + slot, ci.to(tl.int32), mask=in_range)
+    # per-program partial sums (reduced in a fixed order by _finalize_kernel: reproducible)
+    part = partial_ptr + 3 * (partial_offset + pid)
+    tl.store(part, tl.sum(valid.to(COMPUTE_DTYPE), axis=0))
+    tl.store(part + 1, tl.sum(tl.where(valid, 1.0 - iou, 0.0), axis=0).to(COMPUTE_DTYPE))
+    tl.store(part + 2, tl.sum(tl.where(valid, cls_loss, 0.0), axis=0).to(COMPUTE_DTYPE))
     if STATS:
         tl.store(matched_target_ptr + j, tl.full([BLOCK_PAIRS], 1, tl.int8), mask=valid)
 
@@ -182,7 +245,7 @@ def _objectness_target_kernel(
     tobj_ptr,
     num_candidates,
     num_cells,
-    gr,
+    gr: tl.float64,
     SORT_OBJ_IOU: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
 ):
@@ -195,9 +258,10 @@ def _objectness_target_kernel(
         group_start_ptr: per sorted position, the first position of its key's group.
         iou_ptr: the candidates' IoUs (candidate order), written by ``_match_kernel``.
         tobj_ptr: ``[num_cells]`` objectness targets, zero-initialised.
-        num_candidates, num_cells: the candidate capacity and ``bs * na * ny * nx``.
+        num_candidates, num_cells: the candidates and the cells of all layers (global cell keys).
         gr: the IoU ratio of the objectness target.
     """
+    gr = as_compute(gr, COMPUTE_DTYPE)
     i = tl.program_id(0).to(tl.int64)
     won, cell = _is_group_end(sorted_key_ptr, i, num_candidates, num_cells)
     if won:
@@ -236,7 +300,7 @@ def _cell_rows(
     return p_row, g_row
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_cells", "cell_offset", "partial_offset"])
 def _objectness_kernel(
     p_ptr,
     p_stride_b,
@@ -252,17 +316,21 @@ def _objectness_kernel(
     grad_stride_c,
     tobj_ptr,
     partial_ptr,
+    layer_ptr,
     obj_stats_ptr,
     balance_ptr,
     layer,
     num_cells,
+    cell_offset,
+    partial_offset,
     num_anchors,
     grid_h,
     grid_w,
     num_outputs,
-    obj_pos_weight,
-    focal_gamma,
-    obj_scale,
+    obj_pos_weight: tl.float64,
+    focal_gamma: tl.float64,
+    obj_loss_scale: tl.float64,
+    obj_grad_scale: tl.float64,
     FOCAL: tl.constexpr,
     HAS_BALANCE: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
@@ -271,23 +339,34 @@ def _objectness_kernel(
     BLOCK_CELLS: tl.constexpr,
     BLOCK_CHANNELS: tl.constexpr,
 ):
-    """The objectness BCE of ``BLOCK_CELLS`` cells and, with ``WRITE_GRAD``, their gradient rows.
+    """The objectness BCE of ``BLOCK_CELLS`` cells of one layer and, with ``WRITE_GRAD``, their
+    gradient rows. Programs past the layer's cells write zero partials (every layer is launched
+    with the programs of the largest, so ``_finalize_kernel`` reads one fixed-size block per layer).
 
     Args:
         p_ptr, p_stride_*: one layer's ``p`` and its strides (elements).
         grad_ptr, grad_stride_*: its gradient (p's dtype and layout); unused without ``WRITE_GRAD``.
-        tobj_ptr: ``[bs * na * ny * nx]`` objectness targets (compute dtype).
-        partial_ptr: one partial loss sum per program (compute dtype), reduced by the caller.
+        tobj_ptr: objectness targets of the cells of all layers (compute dtype).
+        partial_ptr: one partial loss sum per program (compute dtype), reduced by ``_finalize_kernel``.
+        layer_ptr: ``[layers, 2]``: program 0 writes this layer's cell count and loss scale there.
         obj_stats_ptr: with ``STATS``, per program the sum of squares and the largest magnitude of
             the objectness gradient of its cells (``[programs, 2]``, compute dtype).
         balance_ptr, layer: with ``HAS_BALANCE``, the per-layer objectness weights (device, compute
             dtype) and this layer's index: the gradient is also scaled by ``balance[layer]``.
         num_cells, num_anchors, grid_h, grid_w, num_outputs: ``bs * na * ny * nx``, ``na``, ``ny``,
             ``nx``, ``5 + nc``.
+        cell_offset, partial_offset: this layer's first global cell and first partial.
         obj_pos_weight, focal_gamma: the objectness BCE's ``pos_weight`` and focal gamma.
-        obj_scale: the gain that turns the element gradient into d loss / d logit.
+        obj_loss_scale: the gain of this layer's BCE sum in the loss (``obj / cells`` or ``3 obj / bs``).
+        obj_grad_scale: the gain that turns the element gradient into d loss / d logit.
     """
+    obj_pos_weight = as_compute(obj_pos_weight, COMPUTE_DTYPE)
+    focal_gamma = as_compute(focal_gamma, COMPUTE_DTYPE)
+    obj_grad_scale = as_compute(obj_grad_scale, COMPUTE_DTYPE)
     pid = tl.program_id(0).to(tl.int64)
+    if pid == 0:
+        tl.store(layer_ptr + 2 * layer, num_cells.to(COMPUTE_DTYPE))
+        tl.store(layer_ptr + 2 * layer + 1, as_compute(obj_loss_scale, COMPUTE_DTYPE))
     cell = pid * BLOCK_CELLS + tl.arange(0, BLOCK_CELLS)
     m = cell < num_cells
     p_row, g_row = _cell_rows(
@@ -307,17 +386,18 @@ def _objectness_kernel(
         grad_stride_x,
     )
     logit = tl.load(p_row + 4 * p_stride_c, mask=m, other=0.0).to(COMPUTE_DTYPE)
-    target = tl.load(tobj_ptr + cell, mask=m, other=0.0)
+    target = tl.load(tobj_ptr + cell_offset + cell, mask=m, other=0.0)
     loss, grad = bce_with_logits(logit, target, obj_pos_weight, focal_gamma, FOCAL)
-    tl.store(partial_ptr + pid, tl.sum(tl.where(m, loss, 0.0), axis=0).to(COMPUTE_DTYPE))
+    tl.store(partial_ptr + partial_offset + pid, tl.sum(tl.where(m, loss, 0.0), axis=0).to(COMPUTE_DTYPE))
     if WRITE_GRAD or STATS:
-        g_obj = grad * obj_scale
+        g_obj = grad * obj_grad_scale
         if HAS_BALANCE:
             g_obj = g_obj * tl.load(balance_ptr + layer).to(COMPUTE_DTYPE)
     if STATS:
         g_in = tl.where(m, g_obj, 0.0)
-        tl.store(obj_stats_ptr + 2 * pid, tl.sum(g_in * g_in, axis=0).to(COMPUTE_DTYPE))
-        tl.store(obj_stats_ptr + 2 * pid + 1, tl.max(tl.abs(g_in), axis=0).to(COMPUTE_DTYPE))
+        stats = obj_stats_ptr + 2 * (partial_offset + pid)
+        tl.store(stats, tl.sum(g_in * g_in, axis=0).to(COMPUTE_DTYPE))
+        tl.store(stats + 1, tl.max(tl.abs(g_in), axis=0).to(COMPUTE_DTYPE))
     if WRITE_GRAD:
         g_obj = g_obj[:, None]
         # rows are written whole (zeros and the objectness term): the gradient is written once
@@ -328,7 +408,121 @@ def _objectness_kernel(
             tl.store(g_row[:, None] + ch[None, :] * grad_stride_c, values.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["num_candidates"])
+@triton.jit
+def _finalize_kernel(
+    match_partial_ptr,
+    obj_partial_ptr,
+    layer_ptr,
+    balance_ptr,
+    flags_ptr,
+    loss_ptr,
+    items_ptr,
+    layer_obj_ptr,
+    scales_ptr,
+    counts_ptr,
+    ok_ptr,
+    num_layers,
+    match_programs,
+    obj_programs,
+    num_flags,
+    num_classes,
+    box_gain: tl.float64,
+    cls_gain: tl.float64,
+    out_scale: tl.float64,
+    SUM_REDUCTION: tl.constexpr,
+    HAS_CLS: tl.constexpr,
+    HAS_BALANCE: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One program: the loss from the partial sums of every layer, in a fixed order, and the
+    per-layer gradient scales of the box and class terms (they depend on the pair counts, which
+    only the device knows). Replaces a few dozen small tensor operations, and their launches.
+
+    Args:
+        match_partial_ptr: ``[layers, match_programs, 3]`` from ``_match_kernel``.
+        obj_partial_ptr: ``[layers, obj_programs]`` from ``_objectness_kernel``.
+        layer_ptr: ``[layers, 2]`` cell count and objectness loss scale, from ``_objectness_kernel``.
+        balance_ptr: with ``HAS_BALANCE``, ``[layers]`` objectness weights.
+        flags_ptr: ``[num_flags]`` value-check flags from ``_match_kernel``.
+        loss_ptr, items_ptr, layer_obj_ptr: outputs ``[1]``, ``[4]`` (box, obj, cls, sum), ``[layers]``
+            (mean objectness BCE per layer).
+        scales_ptr: output ``[layers, 2]``: box and class gradient gains over the pair count.
+        counts_ptr: output ``[layers]``: matched pairs per layer.
+        ok_ptr: output ``[1]``: 1 when every value check passed, else 0.
+        box_gain, cls_gain: ``giou`` and ``cls`` times the reduction gain (1, or 3 with ``sum``).
+        out_scale: the factor of the returned loss and of the gradients (YOLOv5: the batch size).
+    """
+    box_gain = as_compute(box_gain, COMPUTE_DTYPE)
+    cls_gain = as_compute(cls_gain, COMPUTE_DTYPE)
+    out_scale = as_compute(out_scale, COMPUTE_DTYPE)
+    offs = tl.arange(0, BLOCK)
+    zero = tl.zeros([BLOCK], dtype=COMPUTE_DTYPE)
+    total_acc = zero
+    for layer in range(0, num_layers):
+        for s in range(0, match_programs, BLOCK):
+            rows = match_partial_ptr + 3 * (layer * match_programs + s + offs)
+            total_acc += tl.load(rows, mask=s + offs < match_programs, other=0.0).to(COMPUTE_DTYPE)
+    total = tl.sum(total_acc, axis=0)
+    box_acc = zero
+    obj_acc = zero
+    cls_acc = zero
+    for layer in range(0, num_layers):
+        count_acc = zero
+        box_sum_acc = zero
+        cls_sum_acc = zero
+        for s in range(0, match_programs, BLOCK):
+            m = s + offs < match_programs
+            rows = match_partial_ptr + 3 * (layer * match_programs + s + offs)
+            count_acc += tl.load(rows, mask=m, other=0.0).to(COMPUTE_DTYPE)
+            box_sum_acc += tl.load(rows + 1, mask=m, other=0.0).to(COMPUTE_DTYPE)
+            cls_sum_acc += tl.load(rows + 2, mask=m, other=0.0).to(COMPUTE_DTYPE)
+        obj_sum_acc = zero
+        for s in range(0, obj_programs, BLOCK):
+            m = s + offs < obj_programs
+            partial = tl.load(obj_partial_ptr + layer * obj_programs + s + offs, mask=m, other=0.0)
+            obj_sum_acc += partial.to(COMPUTE_DTYPE)
+        count = tl.sum(count_acc, axis=0)
+        if SUM_REDUCTION:
+            pairs = total
+        else:
+            pairs = count
+        safe = tl.maximum(pairs, 1.0)
+        box_scale = tl.where(pairs > 0.0, box_gain / safe, 0.0)
+        if HAS_CLS:
+            cls_scale = tl.where(pairs > 0.0, cls_gain / (safe * num_classes), 0.0)
+        else:
+            cls_scale = box_scale * 0.0
+        obj_sum = tl.sum(obj_sum_acc, axis=0)
+        cells = tl.load(layer_ptr + 2 * layer).to(COMPUTE_DTYPE)
+        obj_scale = tl.load(layer_ptr + 2 * layer + 1).to(COMPUTE_DTYPE)
+        if HAS_BALANCE:
+            obj_sum_w = obj_sum * tl.load(balance_ptr + layer).to(COMPUTE_DTYPE)
+        else:
+            obj_sum_w = obj_sum
+        # one lane carries the layer's terms: the accumulators stay vectors of one dtype
+        first = offs == 0
+        box_acc += tl.where(first, box_scale * tl.sum(box_sum_acc, axis=0), 0.0)
+        obj_acc += tl.where(first, obj_scale * obj_sum_w, 0.0)
+        cls_acc += tl.where(first, cls_scale * tl.sum(cls_sum_acc, axis=0), 0.0)
+        tl.store(layer_obj_ptr + layer, (obj_sum / cells).to(COMPUTE_DTYPE))
+        tl.store(scales_ptr + 2 * layer, (box_scale * out_scale).to(COMPUTE_DTYPE))
+        tl.store(scales_ptr + 2 * layer + 1, (cls_scale * out_scale).to(COMPUTE_DTYPE))
+        tl.store(counts_ptr + layer, count.to(COMPUTE_DTYPE))
+    lbox = tl.sum(box_acc, axis=0)
+    lobj = tl.sum(obj_acc, axis=0)
+    lcls = tl.sum(cls_acc, axis=0)
+    total_loss = lbox + lobj + lcls
+    tl.store(items_ptr, lbox.to(COMPUTE_DTYPE))
+    tl.store(items_ptr + 1, lobj.to(COMPUTE_DTYPE))
+    tl.store(items_ptr + 2, lcls.to(COMPUTE_DTYPE))
+    tl.store(items_ptr + 3, total_loss.to(COMPUTE_DTYPE))
+    tl.store(loss_ptr, (total_loss * out_scale).to(COMPUTE_DTYPE))
+    flags = tl.load(flags_ptr + offs, mask=offs < num_flags, other=0.0)
+    tl.store(ok_ptr, (tl.max(flags, axis=0) == 0.0).to(COMPUTE_DTYPE))
+
+
+@triton.jit(do_not_specialize=["num_candidates", "cell_offset"])
 def _pair_grad_kernel(
     p_ptr,
     p_stride_b,
@@ -349,16 +543,19 @@ def _pair_grad_kernel(
     cls_ptr,
     scale_ptr,
     pair_stats_ptr,
+    layer,
     num_candidates,
+    total_cells,
+    cell_offset,
     num_cells,
     num_anchors,
     grid_h,
     grid_w,
     num_classes,
-    cls_pos,
-    cls_neg,
-    cls_pos_weight,
-    focal_gamma,
+    cls_pos: tl.float64,
+    cls_neg: tl.float64,
+    cls_pos_weight: tl.float64,
+    focal_gamma: tl.float64,
     FOCAL: tl.constexpr,
     HAS_CLS: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
@@ -376,16 +573,24 @@ def _pair_grad_kernel(
         sorted_key_ptr, order_ptr: the candidates' keys sorted (stable) and the sorting permutation.
         group_start_ptr: per sorted position, the first position of its key's group.
         iou_grad_ptr, cls_ptr: written by ``_match_kernel`` (candidate order).
-        scale_ptr: ``[2]`` device scalars (compute dtype): the box and class gains over the pair count.
-        num_candidates, num_cells: the candidate capacity and ``bs * na * ny * nx``.
+        scale_ptr, layer: ``[layers, 2]`` device scalars (compute dtype, from ``_finalize_kernel``):
+            the box and class gains over the pair count; this layer's row.
+        num_candidates, total_cells: the candidates and the cells of all layers.
+        cell_offset, num_cells: this layer's first global cell and its cells: the groups of other
+            layers' cells are left to their own launch.
         Other scalars as in ``_match_kernel``.
     """
+    cls_pos = as_compute(cls_pos, COMPUTE_DTYPE)
+    cls_neg = as_compute(cls_neg, COMPUTE_DTYPE)
+    cls_pos_weight = as_compute(cls_pos_weight, COMPUTE_DTYPE)
+    focal_gamma = as_compute(focal_gamma, COMPUTE_DTYPE)
     i = tl.program_id(0).to(tl.int64)
-    won, cell = _is_group_end(sorted_key_ptr, i, num_candidates, num_cells)
-    if won:
+    won, key = _is_group_end(sorted_key_ptr, i, num_candidates, total_cells)
+    cell = key.to(tl.int64) - cell_offset
+    if won & (cell >= 0) & (cell < num_cells):
         first = tl.load(group_start_ptr + i)
-        box_scale = tl.load(scale_ptr)
-        cls_scale = tl.load(scale_ptr + 1)
+        box_scale = tl.load(scale_ptr + 2 * layer)
+        cls_scale = tl.load(scale_ptr + 2 * layer + 1)
         p_row, g_row = _cell_rows(
             cell,
             num_anchors,
@@ -480,55 +685,51 @@ def _strides(prefix: str, t: torch.Tensor) -> dict:
     return {f"{prefix}_stride_{axis}": s for axis, s in zip("bayxc", t.stride())}
 
 
-@dataclasses.dataclass
-class _Candidates:
-    """Per-candidate buffers of one layer, written by ``_match_kernel``."""
-
-    valid: torch.Tensor
-    key: torch.Tensor
-    iou: torch.Tensor
-    iou_grad: torch.Tensor
-    cls_loss: torch.Tensor
-    cls: torch.Tensor
-
-    @classmethod
-    def empty(cls, n: int, dtype: torch.dtype, device: torch.device) -> _Candidates:
-        def new(*shape, dt=dtype):
-            return torch.empty(*shape, dtype=dt, device=device)
-
-        return cls(new(n, dt=torch.int8), new(n, dt=torch.int64), new(n), new(n, 4), new(n), new(n, dt=torch.int64))
+#: Slots of the value-check flags (``_match_kernel``): image index, class, box centre, box size, anchors.
+NUM_FLAGS = 5
+BLOCK_FINALIZE = 128  # partials per step of the finalize kernel
 
 
-@dataclasses.dataclass
-class _LayerState:
-    """What the first pass over a layer leaves for the second: its shapes, candidates, their
-    grouping by cell (``None`` without candidates) and the objectness targets."""
-
-    p: torch.Tensor
-    na: int
-    ny: int
-    nx: int
-    n_cand: int
-    n_cells: int
-    cand: _Candidates
-    groups: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # sorted keys, order, group starts
-    tobj: torch.Tensor
+def value_check_message(batch_size: int, nc: int) -> str:
+    """The message of the device-side value check (one assertion for all checks: each costs a launch)."""
+    return (
+        "yolo_kernels (triton): targets or anchors failed the device-side value checks: expected "
+        f"targets[:, 0] (image index) integers in [0, {batch_size}), targets[:, 1] (class) integers in "
+        f"[0, {nc}), finite targets[:, 2:4] (box centre x, y), finite targets[:, 4:6] (box w, h) > 0 and "
+        "finite anchor sizes > 0; the rows that fail are not matched. Run the loss on CPU copies of the "
+        "inputs (or call yolo_kernels.validate.check_inputs on them) to see the first bad row and value"
+    )
 
 
-def fused_loss(p, targets, anchors, options: LossOptions, compute_grad: bool = True, balance=None, compute_stats=False):
+def fused_loss(
+    p,
+    targets,
+    anchors,
+    options: LossOptions,
+    compute_grad: bool = True,
+    balance=None,
+    compute_stats=False,
+    check_values=False,
+):
     """``(loss [1], loss_items [4], layer_obj [nl], stats [nl + 1, 8] or [0, 8], [d loss / d p[i]])``
     (the op's outputs; ``stats``: per layer the sums of squares and largest magnitudes of the
     box / objectness / class gradient, matched pairs, duplicate pairs; last row: unmatched targets) for
     float16/bfloat16/float32 ``p`` (math in float32; float64 ``p`` in float64) on the device of
     ``p`` (CUDA, or CPU under ``TRITON_INTERPRET=1``). ``balance [nl]`` (a device tensor, or
-    ``None``: ones) weighs each layer's objectness term. No host sync: every shape follows from
-    the input shapes."""
+    ``None``: ones) weighs each layer's objectness term. ``check_values``: assert on the device
+    (``torch._assert_async``, no host sync) that the target and anchor values are valid; the
+    kernels never match a row that fails, so memory stays in bounds either way.
+
+    No host sync, and few launches (each costs microseconds of host and driver time, more than the
+    kernels themselves at common sizes): one memset, a match and an objectness launch per layer,
+    one sort and one search for all layers, one objectness-target and one finalize launch, and a
+    pair-gradient launch per layer."""
     o = options
     device = p[0].device
     dtype = compute_dtype(p[0].dtype)
     tl_dtype = tl.float64 if dtype == torch.float64 else tl.float32
     bs, no = p[0].shape[0], p[0].shape[4]
-    nc = no - 5
+    nc, nl = no - 5, len(p)
     t = targets.to(device=device, dtype=dtype).contiguous()
     nt = t.shape[0]
     focal, has_cls = o.fl_gamma > 0, nc > 1
@@ -537,114 +738,123 @@ def fused_loss(p, targets, anchors, options: LossOptions, compute_grad: bool = T
     out_scale = float(bs) if o.family == "yolov5" else 1.0  # the YOLOv5 loss is the sum times the batch size
     if balance is not None:
         balance = balance.to(device=device, dtype=dtype).contiguous()
+
+    # the layers' cells and candidates, laid end to end: one sort groups the candidates of every layer
+    shapes = [(x.shape[1], x.shape[2], x.shape[3]) for x in p]
+    n_cells = [bs * na * ny * nx for na, ny, nx in shapes]
+    n_cand = [BLOCKS[o.family] * na * nt for na, _, _ in shapes]
+    cell_offsets = [sum(n_cells[:i]) for i in range(nl)]
+    cand_offsets = [sum(n_cand[:i]) for i in range(nl)]
+    total_cells, total_cand = sum(n_cells), sum(n_cand)
+    match_programs = max(triton.cdiv(n, BLOCK_PAIRS) for n in n_cand + [1])
+    obj_programs = max(triton.cdiv(n, BLOCK_CELLS) for n in n_cells)
+
+    # one memset: the objectness targets of every cell, then the value-check flags
+    work = torch.zeros(total_cells + NUM_FLAGS, dtype=dtype, device=device)
+    tobj, flags = work[:total_cells], work[total_cells:]
+    key_dtype = torch.int32 if total_cells < 2**31 - 1 else torch.int64
+    key = torch.empty(total_cand, dtype=key_dtype, device=device)
+    iou = torch.empty(total_cand, dtype=dtype, device=device)
+    iou_grad = torch.empty(total_cand, 4, dtype=dtype, device=device)
+    cls = torch.empty(total_cand, dtype=torch.int32, device=device)
+    match_partial = torch.empty(nl, match_programs, 3, dtype=dtype, device=device)
+    obj_partial = torch.empty(nl, obj_programs, dtype=dtype, device=device)
+    layer_info = torch.empty(nl, 2, dtype=dtype, device=device)
+    matched_targets = torch.zeros(nt, dtype=torch.int8, device=device) if compute_stats else None
+    obj_stats = torch.empty(nl if compute_stats else 0, obj_programs, 2, dtype=dtype, device=device)
+    # kernels read these only where a constexpr says so; a small real tensor stands in otherwise
+    t_in = t if nt else work
     scalars = dict(cls_pos_weight=float(o.cls_pw), focal_gamma=float(o.fl_gamma))
-    matched_targets = torch.zeros(nt if compute_stats else 0, dtype=torch.int8, device=device)
 
-    layers = []
-    for pi, anchor_vec in zip(p, anchors):
-        na, ny, nx = pi.shape[1], pi.shape[2], pi.shape[3]
-        n_cand, n_cells = BLOCKS[o.family] * na * nt, bs * na * ny * nx
-        cand = _Candidates.empty(n_cand, dtype, device)
-        tobj = torch.zeros(n_cells, dtype=dtype, device=device)
-        groups = None
-        if n_cand:
-            _launch(
-                _match_kernel,
-                (triton.cdiv(n_cand, BLOCK_PAIRS),),
-                p_ptr=pi,
-                **_strides("p", pi),
-                targets_ptr=t,
-                anchors_ptr=anchor_vec.to(device=device, dtype=dtype).contiguous(),
-                num_targets=nt,
-                num_anchors=na,
-                num_candidates=n_cand,
-                grid_h=ny,
-                grid_w=nx,
-                num_classes=nc,
-                num_cells=n_cells,
-                threshold=float(o.match_threshold),
-                cls_pos=cls_pos,
-                cls_neg=cls_neg,
-                **scalars,
-                valid_ptr=cand.valid,
-                key_ptr=cand.key,
-                iou_ptr=cand.iou,
-                iou_grad_ptr=cand.iou_grad,
-                cls_loss_ptr=cand.cls_loss,
-                cls_ptr=cand.cls,
-                matched_target_ptr=matched_targets if compute_stats else cand.valid,  # unread without STATS
-                FAMILY=FAMILIES[o.family],
-                BOX_KIND=KINDS[o.box_loss],
-                FOCAL=focal,
-                HAS_CLS=has_cls,
-                STATS=compute_stats,
-                COMPUTE_DTYPE=tl_dtype,
-                BLOCK_PAIRS=BLOCK_PAIRS,
-                BLOCK_CLASSES=BLOCK_CLASSES,
-            )
-            # group the candidates by cell, in pair order within a cell (stable), unmatched ones last
-            sorted_key, order = torch.sort(cand.key, stable=True)
-            groups = (sorted_key, order, torch.searchsorted(sorted_key, sorted_key))
-            _launch(
-                _objectness_target_kernel,
-                (n_cand,),
-                sorted_key_ptr=sorted_key,
-                order_ptr=order,
-                group_start_ptr=groups[2],
-                iou_ptr=cand.iou,
-                tobj_ptr=tobj,
-                num_candidates=n_cand,
-                num_cells=n_cells,
-                gr=float(o.objectness_gr),
-                SORT_OBJ_IOU=o.sort_obj_iou,
-                COMPUTE_DTYPE=tl_dtype,
-            )
-        layers.append(_LayerState(pi, na, ny, nx, n_cand, n_cells, cand, groups, tobj))
+    for index, (pi, anchor_vec, (na, ny, nx)) in enumerate(zip(p, anchors, shapes)):
+        _launch(
+            _match_kernel,
+            (match_programs,),
+            p_ptr=pi,
+            **_strides("p", pi),
+            targets_ptr=t_in,
+            anchors_ptr=anchor_vec.to(device=device, dtype=dtype).contiguous(),
+            num_targets=max(nt, 1),
+            check_rows=nt if index == 0 else 0,
+            num_anchors=na,
+            num_candidates=n_cand[index],
+            batch_size=bs,
+            grid_h=ny,
+            grid_w=nx,
+            num_classes=nc,
+            total_cells=total_cells,
+            cell_offset=cell_offsets[index],
+            candidate_offset=cand_offsets[index],
+            partial_offset=index * match_programs,
+            threshold=float(o.match_threshold),
+            cls_pos=cls_pos,
+            cls_neg=cls_neg,
+            **scalars,
+            key_ptr=key if total_cand else work,
+            iou_ptr=iou if total_cand else work,
+            iou_grad_ptr=iou_grad if total_cand else work,
+            cls_ptr=cls if total_cand else work,
+            partial_ptr=match_partial,
+            flags_ptr=flags,
+            matched_target_ptr=matched_targets if compute_stats else flags,  # unread without STATS
+            FAMILY=FAMILIES[o.family],
+            BOX_KIND=KINDS[o.box_loss],
+            FOCAL=focal,
+            HAS_CLS=has_cls,
+            STATS=compute_stats,
+            COMPUTE_DTYPE=tl_dtype,
+            BLOCK_PAIRS=BLOCK_PAIRS,
+            BLOCK_CLASSES=BLOCK_CLASSES,
+        )
+    groups = None
+    if total_cand:
+        # group the candidates by cell, in pair order within a cell (stable), unmatched ones last
+        sorted_key, order = torch.sort(key, stable=True)
+        groups = (sorted_key, order, torch.searchsorted(sorted_key, sorted_key))
+        _launch(
+            _objectness_target_kernel,
+            (total_cand,),
+            sorted_key_ptr=sorted_key,
+            order_ptr=order,
+            group_start_ptr=groups[2],
+            iou_ptr=iou,
+            tobj_ptr=tobj,
+            num_candidates=total_cand,
+            num_cells=total_cells,
+            gr=float(o.objectness_gr),
+            SORT_OBJ_IOU=o.sort_obj_iou,
+            COMPUTE_DTYPE=tl_dtype,
+        )
 
-    # pair counts and the scales of the box and class terms: device tensors, no sync
-    counts = [layer.cand.valid.sum(dtype=dtype) for layer in layers]
-    n_total = torch.stack(counts).sum()
-    grads, lbox, lobj, lcls, layer_obj, layer_stats = [], 0.0, 0.0, 0.0, [], []
-    for index, (layer, n_i) in enumerate(zip(layers, counts)):
-        pi, na, ny, nx, n_cand, n_cells = layer.p, layer.na, layer.ny, layer.nx, layer.n_cand, layer.n_cells
-        cand, groups, tobj = layer.cand, layer.groups, layer.tobj
-        n_pairs = n_total if sum_red else n_i
-        safe = n_pairs.clamp(min=1.0)
-        gain = 3.0 if sum_red else 1.0
-        box_scale = torch.where(n_pairs > 0, o.giou * gain / safe, 0.0)
-        cls_scale = torch.where(n_pairs > 0, o.cls * gain / (safe * nc), 0.0) if has_cls else torch.zeros_like(safe)
-        obj_scale = o.obj * 3.0 / bs if sum_red else o.obj / n_cells
-        if n_cand:
-            lbox = lbox + box_scale * torch.where(cand.valid != 0, 1.0 - cand.iou, 0.0).sum()
-            if has_cls:
-                lcls = lcls + cls_scale * cand.cls_loss.sum()
-
+    grads = []
+    for index, (pi, (na, ny, nx)) in enumerate(zip(p, shapes)):
         grad = torch.empty_like(pi) if compute_grad else pi.new_empty(0)
-        n_prog = triton.cdiv(n_cells, BLOCK_CELLS)
-        partial = torch.empty(n_prog, dtype=dtype, device=device)
-        obj_stats = torch.empty(n_prog if compute_stats else 0, 2, dtype=dtype, device=device)
         # without a gradient the kernel never touches grad_ptr: p's strides stand in for its own
-        grad_strides = _strides("grad", grad if compute_grad else pi)
+        obj_scale = o.obj * 3.0 / bs if sum_red else o.obj / n_cells[index]
         _launch(
             _objectness_kernel,
-            (n_prog,),
+            (obj_programs,),
             p_ptr=pi,
             **_strides("p", pi),
             grad_ptr=grad if compute_grad else pi,
-            **grad_strides,
+            **_strides("grad", grad if compute_grad else pi),
             tobj_ptr=tobj,
-            partial_ptr=partial,
-            obj_stats_ptr=obj_stats if compute_stats else partial,  # unread without STATS
-            balance_ptr=balance if balance is not None else partial,  # unread without HAS_BALANCE
+            partial_ptr=obj_partial,
+            layer_ptr=layer_info,
+            obj_stats_ptr=obj_stats if compute_stats else obj_partial,  # unread without STATS
+            balance_ptr=balance if balance is not None else obj_partial,  # unread without HAS_BALANCE
             layer=index,
-            num_cells=n_cells,
+            num_cells=n_cells[index],
+            cell_offset=cell_offsets[index],
+            partial_offset=index * obj_programs,
             num_anchors=na,
             grid_h=ny,
             grid_w=nx,
             num_outputs=no,
             obj_pos_weight=float(o.obj_pw),
             focal_gamma=float(o.fl_gamma),
-            obj_scale=float(obj_scale * out_scale),
+            obj_loss_scale=float(obj_scale),
+            obj_grad_scale=float(obj_scale * out_scale),
             FOCAL=focal,
             HAS_BALANCE=balance is not None,
             WRITE_GRAD=compute_grad,
@@ -653,29 +863,69 @@ def fused_loss(p, targets, anchors, options: LossOptions, compute_grad: bool = T
             BLOCK_CELLS=BLOCK_CELLS,
             BLOCK_CHANNELS=BLOCK_CHANNELS,
         )
-        obj_sum = partial.sum()
-        layer_obj.append(obj_sum / n_cells)
-        lobj = lobj + obj_scale * (obj_sum if balance is None else obj_sum * balance[index])
-        pair_stats = torch.zeros(n_cand if compute_stats else 0, 4, dtype=dtype, device=device)
-        if (compute_grad or compute_stats) and n_cand:
-            scales = (torch.stack((box_scale, cls_scale)) * out_scale).to(dtype)
-            sorted_key, order, group_start = groups
+        grads.append(grad)
+
+    loss = torch.empty(1, dtype=dtype, device=device)
+    items = torch.empty(4, dtype=dtype, device=device)
+    layer_obj = torch.empty(nl, dtype=dtype, device=device)
+    scales = torch.empty(nl, 2, dtype=dtype, device=device)
+    counts = torch.empty(nl, dtype=dtype, device=device)
+    ok = torch.empty(1, dtype=dtype, device=device)
+    gain = 3.0 if sum_red else 1.0
+    _launch(
+        _finalize_kernel,
+        (1,),
+        match_partial_ptr=match_partial,
+        obj_partial_ptr=obj_partial,
+        layer_ptr=layer_info,
+        balance_ptr=balance if balance is not None else layer_info,  # unread without HAS_BALANCE
+        flags_ptr=flags,
+        loss_ptr=loss,
+        items_ptr=items,
+        layer_obj_ptr=layer_obj,
+        scales_ptr=scales,
+        counts_ptr=counts,
+        ok_ptr=ok,
+        num_layers=nl,
+        match_programs=match_programs,
+        obj_programs=obj_programs,
+        num_flags=NUM_FLAGS,
+        num_classes=nc,
+        box_gain=float(o.giou * gain),
+        cls_gain=float(o.cls * gain),
+        out_scale=out_scale,
+        SUM_REDUCTION=sum_red,
+        HAS_CLS=has_cls,
+        HAS_BALANCE=balance is not None,
+        COMPUTE_DTYPE=tl_dtype,
+        BLOCK=BLOCK_FINALIZE,
+    )
+    if check_values:
+        torch._assert_async(ok, value_check_message(bs, nc))
+
+    pair_stats = torch.zeros(total_cand, 4, dtype=dtype, device=device) if compute_stats else None
+    if (compute_grad or compute_stats) and total_cand:
+        sorted_key, order, group_start = groups
+        for index, (pi, grad, (na, ny, nx)) in enumerate(zip(p, grads, shapes)):
             _launch(
                 _pair_grad_kernel,
-                (n_cand,),
+                (total_cand,),
                 p_ptr=pi,
                 **_strides("p", pi),
-                grad_ptr=grad,
-                **grad_strides,
+                grad_ptr=grad if compute_grad else pi,
+                **_strides("grad", grad if compute_grad else pi),
                 sorted_key_ptr=sorted_key,
                 order_ptr=order,
                 group_start_ptr=group_start,
-                iou_grad_ptr=cand.iou_grad,
-                cls_ptr=cand.cls,
+                iou_grad_ptr=iou_grad,
+                cls_ptr=cls,
                 scale_ptr=scales,
                 pair_stats_ptr=pair_stats if compute_stats else scales,  # unread without STATS
-                num_candidates=n_cand,
-                num_cells=n_cells,
+                layer=index,
+                num_candidates=total_cand,
+                total_cells=total_cells,
+                cell_offset=cell_offsets[index],
+                num_cells=n_cells[index],
                 num_anchors=na,
                 grid_h=ny,
                 grid_w=nx,
@@ -690,34 +940,33 @@ def fused_loss(p, targets, anchors, options: LossOptions, compute_grad: bool = T
                 COMPUTE_DTYPE=tl_dtype,
                 BLOCK_CLASSES=BLOCK_CLASSES,
             )
-        if compute_stats:
-            layer_stats.append(_layer_stats(obj_stats, pair_stats, n_i, groups, n_cells))
-        grads.append(grad)
 
-    zero = torch.zeros((), dtype=dtype, device=device)
-    items = torch.stack([zero + lbox, zero + lobj, zero + lcls])
-    items = torch.cat((items, items.sum().reshape(1)))
     if compute_stats:  # the op's layout: a row per layer, then the unmatched targets
+        rows = [
+            _layer_stats(obj_stats[i], pair_stats, counts[i], groups, cell_offsets[i], n_cells[i], total_cells)
+            for i in range(nl)
+        ]
+        zero = counts.new_zeros(())
         last = torch.cat(((matched_targets == 0).sum().to(dtype).reshape(1), zero.new_zeros(7)))
-        stats = torch.cat((torch.stack(layer_stats), last[None]))
+        stats = torch.cat((torch.stack(rows), last[None]))
     else:
         stats = torch.empty(0, 8, dtype=dtype, device=device)
-    return items[3:] * out_scale, items, torch.stack(layer_obj).to(dtype), stats, grads
+    return loss, items, layer_obj, stats, grads
 
 
-def _layer_stats(obj_stats, pair_stats, n_pairs, groups, n_cells) -> torch.Tensor:
+def _layer_stats(obj_stats, pair_stats, n_pairs, groups, cell_offset, n_cells, total_cells) -> torch.Tensor:
     """One layer's ``[8]`` statistics from the kernels' per-program / per-position values: device
-    reductions only (no sync)."""
+    reductions only (no sync). ``pair_stats`` holds every layer's group ends (zeros elsewhere)."""
     zero = n_pairs.new_zeros(())
-    if groups is not None:  # distinct matched cells: the group ends among the sorted keys
+    if groups is not None:  # distinct matched cells of this layer: the group ends among the sorted keys
         sorted_key = groups[0]
-        following = torch.cat((sorted_key[1:], sorted_key.new_full((1,), n_cells)))
-        cells = ((sorted_key < n_cells) & (sorted_key != following)).sum().to(n_pairs.dtype)
+        following = torch.cat((sorted_key[1:], sorted_key.new_full((1,), total_cells)))
+        in_layer = (sorted_key >= cell_offset) & (sorted_key < cell_offset + n_cells)
+        cells = (in_layer & (sorted_key != following)).sum().to(n_pairs.dtype)
+        mine = torch.where(in_layer[:, None], pair_stats, 0.0)  # not a product: a NaN elsewhere stays there
+        box_sq, cls_sq = mine[:, 0].sum(), mine[:, 2].sum()
+        box_max, cls_max = mine[:, 1].amax(), mine[:, 3].amax()
     else:
-        cells = zero
-    box_sq = pair_stats[:, 0].sum() if pair_stats.numel() else zero
-    cls_sq = pair_stats[:, 2].sum() if pair_stats.numel() else zero
-    box_max = pair_stats[:, 1].amax() if pair_stats.numel() else zero
-    cls_max = pair_stats[:, 3].amax() if pair_stats.numel() else zero
+        cells = box_sq = cls_sq = box_max = cls_max = zero
     obj_sq, obj_max = obj_stats[:, 0].sum(), obj_stats[:, 1].amax()
     return torch.stack((box_sq, obj_sq, cls_sq, box_max, obj_max, cls_max, n_pairs, n_pairs - cells))

@@ -8,6 +8,7 @@ Rules that keep the compiler and the interpreter in agreement (the compile gate,
 ``python -m yolo_kernels.triton.compile_gate``, checks them for real GPU targets):
 
 * module globals read inside ``@triton.jit`` code are ``tl.constexpr`` (``PI`` below);
+* float kernel arguments are annotated ``tl.float64`` and enter the math through ``as_compute``;
 * every float literal lies in float32's normal range (>= 2**-126 in magnitude): the compiler types
   a smaller literal such as ``1e-38`` as float64, which then turns float32 math into float64;
 * values carried through a loop keep one dtype (they start as ``tl.zeros(..., dtype=...)`` of the
@@ -21,6 +22,16 @@ PI = tl.constexpr(3.141592653589793)
 #: The loss families (constexpr ``FAMILY`` of the kernels): the archive YOLOv3 loss, the YOLOv5-style one.
 YOLOV3 = tl.constexpr(0)
 YOLOV5 = tl.constexpr(1)
+
+
+@triton.jit
+def as_compute(value, COMPUTE_DTYPE: tl.constexpr):
+    """A float kernel argument in the compute dtype. The kernels type their float arguments as
+    float64 (an annotation): a float64 ``p`` then gets the hyperparameters exactly, and float32 math
+    gets each one rounded once here (a Python float would enter as float32 and cost float64 math
+    its last digits). Under the interpreter the argument stays a Python float: the product keeps
+    the tensor's dtype."""
+    return (value * tl.full([], 1.0, COMPUTE_DTYPE)).to(COMPUTE_DTYPE)
 
 
 @triton.jit
