@@ -70,14 +70,14 @@ def test_matching_and_duplicates_are_linear_in_the_pairs(monkeypatch):
 
 
 BAD_VALUES = [  # (column, value, the failing check's words in the message)
-    (0, 2.0, "image index"),
-    (0, 0.5, "image index"),
-    (1, 3.0, "class"),
-    (1, float("nan"), "class"),
-    (2, float("inf"), "box centre"),
-    (3, float("nan"), "box centre"),
-    (4, 0.0, "box w, h"),
-    (5, float("inf"), "box w, h"),
+    (0, 2.0, "targets[:, 0] integers in [0, 2)"),
+    (0, 0.5, "targets[:, 0] integers in [0, 2)"),
+    (1, 3.0, "[:, 1] integers in [0, 3)"),
+    (1, float("nan"), "[:, 1] integers in [0, 3)"),
+    (2, float("inf"), "[:, 2:6] finite"),
+    (3, float("nan"), "[:, 2:6] finite"),
+    (4, 0.0, "w, h > 0"),
+    (5, float("inf"), "[:, 2:6] finite"),
 ]
 
 
@@ -94,9 +94,10 @@ def test_device_value_checks_assert_and_never_match_the_bad_row(column, value, w
     bad[2, column] = value
     options = LossOptions(nc=3)
     assert triton_loss.fused_loss(p, targets, anchors, options, check_values=True)[0].isfinite().all()
-    with pytest.raises(RuntimeError, match=r"device-side value checks") as error:
+    with pytest.raises(RuntimeError, match=r"device-side value checks failed") as error:
         triton_loss.fused_loss(p, bad, anchors, options, check_values=True)
     assert words in str(error.value)
+    assert len(triton_loss.value_check_message(2**31, 2**31)) < 255  # CUDA's limit for the message
     kept = torch.cat((targets[:2], targets[3:]))
     loss_bad, items_bad, _, _, grads_bad = triton_loss.fused_loss(p, bad, anchors, options)
     loss_kept, items_kept, _, _, grads_kept = triton_loss.fused_loss(p, kept, anchors, options)
@@ -112,7 +113,7 @@ def test_device_value_checks_cover_the_anchors_even_without_targets(value, gen):
     anchors = random_anchors([2, 2], gen)
     anchors[1][1, 0] = value
     for targets in (make_targets(3, 1, 2, gen), torch.zeros(0, 6)):
-        with pytest.raises(RuntimeError, match=r"finite anchor sizes > 0"):
+        with pytest.raises(RuntimeError, match=r"anchors finite > 0"):
             triton_loss.fused_loss(p, targets, anchors, LossOptions(nc=2), check_values=True)
 
 

@@ -691,13 +691,12 @@ BLOCK_FINALIZE = 128  # partials per step of the finalize kernel
 
 
 def value_check_message(batch_size: int, nc: int) -> str:
-    """The message of the device-side value check (one assertion for all checks: each costs a launch)."""
+    """The message of the device-side value check: one assertion for all checks (each costs a
+    launch), and short (CUDA takes under 255 characters)."""
     return (
-        "yolo_kernels (triton): targets or anchors failed the device-side value checks: expected "
-        f"targets[:, 0] (image index) integers in [0, {batch_size}), targets[:, 1] (class) integers in "
-        f"[0, {nc}), finite targets[:, 2:4] (box centre x, y), finite targets[:, 4:6] (box w, h) > 0 and "
-        "finite anchor sizes > 0; the rows that fail are not matched. Run the loss on CPU copies of the "
-        "inputs (or call yolo_kernels.validate.check_inputs on them) to see the first bad row and value"
+        f"yolo_kernels: device-side value checks failed: expected targets[:, 0] integers in [0, {batch_size}), "
+        f"[:, 1] integers in [0, {nc}), [:, 2:6] finite with w, h > 0, anchors finite > 0 (those rows are not "
+        "matched); check CPU copies to see the bad row"
     )
 
 
