@@ -147,3 +147,31 @@ def test_numpy_scalars_are_numbers(gen):
     assert crit.strides == [8.0] and crit.nc == 3
     with pytest.raises(TypeError, match="giou: expected a real number, got bool"):
         yk.LossOptions(nc=3, giou=np.bool_(True))
+
+
+def test_model_options_follow_every_change_of_the_model(gen):
+    """``model_options`` builds the options once per set of plain values: an edit of ``model.hyp``
+    (in place or a new dict), of ``gr`` or ``nc``, a value's type, or a keyword gives new options,
+    and a value that is not a plain Python value is never cached."""
+    from yolo_kernels.config import model_options
+
+    model = duck_model(random_anchors([3], gen), 4)
+    first = model_options(model)
+    assert model_options(model) is first
+    model.hyp["giou"] = 2.5  # in place
+    assert model_options(model).giou == 2.5
+    model.hyp = dict(model.hyp, cls=9.0)
+    assert model_options(model).cls == 9.0
+    model.gr = 0.25
+    assert model_options(model).gr == 0.25
+    model.nc = 1
+    assert model_options(model).nc == 1
+    assert model_options(model, box_loss="ciou").box_loss == "ciou"
+    assert model_options(model).box_loss == "giou"
+    model.hyp["fl_gamma"] = torch.tensor(1.5)  # a tensor: read every call, never a cache key
+    assert model_options(model).fl_gamma == 1.5
+    model.hyp["fl_gamma"].fill_(0.5)
+    assert model_options(model).fl_gamma == 0.5
+    model.hyp["fl_gamma"] = True  # equal to 1 as a key, but a bool is not a number here
+    with pytest.raises(TypeError, match="fl_gamma"):
+        model_options(model)

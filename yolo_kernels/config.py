@@ -221,12 +221,41 @@ def model_anchors(model: Any) -> list[torch.Tensor]:
 
 def model_options(model: Any, **options: Any) -> LossOptions:
     """``LossOptions`` from ``model.hyp``, ``model.gr`` and ``model.nc`` plus keyword overrides.
-    Like the original, every hyperparameter must be there: nothing is defaulted."""
+    Like the original, every hyperparameter must be there: nothing is defaulted. Built once per
+    distinct set of plain values (checking them is a third of the Python time of a loss call on
+    a GPU, and they rarely change between steps); a changed value makes a new one."""
     model = unwrap_model(model)
     for attr in ("hyp", "nc", "gr"):
         if not hasattr(model, attr):
             raise TypeError(f"model: expected a '{attr}' attribute (set model.{attr} before computing the loss)")
-    return LossOptions.from_hyp(model.hyp, nc=model.nc, gr=model.gr, strict=True, name="model.hyp", **options)
+    key = _options_key(model.hyp, model.nc, model.gr, options)
+    cached = _OPTIONS_CACHE.get(key) if key is not None else None
+    if cached is not None:
+        return cached
+    result = LossOptions.from_hyp(model.hyp, nc=model.nc, gr=model.gr, strict=True, name="model.hyp", **options)
+    if key is not None:
+        if len(_OPTIONS_CACHE) >= 64:
+            _OPTIONS_CACHE.clear()
+        _OPTIONS_CACHE[key] = result
+    return result
+
+
+_OPTIONS_CACHE: dict[tuple, LossOptions] = {}
+#: Values a cache key may hold: immutable and compared by value (a tensor or array is neither).
+_PLAIN_TYPES = (int, float, bool, str, type(None))
+
+
+def _options_key(hyp: Any, nc: Any, gr: Any, options: dict) -> tuple | None:
+    """The cache key of ``model_options``, or ``None`` when a value is not a plain Python value."""
+    if type(hyp) is not dict:
+        return None
+    values = tuple((key in hyp, hyp.get(key)) for key in DEFAULT_HYP)
+    extra = tuple(sorted(options.items()))
+    plain = [v for _, v in values] + [nc, gr] + [v for _, v in extra]
+    if not all(type(v) in _PLAIN_TYPES for v in plain):
+        return None
+    # the types too: 1 and 1.0 and True are equal keys, but not the same hyperparameter
+    return tuple((k, type(v), v) for k, v in values), type(nc), nc, type(gr), gr, tuple(map(type, plain)), extra
 
 
 def as_anchor_list(anchors: Sequence[Any], name: str = "anchors") -> list[torch.Tensor]:

@@ -681,8 +681,15 @@ def record_launches() -> Iterator[list[Launch]]:
         _RECORDER.reset(token)
 
 
+_STRIDE_NAMES = {prefix: tuple(f"{prefix}_stride_{axis}" for axis in "bayxc") for prefix in ("p", "grad")}
+
+
 def _strides(prefix: str, t: torch.Tensor) -> dict:
-    return {f"{prefix}_stride_{axis}": s for axis, s in zip("bayxc", t.stride())}
+    return dict(zip(_STRIDE_NAMES[prefix], t.stride()))
+
+
+def _cdiv(n: int, d: int) -> int:
+    return -(-n // d)  # triton.cdiv is a jit function: microseconds per call from Python
 
 
 #: Slots of the value-check flags (``_match_kernel``): image index, class, box centre, box size, anchors.
@@ -745,8 +752,8 @@ def fused_loss(
     cell_offsets = [sum(n_cells[:i]) for i in range(nl)]
     cand_offsets = [sum(n_cand[:i]) for i in range(nl)]
     total_cells, total_cand = sum(n_cells), sum(n_cand)
-    match_programs = max(triton.cdiv(n, BLOCK_PAIRS) for n in n_cand + [1])
-    obj_programs = max(triton.cdiv(n, BLOCK_CELLS) for n in n_cells)
+    match_programs = max(_cdiv(n, BLOCK_PAIRS) for n in n_cand + [1])
+    obj_programs = max(_cdiv(n, BLOCK_CELLS) for n in n_cells)
 
     # one memset: the objectness targets of every cell, then the value-check flags
     work = torch.zeros(total_cells + NUM_FLAGS, dtype=dtype, device=device)
