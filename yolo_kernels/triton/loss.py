@@ -9,27 +9,29 @@ five cell blocks, each anchor-major), with an unmatched key instead of compactio
 
 Launch cost rules the design: on a GPU each launch costs microseconds of host and driver time,
 more than most of these kernels run, so a loss call is a fixed handful of launches whatever the
-layers hold (``test_triton.py`` counts them):
+layers hold (``test_triton.py`` counts them). The per-layer kernels serve up to ``MAX_LAYERS``
+layers per launch: pointer arguments per layer slot (``p0_ptr`` .. ``p3_ptr``), and the strides and
+sizes of every layer in a small device table (``layer_table``, built once per layout):
 
 1. one memset: every cell's objectness target and the value-check flags;
-2. ``_match_kernel`` per layer: match each candidate (clamped cell), gather its row, compute the
-   IoU-family value and its gradient w.r.t. the 4 box logits (dual numbers) and the class BCE;
-   write its global cell as the sort key (``total_cells`` when unmatched) and per-program partial
-   sums (pairs, ``1 - IoU``, class BCE); check the target rows (first layer) and the anchors,
-   never matching a row that fails;
+2. ``_match_kernel``: match each candidate (clamped cell), gather its row, compute the IoU-family
+   value and its gradient w.r.t. the 4 box logits (dual numbers) and the class BCE; write its
+   global cell as the sort key (``total_cells`` when unmatched) and per-program partial sums
+   (pairs, ``1 - IoU``, class BCE); check the target rows (first layer) and the anchors, never
+   matching a row that fails;
 3. one ``torch.sort(..., stable=True)`` of all keys groups the candidates by cell, in pair order
    within a cell, and ``torch.searchsorted`` gives each group's first position;
-4. ``_objectness_target_kernel`` (all layers): the last candidate of each group writes the cell's
-   objectness target: from its own IoU (the last pair in pair order wins, deterministically), or
-   with ``sort_obj_iou`` from the group's highest IoU;
-5. ``_objectness_kernel`` per layer: every cell's objectness BCE (a partial sum per program) and,
-   with a gradient, every row of the gradient: zeros and the objectness term, with p's layout;
+4. ``_objectness_target_kernel``: the last candidate of each group writes the cell's objectness
+   target: from its own IoU (the last pair in pair order wins, deterministically), or with
+   ``sort_obj_iou`` from the group's highest IoU;
+5. ``_objectness_kernel``: every cell's objectness BCE (a partial sum per program) and, with a
+   gradient, every row of the gradient: zeros and the objectness term, with p's layout;
 6. ``_finalize_kernel`` (one program): the loss items, the per-layer objectness means and the box
    and class gradient scales from the partial sums (the scales depend on the pair counts, which
    only the device knows), and the flag the optional value assertion reads;
-7. ``_pair_grad_kernel`` per layer: the last candidate of each of its groups adds the box and
-   class terms of the group's candidates (in pair order) to its cell's row: duplicates are summed
-   without atomics, and each candidate is visited once, so the pass is O(P · nc).
+7. ``_pair_grad_kernel``: the last candidate of each group adds the box and class terms of the
+   group's candidates (in pair order) to its cell's row: duplicates are summed without atomics,
+   and each candidate is visited once, so the pass is O(P · nc).
 
 Reductions are two-stage and fixed (per-program partials, then one program in a fixed order), so
 results are bitwise reproducible. Offsets are int64 (a batch-64, 640x640 ``p`` has more than 2^31
@@ -69,30 +71,52 @@ BLOCK_PAIRS = 64  # candidate pairs per program of the match kernels
 BLOCK_CLASSES = 32  # class channels per step of the class loops
 BLOCK_CELLS = 128  # cells per program of the objectness kernel
 BLOCK_CHANNELS = 32  # gradient channels per step of the objectness kernel's row writes
+#: Layers per launch of the per-layer kernels (pointer arguments p0..p3 and so on); more layers
+#: take more launches.
+MAX_LAYERS = 4
+#: Entries per layer in the layer table (``layer_table``, read by ``_layer_row``).
+LAYER_FIELDS = tl.constexpr(16)
 
 
-@triton.jit(do_not_specialize=["num_targets", "check_rows", "candidate_offset", "cell_offset", "partial_offset"])
+@triton.jit
+def _pick(i, a0, a1, a2, a3):
+    """``a<i>`` for ``i`` in 0..3: one of the per-layer pointer arguments of a launch."""
+    return tl.where(i == 0, a0, tl.where(i == 1, a1, tl.where(i == 2, a2, a3)))
+
+
+@triton.jit
+def _layer_strides(layer_table_ptr, layer, FIRST: tl.constexpr):
+    """Five strides (b, a, y, x, c) of a layer from the layer table (``layer_table``): ``FIRST`` 0
+    for ``p``'s, 5 for its gradient's."""
+    row = layer_table_ptr + LAYER_FIELDS * layer + FIRST
+    return tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4)
+
+
+@triton.jit
+def _layer_sizes(layer_table_ptr, layer):
+    """``(na, ny, nx, cells, first global cell, anchors of the layers before)`` of a layer."""
+    row = layer_table_ptr + LAYER_FIELDS * layer + 10
+    return tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4), tl.load(row + 5)
+
+
+@triton.jit(do_not_specialize=["num_targets", "layer_base"])
 def _match_kernel(
-    p_ptr,
-    p_stride_b,
-    p_stride_a,
-    p_stride_y,
-    p_stride_x,
-    p_stride_c,
+    p0_ptr,
+    p1_ptr,
+    p2_ptr,
+    p3_ptr,
+    anchors0_ptr,
+    anchors1_ptr,
+    anchors2_ptr,
+    anchors3_ptr,
+    layer_table_ptr,
+    layer_base,
     targets_ptr,
-    anchors_ptr,
     num_targets,
-    check_rows,
-    num_anchors,
-    num_candidates,
     batch_size,
-    grid_h,
-    grid_w,
     num_classes,
     total_cells,
-    cell_offset,
-    candidate_offset,
-    partial_offset,
+    match_programs,
     threshold: tl.float64,
     cls_pos: tl.float64,
     cls_neg: tl.float64,
@@ -115,31 +139,31 @@ def _match_kernel(
     BLOCK_CLASSES: tl.constexpr,
 ):
     """Match, box IoU with its gradient, class BCE and the cell (sort key) of ``BLOCK_PAIRS``
-    candidates of one layer, their partial sums, and the value checks of the targets and anchors.
+    candidates, their partial sums, and the value checks of the targets and anchors. One launch
+    serves up to four layers: ``match_programs`` programs per layer.
 
     Args:
-        p_ptr, p_stride_*: one layer's ``p [bs, na, ny, nx, 5 + nc]`` and its strides (elements).
+        p<i>_ptr, anchors<i>_ptr: layer ``layer_base + i``'s ``p [bs, na, ny, nx, 5 + nc]`` and its
+            ``[na, 2]`` anchor sizes in grid units (compute dtype); a launch with fewer layers
+            repeats the first in the unused slots.
+        layer_table_ptr, layer_base: the layer table (strides and sizes of every layer) and the
+            index of this launch's first layer.
         targets_ptr: ``[nt, 6]`` rows ``(image, class, x, y, w, h)`` (normalised), compute dtype.
-        anchors_ptr: ``[na, 2]`` anchor sizes in grid units, compute dtype.
-        num_targets: ``nt`` (at least 1: with no targets ``num_candidates`` is 0).
-        check_rows: how many target rows this launch checks (``nt`` for the first layer, else 0).
-        num_anchors, batch_size, grid_h, grid_w, num_classes: ``na``, ``bs``, ``ny``, ``nx``, ``nc``.
-        num_candidates: ``blocks * na * nt`` (blocks: 1 for YOLOv3, 5 for YOLOv5).
+        num_targets, batch_size, num_classes: ``nt``, ``bs``, ``nc``.
         total_cells: the cells of all layers, the sort key of an unmatched candidate.
-        cell_offset: this layer's first global cell (keys are global: one sort serves every layer).
-        candidate_offset: this layer's first slot in the candidate buffers.
-        partial_offset: this layer's first row in ``partial_ptr``.
+        match_programs: programs per layer (the most any layer needs).
         threshold: ``iou_t`` (YOLOv3: matched when wh-IoU > it) or ``anchor_t`` (YOLOv5: matched
             when the worst wh ratio < it).
         cls_pos, cls_neg: the class targets after label smoothing.
         cls_pos_weight, focal_gamma: the class BCE's ``pos_weight`` and focal gamma.
-        key_ptr, iou_ptr, iou_grad_ptr, cls_ptr: per candidate outputs (all layers): global cell or
-            ``total_cells`` when unmatched (int32 or int64), IoU, d IoU / d box logits (``[., 4]``),
-            class id (int32).
+        key_ptr, iou_ptr, iou_grad_ptr, cls_ptr: per candidate outputs (all layers, in layer
+            order): global cell or ``total_cells`` when unmatched (int32 or int64), IoU,
+            d IoU / d box logits (``[., 4]``), class id (int32).
         partial_ptr: per program ``[3]``: matched pairs, sum of ``1 - IoU``, sum of the class BCE.
         flags_ptr: the value checks, set to 1 where one fails (zero-initialised): image index,
             class, box centre, box size, anchors. A failing target row is never matched, so a bad
-            image index or a non-finite box cannot address memory outside ``p``.
+            image index or a non-finite box cannot address memory outside ``p``. The first layer
+            checks the target rows; every layer its anchors.
         matched_target_ptr: with ``STATS``, ``[nt]`` int8 flags (shared by the layers): set to 1 for
             each target a candidate matched (every writer stores the same value).
         FAMILY: ``math.YOLOV3`` or ``math.YOLOV5``.
@@ -151,7 +175,21 @@ def _match_kernel(
     cls_neg = as_compute(cls_neg, COMPUTE_DTYPE)
     cls_pos_weight = as_compute(cls_pos_weight, COMPUTE_DTYPE)
     focal_gamma = as_compute(focal_gamma, COMPUTE_DTYPE)
-    pid = tl.program_id(0).to(tl.int64)
+    program = tl.program_id(0).to(tl.int64)
+    local = program // match_programs
+    pid = program - local * match_programs  # the program within its layer
+    layer = layer_base + local
+    p_ptr = _pick(local, p0_ptr, p1_ptr, p2_ptr, p3_ptr)
+    anchors_ptr = _pick(local, anchors0_ptr, anchors1_ptr, anchors2_ptr, anchors3_ptr)
+    p_stride_b, p_stride_a, p_stride_y, p_stride_x, p_stride_c = _layer_strides(layer_table_ptr, layer, 0)
+    num_anchors, grid_h, grid_w, layer_cells, cell_offset, anchor_offset = _layer_sizes(layer_table_ptr, layer)
+    if FAMILY == YOLOV5:  # candidate blocks per (anchor, target): the cell and four neighbours
+        blocks = 5
+    else:
+        blocks = 1
+    num_candidates = blocks * num_anchors * num_targets
+    candidate_offset = blocks * num_targets * anchor_offset
+    check_rows = tl.where(layer == 0, num_targets, 0)
     lanes = tl.arange(0, BLOCK_PAIRS)
     if pid == 0:  # the anchors, once per layer (also with no targets)
         for a0 in range(0, 2 * num_anchors, BLOCK_PAIRS):
@@ -161,7 +199,7 @@ def _match_kernel(
             tl.store(flags_ptr + 4 + lanes * 0, tl.full([BLOCK_PAIRS], 1.0, COMPUTE_DTYPE), mask=bad)
     k = pid * BLOCK_PAIRS + lanes  # candidate = (block * na + anchor) * nt + target
     in_range = k < num_candidates
-    row = k // num_targets
+    row = k // tl.maximum(num_targets, 1)
     j = k - row * num_targets
     block = row // num_anchors
     a = row - block * num_anchors
@@ -220,7 +258,7 @@ def _match_kernel(
     tl.store(iou_grad_ptr + 4 * slot + 3, d3.to(COMPUTE_DTYPE), mask=in_range)
     tl.store(cls_ptr + slot, ci.to(tl.int32), mask=in_range)
     # per-program partial sums (reduced in a fixed order by _finalize_kernel: reproducible)
-    part = partial_ptr + 3 * (partial_offset + pid)
+    part = partial_ptr + 3 * (layer * match_programs + pid)
     tl.store(part, tl.sum(valid.to(COMPUTE_DTYPE), axis=0))
     tl.store(part + 1, tl.sum(tl.where(valid, 1.0 - iou, 0.0), axis=0).to(COMPUTE_DTYPE))
     tl.store(part + 2, tl.sum(tl.where(valid, cls_loss, 0.0), axis=0).to(COMPUTE_DTYPE))
@@ -300,38 +338,32 @@ def _cell_rows(
     return p_row, g_row
 
 
-@triton.jit(do_not_specialize=["num_cells", "cell_offset", "partial_offset"])
+@triton.jit(do_not_specialize=["layer_base"])
 def _objectness_kernel(
-    p_ptr,
-    p_stride_b,
-    p_stride_a,
-    p_stride_y,
-    p_stride_x,
-    p_stride_c,
-    grad_ptr,
-    grad_stride_b,
-    grad_stride_a,
-    grad_stride_y,
-    grad_stride_x,
-    grad_stride_c,
+    p0_ptr,
+    p1_ptr,
+    p2_ptr,
+    p3_ptr,
+    grad0_ptr,
+    grad1_ptr,
+    grad2_ptr,
+    grad3_ptr,
+    layer_table_ptr,
+    layer_base,
     tobj_ptr,
     partial_ptr,
     layer_ptr,
     obj_stats_ptr,
     balance_ptr,
-    layer,
-    num_cells,
-    cell_offset,
-    partial_offset,
-    num_anchors,
-    grid_h,
-    grid_w,
+    obj_programs,
     num_outputs,
+    batch_size,
     obj_pos_weight: tl.float64,
     focal_gamma: tl.float64,
-    obj_loss_scale: tl.float64,
-    obj_grad_scale: tl.float64,
+    obj_gain: tl.float64,
+    out_scale: tl.float64,
     FOCAL: tl.constexpr,
+    SUM_REDUCTION: tl.constexpr,
     HAS_BALANCE: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     STATS: tl.constexpr,
@@ -339,34 +371,52 @@ def _objectness_kernel(
     BLOCK_CELLS: tl.constexpr,
     BLOCK_CHANNELS: tl.constexpr,
 ):
-    """The objectness BCE of ``BLOCK_CELLS`` cells of one layer and, with ``WRITE_GRAD``, their
-    gradient rows. Programs past the layer's cells write zero partials (every layer is launched
-    with the programs of the largest, so ``_finalize_kernel`` reads one fixed-size block per layer).
+    """The objectness BCE of ``BLOCK_CELLS`` cells and, with ``WRITE_GRAD``, their gradient rows.
+    One launch serves up to four layers, ``obj_programs`` programs each (the most any layer needs:
+    programs past a layer's cells write zero partials, so ``_finalize_kernel`` reads one
+    fixed-size block per layer).
 
     Args:
-        p_ptr, p_stride_*: one layer's ``p`` and its strides (elements).
-        grad_ptr, grad_stride_*: its gradient (p's dtype and layout); unused without ``WRITE_GRAD``.
+        p<i>_ptr, grad<i>_ptr: layer ``layer_base + i``'s ``p`` and its gradient (p's dtype; its
+            strides in the layer table; unused without ``WRITE_GRAD``).
+        layer_table_ptr, layer_base: the layer table and this launch's first layer.
         tobj_ptr: objectness targets of the cells of all layers (compute dtype).
-        partial_ptr: one partial loss sum per program (compute dtype), reduced by ``_finalize_kernel``.
-        layer_ptr: ``[layers, 2]``: program 0 writes this layer's cell count and loss scale there.
+        partial_ptr: ``[layers, obj_programs]`` partial loss sums, reduced by ``_finalize_kernel``.
+        layer_ptr: ``[layers, 2]``: each layer's program 0 writes its cell count and loss scale.
         obj_stats_ptr: with ``STATS``, per program the sum of squares and the largest magnitude of
-            the objectness gradient of its cells (``[programs, 2]``, compute dtype).
-        balance_ptr, layer: with ``HAS_BALANCE``, the per-layer objectness weights (device, compute
-            dtype) and this layer's index: the gradient is also scaled by ``balance[layer]``.
-        num_cells, num_anchors, grid_h, grid_w, num_outputs: ``bs * na * ny * nx``, ``na``, ``ny``,
-            ``nx``, ``5 + nc``.
-        cell_offset, partial_offset: this layer's first global cell and first partial.
+            the objectness gradient of its cells (``[layers, obj_programs, 2]``, compute dtype).
+        balance_ptr: with ``HAS_BALANCE``, the per-layer objectness weights (device, compute
+            dtype): the gradient is also scaled by the layer's.
+        num_outputs, batch_size: ``5 + nc``, ``bs``.
         obj_pos_weight, focal_gamma: the objectness BCE's ``pos_weight`` and focal gamma.
-        obj_loss_scale: the gain of this layer's BCE sum in the loss (``obj / cells`` or ``3 obj / bs``).
-        obj_grad_scale: the gain that turns the element gradient into d loss / d logit.
+        obj_gain: ``obj``; a layer's BCE sum enters the loss times ``obj / cells`` (mean) or
+            ``3 obj / bs`` (sum).
+        out_scale: the factor of the returned loss and of the gradients (YOLOv5: the batch size).
     """
     obj_pos_weight = as_compute(obj_pos_weight, COMPUTE_DTYPE)
     focal_gamma = as_compute(focal_gamma, COMPUTE_DTYPE)
-    obj_grad_scale = as_compute(obj_grad_scale, COMPUTE_DTYPE)
-    pid = tl.program_id(0).to(tl.int64)
+    obj_gain = as_compute(obj_gain, COMPUTE_DTYPE)
+    out_scale = as_compute(out_scale, COMPUTE_DTYPE)
+    program = tl.program_id(0).to(tl.int64)
+    local = program // obj_programs
+    pid = program - local * obj_programs  # the program within its layer
+    layer = layer_base + local
+    p_ptr = _pick(local, p0_ptr, p1_ptr, p2_ptr, p3_ptr)
+    grad_ptr = _pick(local, grad0_ptr, grad1_ptr, grad2_ptr, grad3_ptr)
+    p_stride_b, p_stride_a, p_stride_y, p_stride_x, p_stride_c = _layer_strides(layer_table_ptr, layer, 0)
+    grad_stride_b, grad_stride_a, grad_stride_y, grad_stride_x, grad_stride_c = _layer_strides(
+        layer_table_ptr, layer, 5
+    )
+    num_anchors, grid_h, grid_w, num_cells, cell_offset, anchor_offset = _layer_sizes(layer_table_ptr, layer)
+    cells = num_cells.to(COMPUTE_DTYPE)
+    if SUM_REDUCTION:
+        obj_loss_scale = obj_gain * 3.0 / batch_size
+    else:
+        obj_loss_scale = obj_gain / cells
+    obj_grad_scale = (obj_loss_scale * out_scale).to(COMPUTE_DTYPE)
     if pid == 0:
-        tl.store(layer_ptr + 2 * layer, num_cells.to(COMPUTE_DTYPE))
-        tl.store(layer_ptr + 2 * layer + 1, as_compute(obj_loss_scale, COMPUTE_DTYPE))
+        tl.store(layer_ptr + 2 * layer, cells)
+        tl.store(layer_ptr + 2 * layer + 1, obj_loss_scale.to(COMPUTE_DTYPE))
     cell = pid * BLOCK_CELLS + tl.arange(0, BLOCK_CELLS)
     m = cell < num_cells
     p_row, g_row = _cell_rows(
@@ -388,14 +438,15 @@ def _objectness_kernel(
     logit = tl.load(p_row + 4 * p_stride_c, mask=m, other=0.0).to(COMPUTE_DTYPE)
     target = tl.load(tobj_ptr + cell_offset + cell, mask=m, other=0.0)
     loss, grad = bce_with_logits(logit, target, obj_pos_weight, focal_gamma, FOCAL)
-    tl.store(partial_ptr + partial_offset + pid, tl.sum(tl.where(m, loss, 0.0), axis=0).to(COMPUTE_DTYPE))
+    slot = layer * obj_programs + pid
+    tl.store(partial_ptr + slot, tl.sum(tl.where(m, loss, 0.0), axis=0).to(COMPUTE_DTYPE))
     if WRITE_GRAD or STATS:
         g_obj = grad * obj_grad_scale
         if HAS_BALANCE:
             g_obj = g_obj * tl.load(balance_ptr + layer).to(COMPUTE_DTYPE)
     if STATS:
         g_in = tl.where(m, g_obj, 0.0)
-        stats = obj_stats_ptr + 2 * (partial_offset + pid)
+        stats = obj_stats_ptr + 2 * slot
         tl.store(stats, tl.sum(g_in * g_in, axis=0).to(COMPUTE_DTYPE))
         tl.store(stats + 1, tl.max(tl.abs(g_in), axis=0).to(COMPUTE_DTYPE))
     if WRITE_GRAD:
@@ -522,20 +573,20 @@ def _finalize_kernel(
     tl.store(ok_ptr, (tl.max(flags, axis=0) == 0.0).to(COMPUTE_DTYPE))
 
 
-@triton.jit(do_not_specialize=["num_candidates", "cell_offset"])
+@triton.jit(do_not_specialize=["num_candidates", "layer_base"])
 def _pair_grad_kernel(
-    p_ptr,
-    p_stride_b,
-    p_stride_a,
-    p_stride_y,
-    p_stride_x,
-    p_stride_c,
-    grad_ptr,
-    grad_stride_b,
-    grad_stride_a,
-    grad_stride_y,
-    grad_stride_x,
-    grad_stride_c,
+    p0_ptr,
+    p1_ptr,
+    p2_ptr,
+    p3_ptr,
+    grad0_ptr,
+    grad1_ptr,
+    grad2_ptr,
+    grad3_ptr,
+    layer_table_ptr,
+    layer_base,
+    launch_layers,
+    num_layers,
     sorted_key_ptr,
     order_ptr,
     group_start_ptr,
@@ -543,14 +594,8 @@ def _pair_grad_kernel(
     cls_ptr,
     scale_ptr,
     pair_stats_ptr,
-    layer,
     num_candidates,
     total_cells,
-    cell_offset,
-    num_cells,
-    num_anchors,
-    grid_h,
-    grid_w,
     num_classes,
     cls_pos: tl.float64,
     cls_neg: tl.float64,
@@ -569,15 +614,15 @@ def _pair_grad_kernel(
     ``pair_stats_ptr`` (``[positions, 4]``: box, box, class, class; zero-initialised).
 
     Args:
-        p_ptr, p_stride_*, grad_ptr, grad_stride_*: as in ``_objectness_kernel``.
+        p<i>_ptr, grad<i>_ptr, layer_table_ptr, layer_base: as in ``_objectness_kernel``.
+        launch_layers, num_layers: the layers of this launch and of the loss: the groups of other
+            launches' layers are left to them.
         sorted_key_ptr, order_ptr: the candidates' keys sorted (stable) and the sorting permutation.
         group_start_ptr: per sorted position, the first position of its key's group.
         iou_grad_ptr, cls_ptr: written by ``_match_kernel`` (candidate order).
-        scale_ptr, layer: ``[layers, 2]`` device scalars (compute dtype, from ``_finalize_kernel``):
-            the box and class gains over the pair count; this layer's row.
+        scale_ptr: ``[layers, 2]`` device scalars (compute dtype, from ``_finalize_kernel``): the box
+            and class gains over the pair count.
         num_candidates, total_cells: the candidates and the cells of all layers.
-        cell_offset, num_cells: this layer's first global cell and its cells: the groups of other
-            layers' cells are left to their own launch.
         Other scalars as in ``_match_kernel``.
     """
     cls_pos = as_compute(cls_pos, COMPUTE_DTYPE)
@@ -586,8 +631,20 @@ def _pair_grad_kernel(
     focal_gamma = as_compute(focal_gamma, COMPUTE_DTYPE)
     i = tl.program_id(0).to(tl.int64)
     won, key = _is_group_end(sorted_key_ptr, i, num_candidates, total_cells)
-    cell = key.to(tl.int64) - cell_offset
-    if won & (cell >= 0) & (cell < num_cells):
+    key = key.to(tl.int64)
+    layer = key * 0  # the layer whose cells hold the key: the last whose first cell is <= it
+    for other in range(1, num_layers):
+        layer += (key >= tl.load(layer_table_ptr + LAYER_FIELDS * other + 14)).to(tl.int64)
+    local = layer - layer_base
+    if won & (local >= 0) & (local < launch_layers):
+        p_stride_b, p_stride_a, p_stride_y, p_stride_x, p_stride_c = _layer_strides(layer_table_ptr, layer, 0)
+        grad_stride_b, grad_stride_a, grad_stride_y, grad_stride_x, grad_stride_c = _layer_strides(
+            layer_table_ptr, layer, 5
+        )
+        num_anchors, grid_h, grid_w, layer_cells, cell_offset, anchor_offset = _layer_sizes(layer_table_ptr, layer)
+        cell = key - cell_offset
+        p_ptr = _pick(local, p0_ptr, p1_ptr, p2_ptr, p3_ptr)
+        grad_ptr = _pick(local, grad0_ptr, grad1_ptr, grad2_ptr, grad3_ptr)
         first = tl.load(group_start_ptr + i)
         box_scale = tl.load(scale_ptr + 2 * layer)
         cls_scale = tl.load(scale_ptr + 2 * layer + 1)
@@ -681,11 +738,39 @@ def record_launches() -> Iterator[list[Launch]]:
         _RECORDER.reset(token)
 
 
-_STRIDE_NAMES = {prefix: tuple(f"{prefix}_stride_{axis}" for axis in "bayxc") for prefix in ("p", "grad")}
+def _per_layer(name: str, tensors: list) -> dict:
+    """The ``<name>0_ptr`` .. ``<name>3_ptr`` arguments of a launch over up to ``MAX_LAYERS``
+    layers; unused slots repeat the first tensor (never read: the programs stop at the layers)."""
+    return {f"{name}{i}_ptr": tensors[min(i, len(tensors) - 1)] for i in range(MAX_LAYERS)}
 
 
-def _strides(prefix: str, t: torch.Tensor) -> dict:
-    return dict(zip(_STRIDE_NAMES[prefix], t.stride()))
+_TABLES: dict[tuple, torch.Tensor] = {}
+
+
+def layer_table(p, grads) -> torch.Tensor:
+    """The layer table: ``[layers, LAYER_FIELDS]`` int64 on ``p``'s device, a row per layer: the
+    strides of ``p`` and of its gradient, ``na, ny, nx``, the cells, the first global cell and the
+    anchors of the layers before. It depends on shapes and strides only, so it is built (one copy
+    to the device) once per layout and kept: a warmed-up step makes no copy, and can be captured
+    in a CUDA graph."""
+    layout = tuple((tuple(x.shape), x.stride(), g.stride()) for x, g in zip(p, grads))
+    key = (p[0].device, layout)
+    table = _TABLES.get(key)
+    if table is None:
+        rows, cells, anchors = [], 0, 0
+        for shape, p_strides, g_strides in layout:
+            bs, na, ny, nx = shape[:4]
+            rows.append([*p_strides, *g_strides, na, ny, nx, bs * na * ny * nx, cells, anchors])
+            cells, anchors = cells + bs * na * ny * nx, anchors + na
+        table = torch.tensor(rows, dtype=torch.int64)
+        if p[0].device.type == "cuda":  # pinned: an asynchronous copy, no host sync
+            table = table.pin_memory().to(p[0].device, non_blocking=True)
+        else:
+            table = table.to(p[0].device)
+        if len(_TABLES) >= 64:
+            _TABLES.clear()
+        _TABLES[key] = table
+    return table
 
 
 def _cdiv(n: int, d: int) -> int:
@@ -727,9 +812,8 @@ def fused_loss(
     kernels never match a row that fails, so memory stays in bounds either way.
 
     No host sync, and few launches (each costs microseconds of host and driver time, more than the
-    kernels themselves at common sizes): one memset, a match and an objectness launch per layer,
-    one sort and one search for all layers, one objectness-target and one finalize launch, and a
-    pair-gradient launch per layer."""
+    kernels themselves at common sizes): one memset, sort, search and launch of each kernel for up
+    to ``MAX_LAYERS`` layers."""
     o = options
     device = p[0].device
     dtype = compute_dtype(p[0].dtype)
@@ -746,14 +830,15 @@ def fused_loss(
         balance = balance.to(device=device, dtype=dtype).contiguous()
 
     # the layers' cells and candidates, laid end to end: one sort groups the candidates of every layer
-    shapes = [(x.shape[1], x.shape[2], x.shape[3]) for x in p]
-    n_cells = [bs * na * ny * nx for na, ny, nx in shapes]
-    n_cand = [BLOCKS[o.family] * na * nt for na, _, _ in shapes]
+    n_cells = [bs * x.shape[1] * x.shape[2] * x.shape[3] for x in p]
+    n_cand = [BLOCKS[o.family] * x.shape[1] * nt for x in p]
     cell_offsets = [sum(n_cells[:i]) for i in range(nl)]
-    cand_offsets = [sum(n_cand[:i]) for i in range(nl)]
     total_cells, total_cand = sum(n_cells), sum(n_cand)
     match_programs = max(_cdiv(n, BLOCK_PAIRS) for n in n_cand + [1])
     obj_programs = max(_cdiv(n, BLOCK_CELLS) for n in n_cells)
+    grads = [torch.empty_like(x) for x in p] if compute_grad else list(p)  # p stands in: never written
+    table = layer_table(p, grads)
+    groups = [(base, min(nl, base + MAX_LAYERS)) for base in range(0, nl, MAX_LAYERS)]
 
     # one memset: the objectness targets of every cell, then the value-check flags
     work = torch.zeros(total_cells + NUM_FLAGS, dtype=dtype, device=device)
@@ -768,30 +853,25 @@ def fused_loss(
     layer_info = torch.empty(nl, 2, dtype=dtype, device=device)
     matched_targets = torch.zeros(nt, dtype=torch.int8, device=device) if compute_stats else None
     obj_stats = torch.empty(nl if compute_stats else 0, obj_programs, 2, dtype=dtype, device=device)
+    anchors = [a.to(device=device, dtype=dtype).contiguous() for a in anchors]
     # kernels read these only where a constexpr says so; a small real tensor stands in otherwise
     t_in = t if nt else work
     scalars = dict(cls_pos_weight=float(o.cls_pw), focal_gamma=float(o.fl_gamma))
 
-    for index, (pi, anchor_vec, (na, ny, nx)) in enumerate(zip(p, anchors, shapes)):
+    for base, end in groups:
         _launch(
             _match_kernel,
-            (match_programs,),
-            p_ptr=pi,
-            **_strides("p", pi),
+            ((end - base) * match_programs,),
+            **_per_layer("p", p[base:end]),
+            **_per_layer("anchors", anchors[base:end]),
+            layer_table_ptr=table,
+            layer_base=base,
             targets_ptr=t_in,
-            anchors_ptr=anchor_vec.to(device=device, dtype=dtype).contiguous(),
-            num_targets=max(nt, 1),
-            check_rows=nt if index == 0 else 0,
-            num_anchors=na,
-            num_candidates=n_cand[index],
+            num_targets=nt,
             batch_size=bs,
-            grid_h=ny,
-            grid_w=nx,
             num_classes=nc,
             total_cells=total_cells,
-            cell_offset=cell_offsets[index],
-            candidate_offset=cand_offsets[index],
-            partial_offset=index * match_programs,
+            match_programs=match_programs,
             threshold=float(o.match_threshold),
             cls_pos=cls_pos,
             cls_neg=cls_neg,
@@ -812,17 +892,17 @@ def fused_loss(
             BLOCK_PAIRS=BLOCK_PAIRS,
             BLOCK_CLASSES=BLOCK_CLASSES,
         )
-    groups = None
+    sorted_groups = None
     if total_cand:
         # group the candidates by cell, in pair order within a cell (stable), unmatched ones last
         sorted_key, order = torch.sort(key, stable=True)
-        groups = (sorted_key, order, torch.searchsorted(sorted_key, sorted_key))
+        sorted_groups = (sorted_key, order, torch.searchsorted(sorted_key, sorted_key))
         _launch(
             _objectness_target_kernel,
             (total_cand,),
             sorted_key_ptr=sorted_key,
             order_ptr=order,
-            group_start_ptr=groups[2],
+            group_start_ptr=sorted_groups[2],
             iou_ptr=iou,
             tobj_ptr=tobj,
             num_candidates=total_cand,
@@ -832,36 +912,28 @@ def fused_loss(
             COMPUTE_DTYPE=tl_dtype,
         )
 
-    grads = []
-    for index, (pi, (na, ny, nx)) in enumerate(zip(p, shapes)):
-        grad = torch.empty_like(pi) if compute_grad else pi.new_empty(0)
-        # without a gradient the kernel never touches grad_ptr: p's strides stand in for its own
-        obj_scale = o.obj * 3.0 / bs if sum_red else o.obj / n_cells[index]
+    for base, end in groups:
         _launch(
             _objectness_kernel,
-            (obj_programs,),
-            p_ptr=pi,
-            **_strides("p", pi),
-            grad_ptr=grad if compute_grad else pi,
-            **_strides("grad", grad if compute_grad else pi),
+            ((end - base) * obj_programs,),
+            **_per_layer("p", p[base:end]),
+            **_per_layer("grad", grads[base:end]),
+            layer_table_ptr=table,
+            layer_base=base,
             tobj_ptr=tobj,
             partial_ptr=obj_partial,
             layer_ptr=layer_info,
             obj_stats_ptr=obj_stats if compute_stats else obj_partial,  # unread without STATS
             balance_ptr=balance if balance is not None else obj_partial,  # unread without HAS_BALANCE
-            layer=index,
-            num_cells=n_cells[index],
-            cell_offset=cell_offsets[index],
-            partial_offset=index * obj_programs,
-            num_anchors=na,
-            grid_h=ny,
-            grid_w=nx,
+            obj_programs=obj_programs,
             num_outputs=no,
+            batch_size=bs,
             obj_pos_weight=float(o.obj_pw),
             focal_gamma=float(o.fl_gamma),
-            obj_loss_scale=float(obj_scale),
-            obj_grad_scale=float(obj_scale * out_scale),
+            obj_gain=float(o.obj),
+            out_scale=out_scale,
             FOCAL=focal,
+            SUM_REDUCTION=sum_red,
             HAS_BALANCE=balance is not None,
             WRITE_GRAD=compute_grad,
             STATS=compute_stats,
@@ -869,7 +941,6 @@ def fused_loss(
             BLOCK_CELLS=BLOCK_CELLS,
             BLOCK_CHANNELS=BLOCK_CHANNELS,
         )
-        grads.append(grad)
 
     loss = torch.empty(1, dtype=dtype, device=device)
     items = torch.empty(4, dtype=dtype, device=device)
@@ -911,15 +982,17 @@ def fused_loss(
 
     pair_stats = torch.zeros(total_cand, 4, dtype=dtype, device=device) if compute_stats else None
     if (compute_grad or compute_stats) and total_cand:
-        sorted_key, order, group_start = groups
-        for index, (pi, grad, (na, ny, nx)) in enumerate(zip(p, grads, shapes)):
+        sorted_key, order, group_start = sorted_groups
+        for base, end in groups:
             _launch(
                 _pair_grad_kernel,
                 (total_cand,),
-                p_ptr=pi,
-                **_strides("p", pi),
-                grad_ptr=grad if compute_grad else pi,
-                **_strides("grad", grad if compute_grad else pi),
+                **_per_layer("p", p[base:end]),
+                **_per_layer("grad", grads[base:end]),
+                layer_table_ptr=table,
+                layer_base=base,
+                launch_layers=end - base,
+                num_layers=nl,
                 sorted_key_ptr=sorted_key,
                 order_ptr=order,
                 group_start_ptr=group_start,
@@ -927,14 +1000,8 @@ def fused_loss(
                 cls_ptr=cls,
                 scale_ptr=scales,
                 pair_stats_ptr=pair_stats if compute_stats else scales,  # unread without STATS
-                layer=index,
                 num_candidates=total_cand,
                 total_cells=total_cells,
-                cell_offset=cell_offsets[index],
-                num_cells=n_cells[index],
-                num_anchors=na,
-                grid_h=ny,
-                grid_w=nx,
                 num_classes=nc,
                 cls_pos=cls_pos,
                 cls_neg=cls_neg,
@@ -946,10 +1013,12 @@ def fused_loss(
                 COMPUTE_DTYPE=tl_dtype,
                 BLOCK_CLASSES=BLOCK_CLASSES,
             )
+    if not compute_grad:
+        grads = [x.new_empty(0) for x in p]
 
     if compute_stats:  # the op's layout: a row per layer, then the unmatched targets
         rows = [
-            _layer_stats(obj_stats[i], pair_stats, counts[i], groups, cell_offsets[i], n_cells[i], total_cells)
+            _layer_stats(obj_stats[i], pair_stats, counts[i], sorted_groups, cell_offsets[i], n_cells[i], total_cells)
             for i in range(nl)
         ]
         zero = counts.new_zeros(())
