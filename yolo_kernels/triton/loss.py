@@ -764,6 +764,11 @@ def layer_table(p, grads) -> torch.Tensor:
             cells, anchors = cells + bs * na * ny * nx, anchors + na
         table = torch.tensor(rows, dtype=torch.int64)
         if p[0].device.type == "cuda":  # pinned: an asynchronous copy, no host sync
+            if torch.cuda.is_current_stream_capturing():  # a replay would copy from freed memory
+                raise RuntimeError(
+                    "yolo_kernels (triton): the first call with these shapes of p is being captured in a "
+                    "CUDA graph; run one eager call first (it compiles the kernels and builds the layer table)"
+                )
             table = table.pin_memory().to(p[0].device, non_blocking=True)
         else:
             table = table.to(p[0].device)
@@ -779,7 +784,7 @@ def _cdiv(n: int, d: int) -> int:
 
 #: Slots of the value-check flags (``_match_kernel``): image index, class, box centre, box size, anchors.
 NUM_FLAGS = 5
-BLOCK_FINALIZE = 128  # partials per step of the finalize kernel
+BLOCK_FINALIZE = 1024  # partials per step of the finalize kernel: its loops are serial, so few steps
 
 
 def value_check_message(batch_size: int, nc: int) -> str:
