@@ -283,6 +283,28 @@ def cuda_graph_check(batch, img):
     )
 
 
+def cuda_tests(limit_s: float) -> str:
+    """The test suite's CUDA cases (``pytest tests -k cuda``) in a subprocess: its summary line, or
+    FAILED with the failures' names; a run cut short by ``limit_s`` says so (not a failure)."""
+    import subprocess
+
+    command = [sys.executable, "-m", "pytest", "tests", "-k", "cuda", "-q", "-p", "no:cacheprovider"]
+    try:
+        done = subprocess.run(
+            command, cwd=os.path.dirname(HERE), capture_output=True, text=True, timeout=limit_s, check=False
+        )
+    except subprocess.TimeoutExpired as stopped:
+        out = stopped.stdout.decode() if isinstance(stopped.stdout, bytes) else (stopped.stdout or "")
+        progress = out.strip().splitlines()[-1:] or ["no output"]
+        return f"incomplete: stopped after {limit_s:.0f} s (progress: {progress[0][:200]})"
+    lines = done.stdout.strip().splitlines()
+    summary = lines[-1] if lines else done.stderr.strip()[-300:]
+    if done.returncode == 0:
+        return summary
+    failed = [line for line in lines if line.startswith("FAILED")][:10]
+    return "FAILED: " + summary + ("; " + "; ".join(failed) if failed else "")
+
+
 def launch_profile(batch, img):
     """Device kernels per forward + backward call of each provider (torch.profiler): at common
     sizes each launch costs more host and driver time than its kernel takes on the GPU."""
@@ -413,6 +435,7 @@ def markdown(report) -> str:
         f"No host sync, YOLOv5-style loss with autobalance: {report.get('no_sync_yolov5', 'not run')}",
         f"CUDA graph capture: {report.get('cuda_graph', 'not run')}",
         f"CUDA graph of a whole training step: {report.get('train_step_graph', 'not run')}",
+        f"Test suite, CUDA cases (`pytest tests -k cuda`): {report.get('cuda_tests', 'not run')}",
         "",
     ]
     launches = report.get("launches")
@@ -441,7 +464,7 @@ def failures(report) -> list[str]:
         for r in report.get("parity", [])
         if isinstance(r, dict) and not r.get("passed", True)
     ]
-    for key in ("no_sync", "no_sync_yolov5", "cuda_graph", "train_step_graph"):
+    for key in ("no_sync", "no_sync_yolov5", "cuda_graph", "train_step_graph", "cuda_tests"):
         if str(report.get(key, "")).startswith("FAILED"):
             out.append(f"{key}: {report[key]}")
     if "error" in report:
@@ -479,6 +502,12 @@ def parse_args(argv=None):
     parser.add_argument("--img", type=int, nargs="+", default=[416, 640])
     parser.add_argument("--quick", action="store_true", help="skip torch.compile(reference)")
     parser.add_argument("--out", default=os.path.join(HERE, "results"), help="folder for gpu-<card>.json and .md")
+    parser.add_argument(
+        "--tests-s",
+        type=float,
+        default=150.0,
+        help="run the test suite's CUDA cases (pytest -k cuda) last, for at most this many seconds (0: skip)",
+    )
     parser.add_argument(
         "--budget-s",
         type=float,
@@ -542,6 +571,8 @@ def main(argv=None) -> int:
             return "measured"
 
         section(key, measure)
+    if args.tests_s > 0:
+        section("cuda_tests", cuda_tests, args.tests_s)
     report["total_seconds"] = round(time.perf_counter() - start, 1)
     stem = write_report(report, args.out)
     print(markdown(report))

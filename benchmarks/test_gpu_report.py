@@ -68,8 +68,10 @@ def test_parse_args_defaults_and_overrides():
     args = gpu_report.parse_args([])
     assert args.batch == [16, 64] and args.img == [416, 640] and not args.quick
     assert args.out == os.path.join(HERE, "results")
+    assert args.tests_s == 150
     args = gpu_report.parse_args(["--batch", "8", "--img", "320", "--quick", "--out", "/tmp/x", "--budget-s", "60"])
     assert args.batch == [8] and args.img == [320] and args.quick and args.out == "/tmp/x" and args.budget_s == 60
+    assert gpu_report.parse_args(["--tests-s", "0"]).tests_s == 0
 
 
 def test_speed_order_puts_the_target_shapes_first():
@@ -94,7 +96,7 @@ def test_failures_decide_the_exit_status():
     assert gpu_report.failures(REPORT) == []
     bad_parity = dict(REPORT, parity=[dict(REPORT["parity"][0], passed=False, grad_rel_err=0.5)])
     assert "parity float32 defaults" in gpu_report.failures(bad_parity)[0]
-    for key in ("no_sync", "cuda_graph", "train_step_graph"):
+    for key in ("no_sync", "cuda_graph", "train_step_graph", "cuda_tests"):
         problems = gpu_report.failures(dict(REPORT, **{key: "FAILED: replay differs from eager"}))
         assert problems and problems[0].startswith(key)
     assert "FAILED" in gpu_report.markdown(bad_parity)
@@ -142,3 +144,12 @@ def test_wrapper_builds_in_place_then_runs_the_report(tmp_path):
     assert calls[1] == "NO_EXT=1 -m pip install --no-build-isolation --no-deps -e ."
     assert calls[2] == "NO_EXT= benchmarks/gpu_report.py --out /tmp/o --quick"
     assert "install: pip install -e . with YOLO_KERNELS_NO_EXT=1" in result.stdout
+
+
+def test_cuda_tests_section_reports_the_summary_or_a_cut_short_run():
+    """The report's last section runs the suite's CUDA cases in a subprocess: here, without a GPU,
+    they are skipped (the summary says so); with too little time the run is incomplete, not failed."""
+    done = gpu_report.cuda_tests(600)
+    assert not done.startswith(("FAILED", "incomplete")) and ("skipped" in done or "passed" in done), done
+    assert gpu_report.cuda_tests(0.01).startswith("incomplete: stopped after")
+    assert not gpu_report.failures(dict(REPORT, cuda_tests="incomplete: stopped after 1 s"))
