@@ -85,6 +85,15 @@ def _pick(i, a0, a1, a2, a3):
 
 
 @triton.jit
+def _program_layer(programs_per_layer, layer_base):
+    """``(slot, program within the layer, layer)`` of this program in a launch over several layers,
+    ``programs_per_layer`` each; ``slot`` picks the layer's pointer arguments (``_pick``)."""
+    program = tl.program_id(0).to(tl.int64)
+    slot = program // programs_per_layer
+    return slot, program - slot * programs_per_layer, layer_base + slot
+
+
+@triton.jit
 def _layer_strides(layer_table_ptr, layer, FIRST: tl.constexpr):
     """Five strides (b, a, y, x, c) of a layer from the layer table (``layer_table``): ``FIRST`` 0
     for ``p``'s, 5 for its gradient's."""
@@ -175,10 +184,7 @@ def _match_kernel(
     cls_neg = as_compute(cls_neg, COMPUTE_DTYPE)
     cls_pos_weight = as_compute(cls_pos_weight, COMPUTE_DTYPE)
     focal_gamma = as_compute(focal_gamma, COMPUTE_DTYPE)
-    program = tl.program_id(0).to(tl.int64)
-    local = program // match_programs
-    pid = program - local * match_programs  # the program within its layer
-    layer = layer_base + local
+    local, pid, layer = _program_layer(match_programs, layer_base)
     p_ptr = _pick(local, p0_ptr, p1_ptr, p2_ptr, p3_ptr)
     anchors_ptr = _pick(local, anchors0_ptr, anchors1_ptr, anchors2_ptr, anchors3_ptr)
     p_stride_b, p_stride_a, p_stride_y, p_stride_x, p_stride_c = _layer_strides(layer_table_ptr, layer, 0)
@@ -397,10 +403,7 @@ def _objectness_kernel(
     focal_gamma = as_compute(focal_gamma, COMPUTE_DTYPE)
     obj_gain = as_compute(obj_gain, COMPUTE_DTYPE)
     out_scale = as_compute(out_scale, COMPUTE_DTYPE)
-    program = tl.program_id(0).to(tl.int64)
-    local = program // obj_programs
-    pid = program - local * obj_programs  # the program within its layer
-    layer = layer_base + local
+    local, pid, layer = _program_layer(obj_programs, layer_base)
     p_ptr = _pick(local, p0_ptr, p1_ptr, p2_ptr, p3_ptr)
     grad_ptr = _pick(local, grad0_ptr, grad1_ptr, grad2_ptr, grad3_ptr)
     p_stride_b, p_stride_a, p_stride_y, p_stride_x, p_stride_c = _layer_strides(layer_table_ptr, layer, 0)
