@@ -249,13 +249,13 @@ def _options_key(hyp: Any, nc: Any, gr: Any, options: dict) -> tuple | None:
     """The cache key of ``model_options``, or ``None`` when a value is not a plain Python value."""
     if type(hyp) is not dict:
         return None
-    values = tuple((key in hyp, hyp.get(key)) for key in DEFAULT_HYP)
-    extra = tuple(sorted(options.items()))
-    plain = [v for _, v in values] + [nc, gr] + [v for _, v in extra]
+    extra = sorted(options.items())
+    plain = [hyp.get(key) for key in DEFAULT_HYP] + [nc, gr] + [value for _, value in extra]
     if not all(type(v) in _PLAIN_TYPES for v in plain):
         return None
     # the types too: 1 and 1.0 and True are equal keys, but not the same hyperparameter
-    return tuple((k, type(v), v) for k, v in values), type(nc), nc, type(gr), gr, tuple(map(type, plain)), extra
+    present = tuple(key in hyp for key in DEFAULT_HYP)
+    return present, tuple((type(v), v) for v in plain), tuple(name for name, _ in extra)
 
 
 def as_anchor_list(anchors: Sequence[Any], name: str = "anchors") -> list[torch.Tensor]:

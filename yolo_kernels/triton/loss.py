@@ -741,10 +741,16 @@ def record_launches() -> Iterator[list[Launch]]:
         _RECORDER.reset(token)
 
 
-def _per_layer(name: str, tensors: list) -> dict:
-    """The ``<name>0_ptr`` .. ``<name>3_ptr`` arguments of a launch over up to ``MAX_LAYERS``
-    layers; unused slots repeat the first tensor (never read: the programs stop at the layers)."""
-    return {f"{name}{i}_ptr": tensors[min(i, len(tensors) - 1)] for i in range(MAX_LAYERS)}
+def _layer_slots(table: torch.Tensor, base: int, end: int, **per_layer: list) -> dict:
+    """The layer arguments of a launch over layers ``base .. end - 1`` (at most ``MAX_LAYERS``):
+    ``<name>0_ptr`` .. ``<name>3_ptr`` for each list of per-layer tensors (unused slots repeat the
+    first: never read, the programs stop at the layers), the layer table and ``layer_base``."""
+    slots = {
+        f"{name}{i}_ptr": tensors[base + min(i, end - base - 1)]
+        for name, tensors in per_layer.items()
+        for i in range(MAX_LAYERS)
+    }
+    return dict(slots, layer_table_ptr=table, layer_base=base)
 
 
 _TABLES: dict[tuple, torch.Tensor] = {}
@@ -870,10 +876,7 @@ def fused_loss(
         _launch(
             _match_kernel,
             ((end - base) * match_programs,),
-            **_per_layer("p", p[base:end]),
-            **_per_layer("anchors", anchors[base:end]),
-            layer_table_ptr=table,
-            layer_base=base,
+            **_layer_slots(table, base, end, p=p, anchors=anchors),
             targets_ptr=t_in,
             num_targets=nt,
             batch_size=bs,
@@ -924,10 +927,7 @@ def fused_loss(
         _launch(
             _objectness_kernel,
             ((end - base) * obj_programs,),
-            **_per_layer("p", p[base:end]),
-            **_per_layer("grad", grads[base:end]),
-            layer_table_ptr=table,
-            layer_base=base,
+            **_layer_slots(table, base, end, p=p, grad=grads),
             tobj_ptr=tobj,
             partial_ptr=obj_partial,
             layer_ptr=layer_info,
@@ -995,10 +995,7 @@ def fused_loss(
             _launch(
                 _pair_grad_kernel,
                 (total_cand,),
-                **_per_layer("p", p[base:end]),
-                **_per_layer("grad", grads[base:end]),
-                layer_table_ptr=table,
-                layer_base=base,
+                **_layer_slots(table, base, end, p=p, grad=grads),
                 launch_layers=end - base,
                 num_layers=nl,
                 sorted_key_ptr=sorted_key,
