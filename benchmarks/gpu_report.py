@@ -335,6 +335,37 @@ def launch_profile(batch, img):
     return out
 
 
+def host_profile(batch, img, calls=50):
+    """Where a triton forward + backward call spends its host time: calls issued back to back
+    (the GPU, faster than the host here, waits on it), then again under cProfile for the functions
+    that take the most own time, in microseconds per call (the profiler adds its own overhead)."""
+    import cProfile
+    import pstats
+
+    model, p, targets = cuda_inputs(batch, img)
+    for _ in range(5):
+        forward_backward(p, targets, model, "triton")
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        forward_backward(p, targets, model, "triton")
+    host_us = (time.perf_counter() - t0) / calls * 1e6
+    torch.cuda.synchronize()
+    wall_us = (time.perf_counter() - t0) / calls * 1e6
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        forward_backward(p, targets, model, "triton")
+    profiler.disable()
+    torch.cuda.synchronize()
+    rows = sorted(pstats.Stats(profiler).stats.items(), key=lambda kv: -kv[1][2])[:15]
+    top = {
+        f"{name} ({os.path.basename(path)}:{line})": round(own / calls * 1e6, 1)
+        for (path, line, name), (_, _, own, _, _) in rows
+    }
+    return {"host_us_per_call": round(host_us, 1), "wall_us_per_call": round(wall_us, 1), "top_own_us": top}
+
+
 def train_step_graph_check(batch=8, img=256):
     """A whole training step (yolov3-tiny forward, triton loss, backward, SGD step) captured in a
     CUDA graph and replayed: the losses of replayed steps equal eager steps from the same state."""
@@ -451,6 +482,20 @@ def markdown(report) -> str:
         lines += [""]
     elif launches is not None:
         lines += [f"Device kernels per call: {launches}", ""]
+    host = report.get("host")
+    if isinstance(host, dict):
+        lines += ["## Host time of a triton forward + backward call", ""]
+        lines += [
+            f"{host['host_us_per_call']:.0f} µs per call issued back to back "
+            f"({host['wall_us_per_call']:.0f} µs until the GPU finished). Own time by function (cProfile):",
+            "",
+            "| function | µs per call |",
+            "|---|---|",
+        ]
+        lines += [f"| `{name}` | {us:.1f} |" for name, us in host["top_own_us"].items()]
+        lines += [""]
+    elif host is not None:
+        lines += [f"Host time: {host}", ""]
     problems = failures(report)
     lines += ["Result: " + ("all checks passed" if not problems else "FAILED: " + "; ".join(problems)), ""]
     return "\n".join(lines)
@@ -554,6 +599,7 @@ def main(argv=None) -> int:
     section("cuda_graph", cuda_graph_check, args.batch[0], args.img[0])
     section("train_step_graph", train_step_graph_check)
     section("launches", launch_profile, args.batch[0], args.img[0])
+    section("host", host_profile, args.batch[0], args.img[0])
     bandwidth = copy_bandwidth(device)
     report["copy_bandwidth_gbs"] = bandwidth / 1e9
     report["speed"], report["floor_ms"] = [], {}

@@ -54,6 +54,7 @@ REPORT = {
     "no_sync": "passed",
     "cuda_graph": "replay identical to eager",
     "train_step_graph": "training step replays like eager",
+    "host": {"host_us_per_call": 812.4, "wall_us_per_call": 830.0, "top_own_us": {"run (jit.py:700)": 123.4}},
 }
 
 
@@ -83,6 +84,9 @@ def test_markdown_report():
     text = gpu_report.markdown(REPORT)
     assert "# Triton loss on NVIDIA H200 (Test)" in text and "| triton | 16 | 416 | 0.500 |" in text
     assert "30.0x" in text and "| bfloat16 | box_loss=ciou |" in text and "Result: all checks passed" in text
+    assert "812 µs per call issued back to back (830 µs until the GPU finished)" in text
+    assert "| `run (jit.py:700)` | 123.4 |" in text
+    assert "Host time: FAILED: x" in gpu_report.markdown(dict(REPORT, host="FAILED: x"))
 
 
 def test_write_report_files_named_after_the_card(tmp_path):

@@ -122,7 +122,53 @@ def test_launches_are_recorded_with_keyword_arguments_not_run(gen):
         "_pair_grad_kernel",
     ]
     for launch in launches:
-        assert set(launch.arguments) == set(launch.kernel.arg_names)
+        options = {"enable_fp_fusion"} & set(launch.arguments)  # launch options, not kernel arguments
+        assert set(launch.arguments) - options == set(launch.kernel.arg_names)
+    match = launches[names.index("_match_kernel")]
+    assert match.arguments["enable_fp_fusion"] is False  # test_matching_arithmetic_is_exact_in_ptx
+
+
+MATCH_PTX = """
+import torch
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from yolo_kernels.triton import math as tmath
+
+
+@triton.jit
+def probe(t_ptr, out_ptr, n, grid_h, grid_w, threshold, FAMILY: tl.constexpr, BLOCK: tl.constexpr):
+    k = tl.arange(0, BLOCK)
+    m = k < n
+    ok, b, c, gj, gi, tx, ty, gw, gh = tmath.match(t_ptr + 6 * k, 1.5, 2.5, grid_h, grid_w, threshold, m, k % 5,
+                                                 tl.float32, FAMILY)
+    tl.store(out_ptr + k, ok.to(tl.float32) + gj + gi + tx + ty + gw + gh, mask=m)
+
+
+signature = {"t_ptr": "*fp32", "out_ptr": "*fp32", "n": "i32", "grid_h": "i32", "grid_w": "i32", "threshold": "fp32",
+             "FAMILY": "constexpr", "BLOCK": "constexpr"}
+for family in (0, 1):
+    for fusion in (False, True):
+        src = ASTSource(probe, signature, {"FAMILY": family, "BLOCK": 64})
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": fusion}).asm["ptx"]
+        print(f"family={family} fusion={fusion} fma={'fma.rn.f32' in ptx} approx_div={'div.full.f32' in ptx}")
+"""
+
+
+def test_matching_arithmetic_is_exact_in_ptx(tmp_path):
+    """The match decisions (``x * nx`` near a cell edge or a half, the size ratios, wh_iou at the
+    threshold) see the same float32 roundings as the reference on a GPU: no approximate division
+    and, with the launch option the launcher passes, no fused multiply-add. A GPU showed both: the
+    contraction of ``nx - x * nx`` matched neighbour cells the reference does not."""
+    (tmp_path / "match_ptx.py").write_text(MATCH_PTX)
+    result = run_compiled([str(tmp_path / "match_ptx.py")], timeout=600)
+    assert result.returncode == 0, result.stderr[-5000:]
+    lines = result.stdout.split()
+    for family in (0, 1):
+        assert f"family={family} fusion=False fma=False approx_div=False" in result.stdout, result.stdout
+    # the check can fail: with fusion on, the compiler contracts the multiply-adds
+    assert any(line == "fma=True" for line in lines), result.stdout
 
 
 @pytest.mark.parametrize(

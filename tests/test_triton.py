@@ -20,7 +20,7 @@ DEVICES = [
 @pytest.mark.parametrize("device", DEVICES)
 def test_gradient_keeps_the_layout_of_p(device, gen):
     nc, na, ny, nx, bs = 4, 2, 3, 4, 2
-    conv = torch.randn(bs, na * (nc + 5), ny, nx, generator=gen, device=device)
+    conv = torch.randn(bs, na * (nc + 5), ny, nx, generator=gen).to(device)
     p = conv.view(bs, na, nc + 5, ny, nx).permute(0, 1, 3, 4, 2)  # the head's view: channel stride ny * nx
     anchors = [a.to(device) for a in random_anchors([na], gen)]
     targets = make_targets(5, bs, nc, gen).to(device)

@@ -374,6 +374,8 @@ def _objectness_kernel(
     WRITE_GRAD: tl.constexpr,
     STATS: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
+    DENSE_PLANES: tl.constexpr,
+    CHANNELS_INNER: tl.constexpr,
     BLOCK_CELLS: tl.constexpr,
     BLOCK_CHANNELS: tl.constexpr,
 ):
@@ -398,6 +400,13 @@ def _objectness_kernel(
         obj_gain: ``obj``; a layer's BCE sum enters the loss times ``obj / cells`` (mean) or
             ``3 obj / bs`` (sum).
         out_scale: the factor of the returned loss and of the gradients (YOLOv5: the batch size).
+        DENSE_PLANES: in every layer of the launch, ``p`` and the gradient have y stride = nx × x
+            stride and the offsets within an (image, anchor) plane fit in int32: a cell's row is
+            at ``(y * nx + x) * x stride`` from the plane's start (both head layouts); else the
+            general strides (a division per cell).
+        CHANNELS_INNER: the gradient's channels are closer in memory than its cells (a
+            channel-last tensor); else the cells are (the head's conv output viewed as
+            ``[bs, na, ny, nx, no]``). It orients the row writes; any layout is correct either way.
     """
     obj_pos_weight = as_compute(obj_pos_weight, COMPUTE_DTYPE)
     focal_gamma = as_compute(focal_gamma, COMPUTE_DTYPE)
@@ -420,25 +429,30 @@ def _objectness_kernel(
     if pid == 0:
         tl.store(layer_ptr + 2 * layer, cells)
         tl.store(layer_ptr + 2 * layer + 1, obj_loss_scale.to(COMPUTE_DTYPE))
-    cell = pid * BLOCK_CELLS + tl.arange(0, BLOCK_CELLS)
-    m = cell < num_cells
-    p_row, g_row = _cell_rows(
-        cell,
-        num_anchors,
-        grid_h,
-        grid_w,
-        p_ptr,
-        p_stride_b,
-        p_stride_a,
-        p_stride_y,
-        p_stride_x,
-        grad_ptr,
-        grad_stride_b,
-        grad_stride_a,
-        grad_stride_y,
-        grad_stride_x,
-    )
-    logit = tl.load(p_row + 4 * p_stride_c, mask=m, other=0.0).to(COMPUTE_DTYPE)
+    # programs walk the (image, anchor) planes of the layer, BLOCK_CELLS positions y * nx + x of
+    # one plane each: the only divisions are per program (a division per cell, replicated across
+    # the threads that share the cell's row in the tile below, was most of the kernel's time)
+    plane_cells = grid_h * grid_w
+    plane_blocks = (plane_cells + BLOCK_CELLS - 1) // BLOCK_CELLS
+    plane = pid // plane_blocks
+    image = plane // num_anchors
+    s = (pid - plane * plane_blocks) * BLOCK_CELLS + tl.arange(0, BLOCK_CELLS)
+    m = (s < plane_cells) & (plane < batch_size * num_anchors)
+    cell = plane * plane_cells + s
+    p_plane = p_ptr + image * p_stride_b + (plane - image * num_anchors) * p_stride_a
+    g_plane = grad_ptr + image * grad_stride_b + (plane - image * num_anchors) * grad_stride_a
+    if DENSE_PLANES:
+        s32 = s.to(tl.int32)
+        p_row = p_plane + s32 * p_stride_x.to(tl.int32)
+        g_row = g_plane + s32 * grad_stride_x.to(tl.int32)
+        p_channel, g_channel = p_stride_c.to(tl.int32), grad_stride_c.to(tl.int32)
+    else:
+        y = s // grid_w
+        x = s - y * grid_w
+        p_row = p_plane + y * p_stride_y + x * p_stride_x
+        g_row = g_plane + y * grad_stride_y + x * grad_stride_x
+        p_channel, g_channel = p_stride_c, grad_stride_c
+    logit = tl.load(p_row + 4 * p_channel, mask=m, other=0.0).to(COMPUTE_DTYPE)
     target = tl.load(tobj_ptr + cell_offset + cell, mask=m, other=0.0)
     loss, grad = bce_with_logits(logit, target, obj_pos_weight, focal_gamma, FOCAL)
     slot = layer * obj_programs + pid
@@ -453,13 +467,21 @@ def _objectness_kernel(
         tl.store(stats, tl.sum(g_in * g_in, axis=0).to(COMPUTE_DTYPE))
         tl.store(stats + 1, tl.max(tl.abs(g_in), axis=0).to(COMPUTE_DTYPE))
     if WRITE_GRAD:
-        g_obj = g_obj[:, None]
-        # rows are written whole (zeros and the objectness term): the gradient is written once
+        # rows are written whole (zeros and the objectness term): the gradient is written once. The
+        # tile's last axis is the one the threads of a warp share: it must be the axis that is
+        # contiguous in memory (channels of a channel-last tensor, cells of the head's conv view),
+        # or a warp's store touches 32 rows where it could fill one line
         for c0 in range(0, num_outputs, BLOCK_CHANNELS):
             ch = c0 + tl.arange(0, BLOCK_CHANNELS)
-            values = tl.where(ch[None, :] == 4, g_obj, 0.0)
-            mask = m[:, None] & (ch < num_outputs)[None, :]
-            tl.store(g_row[:, None] + ch[None, :] * grad_stride_c, values.to(grad_ptr.dtype.element_ty), mask=mask)
+            if CHANNELS_INNER:
+                values = tl.where(ch[None, :] == 4, g_obj[:, None], 0.0)
+                mask = m[:, None] & (ch < num_outputs)[None, :]
+                rows = g_row[:, None] + ch[None, :] * g_channel
+            else:
+                values = tl.where(ch[:, None] == 4, g_obj[None, :], 0.0)
+                mask = (ch < num_outputs)[:, None] & m[None, :]
+                rows = g_row[None, :] + ch[:, None] * g_channel
+            tl.store(rows, values.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -787,6 +809,14 @@ def layer_table(p, grads) -> torch.Tensor:
     return table
 
 
+def _dense_plane(x: torch.Tensor) -> bool:
+    """Whether ``x [bs, na, ny, nx, no]``'s (image, anchor) planes have y stride = nx × x stride
+    and in-plane offsets below 2**31 (``DENSE_PLANES`` of the objectness kernel)."""
+    _, _, ny, nx, no = x.shape
+    _, _, sy, sx, sc = x.stride()
+    return sy == nx * sx and (ny - 1) * sy + (nx - 1) * sx + (no - 1) * sc < 2**31
+
+
 def _cdiv(n: int, d: int) -> int:
     return -(-n // d)  # triton.cdiv is a jit function: microseconds per call from Python
 
@@ -849,7 +879,7 @@ def fused_loss(
     cell_offsets = [sum(n_cells[:i]) for i in range(nl)]
     total_cells, total_cand = sum(n_cells), sum(n_cand)
     match_programs = max(_cdiv(n, BLOCK_PAIRS) for n in n_cand + [1])
-    obj_programs = max(_cdiv(n, BLOCK_CELLS) for n in n_cells)
+    obj_programs = max(bs * x.shape[1] * _cdiv(x.shape[2] * x.shape[3], BLOCK_CELLS) for x in p)  # per plane
     grads = [torch.empty_like(x) for x in p] if compute_grad else list(p)  # p stands in: never written
     table = layer_table(p, grads)
     groups = [(base, min(nl, base + MAX_LAYERS)) for base in range(0, nl, MAX_LAYERS)]
@@ -876,6 +906,10 @@ def fused_loss(
         _launch(
             _match_kernel,
             ((end - base) * match_programs,),
+            # no fused multiply-add: a cell or neighbour decision (x * nx near an integer or a
+            # half) must see the rounded product, as the reference does; the GPU fused
+            # ``nx - x * nx`` and matched pairs the reference does not (measured on H200)
+            enable_fp_fusion=False,
             **_layer_slots(table, base, end, p=p, anchors=anchors),
             targets_ptr=t_in,
             num_targets=nt,
@@ -946,6 +980,8 @@ def fused_loss(
             WRITE_GRAD=compute_grad,
             STATS=compute_stats,
             COMPUTE_DTYPE=tl_dtype,
+            DENSE_PLANES=all(_dense_plane(x) and _dense_plane(g) for x, g in zip(p[base:end], grads[base:end])),
+            CHANNELS_INNER=all(g.stride(4) <= g.stride(3) for g in grads[base:end]),
             BLOCK_CELLS=BLOCK_CELLS,
             BLOCK_CHANNELS=BLOCK_CHANNELS,
         )

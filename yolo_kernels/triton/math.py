@@ -35,6 +35,17 @@ def as_compute(value, COMPUTE_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def div_exact(x, y, COMPUTE_DTYPE: tl.constexpr):
+    """``x / y`` rounded to nearest, as PyTorch and the C++ backend divide. Triton's float32 ``/``
+    compiles to an approximate division (``div.full.f32``, up to 2 ulp off): harmless in the loss,
+    wrong in a matching decision (``wh_iou > iou_t``, the YOLOv5 size ratios), which must agree
+    with the reference on every pair."""
+    if COMPUTE_DTYPE == tl.float32:
+        return tl.math.div_rn(x, y)
+    return x / y
+
+
+@triton.jit
 def log1p_unit(e):
     """log1p(e) for e in [0, 1] as 2 atanh(e / (2 + e)): accurate for tiny e too."""
     s = e / (2.0 + e)
@@ -187,9 +198,11 @@ def match(t_row_ptr, aw, ah, grid_h, grid_w, threshold, mask, block, COMPUTE_DTY
     gw = tl.load(t_row_ptr + 4, mask=mask, other=1.0).to(COMPUTE_DTYPE) * grid_w
     gh = tl.load(t_row_ptr + 5, mask=mask, other=1.0).to(COMPUTE_DTYPE) * grid_h
     if FAMILY == YOLOV5:
-        rw = gw / aw
-        rh = gh / ah
-        worst = tl.maximum(tl.maximum(rw, 1.0 / rw), tl.maximum(rh, 1.0 / rh))
+        rw = div_exact(gw, aw, COMPUTE_DTYPE)
+        rh = div_exact(gh, ah, COMPUTE_DTYPE)
+        worst = tl.maximum(
+            tl.maximum(rw, div_exact(1.0, rw, COMPUTE_DTYPE)), tl.maximum(rh, div_exact(1.0, rh, COMPUTE_DTYPE))
+        )
         far_x = grid_w - gx
         far_y = grid_h - gy
         left = ((gx - tl.floor(gx)) < 0.5) & (gx > 1.0)
@@ -205,7 +218,7 @@ def match(t_row_ptr, aw, ah, grid_h, grid_w, threshold, mask, block, COMPUTE_DTY
         cy = gy - oy
     else:
         inter = tl.minimum(aw, gw) * tl.minimum(ah, gh)
-        matched = mask & (inter / (aw * ah + gw * gh - inter) > threshold)
+        matched = mask & (div_exact(inter, aw * ah + gw * gh - inter, COMPUTE_DTYPE) > threshold)
         cx = gx
         cy = gy
     # trunc toward zero then clamp == trunc of the clamped value
