@@ -70,7 +70,6 @@ BLOCKS = {"yolov3": 1, "yolov5": 5}
 BLOCK_PAIRS = 64  # candidate pairs per program of the match kernels
 BLOCK_CLASSES = 32  # class channels per step of the class loops
 BLOCK_CELLS = 128  # cells per program of the objectness kernel
-BLOCK_CHANNELS = 32  # gradient channels per step of the objectness kernel's row writes
 #: Layers per launch of the per-layer kernels (pointer arguments p0..p3 and so on); more layers
 #: take more launches.
 MAX_LAYERS = 4
@@ -362,7 +361,6 @@ def _objectness_kernel(
     obj_stats_ptr,
     balance_ptr,
     obj_programs,
-    num_outputs,
     batch_size,
     obj_pos_weight: tl.float64,
     focal_gamma: tl.float64,
@@ -374,19 +372,18 @@ def _objectness_kernel(
     WRITE_GRAD: tl.constexpr,
     STATS: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
-    DENSE_PLANES: tl.constexpr,
-    CHANNELS_INNER: tl.constexpr,
     BLOCK_CELLS: tl.constexpr,
-    BLOCK_CHANNELS: tl.constexpr,
 ):
-    """The objectness BCE of ``BLOCK_CELLS`` cells and, with ``WRITE_GRAD``, their gradient rows.
+    """The objectness BCE of ``BLOCK_CELLS`` cells and, with ``WRITE_GRAD``, the objectness channel of
+    their gradient rows (the launcher zeroes the gradient with a memset beforehand: that writes at
+    the copy bandwidth, where this kernel's row writes of zeros ran 15x slower on an H200).
     One launch serves up to four layers, ``obj_programs`` programs each (the most any layer needs:
     programs past a layer's cells write zero partials, so ``_finalize_kernel`` reads one
     fixed-size block per layer).
 
     Args:
-        p<i>_ptr, grad<i>_ptr: layer ``layer_base + i``'s ``p`` and its gradient (p's dtype; its
-            strides in the layer table; unused without ``WRITE_GRAD``).
+        p<i>_ptr, grad<i>_ptr: layer ``layer_base + i``'s ``p`` and its zeroed gradient (p's dtype;
+            its strides in the layer table; unused without ``WRITE_GRAD``).
         layer_table_ptr, layer_base: the layer table and this launch's first layer.
         tobj_ptr: objectness targets of the cells of all layers (compute dtype).
         partial_ptr: ``[layers, obj_programs]`` partial loss sums, reduced by ``_finalize_kernel``.
@@ -395,18 +392,11 @@ def _objectness_kernel(
             the objectness gradient of its cells (``[layers, obj_programs, 2]``, compute dtype).
         balance_ptr: with ``HAS_BALANCE``, the per-layer objectness weights (device, compute
             dtype): the gradient is also scaled by the layer's.
-        num_outputs, batch_size: ``5 + nc``, ``bs``.
+        batch_size: ``bs``.
         obj_pos_weight, focal_gamma: the objectness BCE's ``pos_weight`` and focal gamma.
         obj_gain: ``obj``; a layer's BCE sum enters the loss times ``obj / cells`` (mean) or
             ``3 obj / bs`` (sum).
         out_scale: the factor of the returned loss and of the gradients (YOLOv5: the batch size).
-        DENSE_PLANES: in every layer of the launch, ``p`` and the gradient have y stride = nx × x
-            stride and the offsets within an (image, anchor) plane fit in int32: a cell's row is
-            at ``(y * nx + x) * x stride`` from the plane's start (both head layouts); else the
-            general strides (a division per cell).
-        CHANNELS_INNER: the gradient's channels are closer in memory than its cells (a
-            channel-last tensor); else the cells are (the head's conv output viewed as
-            ``[bs, na, ny, nx, no]``). It orients the row writes; any layout is correct either way.
     """
     obj_pos_weight = as_compute(obj_pos_weight, COMPUTE_DTYPE)
     focal_gamma = as_compute(focal_gamma, COMPUTE_DTYPE)
@@ -430,8 +420,7 @@ def _objectness_kernel(
         tl.store(layer_ptr + 2 * layer, cells)
         tl.store(layer_ptr + 2 * layer + 1, obj_loss_scale.to(COMPUTE_DTYPE))
     # programs walk the (image, anchor) planes of the layer, BLOCK_CELLS positions y * nx + x of
-    # one plane each: the only divisions are per program (a division per cell, replicated across
-    # the threads that share the cell's row in the tile below, was most of the kernel's time)
+    # one plane each: one division per cell
     plane_cells = grid_h * grid_w
     plane_blocks = (plane_cells + BLOCK_CELLS - 1) // BLOCK_CELLS
     plane = pid // plane_blocks
@@ -439,20 +428,12 @@ def _objectness_kernel(
     s = (pid - plane * plane_blocks) * BLOCK_CELLS + tl.arange(0, BLOCK_CELLS)
     m = (s < plane_cells) & (plane < batch_size * num_anchors)
     cell = plane * plane_cells + s
-    p_plane = p_ptr + image * p_stride_b + (plane - image * num_anchors) * p_stride_a
-    g_plane = grad_ptr + image * grad_stride_b + (plane - image * num_anchors) * grad_stride_a
-    if DENSE_PLANES:
-        s32 = s.to(tl.int32)
-        p_row = p_plane + s32 * p_stride_x.to(tl.int32)
-        g_row = g_plane + s32 * grad_stride_x.to(tl.int32)
-        p_channel, g_channel = p_stride_c.to(tl.int32), grad_stride_c.to(tl.int32)
-    else:
-        y = s // grid_w
-        x = s - y * grid_w
-        p_row = p_plane + y * p_stride_y + x * p_stride_x
-        g_row = g_plane + y * grad_stride_y + x * grad_stride_x
-        p_channel, g_channel = p_stride_c, grad_stride_c
-    logit = tl.load(p_row + 4 * p_channel, mask=m, other=0.0).to(COMPUTE_DTYPE)
+    y = s // grid_w
+    x = s - y * grid_w
+    anchor = plane - image * num_anchors
+    p_row = p_ptr + image * p_stride_b + anchor * p_stride_a + y * p_stride_y + x * p_stride_x
+    g_row = grad_ptr + image * grad_stride_b + anchor * grad_stride_a + y * grad_stride_y + x * grad_stride_x
+    logit = tl.load(p_row + 4 * p_stride_c, mask=m, other=0.0).to(COMPUTE_DTYPE)
     target = tl.load(tobj_ptr + cell_offset + cell, mask=m, other=0.0)
     loss, grad = bce_with_logits(logit, target, obj_pos_weight, focal_gamma, FOCAL)
     slot = layer * obj_programs + pid
@@ -466,22 +447,8 @@ def _objectness_kernel(
         stats = obj_stats_ptr + 2 * slot
         tl.store(stats, tl.sum(g_in * g_in, axis=0).to(COMPUTE_DTYPE))
         tl.store(stats + 1, tl.max(tl.abs(g_in), axis=0).to(COMPUTE_DTYPE))
-    if WRITE_GRAD:
-        # rows are written whole (zeros and the objectness term): the gradient is written once. The
-        # tile's last axis is the one the threads of a warp share: it must be the axis that is
-        # contiguous in memory (channels of a channel-last tensor, cells of the head's conv view),
-        # or a warp's store touches 32 rows where it could fill one line
-        for c0 in range(0, num_outputs, BLOCK_CHANNELS):
-            ch = c0 + tl.arange(0, BLOCK_CHANNELS)
-            if CHANNELS_INNER:
-                values = tl.where(ch[None, :] == 4, g_obj[:, None], 0.0)
-                mask = m[:, None] & (ch < num_outputs)[None, :]
-                rows = g_row[:, None] + ch[None, :] * g_channel
-            else:
-                values = tl.where(ch[:, None] == 4, g_obj[None, :], 0.0)
-                mask = (ch < num_outputs)[:, None] & m[None, :]
-                rows = g_row[None, :] + ch[:, None] * g_channel
-            tl.store(rows, values.to(grad_ptr.dtype.element_ty), mask=mask)
+    if WRITE_GRAD:  # the launcher zeroed the gradient (a memset): only the objectness channel is written
+        tl.store(g_row + 4 * grad_stride_c, g_obj.to(grad_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -775,22 +742,27 @@ def _layer_slots(table: torch.Tensor, base: int, end: int, **per_layer: list) ->
     return dict(slots, layer_table_ptr=table, layer_base=base)
 
 
-_TABLES: dict[tuple, torch.Tensor] = {}
+_TABLES: dict[tuple, tuple[torch.Tensor, list[tuple[int, ...]]]] = {}
 
 
-def layer_table(p, grads) -> torch.Tensor:
-    """The layer table: ``[layers, LAYER_FIELDS]`` int64 on ``p``'s device, a row per layer: the
-    strides of ``p`` and of its gradient, ``na, ny, nx``, the cells, the first global cell and the
-    anchors of the layers before. It depends on shapes and strides only, so it is built (one copy
-    to the device) once per layout and kept: a warmed-up step makes no copy, and can be captured
-    in a CUDA graph."""
-    layout = tuple((tuple(x.shape), x.stride(), g.stride()) for x, g in zip(p, grads))
+def layer_table(p) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
+    """The layer table and the strides of each layer's gradient.
+
+    The table is ``[layers, LAYER_FIELDS]`` int64 on ``p``'s device, a row per layer: the strides
+    of ``p`` and of its gradient, ``na, ny, nx``, the cells, the first global cell and the anchors
+    of the layers before. A gradient has ``p``'s strides when ``p`` is dense (the head's view and
+    a contiguous tensor alike: what ``torch.empty_like`` keeps), else contiguous ones. Both depend
+    on shapes and strides only, so they are built (one copy to the device) once per layout and
+    kept: a warmed-up step makes no copy, and can be captured in a CUDA graph."""
+    layout = tuple((tuple(x.shape), x.stride()) for x in p)
     key = (p[0].device, layout)
-    table = _TABLES.get(key)
-    if table is None:
-        rows, cells, anchors = [], 0, 0
-        for shape, p_strides, g_strides in layout:
+    entry = _TABLES.get(key)
+    if entry is None:
+        rows, cells, anchors, grad_strides = [], 0, 0, []
+        for shape, p_strides in layout:
             bs, na, ny, nx = shape[:4]
+            g_strides = p_strides if _dense(shape, p_strides) else _contiguous_strides(shape)
+            grad_strides.append(g_strides)
             rows.append([*p_strides, *g_strides, na, ny, nx, bs * na * ny * nx, cells, anchors])
             cells, anchors = cells + bs * na * ny * nx, anchors + na
         table = torch.tensor(rows, dtype=torch.int64)
@@ -805,16 +777,30 @@ def layer_table(p, grads) -> torch.Tensor:
             table = table.to(p[0].device)
         if len(_TABLES) >= 64:
             _TABLES.clear()
-        _TABLES[key] = table
-    return table
+        entry = _TABLES[key] = (table, grad_strides)
+    return entry
 
 
-def _dense_plane(x: torch.Tensor) -> bool:
-    """Whether ``x [bs, na, ny, nx, no]``'s (image, anchor) planes have y stride = nx × x stride
-    and in-plane offsets below 2**31 (``DENSE_PLANES`` of the objectness kernel)."""
-    _, _, ny, nx, no = x.shape
-    _, _, sy, sx, sc = x.stride()
-    return sy == nx * sx and (ny - 1) * sy + (nx - 1) * sx + (no - 1) * sc < 2**31
+def _contiguous_strides(shape) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def _dense(shape, strides) -> bool:
+    """Whether a tensor of these shape and strides covers a block of ``numel`` elements exactly
+    once (a permutation of a contiguous layout)."""
+    step = 1
+    for size, stride in sorted(((n, st) for n, st in zip(shape, strides) if n != 1), key=lambda d: d[1]):
+        if stride != step:
+            return False
+        step *= size
+    return True
+
+
+ALIGN = 64  # elements: the pieces of the launcher's zeroed buffer start 128-byte aligned (fp16 and up)
 
 
 def _cdiv(n: int, d: int) -> int:
@@ -880,13 +866,27 @@ def fused_loss(
     total_cells, total_cand = sum(n_cells), sum(n_cand)
     match_programs = max(_cdiv(n, BLOCK_PAIRS) for n in n_cand + [1])
     obj_programs = max(bs * x.shape[1] * _cdiv(x.shape[2] * x.shape[3], BLOCK_CELLS) for x in p)  # per plane
-    grads = [torch.empty_like(x) for x in p] if compute_grad else list(p)  # p stands in: never written
-    table = layer_table(p, grads)
+    table, grad_strides = layer_table(p)
     groups = [(base, min(nl, base + MAX_LAYERS)) for base in range(0, nl, MAX_LAYERS)]
 
-    # one memset: the objectness targets of every cell, then the value-check flags
-    work = torch.zeros(total_cells + NUM_FLAGS, dtype=dtype, device=device)
-    tobj, flags = work[:total_cells], work[total_cells:]
+    # one memset: the gradients (when p is in the compute dtype; else a second one), the objectness
+    # targets of every cell, then the value-check flags. The kernels then write only the
+    # objectness channel and the matched rows of the gradient.
+    # each piece starts on a 128-byte boundary: the same pointer alignment (one compiled
+    # specialisation) whatever the shapes
+    starts = [0]
+    for x in p if compute_grad else ():
+        starts.append(starts[-1] + _cdiv(x.numel(), ALIGN) * ALIGN)
+    grad_numel = starts[-1]
+    shared = p[0].dtype == dtype
+    work = torch.zeros((grad_numel if shared else 0) + total_cells + NUM_FLAGS, dtype=dtype, device=device)
+    if compute_grad:
+        buffer = work if shared else torch.zeros(grad_numel, dtype=p[0].dtype, device=device)
+        grads = [buffer.as_strided(x.shape, st, start) for x, st, start in zip(p, grad_strides, starts)]
+    else:
+        grads = list(p)  # p stands in: never written
+    first = grad_numel if shared else 0
+    tobj, flags = work[first : first + total_cells], work[first + total_cells :]
     key_dtype = torch.int32 if total_cells < 2**31 - 1 else torch.int64
     key = torch.empty(total_cand, dtype=key_dtype, device=device)
     iou = torch.empty(total_cand, dtype=dtype, device=device)
@@ -968,7 +968,6 @@ def fused_loss(
             obj_stats_ptr=obj_stats if compute_stats else obj_partial,  # unread without STATS
             balance_ptr=balance if balance is not None else obj_partial,  # unread without HAS_BALANCE
             obj_programs=obj_programs,
-            num_outputs=no,
             batch_size=bs,
             obj_pos_weight=float(o.obj_pw),
             focal_gamma=float(o.fl_gamma),
@@ -980,10 +979,7 @@ def fused_loss(
             WRITE_GRAD=compute_grad,
             STATS=compute_stats,
             COMPUTE_DTYPE=tl_dtype,
-            DENSE_PLANES=all(_dense_plane(x) and _dense_plane(g) for x, g in zip(p[base:end], grads[base:end])),
-            CHANNELS_INNER=all(g.stride(4) <= g.stride(3) for g in grads[base:end]),
             BLOCK_CELLS=BLOCK_CELLS,
-            BLOCK_CHANNELS=BLOCK_CHANNELS,
         )
 
     loss = torch.empty(1, dtype=dtype, device=device)
