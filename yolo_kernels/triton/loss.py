@@ -376,7 +376,7 @@ def _objectness_kernel(
 ):
     """The objectness BCE of ``BLOCK_CELLS`` cells and, with ``WRITE_GRAD``, the objectness channel of
     their gradient rows (the launcher zeroes the gradient with a memset beforehand: that writes at
-    the copy bandwidth, where this kernel's row writes of zeros ran 15x slower on an H200).
+    the copy bandwidth, where this kernel's row writes of zeros ran ~17x slower on an H200).
     One launch serves up to four layers, ``obj_programs`` programs each (the most any layer needs:
     programs past a layer's cells write zero partials, so ``_finalize_kernel`` reads one
     fixed-size block per layer).
