@@ -82,8 +82,8 @@ def test_bitwise_deterministic_across_runs_and_threads(gen):
 
 
 def test_dense_crowded_images_bitwise_across_threads_and_equal_to_reference(gen):
-    # hundreds of pairs per plane (the counting sorts), most targets in one image (the work split
-    # gives that image's planes their own thread), duplicates; with the statistics
+    # hundreds of pairs per plane (the counting sorts), most targets in one image (its planes are
+    # the costliest: the threads take them first), duplicates; with the statistics
     nas, grids, nc = [3, 3], [(8, 8), (16, 16)], 12
     anchors = random_anchors(nas, gen)
     p = make_p(4, nas, grids, nc, gen)
