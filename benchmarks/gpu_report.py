@@ -497,7 +497,8 @@ def markdown(report) -> str:
     elif host is not None:
         lines += [f"Host time: {host}", ""]
     problems = failures(report)
-    lines += ["Result: " + ("all checks passed" if not problems else "FAILED: " + "; ".join(problems)), ""]
+    scope = f" (only {', '.join(report['only'])} run)" if report.get("only") else ""
+    lines += [f"Result{scope}: " + ("all checks passed" if not problems else "FAILED: " + "; ".join(problems)), ""]
     return "\n".join(lines)
 
 
@@ -541,6 +542,25 @@ def speed_order(batches, imgs) -> list[tuple[int, int]]:
     return list(dict.fromkeys(first + shapes))
 
 
+#: The report's sections, in the order they run ("speed": every shape of --batch x --img).
+SECTIONS = (
+    "parity",
+    "no_sync",
+    "no_sync_yolov5",
+    "cuda_graph",
+    "train_step_graph",
+    "launches",
+    "host",
+    "speed",
+    "cuda_tests",
+)
+
+
+def selected(key: str, only) -> bool:
+    """Whether section ``key`` (``speed_<batch>x<img>`` belongs to "speed") runs under ``--only``."""
+    return not only or ("speed" if key.startswith("speed_") else key) in only
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[16, 64])
@@ -552,6 +572,13 @@ def parse_args(argv=None):
         type=float,
         default=150.0,
         help="run the test suite's CUDA cases (pytest -k cuda) last, for at most this many seconds (0: skip)",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=SECTIONS,
+        help="run only these sections (default: all): e.g. 'launches host speed' to measure a change in "
+        "well under a minute of device time, then the whole report once",
     )
     parser.add_argument(
         "--budget-s",
@@ -579,9 +606,12 @@ def main(argv=None) -> int:
         "device": torch.cuda.get_device_name(device),
         "versions": f"torch {torch.__version__}, triton {triton.__version__}, Python {platform.python_version()}",
         "install": os.environ.get("YK_INSTALL", "not installed by gpu_report.sh (run from the source tree)"),
+        "only": args.only,
     }
 
     def section(key, fn, *fn_args):
+        if not selected(key, args.only):
+            return
         t0 = time.perf_counter()
         try:
             report[key] = fn(*fn_args)
@@ -603,7 +633,7 @@ def main(argv=None) -> int:
     bandwidth = copy_bandwidth(device)
     report["copy_bandwidth_gbs"] = bandwidth / 1e9
     report["speed"], report["floor_ms"] = [], {}
-    for batch, img in speed_order(args.batch, args.img):
+    for batch, img in speed_order(args.batch, args.img) if selected("speed", args.only) else ():
         key = f"speed_{batch}x{img}"
         if time.perf_counter() - start > args.budget_s:
             report[key] = f"skipped: the {args.budget_s:.0f} s budget was spent"

@@ -73,6 +73,19 @@ def test_parse_args_defaults_and_overrides():
     args = gpu_report.parse_args(["--batch", "8", "--img", "320", "--quick", "--out", "/tmp/x", "--budget-s", "60"])
     assert args.batch == [8] and args.img == [320] and args.quick and args.out == "/tmp/x" and args.budget_s == 60
     assert gpu_report.parse_args(["--tests-s", "0"]).tests_s == 0
+    assert args.only is None and gpu_report.parse_args(["--only", "launches", "speed"]).only == ["launches", "speed"]
+    with pytest.raises(SystemExit):
+        gpu_report.parse_args(["--only", "everything"])
+
+
+def test_only_selects_sections():
+    assert all(gpu_report.selected(key, None) for key in gpu_report.SECTIONS)
+    assert gpu_report.selected("speed_16x416", ["speed"]) and gpu_report.selected("speed", ["launches", "speed"])
+    assert not gpu_report.selected("parity", ["speed"]) and not gpu_report.selected("speed_64x640", ["host"])
+    assert gpu_report.selected("no_sync", ["no_sync"]) and not gpu_report.selected("no_sync_yolov5", ["no_sync"])
+    assert "Result (only launches, speed run): all checks passed" in gpu_report.markdown(
+        dict(REPORT, only=["launches", "speed"])
+    )
 
 
 def test_speed_order_puts_the_target_shapes_first():
