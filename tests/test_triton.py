@@ -28,6 +28,32 @@ def test_gradient_keeps_the_layout_of_p(device, gen):
     assert grads[0].stride() == p.stride()
 
 
+def test_gradient_views_take_the_strides_empty_like_gives():
+    """The launcher's zeroed buffer holds each layer's gradient as a view with the strides
+    ``torch.empty_like(p)`` would give: p's own when p is dense (any order of its dims), else
+    contiguous; each view starts 128-byte aligned and the views do not overlap."""
+    base = torch.zeros(2, 3, 4, 5, 7)
+    layouts = [
+        base,
+        base.permute(0, 1, 4, 2, 3).contiguous().permute(0, 1, 3, 4, 2),  # the head's conv view
+        base.permute(4, 0, 1, 2, 3).contiguous().permute(1, 2, 3, 4, 0),  # channels outermost
+        base[:, :, :, :3],  # a slice: not dense
+        base[:1].expand(2, -1, -1, -1, -1),  # overlapping
+        torch.zeros(1, 3, 1, 5, 7)[:, :, :, :, :].transpose(2, 0),  # size-1 dims in any order
+    ]
+    p = [x.clone() if x.is_contiguous() else x for x in layouts]
+    anchors = [torch.ones(x.shape[1], 2) for x in p]
+    targets = torch.tensor([[0, 1, 0.5, 0.5, 0.2, 0.2]])
+    with triton_loss.record_launches():
+        *_, grads = triton_loss.fused_loss(p, targets, anchors, LossOptions(nc=2))
+    starts = []
+    for x, g in zip(p, grads):
+        assert g.shape == x.shape and g.stride() == torch.empty_like(x).stride()
+        assert (g.storage_offset() * g.element_size()) % 128 == 0
+        starts.append(g.storage_offset())
+    assert all(b - a >= x.numel() for a, b, x in zip(starts, starts[1:], p))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_without_gradient_no_gradient_is_allocated(device, gen):
     p = [x.to(device) for x in make_p(1, [2], [(3, 3)], 2, gen)]
