@@ -324,7 +324,8 @@ void bce_const_target_row(const T* x, T* loss, T* grad, int64_t n, T y, T w, T g
 
 // The same over a row of float logits, compiled for AVX-512, AVX2 and the baseline and picked at
 // load time by the CPU (GCC/Clang function multi-versioning on x86-64 ELF): 16, 8 or 4 lanes.
-// `flatten` compiles the whole body into each clone. Results are bitwise identical on every path: the loop is element-wise and -ffp-contract=off
+// `flatten` compiles the whole body into each clone. Results are bitwise identical on every path
+// (tests/test_isa_identity.py): the loop is element-wise and -ffp-contract=off
 // keeps the compiler from fusing multiplies and adds.
 #if defined(__x86_64__) && defined(__ELF__) && defined(__has_attribute) && !defined(YOLO_KERNELS_NO_ISA_CLONES)
 #if __has_attribute(target_clones)
