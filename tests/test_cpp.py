@@ -105,6 +105,19 @@ def test_dense_crowded_images_bitwise_across_threads_and_equal_to_reference(gen)
         assert all(torch.equal(a, b) for a, b in zip(grads, results[0][2]))
 
 
+@pytest.mark.parametrize("nc", [80, 600])
+def test_many_classes_equal_the_reference(nc, gen):
+    # long class rows (COCO's 80, and 600: longer than any vector loop unrolls), with label
+    # smoothing and a class pos_weight in the formula, and duplicate pairs on a cell
+    nas, grids = [3, 3], [(5, 6), (10, 12)]
+    anchors = random_anchors(nas, gen)
+    p = make_p(2, nas, grids, nc, gen)
+    targets = make_targets(40, 2, nc, gen)
+    targets = torch.cat((targets, targets[:5]))
+    for options in (LossOptions(nc=nc), LossOptions(nc=nc, label_smoothing=0.1, cls_pw=2.5)):
+        assert_matches_reference("cpp", "cpu", p, targets, anchors, options)
+
+
 def test_no_grad_forward_allocates_no_gradient(gen):
     p = make_p(1, [2], [(3, 3)], 2, gen)
     targets = make_targets(3, 1, 2, gen)
