@@ -316,11 +316,20 @@ def _objectness_target_kernel(
 
 
 @triton.jit
+def _cell_coords(cell, num_anchors, grid_h, grid_w):
+    """``(image, anchor, y, x)`` of flat cell index(es) ``cell`` (``((image * na + anchor) * ny + y) * nx + x``)."""
+    x = cell % grid_w
+    y = (cell // grid_w) % grid_h
+    anchor = (cell // (grid_w * grid_h)) % num_anchors
+    return cell // (grid_w * grid_h * num_anchors), anchor, y, x
+
+
+@triton.jit
 def _cell_rows(
-    cell,
-    num_anchors,
-    grid_h,
-    grid_w,
+    image,
+    anchor,
+    y,
+    x,
     p_ptr,
     p_stride_b,
     p_stride_a,
@@ -332,14 +341,10 @@ def _cell_rows(
     grad_stride_y,
     grad_stride_x,
 ):
-    """Pointers to the rows of ``p`` and of its gradient at flat cell index(es) ``cell``
-    (``((image * na + anchor) * ny + y) * nx + x``), each tensor with its own strides."""
-    x = cell % grid_w
-    y = (cell // grid_w) % grid_h
-    a = (cell // (grid_w * grid_h)) % num_anchors
-    b = cell // (grid_w * grid_h * num_anchors)
-    p_row = p_ptr + b * p_stride_b + a * p_stride_a + y * p_stride_y + x * p_stride_x
-    g_row = grad_ptr + b * grad_stride_b + a * grad_stride_a + y * grad_stride_y + x * grad_stride_x
+    """Pointers to the rows of ``p`` and of its gradient at cell(s) ``(image, anchor, y, x)``, each
+    tensor with its own strides."""
+    p_row = p_ptr + image * p_stride_b + anchor * p_stride_a + y * p_stride_y + x * p_stride_x
+    g_row = grad_ptr + image * grad_stride_b + anchor * grad_stride_a + y * grad_stride_y + x * grad_stride_x
     return p_row, g_row
 
 
@@ -429,10 +434,22 @@ def _objectness_kernel(
     m = (s < plane_cells) & (plane < batch_size * num_anchors)
     cell = plane * plane_cells + s
     y = s // grid_w
-    x = s - y * grid_w
-    anchor = plane - image * num_anchors
-    p_row = p_ptr + image * p_stride_b + anchor * p_stride_a + y * p_stride_y + x * p_stride_x
-    g_row = grad_ptr + image * grad_stride_b + anchor * grad_stride_a + y * grad_stride_y + x * grad_stride_x
+    p_row, g_row = _cell_rows(
+        image,
+        plane - image * num_anchors,
+        y,
+        s - y * grid_w,
+        p_ptr,
+        p_stride_b,
+        p_stride_a,
+        p_stride_y,
+        p_stride_x,
+        grad_ptr,
+        grad_stride_b,
+        grad_stride_a,
+        grad_stride_y,
+        grad_stride_x,
+    )
     logit = tl.load(p_row + 4 * p_stride_c, mask=m, other=0.0).to(COMPUTE_DTYPE)
     target = tl.load(tobj_ptr + cell_offset + cell, mask=m, other=0.0)
     loss, grad = bce_with_logits(logit, target, obj_pos_weight, focal_gamma, FOCAL)
@@ -640,11 +657,12 @@ def _pair_grad_kernel(
         first = tl.load(group_start_ptr + i)
         box_scale = tl.load(scale_ptr + 2 * layer)
         cls_scale = tl.load(scale_ptr + 2 * layer + 1)
+        image, anchor, y, x = _cell_coords(cell, num_anchors, grid_h, grid_w)
         p_row, g_row = _cell_rows(
-            cell,
-            num_anchors,
-            grid_h,
-            grid_w,
+            image,
+            anchor,
+            y,
+            x,
             p_ptr,
             p_stride_b,
             p_stride_a,
@@ -870,10 +888,9 @@ def fused_loss(
     groups = [(base, min(nl, base + MAX_LAYERS)) for base in range(0, nl, MAX_LAYERS)]
 
     # one memset: the gradients (when p is in the compute dtype; else a second one), the objectness
-    # targets of every cell, then the value-check flags. The kernels then write only the
-    # objectness channel and the matched rows of the gradient.
-    # each piece starts on a 128-byte boundary: the same pointer alignment (one compiled
-    # specialisation) whatever the shapes
+    # targets of every cell, then the value-check flags; the kernels then write only the objectness
+    # channel and the matched rows of the gradient. Each piece starts on a 128-byte boundary: the
+    # same pointer alignment (one compiled specialisation) whatever the shapes.
     starts = [0]
     for x in p if compute_grad else ():
         starts.append(starts[-1] + _cdiv(x.numel(), ALIGN) * ALIGN)
