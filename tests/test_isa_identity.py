@@ -29,13 +29,22 @@ PROGRAM = r"""
 using namespace yolo_kernels;
 
 // Every row function the extension clones per instruction set, over one set of inputs; the
-// results are printed as the bits of each float.
+// results are printed as the bits of each float (or double).
 static void print_bits(const char* what, const std::vector<float>& v) {
   std::printf("%s", what);
   for (float f : v) {
     unsigned u;
     std::memcpy(&u, &f, sizeof(u));
     std::printf(" %08x", u);
+  }
+  std::printf("\n");
+}
+static void print_bits(const char* what, const std::vector<double>& v) {
+  std::printf("%s", what);
+  for (double d : v) {
+    unsigned long long u;
+    std::memcpy(&u, &d, sizeof(u));
+    std::printf(" %016llx", u);
   }
   std::printf("\n");
 }
@@ -49,6 +58,15 @@ static void print_bits(const char* what, const std::vector<float>& v) {
     print_bits("const_loss", loss), print_bits("const_grad", grad);                                   \
     bce_target_row<float>(x.data(), y.data(), loss.data(), grad.data(), n, q[1], q[2]);               \
     print_bits("target_loss", loss), print_bits("target_grad", grad);                                 \
+    if (q[2] != 0.0f) continue; /* no focal factor: the summed rows */                                \
+    for (const int64_t cols : {int64_t(77), int64_t(337)}) { /* a tail; several products a row */     \
+      const int64_t rows = n / cols;                                                                  \
+      std::vector<float> g(rows * cols), scratch(bce_rows_summed_scratch(rows, cols));                \
+      std::vector<double> row_loss(rows);                                                             \
+      bce_const_target_rows_summed(x.data(), g.data(), rows, cols, q[0], q[1], row_loss.data(),       \
+                                   scratch.data());                                                   \
+      print_bits("summed_grad", g), print_bits("summed_loss", row_loss);                              \
+    }                                                                                                 \
   }                                                                                                   \
   std::vector<float> out[5];                                                                          \
   for (auto& o : out) o.resize(n);                                                                    \
@@ -122,7 +140,7 @@ def test_row_functions_are_bitwise_identical_across_instruction_sets(tmp_path):
     if len(outputs) < 2:
         pytest.skip("this CPU has neither AVX2 nor AVX-512: one instruction set, nothing to compare")
     reference = outputs.pop("baseline")
-    assert len(reference) == 4 * 4 + 4 * 2 * 5  # every function printed something
+    assert len(reference) == 4 * 4 + 2 * 2 * 2 + 4 * 2 * 5  # every function printed something
     for isa, lines in outputs.items():
         differing = [i for i, (a, b) in enumerate(zip(lines, reference)) if a != b]
         assert not differing and len(lines) == len(reference), (
