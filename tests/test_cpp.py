@@ -119,11 +119,12 @@ def test_many_classes_equal_the_reference(nc, gen):
 
 
 @pytest.mark.parametrize("nc", [20, 80, 600])
-def test_class_loss_of_confident_logits_equals_the_reference(nc, gen):
-    # the class BCE of a cell is summed as one log of a product over its classes (bce_rows_summed,
-    # from 16 classes): confident logits (e^-|x| ~ 1e-4, whose log1p terms a plain float product
-    # would round away), a few saturated ones, a row with a tail past 16 lanes (20) and rows of
-    # several products (600); the class term checked on its own, not against the total
+def test_confident_logits_sum_like_the_reference(nc, gen):
+    # a matched cell's class BCE and a plane's objectness BCE are summed as logs of products
+    # (bce_rows_summed, for classes from 16 on): confident logits (e^-|x| ~ 1e-4, whose log1p terms
+    # a plain float product would round away), a few saturated ones, a class row with a tail past
+    # 16 lanes (20), rows of several products (600 classes; the 42 cells of a plane); the class and
+    # objectness terms each checked on their own, not against the total
     nas, grids = [3], [(6, 7)]
     anchors = random_anchors(nas, gen)
     p = make_p(2, nas, grids, nc, gen)
@@ -132,11 +133,15 @@ def test_class_loss_of_confident_logits_equals_the_reference(nc, gen):
     cls.view(-1)[::97] = 60.0
     cls.view(-1)[1::89] = -60.0
     p[0][..., 5:] = cls
+    obj = -9.0 + 0.5 * torch.randn(p[0][..., 4].shape, generator=gen)
+    obj.view(-1)[::11] = 60.0
+    obj.view(-1)[1::13] = -60.0
+    p[0][..., 4] = obj
     targets = make_targets(30, 2, nc, gen)
-    for options in (LossOptions(nc=nc), LossOptions(nc=nc, label_smoothing=0.1, cls_pw=2.5)):
+    for options in (LossOptions(nc=nc), LossOptions(nc=nc, label_smoothing=0.1, cls_pw=2.5, obj_pw=0.7)):
         items, _ = assert_matches_reference("cpp", "cpu", p, targets, anchors, options)
         _, ref_items, _ = run("reference", "cpu", p, targets, anchors, options)
-        torch.testing.assert_close(items[2], ref_items[2], rtol=2e-6, atol=0)
+        torch.testing.assert_close(items[1:3], ref_items[1:3], rtol=2e-6, atol=0)
 
 
 def test_no_grad_forward_allocates_no_gradient(gen):

@@ -138,13 +138,14 @@ struct PlaneScratch {
   std::vector<int64_t> group_row;                // [G]: the offset of a group's row of p in its plane
   std::vector<T> box_x, box_term;                // [G * 4]: a group's box logits; its summed box gradient
   std::vector<T> obj_x, obj_y, obj_loss, obj_grad;  // [G]: a group's objectness logit, target, BCE, gradient
+  std::vector<T> obj_neg, obj_neg_grad;          // [G]: its objectness BCE against 0 (swapped out); unused gradient
   std::vector<T> cls_x, cls_loss, cls_grad;      // [G * nc]: class logits, BCE against cn (or scratch), its gradient
   std::vector<double> cell_neg;                  // [G]: a cell's class BCE against cn, summed over classes
   std::vector<T> iou, diou;                      // [P], [P * 4]: a pair's IoU and d IoU / d box logits
   std::vector<T> hit_x, hit_loss, hit_grad;      // [P]: its class's logit, BCE against cp and its gradient
   std::vector<T> own_neg, own_grad;              // [P]: its class's BCE against cn (swapped out); bce_row's gradient of it, unused
   std::vector<float> soa;                        // the pairs' box inputs and outputs as arrays (float)
-  std::vector<T> xs, loss, grad;                 // [cells]: the plane's objectness logits, their BCE, its gradient
+  std::vector<T> xs, loss, grad;                 // [cells]: the plane's objectness logits, their BCE (or scratch), its gradient
 
   // Sized for planes of `cells` cells.
   void prepare(int64_t cells) {
@@ -437,12 +438,27 @@ LayerSums plane_pass(const Layer<scalar_t, T>& L, int64_t plane, const Options& 
       xy[x] = T(py[x * L.ps[3]]);
     }
   }
-  bce_row(s.xs.data(), s.loss.data(), s.grad.data(), cells, T(0), T(o.obj_pw), T(o.fl_gamma));
-  for (int64_t g = 0; g < G; ++g) {
-    s.loss[s.group_cell[g]] = s.obj_loss[g];
-    s.grad[s.group_cell[g]] = s.obj_grad[g];
+  double obj_sum = 0.0;
+  bool summed = false;
+  if constexpr (std::is_same<T, float>::value) {
+    // the plane's sum as in plane_class_terms (a log per 112 cells, not a log1p per cell); the
+    // matched cells' BCE against 0 then swapped for theirs
+    summed = o.fl_gamma == 0.0;
+    if (summed) {
+      s.loss.resize(bce_rows_summed_scratch(1, cells));
+      bce_rows_summed(s.xs.data(), s.grad.data(), 1, cells, T(0), T(o.obj_pw), &obj_sum, s.loss.data());
+      s.obj_neg.resize(G), s.obj_neg_grad.resize(G);
+      bce_row(s.obj_x.data(), s.obj_neg.data(), s.obj_neg_grad.data(), G, T(0), T(o.obj_pw), T(0));
+      for (int64_t g = 0; g < G; ++g) obj_sum += double(s.obj_loss[g]) - double(s.obj_neg[g]);
+    }
   }
-  const double obj_sum = sum4(s.loss.data(), cells);
+  if (!summed) {
+    s.loss.resize(cells);
+    bce_row(s.xs.data(), s.loss.data(), s.grad.data(), cells, T(0), T(o.obj_pw), T(o.fl_gamma));
+    for (int64_t g = 0; g < G; ++g) s.loss[s.group_cell[g]] = s.obj_loss[g];
+    obj_sum = sum4(s.loss.data(), cells);
+  }
+  for (int64_t g = 0; g < G; ++g) s.grad[s.group_cell[g]] = s.obj_grad[g];
   if (want_stats) scaled_sq_max(s.grad.data(), cells, grad_scale, stats.sq[kObj], stats.max[kObj]);
 
   // the plane's rows, chunk by chunk
