@@ -676,6 +676,12 @@ inline int64_t grid_index(T v, int64_t n) {
 }
 
 // The pair a PairRef stands for, on a grid of ny x nx cells (targets and anchors as for match).
+// The cell (gi, gj) of block `block` of a target centred at (gx, gy) in grid units, clamped to the grid.
+template <typename T>
+inline std::array<int64_t, 2> block_cell(T gx, T gy, int block, int64_t ny, int64_t nx) {
+  return {grid_index(gx - kBlockOffsets<T>[block][0], nx), grid_index(gy - kBlockOffsets<T>[block][1], ny)};
+}
+
 template <typename T>
 inline Pair<T> pair_of(const T* targets, const T* anchors, int64_t ny, int64_t nx, PairRef r) {
   const T* t = targets + 6 * int64_t(r.target);
@@ -684,8 +690,8 @@ inline Pair<T> pair_of(const T* targets, const T* anchors, int64_t ny, int64_t n
   p.b = static_cast<int64_t>(t[0]);
   p.cls = static_cast<int64_t>(t[1]);
   p.a = r.anchor;
-  p.gi = grid_index(gx - kBlockOffsets<T>[r.block][0], nx);
-  p.gj = grid_index(gy - kBlockOffsets<T>[r.block][1], ny);
+  const auto cell = block_cell(gx, gy, r.block, ny, nx);
+  p.gi = cell[0], p.gj = cell[1];
   p.tbox[0] = gx - T(p.gi);  // relative to the clamped cell
   p.tbox[1] = gy - T(p.gj);
   p.tbox[2] = t[4] * sx;

@@ -257,6 +257,10 @@ def test_fused_op_rejects_malformed_input(gen):
         (lambda: f(p, t, anchors + anchors, *o), r"p: expected 2 layers"),
         (lambda: f([p[0][0]], t, anchors, *o), r"p\[0\]: expected a 5-D tensor"),
         (lambda: f([p[0][..., :5]], t, anchors, *o), r"p\[0\]: expected last dim nc \+ 5 >= 6"),
+        (
+            lambda: f([torch.zeros(1, 2, 1, 1, 8).expand(2, 2, 65536, 32768, 8)], t, anchors, *o),
+            r"p\[0\]: expected fewer than 2\^31 cells per grid \(ny \* nx\), got 65536 x 32768",
+        ),
         (lambda: f([p[0].int()], t, anchors, *o), r"p\[0\]: expected a floating-point tensor"),
         (lambda: f(p, t, [anchors[0][:1]], *o), r"p\[0\]: expected dim 1 = 1 anchors, got 2"),
         (lambda: f(p, t, [torch.ones(2, 3)], *o), r"anchors\[0\]: expected shape \[na, 2\]"),
