@@ -95,6 +95,7 @@ class FusedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, impl: Callable, options: LossOptions, balance, compute_stats: bool, targets, anchors, *p):
         loss, items, layer_obj, stats, grads = impl(p, targets, anchors, options, True, balance, compute_stats)
+        ctx.set_materialize_grads(False)  # no zeros made for the outputs that get no gradient
         ctx.save_for_backward(*grads)
         ctx.mark_non_differentiable(items, layer_obj, stats)
         return loss, items, layer_obj, stats
