@@ -118,6 +118,20 @@ def test_many_classes_equal_the_reference(nc, gen):
         assert_matches_reference("cpp", "cpu", p, targets, anchors, options)
 
 
+@pytest.mark.parametrize("grid", [(13, 11), (70, 65)], ids=["2-radix-passes", "3-radix-passes"])
+def test_crowded_planes_equal_the_reference(grid, gen):
+    # hundreds of pairs in one (image, anchor) plane, many on the same cells: the plane's pairs are
+    # sorted by cell with a radix sort (2 passes of 6 bits for 143 cells, 3 for 4550), which must
+    # keep pair order within a cell (the last pair sets the objectness target)
+    anchors = [a * grid[0] / 13 for a in random_anchors([3], gen, lo=0.5, hi=2.0)]  # the boxes' size in cells
+    p = make_p(2, [3], [grid], 4, gen)
+    targets = make_targets(300, 2, 4, gen)
+    targets[:, 4:6] = targets[:, 4:6] * 0.3 + 0.02  # small boxes: most match an anchor
+    targets = torch.cat((targets, targets[:60], targets[:60]))  # exact duplicates, in pair order
+    for options in (LossOptions(nc=4), LossOptions(nc=4, box_loss="ciou", gr=0.5)):
+        assert_matches_reference("cpp", "cpu", p, targets, anchors, options)
+
+
 @pytest.mark.parametrize("nc", [20, 80, 600])
 def test_confident_logits_sum_like_the_reference(nc, gen):
     # a matched cell's class BCE and a plane's objectness BCE are summed as logs of products
