@@ -139,7 +139,7 @@ struct PlaneScratch {
   std::vector<T> obj_neg, obj_neg_grad;          // [G]: its objectness BCE against 0 (swapped out); unused gradient
   std::vector<T> cls_x, cls_loss, cls_grad;      // [G * nc]: class logits, BCE against cn (or scratch), its gradient
   std::vector<double> cell_neg;                  // [G]: a cell's class BCE against cn, summed over classes
-  std::vector<T> iou, diou;                      // [P], [P * 4]: a pair's IoU and d IoU / d box logits
+  std::vector<T> iou, diou;                      // [P], [4 * P]: a pair's IoU; d IoU / d box logit c at [c * P + k]
   std::vector<T> hit_x, hit_loss, hit_grad;      // [P]: its class's logit, BCE against cp and its gradient
   std::vector<T> own_neg, own_grad;              // [P]: its class's BCE against cn (swapped out); bce_row's gradient of it, unused
   std::vector<float> soa;                        // the pairs' box inputs and outputs as arrays (float)
@@ -278,7 +278,7 @@ __attribute__((noinline)) double plane_box_terms(const Layer<scalar_t, T>& L, co
   s.iou.resize(n), s.diou.resize(4 * n);
   double box_sum = 0.0;
   if constexpr (std::is_same<T, float>::value) {
-    s.soa.resize(15 * n);
+    s.soa.resize(10 * n);  // the inputs; the outputs go straight to iou and diou
     float* a = s.soa.data();
     for (int64_t g = 0; g < G; ++g)
       for (int64_t k = s.group_start[g]; k < s.group_start[g + 1]; ++k) {
@@ -287,16 +287,12 @@ __attribute__((noinline)) double plane_box_terms(const Layer<scalar_t, T>& L, co
         a[4 * n + k] = q.anch[0], a[5 * n + k] = q.anch[1];
         for (int c = 0; c < 4; ++c) a[(6 + c) * n + k] = q.tbox[c];
       }
-    const BoxRows rows{a,          a + n,      a + 2 * n,  a + 3 * n,  a + 4 * n,
-                       a + 5 * n,  a + 6 * n,  a + 7 * n,  a + 8 * n,  a + 9 * n,
-                       a + 10 * n, a + 11 * n, a + 12 * n, a + 13 * n, a + 14 * n};
+    float* d = s.diou.data();
+    const BoxRows rows{a,         a + n,     a + 2 * n,    a + 3 * n, a + 4 * n, a + 5 * n,
+                       a + 6 * n, a + 7 * n, a + 8 * n,    a + 9 * n, s.iou.data(), d,
+                       d + n,     d + 2 * n, d + 3 * n};
     box_iou_rows(n, rows, o.box, o.family);
-    for (int64_t k = 0; k < n; ++k) {
-      s.iou[k] = rows.v[k];
-      s.diou[4 * k] = rows.d0[k], s.diou[4 * k + 1] = rows.d1[k];
-      s.diou[4 * k + 2] = rows.d2[k], s.diou[4 * k + 3] = rows.d3[k];
-      box_sum += double(T(1) - rows.v[k]);
-    }
+    for (int64_t k = 0; k < n; ++k) box_sum += double(T(1) - s.iou[k]);
   } else {
     const BoxEps<T> box_eps = BoxEps<T>::of(o.family);
     for (int64_t g = 0; g < G; ++g)
@@ -306,7 +302,7 @@ __attribute__((noinline)) double plane_box_terms(const Layer<scalar_t, T>& L, co
         const auto r =
             box_iou(box[0], box[1], box[2], box[3], q.tbox[0], q.tbox[1], q.tbox[2], q.tbox[3], o.box, box_eps);
         s.iou[k] = r.v;
-        for (int c = 0; c < 4; ++c) s.diou[4 * k + c] = r.d[c];
+        for (int c = 0; c < 4; ++c) s.diou[c * n + k] = r.d[c];
         box_sum += double(T(1) - r.v);
       }
   }
@@ -406,7 +402,7 @@ LayerSums plane_pass(const Layer<scalar_t, T>& L, int64_t plane, const Options& 
     for (int64_t g = 0; g < G; ++g) {
       T acc[4] = {0, 0, 0, 0};
       for (int64_t k = s.group_start[g]; k < s.group_start[g + 1]; ++k)
-        for (int c = 0; c < 4; ++c) acc[c] += s.diou[4 * k + c];
+        for (int c = 0; c < 4; ++c) acc[c] += s.diou[c * n + k];
       for (int c = 0; c < 4; ++c) s.box_term[4 * g + c] = -L.box_scale * acc[c];
     }
   }
