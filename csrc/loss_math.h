@@ -675,13 +675,13 @@ inline int64_t grid_index(T v, int64_t n) {
   return static_cast<int64_t>(std::min(std::max(v, T(0)), T(n - 1)));
 }
 
-// The pair a PairRef stands for, on a grid of ny x nx cells (targets and anchors as for match).
 // The cell (gi, gj) of block `block` of a target centred at (gx, gy) in grid units, clamped to the grid.
 template <typename T>
 inline std::array<int64_t, 2> block_cell(T gx, T gy, int block, int64_t ny, int64_t nx) {
   return {grid_index(gx - kBlockOffsets<T>[block][0], nx), grid_index(gy - kBlockOffsets<T>[block][1], ny)};
 }
 
+// The pair a PairRef stands for, on a grid of ny x nx cells (targets and anchors as for match).
 template <typename T>
 inline Pair<T> pair_of(const T* targets, const T* anchors, int64_t ny, int64_t nx, PairRef r) {
   const T* t = targets + 6 * int64_t(r.target);

@@ -61,6 +61,8 @@ struct Layer {
 
   // The gradient of each (image, anchor) plane is one contiguous block of whole rows (p contiguous).
   bool block_rows() const { return g != nullptr && gs[4] == 1 && gs[3] == no && gs[2] == nx * no; }
+  // The first element of an (image, anchor) plane in p.
+  const scalar_t* plane_p(int64_t plane) const { return p + (plane / na) * ps[0] + (plane % na) * ps[1]; }
 };
 
 // Group the pairs by (image, anchor) plane with a stable counting sort: O(P), pair order kept
@@ -224,7 +226,7 @@ struct NextPlaneRows {
   NextPlaneRows() = default;
   NextPlaneRows(const Layer<scalar_t, T>& layer, int64_t plane, const PlaneScratch<T>& s)
       : L(&layer),
-        plane_p(layer.p + (plane / layer.na) * layer.ps[0] + (plane % layer.na) * layer.ps[1]),
+        plane_p(layer.plane_p(plane)),
         rows(&s.group_row),
         total(int64_t(s.group_row.size()) + layer.ny * layer.nx) {}
 
@@ -381,7 +383,7 @@ LayerSums plane_pass(const Layer<scalar_t, T>& L, int64_t plane, const Options& 
   const bool block_rows = L.block_rows() && !staging.empty();
   const T gr = T(o.gr), grad_scale = L.obj_scale;
   const int64_t b = plane / L.na, a = plane % L.na;
-  const scalar_t* plane_p = L.p + b * L.ps[0] + a * L.ps[1];
+  const scalar_t* plane_p = L.plane_p(plane);
   const int64_t n = int64_t(s.pairs.size()), G = int64_t(s.group_cell.size());
   gather_matched(L, plane_p, nc, s);
   const double box_sum = plane_box_terms(L, o, s);
