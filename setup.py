@@ -1,5 +1,5 @@
 """Builds ``yolo_kernels._C`` from ``csrc/`` (kernels, no Python) and ``python/src/`` (the pybind11
-entry point) with torch's BuildExtension and ninja, against the torch that is installed.
+entry point) with torch's BuildExtension (ninja when present), against the torch that is installed.
 
 The extension is optional: the package works without it (the reference and Triton backends), and
 ``python -m yolo_kernels.info`` says what is missing. It is skipped, with a message, when:

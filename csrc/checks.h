@@ -83,6 +83,9 @@ inline std::string py_float(double v) {
 
 inline std::string py_pair(double a, double b) { return "[" + py_float(a) + ", " + py_float(b) + "]"; }
 
+// The largest normalised box width or height accepted (yolo_kernels/validate.py, MAX_BOX_SIZE).
+constexpr double kMaxBoxSize = 2.0;
+
 // Every value check the loss relies on, on the targets converted to T: column by column, naming the
 // first bad row, with the messages of yolo_kernels/validate.py (ValueError).
 template <typename T>
@@ -98,10 +101,12 @@ inline void check_target_values(const T* t, int64_t nt, int64_t bs, int64_t nc) 
     TORCH_CHECK_VALUE(std::isfinite(t[6 * k + 2]) && std::isfinite(t[6 * k + 3]),
                       "targets[:, 2:4] (box centre x, y): expected finite values, got ",
                       py_pair(t[6 * k + 2], t[6 * k + 3]), " at row ", k);
-  for (int64_t k = 0; k < nt; ++k) {
+  for (int64_t k = 0; k < nt; ++k) {  // sizes of 0 match nothing; MAX_BOX_SIZE in validate.py says why 2
     const T w = t[6 * k + 4], h = t[6 * k + 5];
-    TORCH_CHECK_VALUE(std::isfinite(w) && std::isfinite(h) && w > 0 && h > 0,
-                      "targets[:, 4:6] (box w, h): expected finite values > 0, got ", py_pair(w, h), " at row ", k);
+    TORCH_CHECK_VALUE(w >= 0 && h >= 0 && w <= T(kMaxBoxSize) && h <= T(kMaxBoxSize),  // false for NaN
+                      "targets[:, 4:6] (box w, h): expected finite sizes in [0, 2] as fractions of the image "
+                      "(normalised; boxes in pixels?), got ",
+                      py_pair(w, h), " at row ", k);
   }
 }
 

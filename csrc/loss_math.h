@@ -187,7 +187,7 @@ std::array<Dual<T, 4>, 4> predicted_box(const T* logits, T aw, T ah, Family fami
   const T anchor[2] = {aw, ah};
   for (int i = 0; i < 2; ++i) {
     const T e = std::exp(std::min(logits[2 + i], T(30)));  // exp(30) >> 1e3: same values, no inf
-    const bool passes = e <= T(1e3);
+    const bool passes = !(e > T(1e3));  // clamp(max=1e3) keeps a NaN (a NaN logit: a NaN loss)
     box[2 + i] = Dual<T, 4>::variable((passes ? e : T(1e3)) * anchor[i], 2 + i, passes ? e * anchor[i] : T(0));
   }
   return box;
@@ -236,7 +236,8 @@ inline float exp_nonpositive(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 0]
+  // 2^n, n in [-126, 0]; a NaN x leaves p NaN, and n is replaced so that the cast is defined
+  const int32_t bits = (static_cast<int32_t>(n == n ? n : 0.0f) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
@@ -275,7 +276,10 @@ inline LossGrad<T> bce_with_logits(T x, T y, T w, T gamma) {
   const T neg_log_sig = l + std::max(-x, T(0));    // -log(sigmoid(x))
   const T neg_log_1msig = l + std::max(x, T(0));   // -log(1 - sigmoid(x))
   const T wy = w * y;
-  const T loss = wy * neg_log_sig + (T(1) - y) * neg_log_1msig;
+  // + (x - x): 0 for a finite x, NaN for NaN or +-inf, whose loss PyTorch's formula leaves
+  // non-finite (-inf + inf) even where this form would give a finite one (a training loop stops
+  // on a non-finite loss; a finite one would train on a NaN gradient)
+  const T loss = wy * neg_log_sig + (T(1) - y) * neg_log_1msig + (x - x);
   const T grad = sig * (T(1) - y + wy) - wy;
   if (gamma <= T(0)) return {loss, grad};
   const T alpha = T(0.25);
@@ -310,7 +314,7 @@ void bce_const_target_row(const T* x, T* loss, T* grad, int64_t n, T y, T w, T g
       const T sig = x[i] >= T(0) ? inv : e * inv;
       const T bce = l + std::max(x[i], T(0));                               // -log(1 - sigmoid)
       const T mod = exp_nonpositive(-gamma * (l + std::max(-x[i], T(0))));  // sigmoid^gamma
-      loss[i] = T(0.75) * bce * mod;
+      loss[i] = T(0.75) * bce * mod + (x[i] - x[i]);  // non-finite x: non-finite loss (bce_with_logits)
       grad[i] = T(0.75) * mod * (sig + bce * gamma * (T(1) - sig));
     }
     return;
@@ -422,7 +426,8 @@ inline void bce_const_target_rows_summed(const float* x, float* grad, int64_t ro
           for (int64_t l = 0; c + l < n; ++l) xv[l] = xr[c + l], ev[l] = er[c + l];
         }
         prod = prod + ev + prod * ev;
-        lin += (xv > zero ? xv * k_pos : zero) + (xv < zero ? -xv * wy : zero);
+        // + (x - x): a NaN or infinite logit makes the row's sum non-finite (bce_with_logits)
+        lin += (xv > zero ? xv * k_pos : zero) + (xv < zero ? -xv * wy : zero) + (xv - xv);
       }
       prods[r * folds + f] = lanes_tree(prod, [](YkFloat16 p, YkFloat16 q) { return p + q + p * q; });
     }
@@ -572,7 +577,8 @@ inline void box_iou_rows_kind(int64_t n, const float* __restrict__ x0, const flo
     } else {
       sx = s0, sy = s1;
       const float ew = exp_capped(x2[i]), eh = exp_capped(x3[i]);
-      pw = (ew <= 1e3f ? ew : 1e3f) * aw[i], ph = (eh <= 1e3f ? eh : 1e3f) * ah[i];
+      // clamp(max=1e3) keeps a NaN, as torch.clamp does (a NaN logit: a NaN loss)
+      pw = (ew > 1e3f ? 1e3f : ew) * aw[i], ph = (eh > 1e3f ? 1e3f : eh) * ah[i];
       dpw = ew <= 1e3f ? ew * aw[i] : 0.0f, dph = eh <= 1e3f ? eh * ah[i] : 0.0f;
       dsx = sx * (1.0f - sx), dsy = sy * (1.0f - sy);
     }

@@ -1,8 +1,11 @@
 """The main command runs end to end on small settings (no timing is asserted)."""
 
 import json
+import re
+import sys
 
 import pytest
+import torch
 
 from yolo_kernels import bench
 
@@ -105,3 +108,44 @@ def test_interleaved_timing_takes_turns():
         evict_bytes=1024,
     )
     assert calls == ["a", "b"] * 4 and len(times["a"]) == len(times["b"]) == 3
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--backends", "foo"], r"--backends: expected 'auto' or one of \['cpp', 'reference', 'triton'\], got 'foo'"),
+        (
+            ["--backends", "triton", "--device", "cpu"],
+            r"--backends triton: unavailable on cpu: the triton backend runs",
+        ),
+        (["--batch", "0"], r"argument --batch: expected an integer >= 1, got 0"),
+        (["--repeats", "x"], r"argument --repeats: expected an integer, got 'x'"),
+        (["--threads", "0"], r"argument --threads: expected an integer >= 1, got 0"),
+    ]
+    + (
+        [(["--device", "cuda"], r"--device cuda: no CUDA device is available")] if not torch.cuda.is_available() else []
+    ),
+)
+def test_bench_bad_arguments_are_usage_errors(argv, message, capsys, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # triton on CPU tensors is then unavailable, as for a user
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 2  # argparse's usage error, not a traceback
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert err.startswith("usage: python -m yolo_kernels.bench")
+
+
+def test_bench_plot_without_matplotlib_fails_before_the_run(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("the run started"))
+    with pytest.raises(SystemExit):
+        bench.main(["--plot", "x.png"])
+    assert "--plot needs matplotlib" in capsys.readouterr().err
+
+
+def test_bench_header_threads_and_no_profiler_banner(capfd):
+    assert bench.main(["--batch", "1", "--img", "64", "--repeats", "1", "--warmup", "0", "--threads", "1"]) == 0
+    out, err = capfd.readouterr()
+    assert "1 thread," in out and "1 threads" not in out and "1 CPU thread (" in out
+    assert "USDT" not in out + err and "profiler_start" not in out + err

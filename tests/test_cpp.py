@@ -288,8 +288,8 @@ def test_fused_op_rejects_malformed_input(gen):
             r"targets\[:, 1\] \(class\): expected integers in \[0, 3\), got 3.0 at row 0",
         ),
         (
-            lambda: f(p, torch.tensor([[0, 1.0, 0.5, 0.5, 0.0, 0.1]]), anchors, *o),
-            r"targets\[:, 4:6\] \(box w, h\): expected finite values > 0, got \[0.0, 0.1\] at row 0",
+            lambda: f(p, torch.tensor([[0, 1.0, 0.5, 0.5, -0.1, 0.1]]), anchors, *o),
+            r"targets\[:, 4:6\] \(box w, h\): expected finite sizes in \[0, 2\] .*, got \[-0.1, 0.1\] at row 0",
         ),
         (lambda: f(p, t, [-anchors[0]], *o), r"anchors\[0\]: expected finite sizes > 0"),
         (lambda: f(p, t, anchors, *o[:11], "eiou", *o[12:]), r"box_loss: expected one of"),
@@ -341,16 +341,20 @@ def test_missing_extension_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(library, "LOAD_ERROR", "yolo_kernels._C could not be imported (test)")
     assert "cpp" not in yk.available_backends("cpu")
     p = [torch.zeros(1, 1, 2, 2, 6)]
-    with pytest.raises(yk.BackendUnavailableError, match=r"pip install --no-build-isolation -e \."):
+    with pytest.raises(yk.BackendUnavailableError, match=r"pip install -v --no-build-isolation \."):
         yk.compute_loss(p, torch.zeros(0, 6), duck_model([torch.ones(1, 2)], 1), backend="cpp")
     monkeypatch.setattr(yk.loss, "_WARNED", set())
     model = duck_model([torch.ones(1, 2)], 1)
     with pytest.warns(
         RuntimeWarning,
-        match=r"uses the slow 'reference' backend on cpu because the 'cpp' backend is "
-        r"unavailable: yolo_kernels._C could not be imported \(test\)",
-    ):
+        match=r"runs the slow 'reference' loss on cpu: yolo_kernels._C could not be imported \(test\)",
+    ) as caught:
         assert yk.compute_loss(p, torch.zeros(0, 6), model)[0].shape == (1,)  # auto -> reference, warns
+    assert caught[0].filename == __file__  # attributed to the caller's line
+    monkeypatch.setattr(yk.loss, "_WARNED", set())
+    with pytest.warns(RuntimeWarning, match=r"'reference' loss on cpu") as caught:  # through nn.Module.__call__
+        yk.YOLOv3Loss([[[10, 13]]], [8], 1)(p, torch.zeros(0, 6))
+    assert caught[0].filename == __file__
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per process: the second call is quiet
         yk.compute_loss(p, torch.zeros(0, 6), model)

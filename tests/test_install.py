@@ -32,6 +32,9 @@ CHECK = textwrap.dedent(
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     print("warnings:", len(messages))
     print("warning:", messages[0])
+    print("warned at:", [w.filename for w in caught if issubclass(w.category, RuntimeWarning)][0])
+    from yolo_kernels import info
+    print(info.format_report(info.report()))
     try:
         yk.compute_loss(p, targets, model, backend="cpp")
     except yk.BackendUnavailableError as error:
@@ -107,9 +110,15 @@ def test_install_with_the_extension_disabled(tmp_path):
     assert "building without the C++ extension: YOLO_KERNELS_NO_EXT=1 is set" in build.stdout + build.stderr
     assert "backends: ['reference']" in out
     assert "warnings: 1" in out  # once per process, not per call
-    assert "'cpp' backend is unavailable: yolo_kernels._C could not be imported" in out
-    assert "python -m yolo_kernels.info" in out and "pip install --no-build-isolation -e ." in out
+    # what is true, and a fix a pip user can run; not "partially initialized module ... circular import"
+    assert "runs the slow 'reference' loss on cpu: yolo_kernels was installed without its C++ extension" in out
+    assert "python -m yolo_kernels.info" in out and "pip install -v --no-build-isolation ." in out
+    assert "circular import" not in out and "partially initialized" not in out and "make install" not in out
+    assert "warned at: <string>" in out  # the caller's line, not a line inside the package
     assert "cpp error: backend 'cpp' cannot run on cpu" in out
+    if "cuda:" not in out:  # no GPU: installing triton would not help, so it is not suggested
+        assert "triton     unavailable: the triton backend runs on CUDA tensors" in out
+        assert "pip install 'triton" not in out
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="PATH without a compiler is set up for POSIX")

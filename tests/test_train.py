@@ -2,6 +2,7 @@
 fullgraph on the loss, and DistributedDataParallel (gloo, 2 processes)."""
 
 import os
+import re
 import socket
 import tempfile
 
@@ -132,3 +133,27 @@ def test_ddp_gloo_two_processes():
     for g0, g1, a0, a1 in zip(r0["ddp"], r1["ddp"], r0["alone"], r1["alone"]):
         assert torch.equal(g0, g1)  # identical across ranks
         torch.testing.assert_close(g0, (a0 + a1) / 2, rtol=1e-4, atol=1e-6)  # the mean of the per-rank gradients
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--backend", "cpu"], r"--backend: expected 'auto' or one of \['cpp', 'reference', 'triton'\], got 'cpu'"),
+        (["--steps", "0"], r"argument --steps: expected an integer >= 1, got 0"),
+        (["--nc", "7"], r"--nc: the synthetic data has 6 classes; expected 1..6, got 7"),
+        (["--batch", "-1"], r"argument --batch: expected an integer >= 1, got -1"),
+    ],
+)
+def test_train_bad_arguments_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_mod.main(argv)
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_train_header_names_the_backend_auto_picked(capsys):
+    assert train_mod.main(["--steps", "1", "--batch", "1", "--img", "64", "--eval-images", "1", "--no-stats"]) == 0
+    out = capsys.readouterr().out
+    picked = yk.loss.resolve_backend("auto", torch.device("cpu"), warn=False).name
+    assert out.splitlines()[0].endswith(f"yolov3 loss, backend {picked} (auto), amp False, device cpu")
+    assert "CPU thread" in out and "--threads" in out

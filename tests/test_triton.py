@@ -102,7 +102,8 @@ BAD_VALUES = [  # (column, value, the failing check's words in the message)
     (1, float("nan"), "[:, 1] integers in [0, 3)"),
     (2, float("inf"), "[:, 2:6] finite"),
     (3, float("nan"), "[:, 2:6] finite"),
-    (4, 0.0, "w, h > 0"),
+    (4, -0.5, "w, h in [0, 2]"),
+    (5, 40.0, "w, h in [0, 2]"),  # a box in pixels
     (5, float("inf"), "[:, 2:6] finite"),
 ]
 

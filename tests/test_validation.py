@@ -96,7 +96,14 @@ def _set(t, row, col, value):
             float("inf"),
             r"targets\[:, 2:4\] \(box centre x, y\): expected finite values, got \[inf, .*\] at row 2",
         ),
-        (1, 4, 0.0, r"targets\[:, 4:6\] \(box w, h\): expected finite values > 0, got \[0.0, .*\] at row 1"),
+        (
+            1,
+            4,
+            50.0,
+            r"targets\[:, 4:6\] \(box w, h\): expected finite sizes in \[0, 2\] as fractions of the image "
+            r"\(normalised; boxes in pixels\?\), got \[50.0, .*\] at row 1",
+        ),
+        (2, 5, 2.001, r"targets\[:, 4:6\] \(box w, h\): .* got \[.*, 2.001\] at row 2"),
         (3, 5, -0.1, r"targets\[:, 4:6\] \(box w, h\): .* at row 3"),
         (0, 5, float("nan"), r"targets\[:, 4:6\] \(box w, h\): .* got \[.*, nan\] at row 0"),
     ],
@@ -120,7 +127,7 @@ def test_value_errors_report_the_first_bad_column_then_row(good, backend):
 
 def test_validate_false_skips_value_checks(good):
     p, t, model = good
-    bad = _set(t, 0, 4, 0.0)  # zero width: structurally fine, value-checked only
+    bad = _set(t, 0, 4, -0.5)  # negative width: structurally fine, value-checked only
     with pytest.raises(ValueError):
         call(p, bad, model)
     loss, _ = call(p, bad, model, validate=False)

@@ -21,10 +21,13 @@ measured: on CUDA from the caching allocator's peak, on CPU from the profiler's 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +35,7 @@ from typing import Any
 import torch
 
 from . import loss as loss_api
+from ._cli import check_backends, check_device, check_matplotlib, nonnegative_int, positive_int, threads_note
 from .models import Darknet
 from .yolov5 import YOLOV5_ANCHORS, YOLOV5_STRIDES, YOLOv5Loss
 
@@ -177,6 +181,30 @@ def time_interleaved(
     return times
 
 
+@contextlib.contextmanager
+def _without_profiler_banner():
+    """The CPU profiler's C++ side prints a ``USDT: ... profiler_start`` / ``profiler_stop`` line to
+    the process's stderr on every start and stop. Catch what it writes to file descriptor 2 and
+    pass on every other line (a real error still shows)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real stderr (e.g. captured): nothing to filter
+        yield
+        return
+    with tempfile.TemporaryFile(mode="w+b") as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            rest = [line for line in caught.read().decode(errors="replace").splitlines(True) if "USDT:" not in line]
+            if rest:
+                sys.stderr.write("".join(rest))
+
+
 def peak_extra_bytes(fn: Callable[[], Any], device: torch.device) -> int:
     """Peak memory allocated by ``fn()`` beyond what existed before it."""
     if device.type == "cuda":
@@ -188,9 +216,12 @@ def peak_extra_bytes(fn: Callable[[], Any], device: torch.device) -> int:
         return torch.cuda.max_memory_allocated() - base
     from torch.profiler._memory_profiler import Action
 
-    with torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
-    ) as prof:
+    with (
+        _without_profiler_banner(),
+        torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
+        ) as prof,
+    ):
         fn()
     current = peak = 0
     for _, action, _, size in prof._memory_profile().timeline:
@@ -379,6 +410,10 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
             )
         ax.set_xscale("log")
         ax.set_yscale("log")
+        # the measured sizes as plain numbers (a log axis would label 1, 2 as 10^0, 2x10^0)
+        xs = sorted({r.get(x_key, 10) for r in mine})
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.minorticks_off()
         ax.set_xlabel(x_label)
         ax.set_ylabel("forward + backward, median ms")
         where = f"batch {batch}, {img}x{img}" if by_targets else f"{img}x{img}"
@@ -401,7 +436,7 @@ def machine_line(device: torch.device, threads: int) -> str:
                 name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
         except (OSError, StopIteration):
             pass
-        name = f"{name}, {threads} threads"
+        name = f"{name}, {threads} thread{'s' if threads != 1 else ''}"
     return f"{name}, torch {torch.__version__}, Python {platform.python_version()}"
 
 
@@ -424,34 +459,59 @@ class _Progress:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m yolo_kernels.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
-    parser.add_argument("--batch", type=int, nargs="+", default=[16], help="batch sizes (default 16)")
-    parser.add_argument("--img", type=int, nargs="+", default=[416], help="image sizes in pixels (default 416)")
+    parser.add_argument("--batch", type=positive_int, nargs="+", default=[16], help="batch sizes (default 16)")
+    parser.add_argument(
+        "--img", type=positive_int, nargs="+", default=[416], help="image sizes in pixels (default 416)"
+    )
     parser.add_argument(
         "--targets",
-        type=int,
+        type=nonnegative_int,
         nargs="+",
         default=[10],
         help="targets per image (default 10; e.g. 10 100 500 for dense scenes)",
     )
     parser.add_argument("--loss", nargs="+", choices=LOSSES, default=["yolov3"], help="loss families (default yolov3)")
-    parser.add_argument("--backends", nargs="+", help="backends to time (default: all available on the device)")
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        metavar="BACKEND",
+        help=f"backends to time, of {sorted(loss_api.BACKENDS)} (default: every one available on the device)",
+    )
     parser.add_argument(
         "--stats", action="store_true", help="also time each fused backend with stats=True (provider <backend>+stats)"
     )
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of p")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of p (default float32)")
+    parser.add_argument(
+        "--threads", type=positive_int, help="CPU threads (torch.set_num_threads; default: torch's, OMP_NUM_THREADS)"
+    )
+    parser.add_argument("--repeats", type=positive_int, default=20, help="timed calls per provider (default 20)")
+    parser.add_argument("--warmup", type=nonnegative_int, default=3, help="untimed calls first (default 3)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random predictions and targets (default 0)")
     parser.add_argument("--json", metavar="FILE", help="write the rows as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="plot ms vs batch per provider (needs matplotlib)")
     args = parser.parse_args(argv)
+    device = check_device(parser, args.device) if args.device else None
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.backends:
+        check_backends(parser, args.backends, device, "--backends")
+        if "auto" in args.backends:
+            parser.error("--backends: name the backends to time ('auto' is not one)")
+    if args.plot:
+        check_matplotlib(parser)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     timed = args.backends or [
         b for b in loss_api.available_backends(device) if not (b == "triton" and device.type == "cpu")
     ]
+    machine = machine_line(device, torch.get_num_threads())
+    print(
+        f"{'/'.join(args.loss)} loss, forward + backward, p {args.dtype}, medians of {args.repeats} interleaved runs, "
+        "caches evicted before each call"
+    )
+    print(f"machine: {machine}")
+    if device.type == "cpu":
+        print(threads_note(torch.get_num_threads()))
+    sys.stdout.flush()  # the header before the progress bar
     n_providers = 1 + len(timed) + (sum(b != "reference" for b in timed) if args.stats else 0)
     progress = _Progress(n_providers * len(args.loss) * len(args.batch) * len(args.img) * len(args.targets))
     rows = run(
@@ -468,12 +528,6 @@ def main(argv: list[str] | None = None) -> int:
         losses=args.loss,
         stats=args.stats,
     )
-    machine = machine_line(device, torch.get_num_threads())
-    print(
-        f"{'/'.join(args.loss)} loss, forward + backward, p {args.dtype}, medians of {args.repeats} interleaved runs, "
-        "caches evicted before each call"
-    )
-    print(f"machine: {machine}")
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:

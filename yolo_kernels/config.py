@@ -170,16 +170,21 @@ class LossOptions:
         nc: int,
         gr: float = 1.0,
         strict: bool = False,
+        extra_keys: bool = True,
         name: str = "hyp",
         **options: Any,
     ) -> LossOptions:
-        """Options from an ultralytics ``hyp`` dict; extra keys are ignored. Missing keys take
-        ``DEFAULT_HYP``, or with ``strict`` raise a ``KeyError`` naming them (``name`` is the
-        argument's name in that message)."""
+        """Options from an ultralytics ``hyp`` dict. Missing keys take ``DEFAULT_HYP``, or with
+        ``strict`` raise a ``KeyError`` naming them (``name`` is the argument's name in that
+        message). Other keys are ignored (a model's ``hyp`` also holds the training keys), or
+        without ``extra_keys`` raise a ``ValueError`` naming them (a misspelt key would otherwise
+        leave its hyperparameter at the default)."""
         if hyp is None:
             hyp = {}
         if not isinstance(hyp, Mapping):
             raise TypeError(f"{name}: expected a dict of hyperparameters, got {type(hyp).__name__}")
+        if not extra_keys:
+            check_hyp_keys(hyp, DEFAULT_HYP, name)
         missing = [key for key in DEFAULT_HYP if key not in hyp]
         if strict and missing:
             raise MissingHyperparameterError(
@@ -193,6 +198,15 @@ class LossOptions:
     def smooth_targets(self) -> tuple[float, float]:
         """``(cp, cn)``: the positive and negative class targets after label smoothing."""
         return 1.0 - 0.5 * self.label_smoothing, 0.5 * self.label_smoothing
+
+
+def check_hyp_keys(hyp: Mapping[str, Any], known: Sequence[str], name: str = "hyp") -> None:
+    """Raise a ``ValueError`` naming the keys of ``hyp`` that are not in ``known``."""
+    unknown = [key for key in hyp if key not in known]
+    if unknown:
+        raise ValueError(
+            f"{name}: unknown loss hyperparameter(s) {sorted(map(str, unknown))}; the known keys are {list(known)}"
+        )
 
 
 def unwrap_model(model: Any) -> Any:

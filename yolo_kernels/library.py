@@ -32,19 +32,31 @@ __all__ = [
 ]
 
 BUILD_HINT = (
-    "build the C++ extension against the installed torch from the source tree with "
-    "`pip install --no-build-isolation -e .` (or `make install`; needs a C++17 compiler and ninja; "
-    "an extension built against another torch version fails to import and must be rebuilt)"
+    "to build it, install the torch you use first, then from the source tree "
+    "`pip install -v --no-build-isolation .` (needs a C++17 compiler; -v shows the build, or why it "
+    "was skipped; an extension built against another torch version must be rebuilt the same way)"
 )
 
-try:
-    from . import _C
 
-    LOAD_ERROR: str | None = None
-except (ImportError, OSError) as error:  # e.g. not built, or built against another torch: the package
-    # works without it, and backend="cpp" / `python -m yolo_kernels.info` say how to build it
-    _C = None
-    LOAD_ERROR = f"yolo_kernels._C could not be imported ({error})"
+def _load_extension() -> tuple[Any, str | None]:
+    """``(module, None)``, or ``(None, why it is missing)`` in words a pip user can act on."""
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec(f"{__package__}._C") is None:
+        # no compiled file at all: importing it would only report a "partially initialized module"
+        return None, (
+            "yolo_kernels was installed without its C++ extension (an isolated `pip install` build, "
+            "YOLO_KERNELS_NO_EXT=1, or no C++ compiler at install time)"
+        )
+    try:
+        return importlib.import_module(f"{__package__}._C"), None
+    except (ImportError, OSError) as error:  # e.g. built against another torch: an undefined symbol
+        return None, f"the C++ extension yolo_kernels._C is installed but failed to load ({error})"
+
+
+# the package works without the extension; backend="cpp" and `python -m yolo_kernels.info` say why
+_C, LOAD_ERROR = _load_extension()
 
 
 def require_extension() -> Any:

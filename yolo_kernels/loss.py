@@ -28,6 +28,7 @@ from .config import (
     is_real_number,
     model_anchors,
     model_options,
+    unwrap_model,
 )
 from .cpp import CppBackend
 from .stats import LossStats
@@ -77,27 +78,67 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
 _WARNED: set[str] = set()
 
 
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside yolo_kernels and torch.nn (the user's line that
+    called the loss), however many frames the call took to get here."""
+    import os
+    import sys
+
+    package = os.path.dirname(os.path.abspath(__file__))
+    skip = (package + os.sep, os.path.dirname(os.path.abspath(nn.__file__)) + os.sep)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _warn_fallback_once(name: str, device: torch.device, reason: str) -> None:
-    """``auto`` could not use the fast backend it prefers for this device: say so once per process."""
+    """``auto`` could not use the fast backend it prefers for this device: say so once per process,
+    at the user's line."""
     if name in _WARNED:
         return
     _WARNED.add(name)
     warnings.warn(
-        f"yolo_kernels: backend='auto' uses the slow 'reference' backend on {device.type} because the "
-        f"'{name}' backend is unavailable: {reason}. `python -m yolo_kernels.info` lists what is available; "
-        f"pass backend='reference' to choose it explicitly and silence this warning.",
+        f"yolo_kernels: backend='auto' runs the slow 'reference' loss on {device.type}: {reason}. "
+        f"backend='reference' silences this; `python -m yolo_kernels.info` lists the backends.",
         RuntimeWarning,
-        stacklevel=4,
+        stacklevel=_caller_stacklevel(),
     )
 
 
-def resolve_backend(backend: str, device: torch.device):
+def check_backend_name(backend: Any) -> str:
+    """``backend`` when it names a backend (or is ``"auto"``), else a clear error: checked where a
+    backend is chosen (a constructor, ``apply``), not first at the training step. Whether it can
+    run depends on the device, which the call knows."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend: expected a backend name, got {type(backend).__name__}")
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend: expected 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
+    return backend
+
+
+def model_strides(model: Any) -> list[float] | None:
+    """The strides of ``model``'s YOLO layers (``module_list[j].stride``), or ``None`` where a layer
+    does not carry one (the grid check of ``check_inputs`` is then skipped)."""
+    model = unwrap_model(model)
+    strides = []
+    for j in getattr(model, "yolo_layers", ()):
+        stride = getattr(model.module_list[j], "stride", None)
+        if isinstance(stride, torch.Tensor) and stride.numel() == 1:
+            stride = stride.item()
+        if not is_real_number(stride) or not stride > 0:
+            return None
+        strides.append(float(stride))
+    return strides or None
+
+
+def resolve_backend(backend: str, device: torch.device, warn: bool = True):
     """The backend object for a name (or ``"auto"``) on ``device``; raises when it cannot run there.
 
     ``"auto"`` takes the first backend of ``AUTO_ORDER[device.type]`` that can run, else the
-    reference, and then warns once per backend that the fast path is missing, with the reason."""
-    if not isinstance(backend, str):
-        raise TypeError(f"backend: expected a backend name, got {type(backend).__name__}")
+    reference, and then (with ``warn``) warns once per backend that the fast path is missing,
+    with the reason."""
+    check_backend_name(backend)
     if backend == "auto":
         reasons = []
         for name in AUTO_ORDER.get(device.type, ()):
@@ -105,11 +146,9 @@ def resolve_backend(backend: str, device: torch.device):
             if reason is None:
                 return BACKENDS[name]
             reasons.append((name, reason))
-        for name, reason in reasons:
+        for name, reason in reasons if warn else ():
             _warn_fallback_once(name, device, reason)
         return BACKENDS["reference"]
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
     reason = BACKENDS[backend].unavailable_reason(device)
     if reason is not None:
         raise BackendUnavailableError(f"backend {backend!r} cannot run on {device}: {reason}")
@@ -123,9 +162,18 @@ def _first_device(p: Any) -> torch.device:
 
 
 def run_backend(
-    p, targets, anchors, options: LossOptions, backend: str, validate: bool, balance=None, stats: bool = False
+    p,
+    targets,
+    anchors,
+    options: LossOptions,
+    backend: str,
+    validate: bool,
+    balance=None,
+    stats: bool = False,
+    strides=None,
 ):
-    """Check the inputs, pick the backend, run it: ``(loss, loss_items, layer_obj, LossStats or None)``."""
+    """Check the inputs, pick the backend, run it: ``(loss, loss_items, layer_obj, LossStats or None)``.
+    ``strides`` (per layer, optional): the grids of ``p`` must fit one image size at them."""
     if not isinstance(stats, bool):
         raise TypeError(f"stats: expected a bool, got {type(stats).__name__}")
     device = _first_device(p)
@@ -133,7 +181,7 @@ def run_backend(
     impl = resolve_backend(backend, device)
     # a backend that checks the target and anchor values itself on this device skips the Python pass
     own_checks = hasattr(impl, "checks_values") and impl.checks_values(device)
-    p = check_inputs(p, targets, anchors, options, validate and not own_checks)
+    p = check_inputs(p, targets, anchors, options, validate and not own_checks, strides)
     if own_checks:
         loss, items, layer_obj, grad_stats = impl.loss(p, targets, anchors, options, balance, stats, validate=validate)
     else:
@@ -143,8 +191,8 @@ def run_backend(
     return loss, items, layer_obj, LossStats(grad_stats, loss.detach())
 
 
-def _run(p, targets, anchors, options: LossOptions, backend: str, validate: bool, stats: bool = False):
-    loss, items, _, loss_stats = run_backend(p, targets, anchors, options, backend, validate, stats=stats)
+def _run(p, targets, anchors, options: LossOptions, backend: str, validate: bool, stats: bool = False, strides=None):
+    loss, items, _, loss_stats = run_backend(p, targets, anchors, options, backend, validate, None, stats, strides)
     return (loss, items, loss_stats) if stats else (loss, items)
 
 
@@ -171,7 +219,7 @@ def compute_loss(
     """
     anchors = model_anchors(model)
     options = model_options(model, box_loss=box_loss, reduction=reduction, label_smoothing=label_smoothing)
-    return _run(p, targets, anchors, options, backend, validate, stats)
+    return _run(p, targets, anchors, options, backend, validate, stats, model_strides(model))
 
 
 def build_targets(p: Sequence[torch.Tensor], targets: torch.Tensor, model: Any, *, validate: bool = True):
@@ -198,6 +246,8 @@ class AnchoredLoss(nn.Module):
             if not is_real_number(s) or not s > 0:
                 raise ValueError(f"strides[{i}]: expected a positive number, got {s!r}")
         self.strides = [float(s) for s in strides]
+        #: the strides the grids of ``p`` are checked against (one image size), or None: no check
+        self.grid_strides: list[float] | None = list(self.strides)
         for i, (a, s) in enumerate(zip(anchors, self.strides)):
             self.register_buffer(f"anchor_vec{i}", a.detach().to(torch.float32) / s, persistent=False)
         self.nl = len(anchors)
@@ -219,7 +269,8 @@ class YOLOv3Loss(AnchoredLoss):
         anchors: per layer, ``[na, 2]`` anchor sizes in **pixels**, in the order of ``p``.
         strides: per layer, the stride in pixels (anchors are divided by it).
         num_classes: ``nc``; ``p[i]`` has ``nc + 5`` channels.
-        hyp: ultralytics hyperparameters (keys of ``DEFAULT_HYP``; missing keys take defaults).
+        hyp: ultralytics hyperparameters (keys of ``DEFAULT_HYP``; missing keys take defaults, an
+            unknown key is an error naming it).
         giou_ratio: ``gr``, the weight of the IoU in the objectness target (settable, e.g. ramped).
         box_loss: ``"giou"`` (default), ``"iou"``, ``"diou"`` or ``"ciou"``.
         reduction: ``"mean"`` (default) or ``"sum"`` (the original's alternative path).
@@ -248,19 +299,28 @@ class YOLOv3Loss(AnchoredLoss):
         super().__init__()
         self._set_anchors(anchors, strides)
         self.options = LossOptions.from_hyp(
-            hyp, nc=num_classes, gr=giou_ratio, box_loss=box_loss, reduction=reduction, label_smoothing=label_smoothing
+            hyp,
+            nc=num_classes,
+            gr=giou_ratio,
+            extra_keys=False,
+            box_loss=box_loss,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
         )
-        self.backend = backend
+        self.backend = check_backend_name(backend)
         self.validate = validate
 
     @classmethod
     def from_model(cls, model: Any, **kwargs: Any) -> YOLOv3Loss:
-        """A criterion with ``model``'s anchors, ``hyp``, ``gr`` and ``nc`` (anchors kept in grid units)."""
+        """A criterion with ``model``'s anchors, ``hyp``, ``gr`` and ``nc`` (anchors kept in grid
+        units; the grids are checked against the layers' strides where they carry them)."""
         m = model_options(model)
         anchors = model_anchors(model)
         kwargs.setdefault("hyp", {k: getattr(m, k) for k in DEFAULT_HYP})
         kwargs.setdefault("giou_ratio", m.gr)
-        return cls([a.detach().cpu() for a in anchors], [1.0] * len(anchors), m.nc, **kwargs)
+        criterion = cls([a.detach().cpu() for a in anchors], [1.0] * len(anchors), m.nc, **kwargs)
+        criterion.grid_strides = model_strides(model)
+        return criterion
 
     @property
     def gr(self) -> float:
@@ -273,7 +333,7 @@ class YOLOv3Loss(AnchoredLoss):
     giou_ratio = gr
 
     def forward(self, p: Sequence[torch.Tensor], targets: torch.Tensor, stats: bool = False):
-        return _run(p, targets, self.anchor_vecs, self.options, self.backend, self.validate, stats)
+        return _run(p, targets, self.anchor_vecs, self.options, self.backend, self.validate, stats, self.grid_strides)
 
     def extra_repr(self) -> str:
         o = self.options

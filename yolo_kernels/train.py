@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from . import loss as loss_api
+from ._cli import check_backends, check_device, check_matplotlib, positive_int, threads_note
 from .config import DEFAULT_HYP
 from .loss import compute_loss
 from .models import SHIPPED, Darknet
@@ -296,28 +298,57 @@ def plot_history(history: dict[str, list], path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m yolo_kernels.train", description=__doc__.split("\n\n")[0])
+    max_nc = len(SyntheticShapes.COLOURS) * len(SyntheticShapes.KINDS)
     parser.add_argument("--cfg", default="yolov3-tiny", help="shipped name or cfg path (default yolov3-tiny)")
-    parser.add_argument("--nc", type=int, default=6, help="classes for a shipped architecture (1..6; default 6)")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--img", type=int, default=96, help="image size, a multiple of 32 (default 96)")
-    parser.add_argument("--backend", default="auto")
+    parser.add_argument(
+        "--nc",
+        type=positive_int,
+        default=max_nc,
+        help=f"classes for a shipped architecture (1..{max_nc}; default {max_nc})",
+    )
+    parser.add_argument("--steps", type=positive_int, default=300, help="training steps (default 300)")
+    parser.add_argument("--batch", type=positive_int, default=8, help="images per step (default 8)")
+    parser.add_argument("--img", type=positive_int, default=96, help="image size, a multiple of 32 (default 96)")
+    parser.add_argument(
+        "--backend", default="auto", help=f"'auto' or one of {sorted(loss_api.BACKENDS)} (default auto)"
+    )
     parser.add_argument("--loss", choices=["yolov3", "yolov5"], default="yolov3", help="loss family (default yolov3)")
     parser.add_argument("--amp", action="store_true", help="autocast (bf16 on CPU, fp16 + GradScaler on CUDA)")
-    parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--eval-images", type=int, default=32)
-    parser.add_argument("--threads", type=int)
+    parser.add_argument("--lr", type=float, default=0.01, help="initial learning rate (default 0.01)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the data (default 0)")
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    parser.add_argument("--device", default=default_device, help=f"cpu or cuda (default {default_device})")
+    parser.add_argument(
+        "--eval-images", type=positive_int, default=32, help="held-out images for the detection check (default 32)"
+    )
+    parser.add_argument(
+        "--threads", type=positive_int, help="CPU threads (torch.set_num_threads; default: torch's, OMP_NUM_THREADS)"
+    )
     parser.add_argument("--plot", metavar="FILE.png", help="loss curves and gradient statistics (needs matplotlib)")
     parser.add_argument("--no-stats", action="store_true", help="skip the gradient statistics (stats=True of the loss)")
     args = parser.parse_args(argv)
     if args.img % 32:
         parser.error(f"--img: expected a multiple of 32, got {args.img}")
+    if args.cfg in SHIPPED and args.nc > max_nc:
+        parser.error(f"--nc: the synthetic data has {max_nc} classes; expected 1..{max_nc}, got {args.nc}")
+    device = check_device(parser, args.device)
+    check_backends(parser, [args.backend], device, "--backend")
+    if args.plot:
+        check_matplotlib(parser)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)  # the initial weights too: same seed, same run
     model = build_model(args.cfg, args.nc)
+    backend = loss_api.resolve_backend(args.backend, device, warn=False).name  # what auto picks here
+    print(
+        f"{args.cfg} (nc={model.nc}) on synthetic shapes, {args.steps} steps, batch {args.batch}, {args.img}px, "
+        f"{args.loss} loss, backend {backend}"
+        + (" (auto)" if args.backend == "auto" else "")
+        + f", amp {args.amp}, device {args.device}"
+    )
+    if device.type == "cpu":
+        print(threads_note(torch.get_num_threads()))
+    sys.stdout.flush()  # the header before the progress bar
     history = train(
         model,
         args.steps,
@@ -341,10 +372,6 @@ def main(argv: list[str] | None = None) -> int:
     loss_ms = torch.tensor(history["loss_ms"][steady]).median().item()
     step_ms = torch.tensor(history["step_ms"][steady]).median().item()
     first, last = history["items"][0][3], history["items"][-1][3]
-    print(
-        f"{args.cfg} (nc={model.nc}) on synthetic shapes, {args.steps} steps, batch {args.batch}, {args.img}px, "
-        f"{args.loss} loss, backend {args.backend}, amp {args.amp}, device {args.device}"
-    )
     print(
         f"loss {first:.3f} -> {last:.3f}; loss fwd+bwd {loss_ms:.2f} ms of a {step_ms:.1f} ms step "
         f"({100 * loss_ms / step_ms:.1f}%), medians"

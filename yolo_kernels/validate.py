@@ -21,7 +21,17 @@ import torch
 
 from .config import LossOptions
 
-__all__ = ["check_inputs"]
+__all__ = ["check_inputs", "check_grids", "MAX_BOX_SIZE", "BOX_SIZE_MESSAGE"]
+
+#: The largest normalised box width or height accepted. Real pipelines clip boxes to the image
+#: (w, h <= 1); an unclipped crop can leave a box a little larger than the image. Boxes in pixels
+#: are far above 2 (a row of them trains silently on wrong cells otherwise), so they are rejected.
+#: A size of 0 is accepted: such a box matches no anchor, as in the originals (both families).
+MAX_BOX_SIZE = 2.0
+BOX_SIZE_MESSAGE = (
+    f"targets[:, 4:6] (box w, h): expected finite sizes in [0, {MAX_BOX_SIZE:g}] as fractions of the "
+    "image (normalised; boxes in pixels?)"
+)
 
 
 def _check_layer(i: int, pi: Any, first: torch.Tensor | None, na: int, options: LossOptions) -> None:
@@ -68,7 +78,8 @@ def _check_values_cpu(targets: torch.Tensor, anchors: Sequence[torch.Tensor], bs
         cols = np.ascontiguousarray(t.T)
         lo, hi = cols.min(1), cols.max(1)
         ok = bool(np.isfinite(lo).all() and np.isfinite(hi).all() and lo[0] >= 0 and hi[0] < bs and lo[1] >= 0)
-        ok = ok and bool(hi[1] < nc and lo[4] > 0 and lo[5] > 0 and (cols[:2] == np.trunc(cols[:2])).all())
+        ok = ok and bool(hi[1] < nc and min(lo[4], lo[5]) >= 0 and max(hi[4], hi[5]) <= MAX_BOX_SIZE)
+        ok = ok and bool((cols[:2] == np.trunc(cols[:2])).all())
     sizes = torch.cat([a.reshape(-1) for a in anchors])
     ok = ok and bool(((sizes > 0) & torch.isfinite(sizes)).all())
     if ok:  # the common case in a few vector operations; the details below only on failure
@@ -83,9 +94,7 @@ def _check_values_cpu(targets: torch.Tensor, anchors: Sequence[torch.Tensor], bs
             ~((c >= 0) & (c < nc) & (c == np.trunc(c))), c, f"targets[:, 1] (class): expected integers in [0, {nc})"
         )
         _first_bad_row(~np.isfinite(xy).all(1), xy, "targets[:, 2:4] (box centre x, y): expected finite values")
-        _first_bad_row(
-            ~(np.isfinite(wh) & (wh > 0)).all(1), wh, "targets[:, 4:6] (box w, h): expected finite values > 0"
-        )
+        _first_bad_row(~(np.isfinite(wh) & (wh >= 0) & (wh <= MAX_BOX_SIZE)).all(1), wh, BOX_SIZE_MESSAGE)
         for i, a in enumerate(anchors):
             a = a.to(torch.float64).numpy()
             _first_bad_row(~(np.isfinite(a) & (a > 0)).all(1), a, f"anchors[{i}]: expected finite sizes > 0")
@@ -101,7 +110,7 @@ def _check_values_async(targets: torch.Tensor, anchors: Sequence[torch.Tensor], 
         ),
         (((c >= 0) & (c < nc) & (c == c.trunc())).all(), f"targets[:, 1] (class): expected integers in [0, {nc})"),
         (torch.isfinite(xy).all(), "targets[:, 2:4] (box centre x, y): expected finite values"),
-        ((torch.isfinite(wh) & (wh > 0)).all(), "targets[:, 4:6] (box w, h): expected finite values > 0"),
+        ((torch.isfinite(wh) & (wh >= 0) & (wh <= MAX_BOX_SIZE)).all(), BOX_SIZE_MESSAGE),
     ]
     checks += [
         ((torch.isfinite(a) & (a > 0)).all(), f"anchors[{i}]: expected finite sizes > 0") for i, a in enumerate(anchors)
@@ -110,10 +119,55 @@ def _check_values_async(targets: torch.Tensor, anchors: Sequence[torch.Tensor], 
         torch._assert_async(ok, f"{message} (device-side check)")
 
 
+def _is_eval_output(p: Any) -> bool:
+    """``p`` looks like the output of a model in eval mode: ``(decoded boxes [bs, N, no], [layers])``."""
+    return (
+        isinstance(p, (list, tuple))
+        and len(p) == 2
+        and isinstance(p[0], torch.Tensor)
+        and p[0].dim() == 3
+        and isinstance(p[1], (list, tuple))
+    )
+
+
+def check_grids(p: Sequence[torch.Tensor], strides: Sequence[float]) -> None:
+    """The layers' grids fit one image size at ``strides``: a layer of ``n`` cells at stride ``s``
+    covers an image of about ``n * s`` pixels (``ceil`` or ``floor`` of size / stride, so within
+    one stride). Layers passed in another order than the anchors and strides fail this. Equal
+    strides carry no scale to check against (anchors given in grid units with strides of 1)."""
+    if len(strides) != len(p):
+        raise ValueError(f"strides: expected {len(p)} strides (one per layer of p), got {len(strides)}")
+    if len(set(strides)) == 1:
+        return
+    for dim, what in ((2, "height"), (3, "width")):
+        lo = max((pi.shape[dim] - 1) * s for pi, s in zip(p, strides))
+        hi = min((pi.shape[dim] + 1) * s for pi, s in zip(p, strides))
+        if not lo < hi:
+            grids = [tuple(pi.shape[2:4]) for pi in p]
+            implied = [pi.shape[dim] * s for pi, s in zip(p, strides)]
+            raise ValueError(
+                f"p: the layers' grids {grids} at strides {[float(s) for s in strides]} imply image {what}s "
+                f"{[float(x) for x in implied]} pixels: expected one image size; are the layers of p in the "
+                "order of the anchors and strides?"
+            )
+
+
 def check_inputs(
-    p: Any, targets: Any, anchors: Sequence[torch.Tensor], options: LossOptions, validate: bool = True
+    p: Any,
+    targets: Any,
+    anchors: Sequence[torch.Tensor],
+    options: LossOptions,
+    validate: bool = True,
+    strides: Sequence[float] | None = None,
 ) -> list[torch.Tensor]:
-    """Raise ``TypeError``/``ValueError`` for bad ``p``/``targets``/``anchors``; return ``p`` as a list."""
+    """Raise ``TypeError``/``ValueError`` for bad ``p``/``targets``/``anchors``; return ``p`` as a list.
+    With ``strides`` (per layer), the grids of ``p`` must fit one image size (``check_grids``)."""
+    if _is_eval_output(p):
+        raise TypeError(
+            "p: got the output of a model in eval mode, (decoded boxes "
+            f"{tuple(p[0].shape)}, [per-layer outputs]); the loss takes the per-layer outputs: pass its "
+            "second item (as test.py does with train_out) or call model.train()"
+        )
     if isinstance(p, torch.Tensor) or not isinstance(p, (list, tuple)):
         raise TypeError(f"p: expected a list of per-layer tensors, got {type(p).__name__}")
     if len(p) == 0:
@@ -122,6 +176,8 @@ def check_inputs(
         raise ValueError(f"p: expected {len(anchors)} layers (one per anchor set of the model/criterion), got {len(p)}")
     for i, (pi, a) in enumerate(zip(p, anchors)):
         _check_layer(i, pi, p[0] if i else None, a.shape[0], options)
+    if strides is not None:
+        check_grids(p, strides)
 
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets: expected a torch.Tensor [nt, 6], got {type(targets).__name__}")

@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 
 from . import reference
-from .config import LossOptions, MissingHyperparameterError
-from .loss import AnchoredLoss, run_backend
+from .config import LossOptions, MissingHyperparameterError, check_hyp_keys
+from .loss import AnchoredLoss, check_backend_name, run_backend
 
 __all__ = [
     "DEFAULT_HYP_V5",
@@ -96,7 +96,8 @@ class YOLOv5Loss(AnchoredLoss):
         anchors: per layer, ``[na, 2]`` anchor sizes in **pixels**, in the order of ``p``.
         strides: per layer, the stride in pixels (anchors are divided by it).
         num_classes: ``nc``; ``p[i]`` has ``nc + 5`` channels.
-        hyp: the loss hyperparameters (keys of ``DEFAULT_HYP_V5``; missing keys take those defaults).
+        hyp: the loss hyperparameters (keys of ``DEFAULT_HYP_V5``; missing keys take those defaults,
+            an unknown key is an error naming it).
         gr: the IoU ratio of the objectness target (mixed in only when < 1, as the original).
         box_loss: ``"ciou"`` (default, the original's), ``"giou"``, ``"diou"`` or ``"iou"``.
         balance: per-layer objectness weights (default: ``default_balance(nl)``).
@@ -129,9 +130,10 @@ class YOLOv5Loss(AnchoredLoss):
         self._set_anchors(anchors, strides)
         if hyp is not None and not isinstance(hyp, Mapping):
             raise TypeError(f"hyp: expected a dict of hyperparameters, got {type(hyp).__name__}")
+        check_hyp_keys(hyp or {}, DEFAULT_HYP_V5)
         self.hyp = {**DEFAULT_HYP_V5, **(hyp or {})}
         self.box_loss = box_loss
-        self.backend = backend
+        self.backend = check_backend_name(backend)
         self.validate = validate
         self.autobalance = bool(autobalance)
         self._gr, self._sort_obj_iou = float(gr), bool(sort_obj_iou)
@@ -202,7 +204,15 @@ class YOLOv5Loss(AnchoredLoss):
         if device is not None and self.balance_weights.device != device:
             self.balance_weights = self.balance_weights.to(device)
         loss, items, layer_obj, loss_stats = run_backend(
-            p, targets, self.anchor_vecs, self.options, self.backend, self.validate, self.balance_weights, stats
+            p,
+            targets,
+            self.anchor_vecs,
+            self.options,
+            self.backend,
+            self.validate,
+            self.balance_weights,
+            stats,
+            self.grid_strides,
         )
         if self.autobalance:  # the original's update, on the device: no .item()
             w = self.balance_weights * 0.9999 + 0.0001 / layer_obj.to(self.balance_weights.dtype)
@@ -232,24 +242,23 @@ class ComputeLoss:
     Reads ``model.hyp`` from the object passed (in yolov5's ``train.py`` a DataParallel wrapper
     carries it) and the Detect module ``de_parallel(model).model[-1]`` (``na``, ``nc``, ``nl``,
     ``anchors`` in grid units, ``stride``). ``gr`` (default 1.0) and ``sort_obj_iou`` (default
-    False) are attributes of the loss object, as in the original (which ignores ``model.gr``).
+    False, a class attribute) are attributes of the loss object, as in the original (which ignores
+    ``model.gr``). Like the original, every call reads ``box``, ``obj``, ``cls`` and ``anchor_t``
+    from ``hyp`` (the model's dict) and ``gr`` and ``sort_obj_iou``; the other keys are read once.
     ``backend`` picks the implementation (``"auto"``: Triton on CUDA, C++ on the CPU).
 
     ``compute_loss(p, targets)`` returns ``((lbox + lobj + lcls) * bs, (lbox, lobj, lcls))``.
     """
 
+    #: A class attribute, as in the original (``ComputeLoss.sort_obj_iou = True`` sets it for every
+    #: instance that has not set its own); read on every call.
+    sort_obj_iou = False
+
     def __init__(self, model: Any, autobalance: bool = False, backend: str = "auto"):
         if not hasattr(model, "hyp"):
             raise TypeError(f"model: expected a 'hyp' attribute (set model.hyp as train.py does), got {type(model)}")
         hyp = model.hyp
-        if not isinstance(hyp, Mapping):
-            raise TypeError(f"model.hyp: expected a dict of hyperparameters, got {type(hyp).__name__}")
-        missing = [key for key in HYP_KEYS_V5 if key not in hyp]
-        if missing:
-            raise MissingHyperparameterError(
-                f"model.hyp: missing loss hyperparameter(s) {missing}; the loss reads {list(HYP_KEYS_V5)} "
-                f"(and label_smoothing, default 0), got keys {sorted(map(str, hyp))}"
-            )
+        _check_hyp(hyp)
         inner = _unwrap(model)
         if not hasattr(inner, "model") or not len(inner.model):
             raise TypeError(f"model: expected a YOLOv5 model whose .model[-1] is the Detect module, got {type(inner)}")
@@ -263,7 +272,8 @@ class ComputeLoss:
                 f"model.model[-1].anchors: expected shape [nl={m.nl}, na={m.na}, 2], got {tuple(anchors.shape)}"
             )
         strides = [float(s) for s in torch.as_tensor(m.stride).flatten().tolist()]
-        self.hyp = hyp
+        self.hyp = hyp  # the model's own dict, read on every call as the original does
+        self.gr = 1.0
         self.na, self.nc, self.nl = int(m.na), int(m.nc), int(m.nl)
         self.anchors = anchors
         self.autobalance = autobalance
@@ -280,12 +290,12 @@ class ComputeLoss:
             },
             backend=backend,
         ).to(self.device)
+        self.loss.grid_strides = strides  # the grids are checked against the model's strides
         if autobalance:  # the loss holds grid-unit anchors (strides 1): the model's strides pick the layer
             self.loss.autobalance, self.loss.ssi = True, _stride16_index(strides, "model strides")
         self.ssi = self.loss.ssi
+        self._read: tuple | None = None  # what the loss's options were last built from
 
-    gr = property(lambda self: self.loss.gr, lambda self, v: setattr(self.loss, "gr", v))
-    sort_obj_iou = property(lambda self: self.loss.sort_obj_iou, lambda self, v: setattr(self.loss, "sort_obj_iou", v))
     balance = property(lambda self: self.loss.balance, lambda self, v: setattr(self.loss, "balance", v))
     cp = property(lambda self: self.loss.cp)
     cn = property(lambda self: self.loss.cn)
@@ -294,6 +304,39 @@ class ComputeLoss:
         """The original's ``build_targets(p, targets)``: ``(tcls, tbox, indices, anch)``."""
         return self.loss.build_targets(p, targets)
 
+    def _sync_options(self) -> None:
+        """Read what the original reads on every call: the gains ``box``, ``obj``, ``cls`` and
+        ``anchor_t`` from ``self.hyp`` (the model's dict: a change between calls takes effect), and
+        the attributes ``gr`` and ``sort_obj_iou``. ``cls_pw``, ``obj_pw``, ``fl_gamma`` and
+        ``label_smoothing`` stay as at construction, where the original builds its BCE objects."""
+        hyp = self.hyp
+        if not isinstance(hyp, Mapping) or any(key not in hyp for key in _PER_CALL_KEYS):
+            _check_hyp(hyp, "compute_loss.hyp")
+        read = (*(hyp[key] for key in _PER_CALL_KEYS), self.gr, self.sort_obj_iou)
+        if read == self._read:
+            return
+        loss = self.loss
+        loss.hyp.update({key: hyp[key] for key in _PER_CALL_KEYS})
+        loss._gr, loss._sort_obj_iou = float(self.gr), bool(self.sort_obj_iou)
+        loss.options = _options(loss.hyp, loss.nc, loss._gr, loss._sort_obj_iou, loss.box_loss)  # validates
+        self._read = read
+
     def __call__(self, p: Sequence[torch.Tensor], targets: torch.Tensor, stats: bool = False):
         """``(loss, loss_items)``; with ``stats=True`` also a ``LossStats`` (``yolo_kernels.stats``)."""
+        self._sync_options()
         return self.loss(p, targets, stats=stats)
+
+
+#: The hyperparameters the original reads on every call (the others build its BCE objects once).
+_PER_CALL_KEYS = ("box", "obj", "cls", "anchor_t")
+
+
+def _check_hyp(hyp: Any, name: str = "model.hyp") -> None:
+    if not isinstance(hyp, Mapping):
+        raise TypeError(f"{name}: expected a dict of hyperparameters, got {type(hyp).__name__}")
+    missing = [key for key in HYP_KEYS_V5 if key not in hyp]
+    if missing:
+        raise MissingHyperparameterError(
+            f"{name}: missing loss hyperparameter(s) {missing}; the loss reads {list(HYP_KEYS_V5)} "
+            f"(and label_smoothing, default 0), got keys {sorted(map(str, hyp))}"
+        )

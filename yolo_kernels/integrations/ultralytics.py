@@ -26,8 +26,9 @@ import sys
 from typing import Any
 
 from .. import loss as loss_api
+from ..config import DEFAULT_HYP, LossOptions
 
-__all__ = ["apply", "revert", "is_applied", "DEFAULT_MODULE"]
+__all__ = ["apply", "revert", "is_applied", "DEFAULT_MODULE", "OPTIONS"]
 
 #: Where the archive defines ``compute_loss``.
 DEFAULT_MODULE = "utils.utils"
@@ -63,6 +64,25 @@ def _rebind(old, new) -> list[str]:
     return changed
 
 
+#: The keyword options of ``yolo_kernels.compute_loss`` that ``apply`` passes on (``stats`` would
+#: change what the training code gets back).
+OPTIONS = ("box_loss", "reduction", "label_smoothing", "validate")
+
+
+def _check_settings(backend: Any, options: dict) -> None:
+    """Bad settings fail at ``apply``, not at the first training step."""
+    loss_api.check_backend_name(backend)
+    unknown = [key for key in options if key not in OPTIONS]
+    if unknown:
+        hyp = [key for key in unknown if key in DEFAULT_HYP]
+        hint = f"; {hyp} are hyperparameters, read from model.hyp (set them in the hyp dict)" if hyp else ""
+        raise TypeError(f"apply: unknown option(s) {unknown}; expected keyword options among {list(OPTIONS)}{hint}")
+    if "validate" in options and not isinstance(options["validate"], bool):
+        raise TypeError(f"validate: expected a bool, got {type(options['validate']).__name__}")
+    # the values as the loss checks them (nc does not matter here)
+    LossOptions(nc=1, **{key: value for key, value in options.items() if key != "validate"})
+
+
 def apply(module: str = DEFAULT_MODULE, *, backend: str = "auto", **options: Any) -> list[str]:
     """Rebind ``compute_loss`` to yolo_kernels' loss in ``module`` (``"utils.utils"``) and in every
     imported module that holds the original. Returns the names of the modules changed.
@@ -73,7 +93,11 @@ def apply(module: str = DEFAULT_MODULE, *, backend: str = "auto", **options: Any
         backend: as in ``yolo_kernels.compute_loss`` (``"auto"``: triton on CUDA, cpp on CPU).
         options: keyword options of ``yolo_kernels.compute_loss`` (``box_loss``, ``reduction``,
             ``label_smoothing``, ``validate``).
+
+    A backend name, option or value that the loss would reject is rejected here, before any
+    module is changed (the hyperparameters stay in ``model.hyp``, as for the original).
     """
+    _check_settings(backend, options)
     try:
         target = importlib.import_module(module)
     except ImportError as error:

@@ -40,7 +40,10 @@ try:
     import triton
 except ImportError as error:  # optional dependency
     triton = None
-    IMPORT_ERROR: str | None = f"triton could not be imported ({error}); install it with `pip install triton`"
+    IMPORT_ERROR: str | None = (
+        f"triton could not be imported ({error}); on Linux with a CUDA GPU install it with "
+        "`pip install 'triton>=3.6,<3.10'`"
+    )
 else:
     IMPORT_ERROR = triton_version_problem(getattr(triton, "__version__", "unknown"))
 
@@ -74,14 +77,13 @@ class TritonBackend:
     name = "triton"
 
     def unavailable_reason(self, device: torch.device | None) -> str | None:
-        if _loss is None:
-            return IMPORT_ERROR
+        # the device first: where there is no GPU, installing triton would not help
         if device is None:  # "can it run anywhere here?"
-            ok = torch.cuda.is_available() or interpreter_active()
-            return None if ok else "no CUDA device (CPU tensors run only under TRITON_INTERPRET=1)"
-        if device.type == "cuda" or (device.type == "cpu" and interpreter_active()):
-            return None
-        return f"the triton backend runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), got {device}"
+            if not (torch.cuda.is_available() or interpreter_active()):
+                return "no CUDA device (the triton backend runs on CUDA GPUs)"
+        elif not (device.type == "cuda" or (device.type == "cpu" and interpreter_active())):
+            return f"the triton backend runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), got {device}"
+        return IMPORT_ERROR if _loss is None else None
 
     def checks_values(self, device: torch.device) -> bool:
         """On CUDA the kernels check the target and anchor values (one device-side assertion, no

@@ -289,6 +289,10 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--jobs", type=int, default=None, help="parallel compilations (default: CPU count)")
     args = parser.parse_args(argv)
+    from . import IMPORT_ERROR
+
+    if IMPORT_ERROR is not None:  # the gate compiles with triton itself: nothing to do without it
+        parser.error(f"the compile gate needs a supported triton: {IMPORT_ERROR}")
     return 1 if run(args.arch, args.jobs) else 0
 
 

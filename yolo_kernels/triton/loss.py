@@ -60,6 +60,7 @@ import triton.language as tl
 
 from ..config import LossOptions
 from ..reference import compute_dtype
+from ..validate import MAX_BOX_SIZE as _MAX_BOX_SIZE
 from .math import YOLOV3, YOLOV5, as_compute, bce_with_logits, box_iou, match
 
 KINDS = {"iou": 0, "giou": 1, "diou": 2, "ciou": 3}
@@ -75,6 +76,8 @@ BLOCK_CELLS = 128  # cells per program of the objectness kernel
 MAX_LAYERS = 4
 #: Entries per layer in the layer table (``layer_table``, read by ``_layer_row``).
 LAYER_FIELDS = tl.constexpr(16)
+#: The largest normalised box w or h (``validate.MAX_BOX_SIZE``), as a constexpr for the kernels.
+MAX_BOX_SIZE = tl.constexpr(_MAX_BOX_SIZE)
 
 
 @triton.jit
@@ -224,7 +227,8 @@ def _match_kernel(
     ok_image = (b >= 0.0) & (b < batch_size) & (b == tl.floor(b))
     ok_class = (c >= 0.0) & (c < num_classes) & (c == tl.floor(c))
     ok_xy = ((x - x) == 0.0) & ((y - y) == 0.0)
-    ok_wh = (w > 0.0) & (h > 0.0) & ((w - w) == 0.0) & ((h - h) == 0.0)
+    # sizes in [0, MAX_BOX_SIZE] (validate.py: 0 matches nothing; pixel boxes are rejected); false for NaN
+    ok_wh = (w >= 0.0) & (h >= 0.0) & (w <= MAX_BOX_SIZE) & (h <= MAX_BOX_SIZE)
     checked = in_range & (k < check_rows)
     one = tl.full([BLOCK_PAIRS], 1.0, COMPUTE_DTYPE)
     tl.store(flags_ptr + lanes * 0, one, mask=checked & ~ok_image)
@@ -835,8 +839,8 @@ def value_check_message(batch_size: int, nc: int) -> str:
     launch), and short (CUDA takes under 255 characters)."""
     return (
         f"yolo_kernels: device-side value checks failed: expected targets[:, 0] integers in [0, {batch_size}), "
-        f"[:, 1] integers in [0, {nc}), [:, 2:6] finite with w, h > 0, anchors finite > 0 (those rows are not "
-        "matched); check CPU copies to see the bad row"
+        f"[:, 1] integers in [0, {nc}), [:, 2:6] finite with w, h in [0, 2], anchors finite > 0 (bad rows are not "
+        "matched); a CPU copy names the row"
     )
 
 

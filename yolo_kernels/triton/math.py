@@ -252,10 +252,12 @@ def predicted_box(x0, x1, x2, x3, aw, ah, FAMILY: tl.constexpr):
             8.0 * sw * sw * (1 - sw) * aw,
             8.0 * sh * sh * (1 - sh) * ah,
         )
-    ew = tl.exp(tl.minimum(x2, 30.0))
-    eh = tl.exp(tl.minimum(x3, 30.0))
-    pw = tl.minimum(ew, 1e3) * aw
-    ph = tl.minimum(eh, 1e3) * ah
+    # selects, not tl.minimum: on the GPU minimum returns the other operand of a NaN, and a NaN
+    # logit must give a NaN box (and loss) as torch.clamp gives
+    ew = tl.exp(tl.where(x2 > 30.0, 30.0, x2))
+    eh = tl.exp(tl.where(x3 > 30.0, 30.0, x3))
+    pw = tl.where(ew > 1e3, 1e3, ew) * aw
+    ph = tl.where(eh > 1e3, 1e3, eh) * ah
     dpw = tl.where(ew <= 1e3, ew * aw, 0.0)
     dph = tl.where(eh <= 1e3, eh * ah, 0.0)
     return sx, sy, pw, ph, sx * (1 - sx), sy * (1 - sy), dpw, dph
@@ -267,7 +269,7 @@ def box_iou(x0, x1, x2, x3, aw, ah, tx, ty, tw, th, KIND: tl.constexpr, FAMILY: 
     x0..x3 with anchor (aw, ah) against the centre-xywh target: (value, d/dx0, d/dx1, d/dx2, d/dx3).
     The small constant of the union, enclosing area and diagonal is 1e-16 (YOLOv3) or 1e-7
     (YOLOv5, which adds it to CIoU's alpha denominator too)."""
-    z = x0 * 0.0
+    z = tl.zeros_like(x0)  # not x0 * 0.0: NaN for an infinite logit, whose box is finite
     eps = 1e-7 if FAMILY == YOLOV5 else 1e-16
     alpha_eps = 1e-7 if FAMILY == YOLOV5 else 0.0
     sx, sy, pw, ph, dsx, dsy, dpw, dph = predicted_box(x0, x1, x2, x3, aw, ah, FAMILY)
