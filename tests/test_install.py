@@ -19,6 +19,7 @@ CHECK = textwrap.dedent(
     assert yk.__file__.startswith(sys.argv[1]), yk.__file__          # the installed copy, not the source tree
     assert not any(f.startswith("_C") for f in os.listdir(os.path.dirname(yk.__file__)))
     print("backends:", yk.available_backends("cpu"))
+    print("ops:", sorted(n for n in yk.library.SCHEMAS if hasattr(torch.ops.yolo_kernels, n)))
     model = yk.models.Darknet("yolov4")                               # a packaged cfg
     model.hyp = dict(yk.DEFAULT_HYP)
     p = [x.detach() for x in model.train()(torch.rand(1, 3, 64, 64))]
@@ -109,6 +110,7 @@ def test_install_with_the_extension_disabled(tmp_path):
     build, out = install_and_check(tmp_path, {"YOLO_KERNELS_NO_EXT": "1"})
     assert "building without the C++ extension: YOLO_KERNELS_NO_EXT=1 is set" in build.stdout + build.stderr
     assert "backends: ['reference']" in out
+    assert "ops: ['bce_with_logits', 'box_iou', 'fused_loss', 'match']" in out  # schemas from Python
     assert "warnings: 1" in out  # once per process, not per call
     # what is true, and a fix a pip user can run; not "partially initialized module ... circular import"
     assert "runs the slow 'reference' loss on cpu: yolo_kernels was installed without its C++ extension" in out

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from . import library
-from .library import BUILD_HINT, FusedLoss, fused_loss_op, require_extension
+from .autograd import FusedLoss
+from .library import BUILD_HINT, fused_loss_op, require_extension
 
 __all__ = [
     "BUILD_HINT",

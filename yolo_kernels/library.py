@@ -1,14 +1,14 @@
 """The ``torch.ops.yolo_kernels`` ops on the Python side, in one place.
 
-* The compiled extension ``yolo_kernels._C`` defines the schemas (``csrc/ops.cpp``) and the CPU
-  kernels of ``match``, ``box_iou``, ``bce_with_logits`` and ``fused_loss``; loading it registers
-  them. Without it (not built, or built against another torch) ``LOAD_ERROR`` says why.
-* Here: their fake implementations (shapes for ``torch.compile``), the autograd of
-  ``fused_loss``, and the Triton launcher registered as its CUDA kernel.
-* The backward rule shared by every fused backend (``scale_gradients``) and the eager autograd
-  Function that applies it (``FusedLoss``). ``fused_loss`` computes the gradient of the loss in
-  its forward pass, so backward only scales it by ``grad_output``; ``loss_items`` is a result
-  (detached, as the original's).
+* The schemas of ``match``, ``box_iou``, ``bce_with_logits`` and ``fused_loss`` are defined here
+  (``torch.library``), so the ops exist in every installation, with or without the C++ extension.
+* The compiled extension ``yolo_kernels._C`` registers their CPU kernels (``csrc/cpu/*.cpp``,
+  ``TORCH_LIBRARY_IMPL``) when it loads. Without it (not built, or built against another torch)
+  ``LOAD_ERROR`` says why, and the ops have no CPU kernel.
+* Their fake implementations (shapes for ``torch.compile``), the autograd of ``fused_loss`` (the
+  rule of ``autograd.py``: the gradient is computed in the forward pass, backward scales it by
+  ``grad_output``; ``loss_items`` is a result, detached, as the original's), and the Triton
+  launcher registered as its CUDA kernel.
 """
 
 from __future__ import annotations
@@ -18,17 +18,17 @@ from typing import Any
 
 import torch
 
+from .autograd import scale_gradients
 from .config import BackendUnavailableError, LossOptions
 from .reference import compute_dtype
 
 __all__ = [
     "BUILD_HINT",
     "LOAD_ERROR",
-    "FusedLoss",
+    "SCHEMAS",
     "fused_loss_op",
     "options_from_op",
     "require_extension",
-    "scale_gradients",
 ]
 
 BUILD_HINT = (
@@ -36,6 +36,40 @@ BUILD_HINT = (
     "`pip install -v --no-build-isolation .` (needs a C++17 compiler; -v shows the build, or why it "
     "was skipped; an extension built against another torch version must be rebuilt the same way)"
 )
+
+
+#: The ops' schemas, in one place (the kernels follow them argument by argument).
+SCHEMAS = {
+    # Target matching of one layer: pairs (in the family's pair order) of targets [nt, 6] with
+    # anchors [na, 2] (grid units) on an ny x nx grid; threshold is iou_t (yolov3) or anchor_t
+    # (yolov5). Returns indices [P, 4] (b, a, gj, gi; long), tbox [P, 4], anch [P, 2], tcls [P] (long).
+    "match": 'match(Tensor targets, Tensor anchors, int ny, int nx, float threshold, str family="yolov3") -> '
+    "(Tensor, Tensor, Tensor, Tensor)",
+    # The IoU family of the boxes the family predicts from rows of logits ps [P, >= 4] with anchors
+    # anch against tbox [P, 4]: iou [P] and d iou / d ps[:, :4] [P, 4].
+    "box_iou": 'box_iou(Tensor ps, Tensor tbox, Tensor anch, str box_loss, str family="yolov3") -> (Tensor, Tensor)',
+    # Element-wise BCE with logits (pos_weight, focal gamma; gamma 0 = plain): loss and d loss / d x.
+    "bce_with_logits": "bce_with_logits(Tensor x, Tensor y, float pos_weight, float gamma) -> (Tensor, Tensor)",
+    # The whole loss of a family over all layers in one pass: loss [1], loss_items [4] = (lbox,
+    # lobj, lcls, their sum), layer_obj [nl] (each layer's mean objectness BCE, unweighted), with
+    # compute_stats the gradient statistics stats [nl + 1, 8] (row i < nl, layer i: sums of squares
+    # of d loss / d p over the box, objectness and class channels, their largest magnitudes, matched
+    # pairs, pairs sharing a cell with a later pair; row nl: the number of targets no layer matched,
+    # then zeros; without compute_stats [0, 8]) and, when compute_grad, d loss / d p[i] for every
+    # layer (laid out with p[i]'s strides when dense). balance [nl] (or None: ones) weighs each
+    # layer's objectness term; gr is the IoU ratio mixed into the objectness target; threshold the
+    # family's matching threshold; the yolov5 loss is the sum times the batch size. Only loss is
+    # differentiable: its backward scales the gradients.
+    "fused_loss": "fused_loss(Tensor[] p, Tensor targets, Tensor[] anchors, Tensor? balance, str family, "
+    "float gr, float giou, float cls, float cls_pw, float obj, float obj_pw, float threshold, float fl_gamma, "
+    "float label_smoothing, str box_loss, str reduction, bool sort_obj_iou, bool compute_stats, "
+    "bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor[])",
+}
+
+# Kept for the life of the process: the ops exist as long as this object does.
+_LIBRARY = torch.library.Library("yolo_kernels", "DEF")
+for _schema in SCHEMAS.values():
+    _LIBRARY.define(_schema)
 
 
 def _load_extension() -> tuple[Any, str | None]:
@@ -64,57 +98,6 @@ def require_extension() -> Any:
     if _C is None:
         raise BackendUnavailableError(f"{LOAD_ERROR}; {BUILD_HINT}")
     return _C
-
-
-def _readable_one(t: torch.Tensor) -> bool:
-    """Whether ``t`` is a real CPU tensor holding exactly 1. Only read where reading is free: not on a
-    device (that would synchronise), not while tracing (that would guard on data)."""
-    eager_cpu = (
-        type(t) is torch.Tensor
-        and t.device.type == "cpu"
-        and not torch._is_functional_tensor(t)
-        and not torch.compiler.is_compiling()
-    )
-    return eager_cpu and t.numel() == 1 and t.item() == 1.0
-
-
-def scale_gradients(grads, grad_output: torch.Tensor | None) -> list[torch.Tensor | None]:
-    """The backward of every fused backend: d loss / d p[i] (computed in forward) times
-    ``grad_output``. For the usual ``loss.backward()`` on the CPU (``grad_output`` is 1) the saved
-    gradients are returned as they are: no p-sized multiply, and no copy, since autograd releases
-    the saved tensors before a leaf takes its ``.grad``."""
-    if grad_output is None:
-        return [None] * len(grads)
-    if _readable_one(grad_output):
-        return list(grads)
-    same = all(g.dtype == grad_output.dtype and g.device == grad_output.device for g in grads)
-    if same and grad_output.numel() == 1 and _FOREACH_MUL_TENSOR:  # one launch for all layers
-        return list(torch._foreach_mul(list(grads), grad_output.reshape(())))
-    return [g * grad_output.to(g.dtype) for g in grads]
-
-
-#: ``torch._foreach_mul(tensors, scalar_tensor)`` (not in every torch the package supports).
-_FOREACH_MUL_TENSOR = hasattr(torch.ops.aten._foreach_mul, "Tensor")
-
-
-class FusedLoss(torch.autograd.Function):
-    """Eager autograd around a fused implementation ``impl(p, targets, anchors, options,
-    compute_grad, balance, compute_stats) -> (loss, loss_items, layer_obj, stats, grads)``: forward
-    runs it with the gradient, backward applies ``scale_gradients``. (The registered autograd of
-    the op has the same contract and serves tracing; this one costs a fraction of its Python
-    overhead per eager call.)"""
-
-    @staticmethod
-    def forward(ctx, impl: Callable, options: LossOptions, balance, compute_stats: bool, targets, anchors, *p):
-        loss, items, layer_obj, stats, grads = impl(p, targets, anchors, options, True, balance, compute_stats)
-        ctx.set_materialize_grads(False)  # no zeros made for the outputs that get no gradient
-        ctx.save_for_backward(*grads)
-        ctx.mark_non_differentiable(items, layer_obj, stats)
-        return loss, items, layer_obj, stats
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_items, grad_layer_obj, grad_stats):
-        return (None,) * 6 + tuple(scale_gradients(ctx.saved_tensors, grad_loss))
 
 
 #: The op's scalar arguments after ``balance``, in schema order: (name, how to read it from LossOptions).
@@ -167,52 +150,59 @@ def _register_triton_cuda_kernel() -> None:
         return launcher(p, targets, anchors, options, compute_grad, balance, compute_stats, check_values=True)
 
 
-if _C is not None:
+# The fakes and the autograd exist with or without the extension, as the schemas do.
 
-    @torch.library.register_fake("yolo_kernels::match")
-    def _match_fake(targets, anchors, ny, nx, threshold, family="yolov3"):
-        n_pairs = torch.library.get_ctx().new_dynamic_size()
-        dtype = compute_dtype(targets.dtype)
-        return (
-            targets.new_empty(n_pairs, 4, dtype=torch.long),
-            targets.new_empty(n_pairs, 4, dtype=dtype),
-            targets.new_empty(n_pairs, 2, dtype=dtype),
-            targets.new_empty(n_pairs, dtype=torch.long),
-        )
 
-    @torch.library.register_fake("yolo_kernels::box_iou")
-    def _box_iou_fake(ps, tbox, anch, box_loss, family="yolov3"):
-        dtype = compute_dtype(ps.dtype)
-        return ps.new_empty(ps.shape[0], dtype=dtype), ps.new_empty(ps.shape[0], 4, dtype=dtype)
+@torch.library.register_fake("yolo_kernels::match")
+def _match_fake(targets, anchors, ny, nx, threshold, family="yolov3"):
+    n_pairs = torch.library.get_ctx().new_dynamic_size()
+    dtype = compute_dtype(targets.dtype)
+    return (
+        targets.new_empty(n_pairs, 4, dtype=torch.long),
+        targets.new_empty(n_pairs, 4, dtype=dtype),
+        targets.new_empty(n_pairs, 2, dtype=dtype),
+        targets.new_empty(n_pairs, dtype=torch.long),
+    )
 
-    @torch.library.register_fake("yolo_kernels::bce_with_logits")
-    def _bce_fake(x, y, pos_weight, gamma):
-        dtype = compute_dtype(x.dtype)
-        return x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape, dtype=dtype)
 
-    @torch.library.register_fake("yolo_kernels::fused_loss")
-    def _fused_loss_fake(p, targets, anchors, balance, *scalars_and_flags):
-        compute_stats, compute_grad = scalars_and_flags[-2:]
-        dtype = compute_dtype(p[0].dtype)
-        grads = [torch.empty_like(x) if compute_grad else x.new_empty(0) for x in p]
-        new = p[0].new_empty
-        stats = new(len(p) + 1 if compute_stats else 0, 8, dtype=dtype)
-        return new(1, dtype=dtype), new(4, dtype=dtype), new(len(p), dtype=dtype), stats, grads
+@torch.library.register_fake("yolo_kernels::box_iou")
+def _box_iou_fake(ps, tbox, anch, box_loss, family="yolov3"):
+    dtype = compute_dtype(ps.dtype)
+    return ps.new_empty(ps.shape[0], dtype=dtype), ps.new_empty(ps.shape[0], 4, dtype=dtype)
 
-    def _fused_loss_setup(ctx, inputs, output):
-        ctx.set_materialize_grads(False)  # the other outputs get none: no p-sized zeros in backward
-        ctx.save_for_backward(*output[4])
-        ctx.compute_grad = inputs[-1]
-        ctx.n_layers = len(inputs[0])
 
-    def _fused_loss_backward(ctx, grad_loss, grad_items, grad_layer_obj, grad_stats, grad_grads):
-        # Only `loss` is differentiable; the items, statistics and gradients are results, not functions of p.
-        no_grad = ([None] * ctx.n_layers, None, [None] * ctx.n_layers, None) + (None,) * (len(_OP_SCALARS) + 2)
-        if grad_loss is None:
-            return no_grad
-        if not ctx.compute_grad:
-            raise RuntimeError("yolo_kernels::fused_loss: called with compute_grad=False, so it has no gradient")
-        return (scale_gradients(ctx.saved_tensors, grad_loss),) + no_grad[1:]
+@torch.library.register_fake("yolo_kernels::bce_with_logits")
+def _bce_fake(x, y, pos_weight, gamma):
+    dtype = compute_dtype(x.dtype)
+    return x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape, dtype=dtype)
 
-    torch.library.register_autograd("yolo_kernels::fused_loss", _fused_loss_backward, setup_context=_fused_loss_setup)
-    _register_triton_cuda_kernel()
+
+@torch.library.register_fake("yolo_kernels::fused_loss")
+def _fused_loss_fake(p, targets, anchors, balance, *scalars_and_flags):
+    compute_stats, compute_grad = scalars_and_flags[-2:]
+    dtype = compute_dtype(p[0].dtype)
+    grads = [torch.empty_like(x) if compute_grad else x.new_empty(0) for x in p]
+    new = p[0].new_empty
+    stats = new(len(p) + 1 if compute_stats else 0, 8, dtype=dtype)
+    return new(1, dtype=dtype), new(4, dtype=dtype), new(len(p), dtype=dtype), stats, grads
+
+
+def _fused_loss_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # the other outputs get none: no p-sized zeros in backward
+    ctx.save_for_backward(*output[4])
+    ctx.compute_grad = inputs[-1]
+    ctx.n_layers = len(inputs[0])
+
+
+def _fused_loss_backward(ctx, grad_loss, grad_items, grad_layer_obj, grad_stats, grad_grads):
+    # Only `loss` is differentiable; the items, statistics and gradients are results, not functions of p.
+    no_grad = ([None] * ctx.n_layers, None, [None] * ctx.n_layers, None) + (None,) * (len(_OP_SCALARS) + 2)
+    if grad_loss is None:
+        return no_grad
+    if not ctx.compute_grad:
+        raise RuntimeError("yolo_kernels::fused_loss: called with compute_grad=False, so it has no gradient")
+    return (scale_gradients(ctx.saved_tensors, grad_loss),) + no_grad[1:]
+
+
+torch.library.register_autograd("yolo_kernels::fused_loss", _fused_loss_backward, setup_context=_fused_loss_setup)
+_register_triton_cuda_kernel()

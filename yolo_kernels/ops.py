@@ -1,4 +1,4 @@
-"""The fused ops one by one (``torch.ops.yolo_kernels.*``), with the schemas of ``csrc/ops.cpp``.
+"""The fused ops one by one (``torch.ops.yolo_kernels.*``), with the schemas of ``library.SCHEMAS``.
 
 Each runs on the device of its inputs (CPU: the C++ kernels of ``yolo_kernels._C``). They check
 their inputs with ``RuntimeError``s; the public loss API validates before calling them.

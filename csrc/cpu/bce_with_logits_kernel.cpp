@@ -1,4 +1,4 @@
-// CPU kernel of yolo_kernels::bce_with_logits (schema in csrc/ops.cpp): element-wise BCE and its gradient.
+// CPU kernel of yolo_kernels::bce_with_logits (schema in yolo_kernels/library.py): element-wise BCE and its gradient.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

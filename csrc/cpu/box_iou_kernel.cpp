@@ -1,4 +1,4 @@
-// CPU kernel of yolo_kernels::box_iou (schema in csrc/ops.cpp): the IoU family and its gradient.
+// CPU kernel of yolo_kernels::box_iou (schema in yolo_kernels/library.py): the IoU family and its gradient.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

@@ -1,4 +1,4 @@
-// CPU kernel of yolo_kernels::fused_loss (schema in csrc/ops.cpp, semantics in docs/semantics.md and
+// CPU kernel of yolo_kernels::fused_loss (schema in yolo_kernels/library.py, semantics in docs/semantics.md and
 // yolo_kernels/reference.py).
 //
 // fused_loss makes one pass over each layer's cells and writes the gradient of the loss with

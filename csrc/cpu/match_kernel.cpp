@@ -1,4 +1,4 @@
-// CPU kernel of yolo_kernels::match (schema in csrc/ops.cpp; semantics in docs/semantics.md).
+// CPU kernel of yolo_kernels::match (schema in yolo_kernels/library.py; semantics in docs/semantics.md).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

@@ -15,7 +15,7 @@ import re
 
 import torch
 
-from ..library import FusedLoss
+from ..autograd import FusedLoss
 
 #: The Triton releases the kernels are compiled and tested with (the compile gate), inclusive.
 SUPPORTED_TRITON = ((3, 6), (3, 9))
@@ -95,7 +95,7 @@ class TritonBackend:
         """``validate``: assert the values on the device (``checks_values``)."""
         compute_grad = torch.is_grad_enabled() and any(x.requires_grad for x in p)
         impl = functools.partial(launcher, check_values=validate)
-        if compute_grad:  # backward never reads grad_output on the device: no sync (library.scale_gradients)
+        if compute_grad:  # backward never reads grad_output on the device: no sync (autograd.scale_gradients)
             return FusedLoss.apply(impl, options, balance, stats, targets, anchors, *p)
         loss, items, layer_obj, grad_stats, _ = impl(p, targets, anchors, options, False, balance, stats)
         return loss, items, layer_obj, grad_stats
