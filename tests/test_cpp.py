@@ -343,7 +343,7 @@ def test_missing_extension_is_a_clear_error(monkeypatch):
     p = [torch.zeros(1, 1, 2, 2, 6)]
     with pytest.raises(yk.BackendUnavailableError, match=r"pip install -v --no-build-isolation \."):
         yk.compute_loss(p, torch.zeros(0, 6), duck_model([torch.ones(1, 2)], 1), backend="cpp")
-    monkeypatch.setattr(yk.loss, "_WARNED", set())
+    monkeypatch.setattr(yk.dispatch, "_WARNED", set())
     model = duck_model([torch.ones(1, 2)], 1)
     with pytest.warns(
         RuntimeWarning,
@@ -351,7 +351,7 @@ def test_missing_extension_is_a_clear_error(monkeypatch):
     ) as caught:
         assert yk.compute_loss(p, torch.zeros(0, 6), model)[0].shape == (1,)  # auto -> reference, warns
     assert caught[0].filename == __file__  # attributed to the caller's line
-    monkeypatch.setattr(yk.loss, "_WARNED", set())
+    monkeypatch.setattr(yk.dispatch, "_WARNED", set())
     with pytest.warns(RuntimeWarning, match=r"'reference' loss on cpu") as caught:  # through nn.Module.__call__
         yk.YOLOv3Loss([[[10, 13]]], [8], 1)(p, torch.zeros(0, 6))
     assert caught[0].filename == __file__
