@@ -844,6 +844,307 @@ def value_check_message(batch_size: int, nc: int) -> str:
     )
 
 
+@dataclasses.dataclass
+class _Plan:
+    """The sizes of one call, from the shapes and options alone (no device work)."""
+
+    options: LossOptions
+    device: torch.device
+    dtype: torch.dtype  # the compute dtype
+    tl_dtype: Any
+    bs: int
+    nc: int
+    nl: int
+    nt: int
+    n_cells: list[int]  # per layer: cells of all images and anchors
+    n_cand: list[int]  # per layer: candidate pairs (blocks x anchors x targets)
+    cell_offsets: list[int]  # per layer: its first global cell key
+    match_programs: int
+    obj_programs: int
+    table: torch.Tensor  # the layer table (layer_table)
+    grad_strides: list[tuple[int, ...]]
+    groups: list[tuple[int, int]]  # the launches' layer ranges, at most MAX_LAYERS each
+
+    @property
+    def total_cells(self) -> int:
+        return sum(self.n_cells)
+
+    @property
+    def total_cand(self) -> int:
+        return sum(self.n_cand)
+
+    @property
+    def out_scale(self) -> float:
+        """The YOLOv5 loss is the sum of the terms times the batch size."""
+        return float(self.bs) if self.options.family == "yolov5" else 1.0
+
+    @property
+    def class_targets(self) -> dict:
+        cls_pos, cls_neg = (float(v) for v in self.options.smooth_targets)
+        return dict(cls_pos=cls_pos, cls_neg=cls_neg)
+
+
+def _plan(p, nt: int, options: LossOptions) -> _Plan:
+    dtype = compute_dtype(p[0].dtype)
+    bs, nl = p[0].shape[0], len(p)
+    # the layers' cells and candidates, laid end to end: one sort groups the candidates of every layer
+    n_cells = [bs * x.shape[1] * x.shape[2] * x.shape[3] for x in p]
+    n_cand = [BLOCKS[options.family] * x.shape[1] * nt for x in p]
+    table, grad_strides = layer_table(p)
+    return _Plan(
+        options=options,
+        device=p[0].device,
+        dtype=dtype,
+        tl_dtype=tl.float64 if dtype == torch.float64 else tl.float32,
+        bs=bs,
+        nc=p[0].shape[4] - 5,
+        nl=nl,
+        nt=nt,
+        n_cells=n_cells,
+        n_cand=n_cand,
+        cell_offsets=[sum(n_cells[:i]) for i in range(nl)],
+        match_programs=max(_cdiv(n, BLOCK_PAIRS) for n in n_cand + [1]),
+        obj_programs=max(bs * x.shape[1] * _cdiv(x.shape[2] * x.shape[3], BLOCK_CELLS) for x in p),  # per plane
+        table=table,
+        grad_strides=grad_strides,
+        groups=[(base, min(nl, base + MAX_LAYERS)) for base in range(0, nl, MAX_LAYERS)],
+    )
+
+
+@dataclasses.dataclass
+class _Workspace:
+    """Every tensor the kernels write, carved from as few allocations as possible."""
+
+    work: torch.Tensor  # the zeroed buffer (a stand-in for pointers a constexpr leaves unread)
+    grads: list  # d loss / d p[i] (p itself stands in without a gradient: never written)
+    tobj: torch.Tensor  # [total_cells] objectness targets, zeroed
+    flags: torch.Tensor  # [NUM_FLAGS] value-check flags, zeroed
+    key: torch.Tensor  # [total_cand] a candidate's global cell key (total_cells: unmatched)
+    iou: torch.Tensor  # [total_cand]
+    iou_grad: torch.Tensor  # [total_cand, 4]
+    cls: torch.Tensor  # [total_cand] a candidate's class
+    match_partial: torch.Tensor  # [nl, match_programs, 3]
+    obj_partial: torch.Tensor  # [nl, obj_programs]
+    layer_info: torch.Tensor  # [nl, 2]
+    matched_targets: torch.Tensor | None  # [nt] (statistics only)
+    obj_stats: torch.Tensor  # [nl or 0, obj_programs, 2]
+
+
+def _workspace(plan: _Plan, p, compute_grad: bool, compute_stats: bool) -> _Workspace:
+    """One memset: the gradients (when p is in the compute dtype; else a second one), the
+    objectness targets of every cell, then the value-check flags; the kernels then write only the
+    objectness channel and the matched rows of the gradient. Each piece starts on a 128-byte
+    boundary: the same pointer alignment (one compiled specialisation) whatever the shapes."""
+    device, dtype, total_cells, total_cand = plan.device, plan.dtype, plan.total_cells, plan.total_cand
+    starts = [0]
+    for x in p if compute_grad else ():
+        starts.append(starts[-1] + _cdiv(x.numel(), ALIGN) * ALIGN)
+    grad_numel = starts[-1]
+    shared = p[0].dtype == dtype
+    work = torch.zeros((grad_numel if shared else 0) + total_cells + NUM_FLAGS, dtype=dtype, device=device)
+    if compute_grad:
+        buffer = work if shared else torch.zeros(grad_numel, dtype=p[0].dtype, device=device)
+        grads = [buffer.as_strided(x.shape, st, start) for x, st, start in zip(p, plan.grad_strides, starts)]
+    else:
+        grads = list(p)
+    first = grad_numel if shared else 0
+    key_dtype = torch.int32 if total_cells < 2**31 - 1 else torch.int64
+    return _Workspace(
+        work=work,
+        grads=grads,
+        tobj=work[first : first + total_cells],
+        flags=work[first + total_cells :],
+        key=torch.empty(total_cand, dtype=key_dtype, device=device),
+        iou=torch.empty(total_cand, dtype=dtype, device=device),
+        iou_grad=torch.empty(total_cand, 4, dtype=dtype, device=device),
+        cls=torch.empty(total_cand, dtype=torch.int32, device=device),
+        match_partial=torch.empty(plan.nl, plan.match_programs, 3, dtype=dtype, device=device),
+        obj_partial=torch.empty(plan.nl, plan.obj_programs, dtype=dtype, device=device),
+        layer_info=torch.empty(plan.nl, 2, dtype=dtype, device=device),
+        matched_targets=torch.zeros(plan.nt, dtype=torch.int8, device=device) if compute_stats else None,
+        obj_stats=torch.empty(plan.nl if compute_stats else 0, plan.obj_programs, 2, dtype=dtype, device=device),
+    )
+
+
+def _launch_match(plan: _Plan, ws: _Workspace, p, t, anchors, compute_stats: bool) -> None:
+    o, has_cand = plan.options, plan.total_cand > 0
+    for base, end in plan.groups:
+        _launch(
+            _match_kernel,
+            ((end - base) * plan.match_programs,),
+            # no fused multiply-add: a cell or neighbour decision (x * nx near an integer or a
+            # half) must see the rounded product, as the reference does; the GPU fused
+            # ``nx - x * nx`` and matched pairs the reference does not (measured on H200)
+            enable_fp_fusion=False,
+            **_layer_slots(plan.table, base, end, p=p, anchors=anchors),
+            targets_ptr=t if plan.nt else ws.work,  # a small real tensor stands in where unread
+            num_targets=plan.nt,
+            batch_size=plan.bs,
+            num_classes=plan.nc,
+            total_cells=plan.total_cells,
+            match_programs=plan.match_programs,
+            threshold=float(o.match_threshold),
+            **plan.class_targets,
+            cls_pos_weight=float(o.cls_pw),
+            focal_gamma=float(o.fl_gamma),
+            key_ptr=ws.key if has_cand else ws.work,
+            iou_ptr=ws.iou if has_cand else ws.work,
+            iou_grad_ptr=ws.iou_grad if has_cand else ws.work,
+            cls_ptr=ws.cls if has_cand else ws.work,
+            partial_ptr=ws.match_partial,
+            flags_ptr=ws.flags,
+            matched_target_ptr=ws.matched_targets if compute_stats else ws.flags,  # unread without STATS
+            FAMILY=FAMILIES[o.family],
+            BOX_KIND=KINDS[o.box_loss],
+            FOCAL=o.fl_gamma > 0,
+            HAS_CLS=plan.nc > 1,
+            STATS=compute_stats,
+            COMPUTE_DTYPE=plan.tl_dtype,
+            BLOCK_PAIRS=BLOCK_PAIRS,
+            BLOCK_CLASSES=BLOCK_CLASSES,
+        )
+
+
+def _group_by_cell(plan: _Plan, ws: _Workspace):
+    """``(sorted keys, order, group starts)``: the candidates grouped by cell, in pair order within a
+    cell (a stable sort), unmatched ones last; then each matched cell's objectness target."""
+    sorted_key, order = torch.sort(ws.key, stable=True)
+    groups = (sorted_key, order, torch.searchsorted(sorted_key, sorted_key))
+    _launch(
+        _objectness_target_kernel,
+        (plan.total_cand,),
+        sorted_key_ptr=sorted_key,
+        order_ptr=order,
+        group_start_ptr=groups[2],
+        iou_ptr=ws.iou,
+        tobj_ptr=ws.tobj,
+        num_candidates=plan.total_cand,
+        num_cells=plan.total_cells,
+        gr=float(plan.options.objectness_gr),
+        SORT_OBJ_IOU=plan.options.sort_obj_iou,
+        COMPUTE_DTYPE=plan.tl_dtype,
+    )
+    return groups
+
+
+def _launch_objectness(plan: _Plan, ws: _Workspace, p, balance, compute_grad: bool, compute_stats: bool) -> None:
+    o = plan.options
+    for base, end in plan.groups:
+        _launch(
+            _objectness_kernel,
+            ((end - base) * plan.obj_programs,),
+            **_layer_slots(plan.table, base, end, p=p, grad=ws.grads),
+            tobj_ptr=ws.tobj,
+            partial_ptr=ws.obj_partial,
+            layer_ptr=ws.layer_info,
+            obj_stats_ptr=ws.obj_stats if compute_stats else ws.obj_partial,  # unread without STATS
+            balance_ptr=balance if balance is not None else ws.obj_partial,  # unread without HAS_BALANCE
+            obj_programs=plan.obj_programs,
+            batch_size=plan.bs,
+            obj_pos_weight=float(o.obj_pw),
+            focal_gamma=float(o.fl_gamma),
+            obj_gain=float(o.obj),
+            out_scale=plan.out_scale,
+            FOCAL=o.fl_gamma > 0,
+            SUM_REDUCTION=o.reduction == "sum",
+            HAS_BALANCE=balance is not None,
+            WRITE_GRAD=compute_grad,
+            STATS=compute_stats,
+            COMPUTE_DTYPE=plan.tl_dtype,
+            BLOCK_CELLS=BLOCK_CELLS,
+        )
+
+
+def _finalize(plan: _Plan, ws: _Workspace, balance, check_values: bool):
+    """``(loss, items, layer_obj, scales, counts)``: the sums in a fixed order, each layer's
+    gradient scales and pair counts; with ``check_values`` one device-side assertion."""
+    o = plan.options
+    dtype, device, nl = plan.dtype, plan.device, plan.nl
+    loss = torch.empty(1, dtype=dtype, device=device)
+    items = torch.empty(4, dtype=dtype, device=device)
+    layer_obj = torch.empty(nl, dtype=dtype, device=device)
+    scales = torch.empty(nl, 2, dtype=dtype, device=device)
+    counts = torch.empty(nl, dtype=dtype, device=device)
+    ok = torch.empty(1, dtype=dtype, device=device)
+    gain = 3.0 if o.reduction == "sum" else 1.0
+    _launch(
+        _finalize_kernel,
+        (1,),
+        match_partial_ptr=ws.match_partial,
+        obj_partial_ptr=ws.obj_partial,
+        layer_ptr=ws.layer_info,
+        balance_ptr=balance if balance is not None else ws.layer_info,  # unread without HAS_BALANCE
+        flags_ptr=ws.flags,
+        loss_ptr=loss,
+        items_ptr=items,
+        layer_obj_ptr=layer_obj,
+        scales_ptr=scales,
+        counts_ptr=counts,
+        ok_ptr=ok,
+        num_layers=nl,
+        match_programs=plan.match_programs,
+        obj_programs=plan.obj_programs,
+        num_flags=NUM_FLAGS,
+        num_classes=plan.nc,
+        box_gain=float(o.giou * gain),
+        cls_gain=float(o.cls * gain),
+        out_scale=plan.out_scale,
+        SUM_REDUCTION=o.reduction == "sum",
+        HAS_CLS=plan.nc > 1,
+        HAS_BALANCE=balance is not None,
+        COMPUTE_DTYPE=plan.tl_dtype,
+        BLOCK=BLOCK_FINALIZE,
+    )
+    if check_values:
+        torch._assert_async(ok, value_check_message(plan.bs, plan.nc))
+    return loss, items, layer_obj, scales, counts
+
+
+def _launch_pair_grad(plan: _Plan, ws: _Workspace, p, groups, scales, pair_stats, compute_grad, compute_stats):
+    o = plan.options
+    sorted_key, order, group_start = groups
+    for base, end in plan.groups:
+        _launch(
+            _pair_grad_kernel,
+            (plan.total_cand,),
+            **_layer_slots(plan.table, base, end, p=p, grad=ws.grads),
+            launch_layers=end - base,
+            num_layers=plan.nl,
+            sorted_key_ptr=sorted_key,
+            order_ptr=order,
+            group_start_ptr=group_start,
+            iou_grad_ptr=ws.iou_grad,
+            cls_ptr=ws.cls,
+            scale_ptr=scales,
+            pair_stats_ptr=pair_stats if compute_stats else scales,  # unread without STATS
+            num_candidates=plan.total_cand,
+            total_cells=plan.total_cells,
+            num_classes=plan.nc,
+            **plan.class_targets,
+            cls_pos_weight=float(o.cls_pw),
+            focal_gamma=float(o.fl_gamma),
+            FOCAL=o.fl_gamma > 0,
+            HAS_CLS=plan.nc > 1,
+            WRITE_GRAD=compute_grad,
+            STATS=compute_stats,
+            COMPUTE_DTYPE=plan.tl_dtype,
+            BLOCK_CLASSES=BLOCK_CLASSES,
+        )
+
+
+def _statistics(plan: _Plan, ws: _Workspace, groups, counts, pair_stats) -> torch.Tensor:
+    """The op's layout: a row per layer (``_layer_stats``), then the unmatched targets."""
+    rows = [
+        _layer_stats(
+            ws.obj_stats[i], pair_stats, counts[i], groups, plan.cell_offsets[i], plan.n_cells[i], plan.total_cells
+        )
+        for i in range(plan.nl)
+    ]
+    unmatched = (ws.matched_targets == 0).sum().to(plan.dtype).reshape(1)
+    last = torch.cat((unmatched, counts.new_zeros(7)))
+    return torch.cat((torch.stack(rows), last[None]))
+
+
 def fused_loss(
     p,
     targets,
@@ -865,225 +1166,30 @@ def fused_loss(
 
     No host sync, and few launches (each costs microseconds of host and driver time, more than the
     kernels themselves at common sizes): one memset, sort, search and launch of each kernel for up
-    to ``MAX_LAYERS`` layers."""
-    o = options
+    to ``MAX_LAYERS`` layers. The steps: the plan (sizes), the workspace (one zeroed buffer), the
+    match, the grouping by cell, the objectness pass, the finalisation (sums and scales), the
+    matched rows' gradients, the statistics."""
     device = p[0].device
-    dtype = compute_dtype(p[0].dtype)
-    tl_dtype = tl.float64 if dtype == torch.float64 else tl.float32
-    bs, no = p[0].shape[0], p[0].shape[4]
-    nc, nl = no - 5, len(p)
-    t = targets.to(device=device, dtype=dtype).contiguous()
-    nt = t.shape[0]
-    focal, has_cls = o.fl_gamma > 0, nc > 1
-    cls_pos, cls_neg = (float(v) for v in o.smooth_targets)
-    sum_red = o.reduction == "sum"
-    out_scale = float(bs) if o.family == "yolov5" else 1.0  # the YOLOv5 loss is the sum times the batch size
+    plan = _plan(p, targets.shape[0], options)
+    t = targets.to(device=device, dtype=plan.dtype).contiguous()
     if balance is not None:
-        balance = balance.to(device=device, dtype=dtype).contiguous()
+        balance = balance.to(device=device, dtype=plan.dtype).contiguous()
+    anchors = [a.to(device=device, dtype=plan.dtype).contiguous() for a in anchors]
+    ws = _workspace(plan, p, compute_grad, compute_stats)
 
-    # the layers' cells and candidates, laid end to end: one sort groups the candidates of every layer
-    n_cells = [bs * x.shape[1] * x.shape[2] * x.shape[3] for x in p]
-    n_cand = [BLOCKS[o.family] * x.shape[1] * nt for x in p]
-    cell_offsets = [sum(n_cells[:i]) for i in range(nl)]
-    total_cells, total_cand = sum(n_cells), sum(n_cand)
-    match_programs = max(_cdiv(n, BLOCK_PAIRS) for n in n_cand + [1])
-    obj_programs = max(bs * x.shape[1] * _cdiv(x.shape[2] * x.shape[3], BLOCK_CELLS) for x in p)  # per plane
-    table, grad_strides = layer_table(p)
-    groups = [(base, min(nl, base + MAX_LAYERS)) for base in range(0, nl, MAX_LAYERS)]
+    _launch_match(plan, ws, p, t, anchors, compute_stats)
+    groups = _group_by_cell(plan, ws) if plan.total_cand else None
+    _launch_objectness(plan, ws, p, balance, compute_grad, compute_stats)
+    loss, items, layer_obj, scales, counts = _finalize(plan, ws, balance, check_values)
+    pair_stats = torch.zeros(plan.total_cand, 4, dtype=plan.dtype, device=device) if compute_stats else None
+    if (compute_grad or compute_stats) and plan.total_cand:
+        _launch_pair_grad(plan, ws, p, groups, scales, pair_stats, compute_grad, compute_stats)
 
-    # one memset: the gradients (when p is in the compute dtype; else a second one), the objectness
-    # targets of every cell, then the value-check flags; the kernels then write only the objectness
-    # channel and the matched rows of the gradient. Each piece starts on a 128-byte boundary: the
-    # same pointer alignment (one compiled specialisation) whatever the shapes.
-    starts = [0]
-    for x in p if compute_grad else ():
-        starts.append(starts[-1] + _cdiv(x.numel(), ALIGN) * ALIGN)
-    grad_numel = starts[-1]
-    shared = p[0].dtype == dtype
-    work = torch.zeros((grad_numel if shared else 0) + total_cells + NUM_FLAGS, dtype=dtype, device=device)
-    if compute_grad:
-        buffer = work if shared else torch.zeros(grad_numel, dtype=p[0].dtype, device=device)
-        grads = [buffer.as_strided(x.shape, st, start) for x, st, start in zip(p, grad_strides, starts)]
+    grads = ws.grads if compute_grad else [x.new_empty(0) for x in p]
+    if compute_stats:
+        stats = _statistics(plan, ws, groups, counts, pair_stats)
     else:
-        grads = list(p)  # p stands in: never written
-    first = grad_numel if shared else 0
-    tobj, flags = work[first : first + total_cells], work[first + total_cells :]
-    key_dtype = torch.int32 if total_cells < 2**31 - 1 else torch.int64
-    key = torch.empty(total_cand, dtype=key_dtype, device=device)
-    iou = torch.empty(total_cand, dtype=dtype, device=device)
-    iou_grad = torch.empty(total_cand, 4, dtype=dtype, device=device)
-    cls = torch.empty(total_cand, dtype=torch.int32, device=device)
-    match_partial = torch.empty(nl, match_programs, 3, dtype=dtype, device=device)
-    obj_partial = torch.empty(nl, obj_programs, dtype=dtype, device=device)
-    layer_info = torch.empty(nl, 2, dtype=dtype, device=device)
-    matched_targets = torch.zeros(nt, dtype=torch.int8, device=device) if compute_stats else None
-    obj_stats = torch.empty(nl if compute_stats else 0, obj_programs, 2, dtype=dtype, device=device)
-    anchors = [a.to(device=device, dtype=dtype).contiguous() for a in anchors]
-    # kernels read these only where a constexpr says so; a small real tensor stands in otherwise
-    t_in = t if nt else work
-    scalars = dict(cls_pos_weight=float(o.cls_pw), focal_gamma=float(o.fl_gamma))
-
-    for base, end in groups:
-        _launch(
-            _match_kernel,
-            ((end - base) * match_programs,),
-            # no fused multiply-add: a cell or neighbour decision (x * nx near an integer or a
-            # half) must see the rounded product, as the reference does; the GPU fused
-            # ``nx - x * nx`` and matched pairs the reference does not (measured on H200)
-            enable_fp_fusion=False,
-            **_layer_slots(table, base, end, p=p, anchors=anchors),
-            targets_ptr=t_in,
-            num_targets=nt,
-            batch_size=bs,
-            num_classes=nc,
-            total_cells=total_cells,
-            match_programs=match_programs,
-            threshold=float(o.match_threshold),
-            cls_pos=cls_pos,
-            cls_neg=cls_neg,
-            **scalars,
-            key_ptr=key if total_cand else work,
-            iou_ptr=iou if total_cand else work,
-            iou_grad_ptr=iou_grad if total_cand else work,
-            cls_ptr=cls if total_cand else work,
-            partial_ptr=match_partial,
-            flags_ptr=flags,
-            matched_target_ptr=matched_targets if compute_stats else flags,  # unread without STATS
-            FAMILY=FAMILIES[o.family],
-            BOX_KIND=KINDS[o.box_loss],
-            FOCAL=focal,
-            HAS_CLS=has_cls,
-            STATS=compute_stats,
-            COMPUTE_DTYPE=tl_dtype,
-            BLOCK_PAIRS=BLOCK_PAIRS,
-            BLOCK_CLASSES=BLOCK_CLASSES,
-        )
-    sorted_groups = None
-    if total_cand:
-        # group the candidates by cell, in pair order within a cell (stable), unmatched ones last
-        sorted_key, order = torch.sort(key, stable=True)
-        sorted_groups = (sorted_key, order, torch.searchsorted(sorted_key, sorted_key))
-        _launch(
-            _objectness_target_kernel,
-            (total_cand,),
-            sorted_key_ptr=sorted_key,
-            order_ptr=order,
-            group_start_ptr=sorted_groups[2],
-            iou_ptr=iou,
-            tobj_ptr=tobj,
-            num_candidates=total_cand,
-            num_cells=total_cells,
-            gr=float(o.objectness_gr),
-            SORT_OBJ_IOU=o.sort_obj_iou,
-            COMPUTE_DTYPE=tl_dtype,
-        )
-
-    for base, end in groups:
-        _launch(
-            _objectness_kernel,
-            ((end - base) * obj_programs,),
-            **_layer_slots(table, base, end, p=p, grad=grads),
-            tobj_ptr=tobj,
-            partial_ptr=obj_partial,
-            layer_ptr=layer_info,
-            obj_stats_ptr=obj_stats if compute_stats else obj_partial,  # unread without STATS
-            balance_ptr=balance if balance is not None else obj_partial,  # unread without HAS_BALANCE
-            obj_programs=obj_programs,
-            batch_size=bs,
-            obj_pos_weight=float(o.obj_pw),
-            focal_gamma=float(o.fl_gamma),
-            obj_gain=float(o.obj),
-            out_scale=out_scale,
-            FOCAL=focal,
-            SUM_REDUCTION=sum_red,
-            HAS_BALANCE=balance is not None,
-            WRITE_GRAD=compute_grad,
-            STATS=compute_stats,
-            COMPUTE_DTYPE=tl_dtype,
-            BLOCK_CELLS=BLOCK_CELLS,
-        )
-
-    loss = torch.empty(1, dtype=dtype, device=device)
-    items = torch.empty(4, dtype=dtype, device=device)
-    layer_obj = torch.empty(nl, dtype=dtype, device=device)
-    scales = torch.empty(nl, 2, dtype=dtype, device=device)
-    counts = torch.empty(nl, dtype=dtype, device=device)
-    ok = torch.empty(1, dtype=dtype, device=device)
-    gain = 3.0 if sum_red else 1.0
-    _launch(
-        _finalize_kernel,
-        (1,),
-        match_partial_ptr=match_partial,
-        obj_partial_ptr=obj_partial,
-        layer_ptr=layer_info,
-        balance_ptr=balance if balance is not None else layer_info,  # unread without HAS_BALANCE
-        flags_ptr=flags,
-        loss_ptr=loss,
-        items_ptr=items,
-        layer_obj_ptr=layer_obj,
-        scales_ptr=scales,
-        counts_ptr=counts,
-        ok_ptr=ok,
-        num_layers=nl,
-        match_programs=match_programs,
-        obj_programs=obj_programs,
-        num_flags=NUM_FLAGS,
-        num_classes=nc,
-        box_gain=float(o.giou * gain),
-        cls_gain=float(o.cls * gain),
-        out_scale=out_scale,
-        SUM_REDUCTION=sum_red,
-        HAS_CLS=has_cls,
-        HAS_BALANCE=balance is not None,
-        COMPUTE_DTYPE=tl_dtype,
-        BLOCK=BLOCK_FINALIZE,
-    )
-    if check_values:
-        torch._assert_async(ok, value_check_message(bs, nc))
-
-    pair_stats = torch.zeros(total_cand, 4, dtype=dtype, device=device) if compute_stats else None
-    if (compute_grad or compute_stats) and total_cand:
-        sorted_key, order, group_start = sorted_groups
-        for base, end in groups:
-            _launch(
-                _pair_grad_kernel,
-                (total_cand,),
-                **_layer_slots(table, base, end, p=p, grad=grads),
-                launch_layers=end - base,
-                num_layers=nl,
-                sorted_key_ptr=sorted_key,
-                order_ptr=order,
-                group_start_ptr=group_start,
-                iou_grad_ptr=iou_grad,
-                cls_ptr=cls,
-                scale_ptr=scales,
-                pair_stats_ptr=pair_stats if compute_stats else scales,  # unread without STATS
-                num_candidates=total_cand,
-                total_cells=total_cells,
-                num_classes=nc,
-                cls_pos=cls_pos,
-                cls_neg=cls_neg,
-                **scalars,
-                FOCAL=focal,
-                HAS_CLS=has_cls,
-                WRITE_GRAD=compute_grad,
-                STATS=compute_stats,
-                COMPUTE_DTYPE=tl_dtype,
-                BLOCK_CLASSES=BLOCK_CLASSES,
-            )
-    if not compute_grad:
-        grads = [x.new_empty(0) for x in p]
-
-    if compute_stats:  # the op's layout: a row per layer, then the unmatched targets
-        rows = [
-            _layer_stats(obj_stats[i], pair_stats, counts[i], sorted_groups, cell_offsets[i], n_cells[i], total_cells)
-            for i in range(nl)
-        ]
-        zero = counts.new_zeros(())
-        last = torch.cat(((matched_targets == 0).sum().to(dtype).reshape(1), zero.new_zeros(7)))
-        stats = torch.cat((torch.stack(rows), last[None]))
-    else:
-        stats = torch.empty(0, 8, dtype=dtype, device=device)
+        stats = torch.empty(0, 8, dtype=plan.dtype, device=device)
     return loss, items, layer_obj, stats, grads
 
 
