@@ -226,7 +226,8 @@ inline void scaled_sq_max(const T* x, int64_t n, T scale, double& sq, double& mx
 inline float exp_nonpositive(float x) {
   x = std::max(x, -87.0f);  // below: 2^n would leave the normal range; the result is ~1e-38 either way
   // round to nearest by adding and subtracting 1.5 * 2^23 (a library call would block vectorisation)
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float shifted = x * 1.44269504088896341f + 12582912.0f;
+  const float n = shifted - 12582912.0f;
   const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723212e-6f;  // x - n ln2, two parts
   float p = 1.0f / 5040.0f;
   p = p * r + 1.0f / 720.0f;
@@ -236,8 +237,12 @@ inline float exp_nonpositive(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  // 2^n, n in [-126, 0]; a NaN x leaves p NaN, and n is replaced so that the cast is defined
-  const int32_t bits = (static_cast<int32_t>(n == n ? n : 0.0f) + 127) << 23;
+  // 2^n, n in [-126, 0]: n is the low bits of `shifted` (its exponent is that of 1.5 * 2^23), so
+  // no float-to-int conversion (undefined for a NaN x, whose p is NaN and so is the result);
+  // unsigned arithmetic: defined for any bits
+  uint32_t shifted_bits;
+  std::memcpy(&shifted_bits, &shifted, sizeof(shifted_bits));
+  const uint32_t bits = (shifted_bits - 0x4B400000u + 127u) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
