@@ -331,25 +331,9 @@ void bce_const_target_row(const T* x, T* loss, T* grad, int64_t n, T y, T w, T g
   }
 }
 
-// The same over a row of float logits, compiled for AVX-512, AVX2 and the baseline and picked at
-// load time by the CPU (GCC/Clang function multi-versioning on x86-64 ELF): 16, 8 or 4 lanes.
-// `flatten` compiles the whole body into each clone. Results are bitwise identical on every path
-// (tests/test_isa_identity.py): the loop is element-wise and -ffp-contract=off
-// keeps the compiler from fusing multiplies and adds.
-#if defined(__x86_64__) && defined(__ELF__) && defined(__has_attribute) && !defined(YOLO_KERNELS_NO_ISA_CLONES)
-#if __has_attribute(target_clones)
-#define YOLO_KERNELS_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
-#endif
-#ifndef YOLO_KERNELS_ISA_CLONES
-#define YOLO_KERNELS_ISA_CLONES
-#endif
-
-YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) static void bce_row(const float* x, float* loss,
-                                                                              float* grad, int64_t n, float y, float w,
-                                                                              float gamma) {
-  bce_const_target_row<float>(x, loss, grad, n, y, w, gamma);
-}
+// The same over a row of float logits: compiled once, for AVX-512, AVX2 and the baseline, in
+// math/rows.cpp (the entry points of the row loops are declared here, defined there).
+void bce_row(const float* x, float* loss, float* grad, int64_t n, float y, float w, float gamma);
 static inline void bce_row(const double* x, double* loss, double* grad, int64_t n, double y, double w, double gamma) {
   bce_const_target_row<double>(x, loss, grad, n, y, w, gamma);
 }
@@ -445,10 +429,8 @@ inline void bce_const_target_rows_summed(const float* x, float* grad, int64_t ro
     row_loss[r] += double(g_sig) * log_sum;
   }
 }
-YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) static void bce_rows_summed(
-    const float* x, float* grad, int64_t rows, int64_t n, float y, float w, double* row_loss, float* scratch) {
-  bce_const_target_rows_summed(x, grad, rows, n, y, w, row_loss, scratch);
-}
+void bce_rows_summed(const float* x, float* grad, int64_t rows, int64_t n, float y, float w, double* row_loss,
+                     float* scratch);  // bce_const_target_rows_summed, compiled once per ISA (math/rows.cpp)
 
 // loss[i], grad[i] of BCE(x[i], y[i]): a target per logit (the objectness of the matched cells).
 // Vectorised without the focal factor; with it, the scalar path.
@@ -468,11 +450,8 @@ void bce_target_row(const T* x, const T* y, T* loss, T* grad, int64_t n, T w, T 
     grad[i] = r.grad;
   }
 }
-YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) static void bce_row(const float* x, const float* y,
-                                                                              float* loss, float* grad, int64_t n,
-                                                                              float w, float gamma) {
-  bce_target_row<float>(x, y, loss, grad, n, w, gamma);
-}
+void bce_row(const float* x, const float* y, float* loss, float* grad, int64_t n, float w,
+             float gamma);  // bce_target_row<float>, compiled once per ISA (math/rows.cpp)
 static inline void bce_row(const double* x, const double* y, double* loss, double* grad, int64_t n, double w,
                            double gamma) {
   bce_target_row<double>(x, y, loss, grad, n, w, gamma);
@@ -647,11 +626,8 @@ inline void box_iou_rows_family(int64_t n, const BoxRows& rows, BoxKind kind) {
 #undef YOLO_KERNELS_BOX_ROWS
 }
 
-YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) static void box_iou_rows(int64_t n, const BoxRows& rows,
-                                                                                  BoxKind kind, Family family) {
-  if (family == Family::kYOLOv5) return box_iou_rows_family<Family::kYOLOv5>(n, rows, kind);
-  box_iou_rows_family<Family::kYOLOv3>(n, rows, kind);
-}
+// box_iou_rows_family of either family, compiled once per ISA (math/rows.cpp).
+void box_iou_rows(int64_t n, const BoxRows& rows, BoxKind kind, Family family);
 
 // ---------------------------------------------------------------------------------------------
 // Target matching of one layer (docs/semantics.md, docs/yolov5.md). YOLOv3: every (anchor, target)

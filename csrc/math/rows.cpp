@@ -1,0 +1,42 @@
+// The row loops of the CPU kernels (loss_math.h), compiled once in this file for AVX-512, AVX2 and
+// the baseline, the version picked at load time by the CPU (GCC/Clang function multi-versioning on
+// x86-64 ELF: 16, 8 or 4 lanes). `flatten` compiles the whole body into each clone. Results are
+// bitwise identical on every path (tests/test_isa_identity.py): the loops are element-wise or
+// use fixed lanes, and -ffp-contract=off keeps the compiler from fusing multiplies and adds.
+#include "loss_math.h"
+
+#if defined(__x86_64__) && defined(__ELF__) && defined(__has_attribute) && !defined(YOLO_KERNELS_NO_ISA_CLONES)
+#if __has_attribute(target_clones)
+#define YOLO_KERNELS_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+#endif
+#ifndef YOLO_KERNELS_ISA_CLONES
+#define YOLO_KERNELS_ISA_CLONES
+#endif
+
+namespace yolo_kernels {
+
+YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) void bce_row(const float* x, float* loss, float* grad,
+                                                                       int64_t n, float y, float w, float gamma) {
+  bce_const_target_row<float>(x, loss, grad, n, y, w, gamma);
+}
+
+YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) void bce_rows_summed(const float* x, float* grad,
+                                                                               int64_t rows, int64_t n, float y,
+                                                                               float w, double* row_loss,
+                                                                               float* scratch) {
+  bce_const_target_rows_summed(x, grad, rows, n, y, w, row_loss, scratch);
+}
+
+YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) void bce_row(const float* x, const float* y, float* loss,
+                                                                       float* grad, int64_t n, float w, float gamma) {
+  bce_target_row<float>(x, y, loss, grad, n, w, gamma);
+}
+
+YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) void box_iou_rows(int64_t n, const BoxRows& rows,
+                                                                            BoxKind kind, Family family) {
+  if (family == Family::kYOLOv5) return box_iou_rows_family<Family::kYOLOv5>(n, rows, kind);
+  box_iou_rows_family<Family::kYOLOv3>(n, rows, kind);
+}
+
+}  // namespace yolo_kernels
