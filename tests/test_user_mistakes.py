@@ -23,6 +23,13 @@ def layers(nc=3, seed=0, bs=2):
     return make_p(bs, [2, 2, 2], GRIDS, nc, torch.Generator().manual_seed(seed))
 
 
+def yolov5_model(nc=4):
+    """The stand-in yolov5 model with the default loss hyperparameters, as train.py sets them."""
+    model = TinyYOLOv5(nc)
+    model.hyp = dict(HYP)
+    return model
+
+
 def archive_model(nc=3, strides=STRIDES):
     """A duck-typed archive Darknet whose YOLO layers carry their stride, as the archive's do."""
     model = duck_model([torch.tensor(a, dtype=torch.float32) / s for a, s in zip(ANCHORS_PX, STRIDES)], nc)
@@ -81,8 +88,7 @@ def test_grids_of_images_that_are_not_a_multiple_of_the_largest_stride_pass():
 
 def test_the_yolov5_drop_in_checks_grids_against_the_detect_strides():
     p, targets, _ = fixed_problem(nc=4)
-    model = TinyYOLOv5(4)
-    model.hyp = dict(HYP)
+    model = yolov5_model()
     compute_loss = ComputeLoss(model, backend="reference")
     compute_loss(p, targets)
     with pytest.raises(ValueError, match=r"imply image heights"):
@@ -144,8 +150,7 @@ def test_zero_size_boxes_are_accepted_by_the_original_yolov5_too():
     p, targets, anchors = fixed_problem(nc=4)
     targets[0, 4] = 0.0
     want, _ = original.compute_loss(p, targets, anchors, HYP, 4, [4.0, 1.0, 0.4])
-    model = TinyYOLOv5(4)
-    model.hyp = dict(HYP)
+    model = yolov5_model()
     loss, _ = ComputeLoss(model, backend="reference")(p, targets)
     torch.testing.assert_close(loss, want, rtol=1e-6, atol=0)
 
@@ -160,8 +165,7 @@ def test_bad_backend_names_fail_at_construction():
         yk.YOLOv3Loss(ANCHORS_PX, STRIDES, 3, backend="cudaa")
     with pytest.raises(ValueError, match=r"got 'gpu'"):
         YOLOv5Loss(ANCHORS_PX, STRIDES, 3, backend="gpu")
-    model = TinyYOLOv5(4)
-    model.hyp = dict(HYP)
+    model = yolov5_model()
     with pytest.raises(ValueError, match=r"got 'gpu'"):
         ComputeLoss(model, backend="gpu")
 
@@ -198,8 +202,7 @@ def test_the_eval_mode_output_gets_a_hint():
 
 def test_compute_loss_reads_hyp_on_every_call_as_the_original():
     p, targets, anchors = fixed_problem(nc=4)
-    model = TinyYOLOv5(4)
-    model.hyp = dict(HYP)
+    model = yolov5_model()
     compute_loss = ComputeLoss(model, backend="reference")
     compute_loss(p, targets)
     model.hyp.update(box=0.2, obj=0.7, cls=1.3, anchor_t=2.5)  # e.g. a hyperparameter schedule
@@ -214,8 +217,7 @@ def test_compute_loss_reads_hyp_on_every_call_as_the_original():
 
 def test_a_class_level_sort_obj_iou_is_read_as_in_the_original():
     p, targets, anchors = fixed_problem(nc=4, nt=40)  # cells with several pairs of different IoU
-    model = TinyYOLOv5(4)
-    model.hyp = dict(HYP)
+    model = yolov5_model()
     compute_loss = ComputeLoss(model, backend="reference")
     want, _ = original.compute_loss(p, targets, anchors, HYP, 4, [4.0, 1.0, 0.4], sort_obj_iou=True)
     ComputeLoss.sort_obj_iou = True

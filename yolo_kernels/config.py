@@ -26,6 +26,7 @@ __all__ = [
     "LossOptions",
     "unwrap_model",
     "model_anchors",
+    "model_strides",
 ]
 
 #: Defaults of the original ``train.py`` (``cls`` is *not* scaled by nc/80: that is the caller's job).
@@ -231,6 +232,21 @@ def model_anchors(model: Any) -> list[torch.Tensor]:
             )
         anchors.append(layer.anchor_vec)
     return anchors
+
+
+def model_strides(model: Any) -> list[float] | None:
+    """The strides of ``model``'s YOLO layers (``module_list[j].stride``), or ``None`` where a layer
+    does not carry one (the grid check of ``check_inputs`` is then skipped)."""
+    model = unwrap_model(model)
+    strides = []
+    for j in getattr(model, "yolo_layers", ()):
+        stride = getattr(model.module_list[j], "stride", None)
+        if isinstance(stride, torch.Tensor) and stride.numel() == 1:
+            stride = stride.item()
+        if not is_real_number(stride) or not stride > 0:
+            return None
+        strides.append(float(stride))
+    return strides or None
 
 
 def model_options(model: Any, **options: Any) -> LossOptions:

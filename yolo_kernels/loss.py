@@ -24,7 +24,7 @@ from .config import (
     is_real_number,
     model_anchors,
     model_options,
-    unwrap_model,
+    model_strides,
 )
 from .dispatch import (
     AUTO_ORDER,
@@ -49,21 +49,6 @@ __all__ = [
     "build_targets",
     "YOLOv3Loss",
 ]
-
-
-def model_strides(model: Any) -> list[float] | None:
-    """The strides of ``model``'s YOLO layers (``module_list[j].stride``), or ``None`` where a layer
-    does not carry one (the grid check of ``check_inputs`` is then skipped)."""
-    model = unwrap_model(model)
-    strides = []
-    for j in getattr(model, "yolo_layers", ()):
-        stride = getattr(model.module_list[j], "stride", None)
-        if isinstance(stride, torch.Tensor) and stride.numel() == 1:
-            stride = stride.item()
-        if not is_real_number(stride) or not stride > 0:
-            return None
-        strides.append(float(stride))
-    return strides or None
 
 
 def _run(p, targets, anchors, options: LossOptions, backend: str, validate: bool, stats: bool = False, strides=None):
