@@ -12,10 +12,11 @@ EXT_SOURCES := $(shell find csrc python/src -name '*.cpp' -o -name '*.h' 2>/dev/
 
 .PHONY: install demo lint test bench sanitize clean
 
-$(STAMP): requirements-dev.txt pyproject.toml setup.py $(EXT_SOURCES)
+$(STAMP): requirements-dev.txt requirements-ultralytics.txt pyproject.toml setup.py $(EXT_SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-ultralytics.txt
 	YOLO_KERNELS_REQUIRE_EXT=1 $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 

@@ -102,38 +102,48 @@ def _warn_fallback_once(name: str, device: torch.device, reason: str) -> None:
     )
 
 
-def check_backend_name(backend: Any) -> str:
+def check_backend_name(backend: Any, backends: dict[str, Any] | None = None) -> str:
     """``backend`` when it names a backend (or is ``"auto"``), else a clear error: checked where a
     backend is chosen (a constructor, ``apply``), not first at the training step. Whether it can
     run depends on the device, which the call knows."""
     if not isinstance(backend, str):
         raise TypeError(f"backend: expected a backend name, got {type(backend).__name__}")
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"backend: expected 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
+    backends = BACKENDS if backends is None else backends
+    if backend != "auto" and backend not in backends:
+        raise ValueError(f"backend: expected 'auto' or one of {sorted(backends)}, got {backend!r}")
     return backend
 
 
-def resolve_backend(backend: str, device: torch.device, warn: bool = True):
+def resolve_backend(
+    backend: str,
+    device: torch.device,
+    warn: bool = True,
+    backends: dict[str, Any] | None = None,
+    auto_order: dict[str, tuple[str, ...]] | None = None,
+):
     """The backend object for a name (or ``"auto"``) on ``device``; raises when it cannot run there.
 
     ``"auto"`` takes the first backend of ``AUTO_ORDER[device.type]`` that can run, else the
     reference, and then (with ``warn``) warns once per backend that the fast path is missing,
-    with the reason."""
-    check_backend_name(backend)
+    with the reason. ``backends``/``auto_order``: another family's registry (default: the anchor
+    families')."""
+    backends = BACKENDS if backends is None else backends
+    auto_order = AUTO_ORDER if auto_order is None else auto_order
+    check_backend_name(backend, backends)
     if backend == "auto":
         reasons = []
-        for name in AUTO_ORDER.get(device.type, ()):
-            reason = BACKENDS[name].unavailable_reason(device)
+        for name in auto_order.get(device.type, ()):
+            reason = backends[name].unavailable_reason(device)
             if reason is None:
-                return BACKENDS[name]
+                return backends[name]
             reasons.append((name, reason))
         for name, reason in reasons if warn else ():
             _warn_fallback_once(name, device, reason)
-        return BACKENDS["reference"]
-    reason = BACKENDS[backend].unavailable_reason(device)
+        return backends["reference"]
+    reason = backends[backend].unavailable_reason(device)
     if reason is not None:
         raise BackendUnavailableError(f"backend {backend!r} cannot run on {device}: {reason}")
-    return BACKENDS[backend]
+    return backends[backend]
 
 
 def _first_device(p: Any) -> torch.device:

@@ -21,7 +21,7 @@ import torch
 
 from .config import LossOptions
 
-__all__ = ["check_inputs", "check_grids", "MAX_BOX_SIZE", "BOX_SIZE_MESSAGE"]
+__all__ = ["check_inputs", "check_grids", "first_bad_row", "MAX_BOX_SIZE", "BOX_SIZE_MESSAGE"]
 
 #: The largest normalised box width or height accepted. Real pipelines clip boxes to the image
 #: (w, h <= 1); an unclipped crop can leave a box a little larger than the image. Boxes in pixels
@@ -60,7 +60,7 @@ def _check_layer(i: int, pi: Any, first: torch.Tensor | None, na: int, options: 
             raise TypeError(f"{name}: expected dtype {first.dtype} (as p[0]), got {pi.dtype}")
 
 
-def _first_bad_row(bad: np.ndarray, values: np.ndarray, message: str) -> None:
+def first_bad_row(bad: np.ndarray, values: np.ndarray, message: str) -> None:
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         value = values[row].tolist()
@@ -85,19 +85,19 @@ def _check_values_cpu(targets: torch.Tensor, anchors: Sequence[torch.Tensor], bs
     if ok:  # the common case in a few vector operations; the details below only on failure
         return
     with np.errstate(invalid="ignore"):
-        _first_bad_row(
+        first_bad_row(
             ~((b >= 0) & (b < bs) & (b == np.trunc(b))),
             b,
             f"targets[:, 0] (image index): expected integers in [0, {bs})",
         )
-        _first_bad_row(
+        first_bad_row(
             ~((c >= 0) & (c < nc) & (c == np.trunc(c))), c, f"targets[:, 1] (class): expected integers in [0, {nc})"
         )
-        _first_bad_row(~np.isfinite(xy).all(1), xy, "targets[:, 2:4] (box centre x, y): expected finite values")
-        _first_bad_row(~(np.isfinite(wh) & (wh >= 0) & (wh <= MAX_BOX_SIZE)).all(1), wh, BOX_SIZE_MESSAGE)
+        first_bad_row(~np.isfinite(xy).all(1), xy, "targets[:, 2:4] (box centre x, y): expected finite values")
+        first_bad_row(~(np.isfinite(wh) & (wh >= 0) & (wh <= MAX_BOX_SIZE)).all(1), wh, BOX_SIZE_MESSAGE)
         for i, a in enumerate(anchors):
             a = a.to(torch.float64).numpy()
-            _first_bad_row(~(np.isfinite(a) & (a > 0)).all(1), a, f"anchors[{i}]: expected finite sizes > 0")
+            first_bad_row(~(np.isfinite(a) & (a > 0)).all(1), a, f"anchors[{i}]: expected finite sizes > 0")
 
 
 def _check_values_async(targets: torch.Tensor, anchors: Sequence[torch.Tensor], bs: int, nc: int) -> None:
