@@ -25,6 +25,7 @@ PROGRAM = r"""
 #include <cstdio>
 #include <cstring>
 #include <vector>
+#include "anchor_free/detection_math.h"
 #include "loss_math.h"
 using namespace yolo_kernels;
 
@@ -68,6 +69,10 @@ static void print_bits(const char* what, const std::vector<double>& v) {
       print_bits("summed_grad", g), print_bits("summed_loss", row_loss);                              \
     }                                                                                                 \
   }                                                                                                   \
+  print_bits("softplus_sum", std::vector<double>{anchor_free::softplus_row_sum_generic<float>(x.data(), n)}); \
+  std::vector<float> sig(n);                                                                          \
+  anchor_free::sigmoid_row_scaled_generic<float>(x.data(), sig.data(), n, 0.37f);                      \
+  print_bits("sigmoid_scaled", sig);                                                                  \
   std::vector<float> out[5];                                                                          \
   for (auto& o : out) o.resize(n);                                                                    \
   const BoxRows rows{b[0].data(), b[1].data(), b[2].data(), b[3].data(), b[4].data(),                 \
@@ -140,7 +145,7 @@ def test_row_functions_are_bitwise_identical_across_instruction_sets(tmp_path):
     if len(outputs) < 2:
         pytest.skip("this CPU has neither AVX2 nor AVX-512: one instruction set, nothing to compare")
     reference = outputs.pop("baseline")
-    assert len(reference) == 4 * 4 + 2 * 2 * 2 + 4 * 2 * 5  # every function printed something
+    assert len(reference) == 4 * 4 + 2 * 2 * 2 + 2 + 4 * 2 * 5  # every function printed something
     for isa, lines in outputs.items():
         differing = [i for i, (a, b) in enumerate(zip(lines, reference)) if a != b]
         assert not differing and len(lines) == len(reference), (

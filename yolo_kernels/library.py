@@ -64,6 +64,24 @@ SCHEMAS = {
     "float gr, float giou, float cls, float cls_pw, float obj, float obj_pw, float threshold, float fl_gamma, "
     "float label_smoothing, str box_loss, str reduction, bool sort_obj_iou, bool compute_stats, "
     "bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor[])",
+    # The anchor-free family (yolo_kernels.yolov8; docs/anchor_free.md). Predictions boxes
+    # [bs, 4 * reg_max, A] and scores [bs, nc, A] over the points of the levels (grids: ny, nx of
+    # each level, flat; strides in pixels); targets per image gt_labels [bs, m] (int64) and
+    # gt_boxes [bs, m, 4] (float32 pixel xyxy, all-zero rows padding).
+    # The task-aligned assigner: per point the box it is assigned to (int32, -1: none) and its
+    # target score (float32, float64 for float64 predictions); topk2 None: no second cut; boxes'
+    # sides below size_floor (pixels) are raised to it when searching their points.
+    "tal_assign": "tal_assign(Tensor boxes, Tensor scores, Tensor gt_labels, Tensor gt_boxes, int[] grids, "
+    "float[] strides, int topk, int? topk2, float alpha, float beta, float size_floor) -> (Tensor, Tensor)",
+    # The loss of an assignment: [box, cls, dfl] with the gains applied (float32 for half inputs);
+    # differentiable in boxes and scores (its backward is detection_loss_backward).
+    "detection_loss": "detection_loss(Tensor boxes, Tensor scores, Tensor gt_labels, Tensor gt_boxes, "
+    "Tensor assigned, Tensor target_scores, Tensor? class_weights, int[] grids, float[] strides, float box, "
+    "float cls, float dfl) -> Tensor",
+    # d loss / d boxes and d loss / d scores for the components' gradient grad [3], written once.
+    "detection_loss_backward": "detection_loss_backward(Tensor grad, Tensor boxes, Tensor scores, "
+    "Tensor gt_labels, Tensor gt_boxes, Tensor assigned, Tensor target_scores, Tensor? class_weights, "
+    "int[] grids, float[] strides, float box, float cls, float dfl) -> (Tensor, Tensor)",
 }
 
 # Kept for the life of the process: the ops exist as long as this object does.
@@ -205,4 +223,56 @@ def _fused_loss_backward(ctx, grad_loss, grad_items, grad_layer_obj, grad_stats,
 
 
 torch.library.register_autograd("yolo_kernels::fused_loss", _fused_loss_backward, setup_context=_fused_loss_setup)
+
+
+def _score_dtype(boxes: torch.Tensor) -> torch.dtype:
+    """The anchor-free ops' float type: float64 for float64 predictions, else float32."""
+    return torch.float64 if boxes.dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("yolo_kernels::tal_assign")
+def _tal_assign_fake(boxes, scores, gt_labels, gt_boxes, grids, strides, topk, topk2, alpha, beta, size_floor):
+    bs, a = boxes.shape[0], boxes.shape[2]
+    return boxes.new_empty(bs, a, dtype=torch.int32), boxes.new_empty(bs, a, dtype=_score_dtype(boxes))
+
+
+@torch.library.register_fake("yolo_kernels::detection_loss")
+def _detection_loss_fake(boxes, scores, *rest):
+    return boxes.new_empty(3, dtype=_score_dtype(boxes))
+
+
+@torch.library.register_fake("yolo_kernels::detection_loss_backward")
+def _detection_loss_backward_fake(grad, boxes, scores, *rest):
+    return torch.empty_like(boxes), torch.empty_like(scores)
+
+
+def _detection_loss_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:6], inputs[6])
+    ctx.scalars = inputs[7:]
+
+
+def _detection_loss_backward(ctx, grad):
+    # the assignment and the targets are constants of the gradient (the original computes them without one)
+    boxes, scores, gt_labels, gt_boxes, assigned, target_scores, class_weights = ctx.saved_tensors
+    grad_boxes, grad_scores = torch.ops.yolo_kernels.detection_loss_backward(
+        grad, boxes, scores, gt_labels, gt_boxes, assigned, target_scores, class_weights, *ctx.scalars
+    )
+    return (grad_boxes, grad_scores) + (None,) * 10
+
+
+torch.library.register_autograd(
+    "yolo_kernels::detection_loss", _detection_loss_backward, setup_context=_detection_loss_setup
+)
+
+
+def _no_double_backward(ctx, grad_boxes, grad_scores):
+    raise RuntimeError(
+        "yolo_kernels::detection_loss: a second derivative (backward with create_graph=True through the "
+        "loss) is not supported; the loss's gradient is computed by its own kernel"
+    )
+
+
+torch.library.register_autograd(
+    "yolo_kernels::detection_loss_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None
+)
 _register_triton_cuda_kernel()

@@ -3,6 +3,7 @@
 // x86-64 ELF: 16, 8 or 4 lanes). `flatten` compiles the whole body into each clone. Results are
 // bitwise identical on every path (tests/test_isa_identity.py): the loops are element-wise or
 // use fixed lanes, and -ffp-contract=off keeps the compiler from fusing multiplies and adds.
+#include "anchor_free/detection_math.h"
 #include "loss_math.h"
 
 #if defined(__x86_64__) && defined(__ELF__) && defined(__has_attribute) && !defined(YOLO_KERNELS_NO_ISA_CLONES)
@@ -38,5 +39,25 @@ YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) void box_iou_rows(int
   if (family == Family::kYOLOv5) return box_iou_rows_family<Family::kYOLOv5>(n, rows, kind);
   box_iou_rows_family<Family::kYOLOv3>(n, rows, kind);
 }
+
+namespace anchor_free {
+
+YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) double softplus_row_sum(const float* x, int64_t n) {
+  return softplus_row_sum_generic(x, n);
+}
+
+YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) void sigmoid_row_scaled(const float* x, float* out,
+                                                                                  int64_t n, float scale) {
+  sigmoid_row_scaled_generic(x, out, n, scale);
+}
+
+YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) void decode_block_f32(const float* x, int64_t row_stride,
+                                                                                int64_t reg_max, int64_t n,
+                                                                                int64_t block, float* dist,
+                                                                                float* log_norm) {
+  decode_block<float, float>(x, row_stride, reg_max, n, block, dist, log_norm);
+}
+
+}  // namespace anchor_free
 
 }  // namespace yolo_kernels

@@ -11,11 +11,13 @@ from typing import Any
 
 import torch
 
+from .. import library
+from ..library import BUILD_HINT, require_extension
 from . import reference
 from .options import DetectionOptions
 from .validate import Problem
 
-__all__ = ["AUTO_ORDER", "BACKENDS", "ReferenceBackend"]
+__all__ = ["AUTO_ORDER", "BACKENDS", "CppBackend", "ReferenceBackend"]
 
 
 class ReferenceBackend:
@@ -39,6 +41,40 @@ class ReferenceBackend:
         )
 
 
-BACKENDS: dict[str, Any] = {"reference": ReferenceBackend()}
+class CppBackend:
+    """Fused C++ kernels on CPU tensors (fp16/bf16/fp32/fp64): ``torch.ops.yolo_kernels.tal_assign``
+    (the assigner, memory O(bs * boxes * topk + points)) and ``detection_loss`` (whose backward
+    writes the gradients once, scaled by ``grad_output``)."""
+
+    name = "cpp"
+
+    def unavailable_reason(self, device: torch.device | None) -> str | None:
+        if library.LOAD_ERROR is not None:
+            return f"{library.LOAD_ERROR}; {BUILD_HINT}"
+        if device is not None and device.type != "cpu":
+            return f"the cpp backend runs on CPU tensors, got {device}"
+        return None
+
+    def loss(self, problem: Problem, options: DetectionOptions, class_weights: torch.Tensor | None) -> torch.Tensor:
+        require_extension()
+        ops = torch.ops.yolo_kernels
+        boxes, scores = problem.boxes, problem.scores
+        grids = [n for grid in problem.grids for n in grid]
+        strides = list(options.strides)
+        image_hw = reference.image_size(problem.grids, strides, scores.dtype, scores.device)
+        labels, gt_boxes = reference.pad_targets(
+            problem.batch_idx, problem.cls, problem.bboxes, boxes.shape[0], image_hw.flip(0)
+        )
+        labels = labels.squeeze(-1).long()
+        assigned, target = ops.tal_assign(
+            boxes.detach(), scores.detach(), labels, gt_boxes, grids, strides, options.topk, options.second_cut,
+            options.alpha, options.beta, options.size_floor,
+        )  # fmt: skip
+        return ops.detection_loss(
+            boxes, scores, labels, gt_boxes, assigned, target, class_weights, grids, strides, *options.gains()
+        )
+
+
+BACKENDS: dict[str, Any] = {"reference": ReferenceBackend(), "cpp": CppBackend()}
 #: What ``backend="auto"`` tries first, by device type, before the reference.
-AUTO_ORDER: dict[str, tuple[str, ...]] = {}
+AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("cpp",)}

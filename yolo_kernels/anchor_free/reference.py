@@ -44,6 +44,7 @@ __all__ = [
     "candidates_in_boxes",
     "decode_boxes",
     "dfl_loss",
+    "image_size",
     "loss",
     "pad_targets",
 ]
@@ -66,6 +67,13 @@ def anchor_points(
         points.append(torch.stack((xx, yy), -1).view(-1, 2))
         point_strides.append(torch.full((ny * nx, 1), stride, dtype=dtype, device=device))
     return torch.cat(points), torch.cat(point_strides)
+
+
+def image_size(
+    grids: Sequence[tuple[int, int]], strides: Sequence[float], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """The image's (height, width) in pixels: the first level's grid times its stride."""
+    return torch.tensor(grids[0], dtype=dtype, device=device) * strides[0]
 
 
 def xywh_to_xyxy(b: torch.Tensor) -> torch.Tensor:
@@ -257,7 +265,7 @@ def _frame(boxes, scores, grids, batch_idx, cls, bboxes, options: DetectionOptio
     logits = scores.permute(0, 2, 1).contiguous()
     dtype, bs = logits.dtype, logits.shape[0]
     points, point_strides = anchor_points(grids, options.strides, dtype, logits.device)
-    image_hw = torch.tensor(grids[0], dtype=dtype, device=logits.device) * options.strides[0]
+    image_hw = image_size(grids, options.strides, dtype, logits.device)
     gt_labels, gt_boxes = pad_targets(batch_idx, cls, bboxes, bs, image_hw.flip(0))
     pred_boxes = decode_boxes(points, distances, options.reg_max)
     return _Frame(distances, logits, points, point_strides, image_hw, gt_labels, gt_boxes, pred_boxes)

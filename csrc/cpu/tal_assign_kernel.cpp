@@ -1,0 +1,343 @@
+// CPU kernel of yolo_kernels::tal_assign (schema in yolo_kernels/library.py): the task-aligned
+// assigner of the anchor-free family without a [batch, boxes, points] tensor.
+//
+// The dense assigner (reference.assign) scores every box against every point. Here each box scans
+// only the cells inside it (its sides raised to the size floor), so the work is the boxes' areas
+// and the memory O(bs * boxes * topk + points):
+//   1. decode every point's predicted box (pixels);
+//   2. per box: metric = score^alpha * CIoU^beta of each candidate (0 elsewhere) and its top-k,
+//      selected as torch.topk selects on the CPU (topk_select), so that the zero-metric points a
+//      box with fewer than k positive candidates is filled with are the original's; the picks that
+//      are candidates of the box are kept;
+//   3. per image: a point kept by one box goes to it; a point kept by several goes to the box of
+//      highest CIoU over every box it is a candidate of (the first on ties); the second cut
+//      (topk2, selected the same way); each box's alignments normalised by its best CIoU over its
+//      best metric.
+// Returns per point the box it is assigned to (-1: none) and its target score.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Optional.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "anchor_free/detection_math.h"
+#include "anchor_free/op_args.h"
+
+namespace yolo_kernels {
+namespace anchor_free {
+namespace {
+
+// A box's geometry in pixels: corners, the candidate window (sides raised to the floor) and label.
+struct GtBox {
+  float x1, y1, x2, y2;
+  float lo_x, lo_y, hi_x, hi_y;
+  int64_t label;
+  bool valid;  // an all-zero row (xyxy sum not positive) is padding
+};
+
+template <typename S>
+struct Pick {
+  int64_t point;
+  S metric;
+  float overlap;  // CIoU clamped at 0
+};
+
+inline bool strictly_inside(float lo, float hi, float p) {
+  return (p - lo > float(kAssignEps)) && (hi - p > float(kAssignEps));
+}
+
+template <typename S>
+struct Assigner {
+  const Layout& layout;
+  int64_t bs, m, nc, k;
+  S alpha;
+  float beta;
+  const float* pred;  // [bs, A, 4] predicted boxes, pixels
+  const float* px;    // [A] point centres, pixels
+  const float* py;
+  const std::vector<GtBox>& gt;  // [bs * m]
+
+  bool candidate(const GtBox& g, int64_t p) const {
+    return g.valid && strictly_inside(g.lo_x, g.hi_x, px[p]) && strictly_inside(g.lo_y, g.hi_y, py[p]);
+  }
+
+  float overlap(const GtBox& g, int64_t b, int64_t p) const {
+    const float* q = pred + (b * layout.points + p) * 4;
+    return clamp_nonnegative(ciou_values<float>(g.x1, g.y1, g.x2, g.y2, q[0], q[1], q[2], q[3]));
+  }
+
+  template <typename In>
+  S metric(const In* scores, int64_t b, int64_t label, int64_t p, float ov) const {
+    const S x = S(scores[(b * nc + label) * layout.points + p]);
+    const S score = S(1) / (S(1) + std::exp(-x));
+    const S s = alpha == S(0.5) ? std::sqrt(score) : std::pow(score, alpha);  // torch's pow(x, 0.5) is sqrt
+    return s * S(beta == 2.0f ? ov * ov : std::pow(ov, beta));
+  }
+};
+
+// The k best of a row of (metric, point) entries as torch.topk selects them on the CPU: the same
+// standard-library algorithm with the same comparator (NaN first, then the larger), so equal
+// metrics (the zeros a box with fewer than k positive candidates is filled with) are taken as the
+// original takes them. With k * 64 <= points torch runs partial_sort, whose heap selection passes
+// over every entry past the first k that is not above the heap's least: `row` holds the first k
+// points and, after them, only the entries of positive metric. Otherwise (small grids) nth_element
+// over every point: `row` holds all of them. The selected entries end up in row[0, k).
+using Entry = std::pair<double, int64_t>;
+inline bool topk_before(const Entry& x, const Entry& y) {
+  return (std::isnan(x.first) && !std::isnan(y.first)) || x.first > y.first;
+}
+inline bool topk_partial(int64_t k, int64_t points) { return k * 64 <= points; }
+inline void topk_select(std::vector<Entry>& row, int64_t k, int64_t points) {
+  if (topk_partial(k, points))
+    std::partial_sort(row.begin(), row.begin() + k, row.end(), topk_before);
+  else
+    std::nth_element(row.begin(), row.begin() + k - 1, row.end(), topk_before);
+}
+
+// Step 2 for box g of image b: the points of its top-k that are its candidates, into picks.
+template <typename S, typename In>
+int64_t top_candidates(const Assigner<S>& a, const In* scores, int64_t b, const GtBox& g, Pick<S>* picks,
+                       std::vector<Entry>& row) {
+  const Layout& L = a.layout;
+  const int64_t k = a.k;
+  const bool partial = topk_partial(k, L.points);
+  const int64_t head = partial ? k : L.points;  // the points that enter the row whatever their metric
+  row.assign(size_t(head), Entry(0.0, 0));
+  for (int64_t p = 0; p < head; ++p) row[p].second = p;
+  for (int64_t l = 0; l < L.levels(); ++l) {
+    const float st = float(L.strides[l]);
+    const int64_t ny = L.ny(l), nx = L.nx(l), off = L.offsets[l];
+    // cells whose centre (i + 0.5) * st can be strictly inside [lo, hi]; the exact test below
+    const int64_t i0 = std::max<int64_t>(0, int64_t(std::floor(g.lo_x / st - 0.5f))),
+                  i1 = std::min<int64_t>(nx - 1, int64_t(std::ceil(g.hi_x / st - 0.5f)));
+    const int64_t j0 = std::max<int64_t>(0, int64_t(std::floor(g.lo_y / st - 0.5f))),
+                  j1 = std::min<int64_t>(ny - 1, int64_t(std::ceil(g.hi_y / st - 0.5f)));
+    for (int64_t j = j0; j <= j1; ++j) {
+      for (int64_t i = i0; i <= i1; ++i) {
+        const int64_t p = off + j * nx + i;  // in increasing order, as the heap selection visits them
+        if (!a.candidate(g, p)) continue;
+        const double metric = double(a.metric(scores, b, g.label, p, a.overlap(g, b, p)));
+        if (p < head)
+          row[p].first = metric;
+        else if (!(metric <= 0.0))  // positive or NaN: the only entries that can enter the heap
+          row.emplace_back(metric, p);
+      }
+    }
+  }
+  topk_select(row, k, L.points);
+  int64_t n = 0;
+  for (int64_t t = 0; t < k; ++t) {  // the original keeps the top-k points that are candidates
+    const int64_t p = row[t].second;
+    if (!a.candidate(g, p)) continue;
+    picks[n++] = Pick<S>{p, S(row[t].first), a.overlap(g, b, p)};
+  }
+  return n;
+}
+
+// Step 3 for image b: resolve, cut, normalise; writes assigned[A] and target[A].
+template <typename S, typename In>
+void resolve_image(const Assigner<S>& a, const In* scores, int64_t b, const Pick<S>* picks, const int64_t* counts,
+                   c10::optional<int64_t> topk2, int32_t* assigned, S* target) {
+  const int64_t A = a.layout.points, m = a.m;
+  const GtBox* gt = a.gt.data() + b * m;
+  std::fill(assigned, assigned + A, -1);
+  std::fill(target, target + A, S(0));
+  std::vector<uint8_t> claims(A, 0);
+  std::vector<Pick<S>> first(A);   // the first claimer's pick of the point
+  std::vector<int32_t> owner(A);
+  std::vector<int64_t> touched;
+  for (int64_t g = 0; g < m; ++g) {
+    const Pick<S>* pg = picks + g * a.k;
+    for (int64_t t = 0; t < counts[g]; ++t) {
+      const int64_t p = pg[t].point;
+      if (claims[p] == 0) touched.push_back(p), first[p] = pg[t], owner[p] = int32_t(g);
+      claims[p] = uint8_t(std::min(claims[p] + 1, 2));
+    }
+  }
+  std::sort(touched.begin(), touched.end());
+  // the box each touched point goes to, with its metric and CIoU there
+  std::vector<Pick<S>> won(touched.size());
+  std::vector<int32_t> winner(touched.size());
+  std::vector<int64_t> per_box(m + 1, 0);
+  for (size_t t = 0; t < touched.size(); ++t) {
+    const int64_t p = touched[t];
+    if (claims[p] == 1) {
+      winner[t] = owner[p], won[t] = first[p];
+    } else {  // argmax over every box of the CIoU (0 where not a candidate); NaN wins, first on ties
+      int32_t best = 0;
+      float best_ov = 0.0f;
+      for (int64_t g = 0; g < m; ++g) {
+        if (g > 0 && !a.candidate(gt[g], p)) continue;  // CIoU 0: never above box 0's (>= 0 or NaN)
+        const float ov = a.candidate(gt[g], p) ? a.overlap(gt[g], b, p) : 0.0f;
+        if (g == 0 || (!std::isnan(best_ov) && (std::isnan(ov) || ov > best_ov))) best = int32_t(g), best_ov = ov;
+      }
+      const GtBox& w = gt[best];
+      const bool cand = a.candidate(w, p);
+      winner[t] = best;
+      won[t] = Pick<S>{p, cand ? a.metric(scores, b, w.label, p, best_ov) : S(0), cand ? best_ov : 0.0f};
+    }
+    ++per_box[winner[t] + 1];
+  }
+  for (int64_t g = 0; g < m; ++g) per_box[g + 1] += per_box[g];
+  std::vector<Pick<S>> lists(touched.size());  // per box, its points in index order
+  {
+    std::vector<int64_t> fill(per_box.begin(), per_box.end() - 1);
+    for (size_t t = 0; t < touched.size(); ++t) lists[fill[winner[t]]++] = won[t];
+  }
+  std::vector<Entry> row;
+  for (int64_t g = 0; g < m; ++g) {
+    Pick<S>* begin = lists.data() + per_box[g];
+    int64_t n = per_box[g + 1] - per_box[g];
+    if (n == 0) continue;
+    if (topk2.has_value()) {  // each box keeps its topk2 best positives, selected as torch.topk does
+      const int64_t k2 = std::min(*topk2, A);
+      const int64_t head = topk_partial(k2, A) ? k2 : A;
+      row.assign(size_t(head), Entry(0.0, 0));
+      for (int64_t p = 0; p < head; ++p) row[p].second = p;
+      for (int64_t t = 0; t < n; ++t) {  // metric * positive: the box's positives, in point order
+        const int64_t p = begin[t].point;
+        if (p < head)
+          row[p].first = double(begin[t].metric);
+        else if (!(begin[t].metric <= S(0)))
+          row.emplace_back(double(begin[t].metric), p);
+      }
+      topk_select(row, k2, A);
+      std::vector<uint8_t> kept_flag(size_t(n), 0);
+      for (int64_t t = 0; t < k2; ++t) {
+        const int64_t p = row[t].second;
+        const Pick<S>* hit = std::lower_bound(begin, begin + n, p, [](const Pick<S>& q, int64_t v) { return q.point < v; });
+        if (hit != begin + n && hit->point == p) kept_flag[hit - begin] = 1;
+      }
+      int64_t kept = 0;
+      for (int64_t t = 0; t < n; ++t)
+        if (kept_flag[t]) begin[kept++] = begin[t];
+      n = kept;
+    }
+    S best_metric = S(0);
+    float best_ov = 0.0f;
+    for (int64_t t = 0; t < n; ++t) best_metric = nan_max(best_metric, begin[t].metric), best_ov = nan_max(best_ov, begin[t].overlap);
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t p = begin[t].point;
+      assigned[p] = int32_t(g);
+      target[p] = begin[t].metric * S(best_ov) / (best_metric + S(kAssignEps));
+    }
+  }
+}
+
+template <typename In, typename S>
+void assign(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& gt_labels, const at::Tensor& gt_boxes,
+            const Layout& L, int64_t k, c10::optional<int64_t> topk2, double alpha, double beta, double size_floor,
+            at::Tensor& assigned, at::Tensor& target) {
+  const int64_t bs = boxes.size(0), A = L.points, R = boxes.size(1) / 4, nc = scores.size(1), m = gt_boxes.size(1);
+  // 1. point centres and every point's predicted box, in pixels
+  std::vector<float> px(A), py(A), pred(size_t(bs * A * 4));
+  for (int64_t l = 0; l < L.levels(); ++l)
+    for (int64_t j = 0; j < L.ny(l); ++j)
+      for (int64_t i = 0; i < L.nx(l); ++i) {
+        const int64_t p = L.offsets[l] + j * L.nx(l) + i;
+        px[p] = float((S(i) + S(0.5)) * S(L.strides[l]));
+        py[p] = float((S(j) + S(0.5)) * S(L.strides[l]));
+      }
+  const In* xb = boxes.data_ptr<In>();
+  at::parallel_for(0, bs * L.levels(), 1, [&](int64_t begin, int64_t end) {
+    std::vector<S> dist(size_t(4) * kDecodeBlock);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / L.levels(), l = task % L.levels();
+      const S st = S(L.strides[l]);
+      for (int64_t p0 = L.offsets[l]; p0 < L.offsets[l] + L.ny(l) * L.nx(l); p0 += kDecodeBlock) {
+        const int64_t n = std::min(kDecodeBlock, L.offsets[l] + L.ny(l) * L.nx(l) - p0);
+        decode<S, In>(xb + b * 4 * R * A + p0, A, R, n, kDecodeBlock, dist.data(), nullptr);
+        for (int64_t q = 0; q < n; ++q) {
+          const int64_t p = p0 + q, cell = p - L.offsets[l];
+          const S cx = S(cell % L.nx(l)) + S(0.5), cy = S(cell / L.nx(l)) + S(0.5);
+          float* o = pred.data() + (b * A + p) * 4;
+          o[0] = float((cx - dist[0 * kDecodeBlock + q]) * st);
+          o[1] = float((cy - dist[1 * kDecodeBlock + q]) * st);
+          o[2] = float((cx + dist[2 * kDecodeBlock + q]) * st);
+          o[3] = float((cy + dist[3 * kDecodeBlock + q]) * st);
+        }
+      }
+    }
+  });
+  // the boxes' geometry (as reference.candidates_in_boxes), labels checked
+  std::vector<GtBox> gt(size_t(bs * m));
+  const float* gb = gt_boxes.data_ptr<float>();
+  const int64_t* gl = gt_labels.data_ptr<int64_t>();
+  const float floor_px = float(size_floor);
+  for (int64_t r = 0; r < bs * m; ++r) {
+    const float* q = gb + 4 * r;
+    GtBox g{q[0], q[1], q[2], q[3], 0, 0, 0, 0, gl[r], ((q[0] + q[1]) + q[2]) + q[3] > 0.0f};
+    const float cx = (q[0] + q[2]) / 2.0f, cy = (q[1] + q[3]) / 2.0f;
+    float w = q[2] - q[0], h = q[3] - q[1];
+    w = w < floor_px ? floor_px : w, h = h < floor_px ? floor_px : h;
+    g.lo_x = cx - w / 2.0f, g.hi_x = cx + w / 2.0f, g.lo_y = cy - h / 2.0f, g.hi_y = cy + h / 2.0f;
+    TORCH_CHECK_VALUE(!g.valid || (g.label >= 0 && g.label < nc), "gt_labels: expected classes in [0, ", nc,
+                      "), got ", g.label, " at image ", r / m, ", box ", r % m);
+    gt[r] = g;
+  }
+  const Assigner<S> a{L, bs, m, nc, k, S(alpha), float(beta), pred.data(), px.data(), py.data(), gt};
+  // 2. each box's top-k
+  const In* sc = scores.data_ptr<In>();
+  std::vector<Pick<S>> picks(size_t(bs * m * k));
+  std::vector<int64_t> counts(size_t(bs * m), 0);
+  at::parallel_for(0, bs * m, 1, [&](int64_t begin, int64_t end) {
+    std::vector<Entry> row;
+    for (int64_t r = begin; r < end; ++r)
+      if (gt[r].valid) counts[r] = top_candidates(a, sc, r / m, gt[r], picks.data() + r * k, row);
+  });
+  // 3. per image: resolve, cut, normalise
+  int32_t* out = assigned.data_ptr<int32_t>();
+  S* tgt = target.data_ptr<S>();
+  at::parallel_for(0, bs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b)
+      resolve_image(a, sc, b, picks.data() + b * m * k, counts.data() + b * m, topk2, out + b * A, tgt + b * A);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> tal_assign_cpu(const at::Tensor& boxes, const at::Tensor& scores,
+                                                  const at::Tensor& gt_labels, const at::Tensor& gt_boxes,
+                                                  at::IntArrayRef grids, at::ArrayRef<double> strides, int64_t topk,
+                                                  c10::optional<int64_t> topk2, double alpha, double beta,
+                                                  double size_floor) {
+  const Layout L = check_predictions(boxes, scores, grids, strides);
+  check_targets(gt_labels, gt_boxes, boxes.size(0));
+  TORCH_CHECK(topk >= 1, "topk: expected a positive int, got ", topk);
+  TORCH_CHECK(!topk2.has_value() || *topk2 >= 1, "topk2: expected a positive int or None, got ", *topk2);
+  TORCH_CHECK(std::isfinite(alpha) && std::isfinite(beta), "alpha, beta: expected finite numbers, got ", alpha, ", ",
+              beta);
+  TORCH_CHECK(std::isfinite(size_floor) && size_floor >= 0, "size_floor: expected a finite size >= 0, got ",
+              size_floor);
+  const auto S_type = boxes.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t bs = boxes.size(0);
+  at::Tensor assigned = at::empty({bs, L.points}, boxes.options().dtype(at::kInt));
+  at::Tensor target = at::empty({bs, L.points}, boxes.options().dtype(S_type));
+  const at::Tensor x = boxes.contiguous(), s = scores.contiguous();
+  const at::Tensor labels = gt_labels.contiguous(), gtb = gt_boxes.contiguous();
+  const int64_t k = std::min(topk, L.points);
+  if (gt_boxes.size(1) == 0 || L.points == 0) {
+    assigned.fill_(-1);
+    target.zero_();
+    return {assigned, target};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "yolo_kernels::tal_assign", [&] {
+    if (S_type == at::kDouble)
+      assign<scalar_t, double>(x, s, labels, gtb, L, k, topk2, alpha, beta, size_floor, assigned, target);
+    else
+      assign<scalar_t, float>(x, s, labels, gtb, L, k, topk2, alpha, beta, size_floor, assigned, target);
+  });
+  return {assigned, target};
+}
+
+}  // namespace
+}  // namespace anchor_free
+
+TORCH_LIBRARY_IMPL(yolo_kernels, CPU, m) { m.impl("tal_assign", &anchor_free::tal_assign_cpu); }
+
+}  // namespace yolo_kernels

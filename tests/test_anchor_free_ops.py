@@ -1,0 +1,229 @@
+"""The anchor-free family's C++ ops one by one (``tal_assign``, ``detection_loss`` and its backward):
+the assignment against the dense reference assigner, float64 gradcheck of the loss with the
+assignment held, half precision against the reference on the same values upcast, ``opcheck``, the
+assigner's memory, bad arguments. The whole loss against the original is in test_yolov8.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from anchor_free_cases import StandIn, grids_for, make_batch, make_preds, run
+
+from yolo_kernels import library, yolov8
+from yolo_kernels.anchor_free import reference
+from yolo_kernels.anchor_free.options import DetectionOptions
+from yolo_kernels.bench import peak_extra_bytes
+
+pytestmark = pytest.mark.skipif(library.LOAD_ERROR is not None, reason="the C++ extension is not built")
+OPS = torch.ops.yolo_kernels
+
+
+def targets_of(preds, batch, options, grids):
+    """The padded targets the backend passes to the ops (reference.pad_targets)."""
+    image_hw = reference.image_size(grids, options.strides, preds["scores"].dtype, torch.device("cpu"))
+    labels, boxes = reference.pad_targets(
+        batch["batch_idx"], batch["cls"], batch["bboxes"], preds["boxes"].shape[0], image_hw.flip(0)
+    )
+    return labels.squeeze(-1).long(), boxes
+
+
+def op_args(preds, labels, gt_boxes, options, grids):
+    flat = [n for g in grids for n in g]
+    return (preds["boxes"], preds["scores"], labels, gt_boxes, flat, list(options.strides))
+
+
+def assign_both(preds, batch, options, grids):
+    labels, gt_boxes = targets_of(preds, batch, options, grids)
+    args = op_args(preds, labels, gt_boxes, options, grids)
+    assigned, target = OPS.tal_assign(
+        *args, options.topk, options.second_cut, options.alpha, options.beta, options.size_floor
+    )
+    expected = reference.assignment_of(
+        preds["boxes"], preds["scores"], grids, batch["batch_idx"], batch["cls"], batch["bboxes"], options
+    )
+    return (assigned, target), expected
+
+
+def assert_same_assignment(ours, expected):
+    assigned, target = ours
+    assert torch.equal(assigned >= 0, expected.fg)
+    assert torch.equal(assigned.clamp(min=0)[expected.fg], expected.gt_index[expected.fg])
+    torch.testing.assert_close(target, expected.scores.sum(-1).to(target.dtype), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "counts, topk, topk2, lo, hi",
+    [
+        ([4, 0, 9], 10, None, 0.02, 0.5),  # an image without boxes
+        ([40, 25], 10, None, 0.01, 0.3),  # crowded: points claimed by several boxes
+        ([30, 12], 7, 1, 0.02, 0.4),  # the one-to-one branch's second cut
+        ([20], 13, 4, 0.05, 0.9),  # large boxes, another top-k and cut
+        ([6, 3], 10, None, 0.001, 0.01),  # tiny boxes: fewer candidates than topk (the floor finds some)
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tal_assign_matches_the_dense_assigner(counts, topk, topk2, lo, hi, dtype, gen):
+    grids = grids_for(96, 128)
+    options = DetectionOptions(nc=5, reg_max=16, strides=(8.0, 16.0, 32.0), topk=topk, topk2=topk2)
+    preds = make_preds(len(counts), grids, 5, 16, gen, dtype=dtype)
+    batch = make_batch(counts, 5, gen, lo=lo, hi=hi)
+    ours, expected = assign_both(preds, batch, options, grids)
+    assert ours[0].dtype == torch.int32 and ours[1].dtype == (dtype if dtype == torch.float64 else torch.float32)
+    assert_same_assignment(ours, expected)
+
+
+def test_tal_assign_duplicates_and_padding_rows(gen):
+    """Identical boxes tie on every CIoU: the first takes the shared points; an all-zero row is padding."""
+    grids = grids_for(64, 64)
+    options = DetectionOptions(nc=3, reg_max=16, strides=(8.0, 16.0, 32.0))
+    preds = make_preds(2, grids, 3, 16, gen)
+    batch = make_batch([4, 3], 3, gen, lo=0.1, hi=0.5)
+    batch["bboxes"][1] = batch["bboxes"][0]
+    batch["cls"][1] = batch["cls"][0]
+    batch["bboxes"][5] = 0.0  # a padding row inside the batch
+    ours, expected = assign_both(preds, batch, options, grids)
+    assert_same_assignment(ours, expected)
+    assert not (ours[0][0] == 1).any()  # the duplicate loses every shared point to the first
+
+
+def test_tal_assign_reg_max_one_and_one_level(gen):
+    grids = [(10, 12)]
+    options = DetectionOptions(nc=2, reg_max=1, strides=(16.0,))
+    preds = make_preds(2, grids, 2, 1, gen)
+    batch = make_batch([5, 7], 2, gen, lo=0.05, hi=0.6)
+    ours, expected = assign_both(preds, batch, options, grids)
+    assert_same_assignment(ours, expected)
+
+
+@pytest.mark.parametrize("reg_max", [16, 1])
+def test_detection_loss_float64_gradcheck(reg_max, gen):
+    """With the assignment held (an input of the op), the class and distance components are exact
+    functions of the inputs: gradcheck. The box component's CIoU has a detached aspect weight (as
+    the original), so its gradient is checked against the reference's autograd in float64."""
+    grids = [(4, 4), (2, 2)]
+    options = DetectionOptions(nc=3, reg_max=reg_max, strides=(8.0, 16.0))
+    preds = make_preds(2, grids, 3, reg_max, gen, dtype=torch.float64)
+    batch = make_batch([3, 2], 3, gen, lo=0.2, hi=0.6, dtype=torch.float64)
+    labels, gt_boxes = targets_of(preds, batch, options, grids)
+    assigned, target = OPS.tal_assign(
+        *op_args(preds, labels, gt_boxes, options, grids), 10, None, 0.5, 6.0, options.size_floor
+    )
+    assert (assigned >= 0).sum() > 3
+    flat, strides = [n for g in grids for n in g], list(options.strides)
+    weights = torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64)
+
+    def loss(boxes, scores, gains=(7.5, 0.5, 1.5)):
+        return OPS.detection_loss(boxes, scores, labels, gt_boxes, assigned, target, weights, flat, strides, *gains)
+
+    boxes = preds["boxes"].clone().requires_grad_(True)
+    scores = preds["scores"].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda b, s: loss(b, s, (0.0, 0.5, 1.5)), (boxes, scores), eps=1e-6, atol=1e-7)
+
+    fixed = reference.assignment_of(
+        preds["boxes"], preds["scores"], grids, batch["batch_idx"], batch["cls"], batch["bboxes"], options
+    )
+    assert_same_assignment((assigned, target), fixed)
+    for grad_out in (torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.3, -2.0, 5.0])):
+        want = torch.autograd.grad(
+            reference.loss(
+                boxes, scores, grids, batch["batch_idx"], batch["cls"], batch["bboxes"], options, weights, fixed
+            ),
+            (boxes, scores),
+            grad_out.double(),
+        )
+        got = torch.autograd.grad(loss(boxes, scores), (boxes, scores), grad_out.double())
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_against_the_reference_upcast(dtype, gen):
+    """Half inputs are computed in float32: the loss (float32, as the original's) equals the reference
+    on the same values upcast; the gradients come back in the input dtype."""
+    model = StandIn(nc=4)
+    preds = make_preds(2, grids_for(64, 96), 4, 16, gen, dtype=dtype)
+    batch = make_batch([6, 4], 4, gen)
+    up = {k: (v.float() if k != "feats" else v) for k, v in preds.items()}
+    got = run(yolov8.DetectionLoss(model, backend="cpp"), preds, batch)
+    want = run(yolov8.DetectionLoss(model, backend="reference"), up, batch)
+    assert got[0].dtype == torch.float32
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    for g, w in zip(got[2], want[2]):
+        assert g.dtype == dtype
+        scale = float(w.abs().max())
+        torch.testing.assert_close(g.float(), w, rtol=1e-2, atol=1e-2 * scale)
+
+
+def test_forward_only_writes_no_gradient(gen, monkeypatch):
+    """Validation calls (no_grad) run the loss without its backward."""
+    calls = []
+    backward = library._detection_loss_backward
+    monkeypatch.setattr(library, "_detection_loss_backward", lambda *a: calls.append(1) or backward(*a))
+    model = StandIn(nc=3)
+    preds = make_preds(1, grids_for(64, 64), 3, 16, gen)
+    batch = make_batch([3], 3, gen)
+    with torch.no_grad():
+        loss, _ = yolov8.DetectionLoss(model, backend="cpp")(preds, batch)
+    assert loss.requires_grad is False and torch.isfinite(loss).all() and calls == []
+
+
+def test_opcheck(gen):
+    grids = [(4, 6), (2, 3)]
+    options = DetectionOptions(nc=3, reg_max=4, strides=(8.0, 16.0))
+    preds = make_preds(2, grids, 3, 4, gen)
+    batch = make_batch([3, 2], 3, gen, lo=0.2, hi=0.6)
+    labels, gt_boxes = targets_of(preds, batch, options, grids)
+    args = op_args(preds, labels, gt_boxes, options, grids)
+    assign_args = (*args, 10, None, 0.5, 6.0, 16.0)
+    assigned, target = OPS.tal_assign(*assign_args)
+    boxes, scores = (t.clone().requires_grad_(True) for t in args[:2])
+    loss_args = (boxes, scores, labels, gt_boxes, assigned, target, None, *args[4:], 7.5, 0.5, 1.5)
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(OPS.tal_assign.default, assign_args, test_utils=utils)
+    torch.library.opcheck(OPS.detection_loss.default, loss_args, test_utils=utils)
+    # the backward op has no derivative of its own (a second derivative is an error): plain inputs
+    backward_args = (torch.ones(3), *args[:2], *loss_args[2:6], torch.rand(3), *loss_args[7:])
+    torch.library.opcheck(OPS.detection_loss_backward.default, backward_args, test_utils=utils)
+    loss = OPS.detection_loss(*loss_args)
+    (grad_boxes,) = torch.autograd.grad(loss.sum(), boxes, create_graph=True)
+    with pytest.raises(RuntimeError, match="a second derivative .* is not supported"):
+        grad_boxes.sum().backward()
+
+
+def test_the_assigner_allocates_no_boxes_by_points_tensor(gen):
+    """The dense assigner holds several [bs, boxes, points] tensors; tal_assign's memory is
+    O(bs * boxes * topk + bs * points): here under a tenth of one dense float tensor."""
+    grids = grids_for(320, 320)
+    options = DetectionOptions(nc=8, reg_max=16, strides=(8.0, 16.0, 32.0))
+    preds = make_preds(2, grids, 8, 16, gen)
+    batch = make_batch([200, 200], 8, gen, lo=0.01, hi=0.2)
+    labels, gt_boxes = targets_of(preds, batch, options, grids)
+    args = (*op_args(preds, labels, gt_boxes, options, grids), 10, None, 0.5, 6.0, 16.0)
+    points = preds["boxes"].shape[2]
+    dense = 2 * 200 * points * 4
+    peak = peak_extra_bytes(lambda: OPS.tal_assign(*args), torch.device("cpu"))
+    assert peak < dense / 10, (peak, dense)
+
+
+@pytest.mark.parametrize(
+    "change, pattern",
+    [
+        (lambda a: {"scores": a["scores"][:, :, :-1]}, r"scores: expected shape \[bs, channels, \d+\]"),
+        (lambda a: {"boxes": a["boxes"][:, :-1]}, r"boxes: expected 4 \* reg_max channels, got 63"),
+        (lambda a: {"scores": a["scores"].double()}, r"scores: expected the dtype of boxes"),
+        (lambda a: {"grids": a["grids"][:-1]}, r"grids: expected \(ny, nx\) of each of the 3 levels"),
+        (lambda a: {"gt_boxes": a["gt_boxes"].double()}, r"gt_boxes: expected a float32 tensor"),
+        (lambda a: {"gt_labels": a["gt_labels"].int()}, r"gt_labels: expected an int64 tensor"),
+        (lambda a: {"gt_labels": a["gt_labels"] + 10}, r"gt_labels: expected classes in \[0, 3\), got 1[0-2]"),
+    ],
+)
+def test_bad_arguments_name_the_argument(change, pattern, gen):
+    grids = grids_for(64, 64)
+    options = DetectionOptions(nc=3, reg_max=16, strides=(8.0, 16.0, 32.0))
+    preds = make_preds(1, grids, 3, 16, gen)
+    labels, gt_boxes = targets_of(preds, make_batch([2], 3, gen), options, grids)
+    names = ("boxes", "scores", "gt_labels", "gt_boxes", "grids", "strides")
+    a = dict(zip(names, op_args(preds, labels, gt_boxes, options, grids)))
+    a.update(change(a))
+    with pytest.raises((RuntimeError, ValueError), match=pattern):
+        OPS.tal_assign(*a.values(), 10, None, 0.5, 6.0, 16.0)
