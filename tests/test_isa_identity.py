@@ -69,7 +69,7 @@ static void print_bits(const char* what, const std::vector<double>& v) {
       print_bits("summed_grad", g), print_bits("summed_loss", row_loss);                              \
     }                                                                                                 \
   }                                                                                                   \
-  print_bits("softplus_sum", std::vector<double>{anchor_free::softplus_row_sum_generic<float>(x.data(), n)}); \
+  print_bits("softplus_sum", std::vector<double>{anchor_free::softplus_row_sum_products(x.data(), n)});       \
   std::vector<float> sig(n);                                                                          \
   anchor_free::sigmoid_row_scaled_generic<float>(x.data(), sig.data(), n, 0.37f);                      \
   print_bits("sigmoid_scaled", sig);                                                                  \

@@ -18,27 +18,41 @@ constexpr double kCiouEps = 1e-7;    // bbox_iou's eps (heights, union, enclosin
 constexpr double kAssignEps = 1e-9;  // the assigner's eps (inside-box margin, metric normalisation)
 constexpr double kDflMargin = 0.01;  // distance targets stop at reg_max - 1 - margin
 
-// Complete IoU of xyxy box a against xyxy box b, as reference.bbox_ciou(a, b): heights carry
-// + eps, the aspect term's weight alpha is detached. S is a value type or Dual<T, N> (a's corners
-// as dual variables give the gradient with respect to them); b is constant.
+// IoU of xyxy box a against xyxy box b as reference.bbox_ciou computes it on the way to CIoU
+// (heights + eps), with the widths and heights CIoU's other terms use. S is a value type or
+// Dual<T, N>; b is constant.
 template <typename S, typename T>
-S ciou_xyxy(const S& ax1, const S& ay1, const S& ax2, const S& ay2, T bx1, T by1, T bx2, T by2) {
+struct IouParts {
+  S iou, aw, ah;
+  T bw, bh;
+};
+template <typename S, typename T>
+IouParts<S, T> iou_xyxy(const S& ax1, const S& ay1, const S& ax2, const S& ay2, T bx1, T by1, T bx2, T by2) {
   const T eps = T(kCiouEps);
   const S aw = ax2 - ax1, ah = (ay2 - ay1) + eps;
   const T bw = bx2 - bx1, bh = (by2 - by1) + eps;
   const S inter = clamp_min(min2(ax2, S(bx2)) - max2(ax1, S(bx1)), T(0)) *
                   clamp_min(min2(ay2, S(by2)) - max2(ay1, S(by1)), T(0));
   const S uni = ((aw * ah + bw * bh) - inter) + eps;
-  const S iou = inter / uni;
+  return {inter / uni, aw, ah, bw, bh};
+}
+
+// Complete IoU of xyxy box a against xyxy box b, as reference.bbox_ciou(a, b): the IoU less the
+// centre distance and aspect terms (both >= 0, so CIoU <= IoU), the aspect term's weight alpha
+// detached.
+template <typename S, typename T>
+S ciou_xyxy(const S& ax1, const S& ay1, const S& ax2, const S& ay2, T bx1, T by1, T bx2, T by2) {
+  const T eps = T(kCiouEps);
+  const IouParts<S, T> u = iou_xyxy<S, T>(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2);
   const S cw = max2(ax2, S(bx2)) - min2(ax1, S(bx1));
   const S ch = max2(ay2, S(by2)) - min2(ay1, S(by1));
   const S c2 = (cw * cw + ch * ch) + eps;
   const S dx = ((S(bx1 + bx2) - ax1) - ax2), dy = ((S(by1 + by2) - ay1) - ay2);
   const S rho2 = (dx * dx + dy * dy) / T(4);
-  const S da = S(atan_(bw / bh)) - atan_(aw / ah);
+  const S da = S(atan_(u.bw / u.bh)) - atan_(u.aw / u.ah);
   const S v = da * da * T(4.0 / (M_PI * M_PI));
-  const S alpha = detach(v / (((T(1) - iou) + v) + eps));
-  return iou - (rho2 / c2 + v * alpha);
+  const S alpha = detach(v / (((T(1) - u.iou) + v) + eps));
+  return u.iou - (rho2 / c2 + v * alpha);
 }
 
 // On plain values (the assigner: the ground truth as a, the prediction as b).
@@ -122,6 +136,45 @@ inline double softplus_row_sum_generic(const T* x, int64_t n) {
   }
   return total;
 }
+// The same sum for float rows with one logarithm per 7 logits instead of one per logit:
+// softplus(x) = max(x, 0) + log1p(e), e = exp(-|x|) in (0, 1], and the log1p terms of 7 logits are
+// summed as the log of the product of their (1 + e) (kept as 1 + s: s' = s + e + s e), in 16 fixed
+// lanes (as bce_const_target_rows_summed).
+inline double softplus_row_sum_products(const float* x, int64_t n) {
+  constexpr int64_t span = kSumLanes * kSumPerLane;
+  alignas(64) float e[kRowBlock + kSumLanes];
+  alignas(64) float lin[kRowBlock + kSumLanes];
+  alignas(64) float prods[(kRowBlock / span + 1) * kSumLanes];
+  double total = 0.0;
+  for (int64_t c0 = 0; c0 < n; c0 += kRowBlock) {
+    const int64_t len = std::min(kRowBlock, n - c0), padded = (len + kSumLanes - 1) / kSumLanes * kSumLanes;
+    for (int64_t c = 0; c < len; ++c) {
+      const float v = x[c0 + c];
+      e[c] = exp_nonpositive(-std::abs(v));
+      lin[c] = std::max(v, 0.0f) + (v - v);  // + (x - x): a NaN or infinite logit, a non-finite sum
+    }
+    for (int64_t c = len; c < padded; ++c) e[c] = 0.0f, lin[c] = 0.0f;  // 1 + 0: no effect
+    int64_t np = 0;
+    YkFloat16 lin_sum = {};
+    for (int64_t g = 0; g < padded; g += span) {
+      YkFloat16 prod = {};
+      for (int64_t c = g; c < std::min(padded, g + span); c += kSumLanes) {
+        YkFloat16 ev, lv;
+        std::memcpy(&ev, e + c, sizeof(ev));
+        std::memcpy(&lv, lin + c, sizeof(lv));
+        prod = prod + ev + prod * ev;
+        lin_sum += lv;
+      }
+      std::memcpy(prods + np, &prod, sizeof(prod));
+      np += kSumLanes;
+    }
+    double logs = 0.0;
+    for (int64_t i = 0; i < np; ++i) prods[i] = float(log1p_nonnegative(prods[i]));
+    for (int64_t i = 0; i < np; ++i) logs += double(prods[i]);
+    total += logs + double(lanes_tree(lin_sum, [](YkFloat16 a, YkFloat16 b) { return a + b; }));
+  }
+  return total;
+}
 template <typename T>
 inline void sigmoid_row_scaled_generic(const T* x, T* out, int64_t n, T scale) {
   for (int64_t c = 0; c < n; ++c) {
@@ -130,7 +183,33 @@ inline void sigmoid_row_scaled_generic(const T* x, T* out, int64_t n, T scale) {
     out[c] = (x[c] >= T(0) ? inv : e * inv) * scale;
   }
 }
+// The box logits' gradient of bin j of one side over n assigned points: through the softmax mean
+// (the distance, into the box term with d_ciou[q] = d(1 - CIoU)/d distance) and through the DFL
+// (bins left[q] and left[q] + 1 with weights wl[q], wr[q]), each point weighted by its target
+// score t[q]: out[q] = d loss / d x[q] for the components' scales d_box and d_dist.
+template <typename T>
+inline void bin_gradient_row_generic(const T* x, const T* log_norm, const T* dist, const T* t, const T* d_ciou,
+                                     const int32_t* left, const T* wl, const T* wr, int64_t n, int32_t j, T d_box,
+                                     T d_dist, T* out) {
+  for (int64_t q = 0; q < n; ++q) {
+    const T pj = exp_nonpositive(x[q] - log_norm[q]);
+    const T dfl = d_dist / T(4) * t[q];
+    T v = d_box * t[q] * d_ciou[q] * pj * (T(j) - dist[q]) + dfl * pj * (wl[q] + wr[q]);
+    v -= left[q] == j ? dfl * wl[q] : T(0);
+    v -= left[q] + 1 == j ? dfl * wr[q] : T(0);
+    out[q] = v;
+  }
+}
+
 // float rows: compiled once per instruction set in math/rows.cpp
+void bin_gradient_row(const float* x, const float* log_norm, const float* dist, const float* t, const float* d_ciou,
+                      const int32_t* left, const float* wl, const float* wr, int64_t n, int32_t j, float d_box,
+                      float d_dist, float* out);
+inline void bin_gradient_row(const double* x, const double* log_norm, const double* dist, const double* t,
+                             const double* d_ciou, const int32_t* left, const double* wl, const double* wr, int64_t n,
+                             int32_t j, double d_box, double d_dist, double* out) {
+  bin_gradient_row_generic(x, log_norm, dist, t, d_ciou, left, wl, wr, n, j, d_box, d_dist, out);
+}
 void decode_block_f32(const float* x, int64_t row_stride, int64_t reg_max, int64_t n, int64_t block, float* dist,
                       float* log_norm);
 double softplus_row_sum(const float* x, int64_t n);

@@ -82,77 +82,98 @@ S target_norm(const Problem& P) {
   return S(std::max(sum, 1.0));
 }
 
-// An assigned point: its level's geometry and its box and DFL/L1 terms, with their gradients
-// with respect to the point's 4 * reg_max box logits (when grad is given).
-template <typename S, typename In>
-struct PointTerms {
-  const Problem& P;
-  const In* boxes;
-  const float* gt_boxes;
-  S image_w, image_h;
+// The assigned points of one image, gathered: their box logits as rows x[c * n + q] (channel c,
+// point q; read row by row, in point order, so the reads of a row move forward), decoded, and
+// per point the box term (1 - CIoU), the distance term (DFL, or L1 with reg_max 1), and what the
+// gradient needs: d(1 - CIoU) / d distance per side, the DFL's bins and weights per side.
+template <typename S>
+struct AssignedPoints {
+  int64_t n = 0;
+  std::vector<int64_t> point, box;
+  std::vector<S> t;                        // target score
+  std::vector<S> x, dist, log_norm;        // [4R * n], [4 * n], [4 * n]
+  std::vector<S> box_term, dist_term;      // [n]
+  std::vector<S> d_ciou;                   // [4 * n]: d (1 - CIoU) / d distance s
+  std::vector<S> w_left, w_right, d_l1;    // [4 * n]: DFL weights; d L1 / d distance s (reg_max 1)
+  std::vector<int32_t> left;               // [4 * n]: the DFL's left bin
 
-  // box term (1 - CIoU), distance term (DFL, or L1 with reg_max 1), both unweighted; grad[c] for
-  // channel c of the point: d_box * d(1 - CIoU)/dx_c + d_dist * d(distance term)/dx_c.
-  std::array<S, 2> operator()(int64_t b, int64_t p, int64_t g, S d_box, S d_dist, S* grad) const {
+  template <typename In>
+  void build(const Problem& P, int64_t b) {
     const Layout& L = P.L;
-    int64_t l = L.levels() - 1;
-    while (L.offsets[l] > p) --l;
-    const int64_t cell = p - L.offsets[l];
-    const S st = S(L.strides[l]);
-    const S cx = S(cell % L.nx(l)) + S(0.5), cy = S(cell / L.nx(l)) + S(0.5);
-    const In* x = boxes + b * 4 * P.R * L.points + p;
-    S dist[4], log_norm[4];
-    decode<S, In>(x, L.points, P.R, 1, 1, dist, log_norm);
-    const float* q = gt_boxes + (b * P.m + g) * 4;
-    const S tx1 = S(q[0]) / st, ty1 = S(q[1]) / st, tx2 = S(q[2]) / st, ty2 = S(q[3]) / st;  // grid units
-    using D = Dual<S, 4>;
-    const D l_ = D::variable(dist[0], 0, S(1)), t_ = D::variable(dist[1], 1, S(1));
-    const D r_ = D::variable(dist[2], 2, S(1)), b_ = D::variable(dist[3], 3, S(1));
-    const D ciou = ciou_xyxy<D, S>(cx - l_, cy - t_, r_ + cx, b_ + cy, tx1, ty1, tx2, ty2);  // + commutes exactly
-    const S sides[4] = {cx - tx1, cy - ty1, tx2 - cx, ty2 - cy};
-    S dist_term = S(0);
-    S d_side[4] = {0, 0, 0, 0};  // d (distance term) / d distance, for reg_max 1
-    if (P.R > 1) {
-      const S top = S(P.R - 1) - S(kDflMargin);
+    const int64_t A = L.points, R = P.R, C = 4 * R;
+    const int32_t* assigned = P.assigned.data_ptr<int32_t>() + b * A;
+    const S* target = P.target.data_ptr<S>() + b * A;
+    point.clear(), box.clear(), t.clear();
+    for (int64_t p = 0; p < A; ++p)
+      if (assigned[p] >= 0) point.push_back(p), box.push_back(assigned[p]), t.push_back(target[p]);
+    n = int64_t(point.size());
+    x.resize(size_t(C * n)), dist.resize(size_t(4 * n)), log_norm.resize(size_t(4 * n));
+    box_term.resize(size_t(n)), dist_term.resize(size_t(n)), d_ciou.resize(size_t(4 * n));
+    w_left.resize(size_t(4 * n)), w_right.resize(size_t(4 * n)), d_l1.resize(size_t(4 * n));
+    left.resize(size_t(4 * n));
+    const In* xb = P.boxes.data_ptr<In>() + b * C * A;
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t q = 0; q < n; ++q) x[c * n + q] = S(xb[c * A + point[q]]);
+    for (int64_t q0 = 0; q0 < n; q0 += kDecodeBlock)
+      decode<S, S>(x.data() + q0, n, R, std::min(kDecodeBlock, n - q0), n, dist.data() + q0, log_norm.data() + q0);
+    const float* gt = P.gt_boxes.data_ptr<float>() + b * P.m * 4;
+    const S image_w = S(L.nx(0)) * S(L.strides[0]), image_h = S(L.ny(0)) * S(L.strides[0]);
+    const S top = S(R - 1) - S(kDflMargin);
+    int64_t l = 0;
+    for (int64_t q = 0; q < n; ++q) {
+      const int64_t p = point[q];
+      while (l + 1 < L.levels() && L.offsets[l + 1] <= p) ++l;  // points in order: levels in order
+      const int64_t cell = p - L.offsets[l];
+      const S st = S(L.strides[l]);
+      const S cx = S(cell % L.nx(l)) + S(0.5), cy = S(cell / L.nx(l)) + S(0.5);
+      const float* g = gt + box[q] * 4;
+      const S tx1 = S(g[0]) / st, ty1 = S(g[1]) / st, tx2 = S(g[2]) / st, ty2 = S(g[3]) / st;  // grid units
+      using D = Dual<S, 4>;
+      const D l_ = D::variable(dist[0 * n + q], 0, S(1)), t_ = D::variable(dist[1 * n + q], 1, S(1));
+      const D r_ = D::variable(dist[2 * n + q], 2, S(1)), b_ = D::variable(dist[3 * n + q], 3, S(1));
+      const D ciou = ciou_xyxy<D, S>(cx - l_, cy - t_, r_ + cx, b_ + cy, tx1, ty1, tx2, ty2);  // + commutes
+      box_term[q] = S(1) - ciou.v;
+      const S sides[4] = {cx - tx1, cy - ty1, tx2 - cx, ty2 - cy};
+      S sum = S(0);
       for (int s = 0; s < 4; ++s) {
-        const S tgt = std::min(std::max(sides[s], S(0)), top);
-        const int64_t left = int64_t(tgt);
-        const S wl = S(left + 1) - tgt, wr = S(1) - wl;
-        const In* xs = x + s * P.R * L.points;
-        const S lp_left = S(xs[left * L.points]) - log_norm[s], lp_right = S(xs[(left + 1) * L.points]) - log_norm[s];
-        dist_term += -(lp_left * wl + lp_right * wr);
-        if (grad == nullptr) continue;
-        const S d_ciou = -d_box * ciou.d[s];  // d (1 - CIoU) / d distance s
-        const S d_dfl = d_dist / S(4);
-        for (int64_t j = 0; j < P.R; ++j) {
-          const S pj = std::exp(S(xs[j * L.points]) - log_norm[s]);
-          S gj = d_ciou * pj * (S(j) - dist[s]) + d_dfl * pj * (wl + wr);
-          if (j == left) gj -= d_dfl * wl;
-          if (j == left + 1) gj -= d_dfl * wr;
-          grad[s * P.R + j] = gj;
+        d_ciou[s * n + q] = -ciou.d[s];
+        if (R > 1) {
+          const S tgt = std::min(std::max(sides[s], S(0)), top);
+          const int32_t lb = int32_t(tgt);
+          const S wl = S(lb + 1) - tgt, wr = S(1) - wl;
+          left[s * n + q] = lb, w_left[s * n + q] = wl, w_right[s * n + q] = wr;
+          const S* xs = x.data() + s * R * n;
+          sum += -((xs[lb * n + q] - log_norm[s * n + q]) * wl + (xs[(lb + 1) * n + q] - log_norm[s * n + q]) * wr);
+        } else {  // L1 of the distances as fractions of the image (x sides by width, y sides by height)
+          const S side = s % 2 == 0 ? image_w : image_h;
+          const S diff = dist[s * n + q] * st / side - sides[s] * st / side;
+          sum += std::abs(diff);
+          d_l1[s * n + q] = diff > S(0) ? st / side : (diff < S(0) ? -st / side : S(0));
         }
       }
-      dist_term = dist_term / S(4);
-    } else {  // L1 of the distances as fractions of the image (x sides by width, y sides by height)
-      for (int s = 0; s < 4; ++s) {
-        const S side = s % 2 == 0 ? image_w : image_h;
-        const S diff = dist[s] * st / side - sides[s] * st / side;
-        dist_term += std::abs(diff);
-        d_side[s] = diff > S(0) ? st / side : (diff < S(0) ? -st / side : S(0));
-      }
-      dist_term = dist_term / S(4);
-      if (grad != nullptr)
-        for (int s = 0; s < 4; ++s) grad[s] = -d_box * ciou.d[s] + d_dist / S(4) * d_side[s];
+      dist_term[q] = sum / S(4);
     }
-    return {S(1) - ciou.v, dist_term};
+  }
+
+  // d loss / d x into g[c * n + q], for the box term's and the distance term's scales (times t).
+  void gradient(int64_t R, S d_box, S d_dist, std::vector<S>& g) const {
+    g.resize(size_t(4 * R * n));
+    for (int64_t s = 0; s < 4; ++s) {
+      const S* ds = dist.data() + s * n;
+      const S* ln = log_norm.data() + s * n;
+      const S* dc = d_ciou.data() + s * n;
+      if (R == 1) {
+        for (int64_t q = 0; q < n; ++q) g[s * n + q] = t[q] * (d_box * dc[q] + d_dist / S(4) * d_l1[s * n + q]);
+        continue;
+      }
+      const int32_t* lb = left.data() + s * n;
+      const S *wl = w_left.data() + s * n, *wr = w_right.data() + s * n;
+      for (int64_t j = 0; j < R; ++j)
+        bin_gradient_row(x.data() + (s * R + j) * n, ln, ds, t.data(), dc, lb, wl, wr, n, int32_t(j), d_box, d_dist,
+                         g.data() + (s * R + j) * n);
+    }
   }
 };
-
-template <typename S, typename In>
-PointTerms<S, In> point_terms(const Problem& P) {
-  const S image_w = S(P.L.nx(0)) * S(P.L.strides[0]), image_h = S(P.L.ny(0)) * S(P.L.strides[0]);
-  return {P, P.boxes.data_ptr<In>(), P.gt_boxes.data_ptr<float>(), image_w, image_h};
-}
 
 // A row of logits as float/double for the row loops (half and bfloat16 converted into buf).
 template <typename S, typename In>
@@ -179,22 +200,18 @@ at::Tensor forward(const Problem& P, Gains gains) {
   });
   // the assigned points: - t x of the class term, the box and distance terms weighted by t
   std::vector<std::array<double, 3>> images(static_cast<size_t>(bs));
-  const auto terms = point_terms<S, In>(P);
-  const int32_t* assigned = P.assigned.data_ptr<int32_t>();
-  const S* target = P.target.data_ptr<S>();
   const int64_t* labels = P.gt_labels.data_ptr<int64_t>();
   at::parallel_for(0, bs, 1, [&](int64_t begin, int64_t end) {
+    AssignedPoints<S> pts;
     for (int64_t b = begin; b < end; ++b) {
+      pts.template build<In>(P, b);
       std::array<double, 3> sum = {0.0, 0.0, 0.0};
-      for (int64_t p = 0; p < A; ++p) {
-        const int64_t g = assigned[b * A + p];
-        if (g < 0) continue;
-        const S t = target[b * A + p];
-        const int64_t label = std::max<int64_t>(labels[b * P.m + g], 0);
-        sum[1] -= double(w[label] * S(xs[(b * nc + label) * A + p]) * t);
-        const auto v = terms(b, p, g, S(0), S(0), nullptr);
-        sum[0] += double(v[0] * t);
-        sum[2] += double(v[1] * t);
+      for (int64_t q = 0; q < pts.n; ++q) {
+        const S t = pts.t[q];
+        const int64_t label = std::max<int64_t>(labels[b * P.m + pts.box[q]], 0);
+        sum[1] -= double(w[label] * S(xs[(b * nc + label) * A + pts.point[q]]) * t);
+        sum[0] += double(pts.box_term[q] * t);
+        sum[2] += double(pts.dist_term[q] * t);
       }
       images[b] = sum;
     }
@@ -239,26 +256,25 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad, const Proble
   });
   at::Tensor grad_boxes = pooled_empty_strided({bs, C, A}, {C * A, A, 1}, P.boxes.scalar_type());
   In* gb = grad_boxes.data_ptr<In>();
-  const auto terms = point_terms<S, In>(P);
-  const int32_t* assigned = P.assigned.data_ptr<int32_t>();
-  const S* target = P.target.data_ptr<S>();
   const int64_t* labels = P.gt_labels.data_ptr<int64_t>();
   at::parallel_for(0, bs, 1, [&](int64_t begin, int64_t end) {
-    std::vector<S> point_grad(static_cast<size_t>(C));
+    AssignedPoints<S> pts;
+    std::vector<S> g;
     for (int64_t b = begin; b < end; ++b) {
-      std::fill(gb + b * C * A, gb + (b + 1) * C * A, In(0));  // zero but at the assigned points
-      for (int64_t p = 0; p < A; ++p) {
-        const int64_t gi = assigned[b * A + p];
-        if (gi < 0) continue;
-        const S t = target[b * A + p];
-        const int64_t label = std::max<int64_t>(labels[b * P.m + gi], 0);
-        const int64_t at_ = (b * nc + label) * A + p;
+      pts.template build<In>(P, b);
+      pts.gradient(P.R, d_box, d_dist, g);
+      for (int64_t c = 0; c < C; ++c) {  // each row: zero but at the assigned points
+        In* row = gb + (b * C + c) * A;
+        std::fill(row, row + A, In(0));
+        for (int64_t q = 0; q < pts.n; ++q) row[pts.point[q]] = In(g[c * pts.n + q]);
+      }
+      for (int64_t q = 0; q < pts.n; ++q) {  // the class term at the assigned class: (sigmoid - t)
+        const int64_t label = std::max<int64_t>(labels[b * P.m + pts.box[q]], 0);
+        const int64_t at_ = (b * nc + label) * A + pts.point[q];
         const S x = S(xs[at_]);
         S sig;
         sigmoid_row_scaled(&x, &sig, 1, S(1));
-        gs[at_] = In(d_cls * w[label] * (sig - t));
-        terms(b, p, gi, d_box * t, d_dist * t, point_grad.data());
-        for (int64_t c = 0; c < C; ++c) gb[(b * C + c) * A + p] = In(point_grad[c]);
+        gs[at_] = In(d_cls * w[label] * (sig - pts.t[q]));
       }
     }
   });

@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -41,6 +42,19 @@ struct GtBox {
   int64_t label;
   bool valid;  // an all-zero row (xyxy sum not positive) is padding
 };
+
+// The cells of level l whose centre (i + 0.5) * stride can be strictly inside the box's candidate
+// window (the exact test is Assigner::candidate); empty (i0 > i1) when none.
+struct Window {
+  int64_t i0, i1, j0, j1;
+};
+inline Window cell_window(const GtBox& g, const Layout& L, int64_t l) {
+  const float st = float(L.strides[l]);
+  return {std::max<int64_t>(0, int64_t(std::floor(g.lo_x / st - 0.5f))),
+          std::min<int64_t>(L.nx(l) - 1, int64_t(std::ceil(g.hi_x / st - 0.5f))),
+          std::max<int64_t>(0, int64_t(std::floor(g.lo_y / st - 0.5f))),
+          std::min<int64_t>(L.ny(l) - 1, int64_t(std::ceil(g.hi_y / st - 0.5f)))};
+}
 
 template <typename S>
 struct Pick {
@@ -73,12 +87,23 @@ struct Assigner {
     return clamp_nonnegative(ciou_values<float>(g.x1, g.y1, g.x2, g.y2, q[0], q[1], q[2], q[3]));
   }
 
+  // IoU >= CIoU: an upper bound of the overlap for no arctangent
+  float iou(const GtBox& g, int64_t b, int64_t p) const {
+    const float* q = pred + (b * layout.points + p) * 4;
+    return iou_xyxy<float, float>(g.x1, g.y1, g.x2, g.y2, q[0], q[1], q[2], q[3]).iou;
+  }
+
   template <typename In>
-  S metric(const In* scores, int64_t b, int64_t label, int64_t p, float ov) const {
+  S score_power(const In* scores, int64_t b, int64_t label, int64_t p) const {
     const S x = S(scores[(b * nc + label) * layout.points + p]);
     const S score = S(1) / (S(1) + std::exp(-x));
-    const S s = alpha == S(0.5) ? std::sqrt(score) : std::pow(score, alpha);  // torch's pow(x, 0.5) is sqrt
-    return s * S(beta == 2.0f ? ov * ov : std::pow(ov, beta));
+    return alpha == S(0.5) ? std::sqrt(score) : std::pow(score, alpha);  // torch's pow(x, 0.5) is sqrt
+  }
+  S overlap_power(float ov) const { return S(beta == 2.0f ? ov * ov : std::pow(ov, beta)); }
+
+  template <typename In>
+  S metric(const In* scores, int64_t b, int64_t label, int64_t p, float ov) const {
+    return score_power(scores, b, label, p) * overlap_power(ov);
   }
 };
 
@@ -102,36 +127,92 @@ inline void topk_select(std::vector<Entry>& row, int64_t k, int64_t points) {
 }
 
 // Step 2 for box g of image b: the points of its top-k that are its candidates, into picks.
+//
+// The exact metric costs an arctangent and two powers; the IoU (>= CIoU) bounds it for far less.
+// tau, the k-th largest metric of the k candidates of largest IoU, is at most the k-th largest of
+// all, so a candidate whose IoU^beta is below tau cannot be in the top-k and is not scored. The
+// selection over the scored entries equals the selection over all when the k-th largest is unique
+// and positive (the top-k set is then the same whatever the order the heap saw the entries in);
+// otherwise (ties, zeros, NaN) every candidate is scored and the selection runs as the original's.
+struct Candidate {
+  int64_t point;
+  float iou;
+  double metric;       // set once scored
+  double score_power;  // score^alpha, set once computed (< 0: not yet)
+  bool scored;
+};
+
 template <typename S, typename In>
 int64_t top_candidates(const Assigner<S>& a, const In* scores, int64_t b, const GtBox& g, Pick<S>* picks,
-                       std::vector<Entry>& row) {
+                       std::vector<Entry>& row, std::vector<Candidate>& cands, std::vector<int64_t>& order) {
   const Layout& L = a.layout;
   const int64_t k = a.k;
   const bool partial = topk_partial(k, L.points);
   const int64_t head = partial ? k : L.points;  // the points that enter the row whatever their metric
-  row.assign(size_t(head), Entry(0.0, 0));
-  for (int64_t p = 0; p < head; ++p) row[p].second = p;
+  cands.clear();
   for (int64_t l = 0; l < L.levels(); ++l) {
-    const float st = float(L.strides[l]);
-    const int64_t ny = L.ny(l), nx = L.nx(l), off = L.offsets[l];
-    // cells whose centre (i + 0.5) * st can be strictly inside [lo, hi]; the exact test below
-    const int64_t i0 = std::max<int64_t>(0, int64_t(std::floor(g.lo_x / st - 0.5f))),
-                  i1 = std::min<int64_t>(nx - 1, int64_t(std::ceil(g.hi_x / st - 0.5f)));
-    const int64_t j0 = std::max<int64_t>(0, int64_t(std::floor(g.lo_y / st - 0.5f))),
-                  j1 = std::min<int64_t>(ny - 1, int64_t(std::ceil(g.hi_y / st - 0.5f)));
-    for (int64_t j = j0; j <= j1; ++j) {
-      for (int64_t i = i0; i <= i1; ++i) {
+    const int64_t nx = L.nx(l), off = L.offsets[l];
+    const Window w = cell_window(g, L, l);
+    for (int64_t j = w.j0; j <= w.j1; ++j)
+      for (int64_t i = w.i0; i <= w.i1; ++i) {
         const int64_t p = off + j * nx + i;  // in increasing order, as the heap selection visits them
-        if (!a.candidate(g, p)) continue;
-        const double metric = double(a.metric(scores, b, g.label, p, a.overlap(g, b, p)));
-        if (p < head)
-          row[p].first = metric;
-        else if (!(metric <= 0.0))  // positive or NaN: the only entries that can enter the heap
-          row.emplace_back(metric, p);
+        if (a.candidate(g, p)) cands.push_back(Candidate{p, a.iou(g, b, p), 0.0, -1.0, false});
       }
-    }
   }
-  topk_select(row, k, L.points);
+  auto score_power = [&](Candidate& c) {
+    if (c.score_power < 0.0) c.score_power = double(a.score_power(scores, b, g.label, c.point));
+    return c.score_power;
+  };
+  auto score = [&](Candidate& c) {
+    if (!c.scored) {  // Assigner::metric, with the score's power computed once
+      c.metric = double(S(score_power(c)) * a.overlap_power(a.overlap(g, b, c.point)));
+      c.scored = true;
+    }
+    return c.metric;
+  };
+  // the bound needs a metric that grows with score and overlap (the original's alpha 0.5, beta 6)
+  float iou_floor = -1.0f;  // candidates at or below it (past the first k points) are not scored
+  double tau = 0.0;
+  const int64_t n_cands = int64_t(cands.size());
+  if (partial && n_cands > k && a.alpha >= S(0) && a.beta > 0.0f) {
+    order.resize(size_t(n_cands));
+    for (int64_t t = 0; t < n_cands; ++t) order[t] = t;
+    std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), [&](int64_t x, int64_t y) {
+      return cands[x].iou > cands[y].iou || (std::isnan(cands[x].iou) && !std::isnan(cands[y].iou));
+    });
+    tau = INFINITY;
+    for (int64_t t = 0; t < k; ++t) tau = std::min(tau, score(cands[order[t]]));  // NaN: no pruning
+    // an IoU within this factor of the root is not trusted to be below it after rounding
+    constexpr double kBoundMargin = 1.0 + 1e-5;
+    if (tau > 0.0) iou_floor = float(std::pow(tau, 1.0 / double(a.beta)) / kBoundMargin);
+  }
+  for (bool pruned = iou_floor >= 0.0f;; pruned = false) {
+    row.assign(size_t(head), Entry(0.0, 0));
+    for (int64_t p = 0; p < head; ++p) row[p].second = p;
+    for (auto& c : cands) {
+      if (c.point >= head && pruned) {
+        if (c.iou <= iou_floor) continue;  // IoU^beta (score 1) below tau; false for NaN
+        if (a.beta == 6.0f) {  // with its score: score^alpha IoU^6 (a margin for IoU^6's rounding) below tau
+          const double i2 = double(c.iou) * double(c.iou);
+          if (score_power(c) * (i2 * i2 * i2) * 1.00001 < tau) continue;
+        }
+      }
+      const double metric = score(c);
+      if (c.point < head)
+        row[c.point].first = metric;
+      else if (!(metric <= 0.0))  // positive or NaN: the only entries that can enter the heap
+        row.emplace_back(metric, c.point);
+    }
+    topk_select(row, k, L.points);
+    if (!pruned) break;
+    // the k-th largest: unique and positive, or every candidate is scored and the selection rerun
+    double kth = INFINITY;
+    for (int64_t t = 0; t < k; ++t) kth = std::isnan(row[t].first) ? NAN : std::min(kth, row[t].first);
+    int64_t equal = 0;
+    for (const auto& e : row) equal += e.first == kth;
+    const bool unique = kth > 0.0 && equal == 1;  // false for NaN
+    if (unique) break;
+  }
   int64_t n = 0;
   for (int64_t t = 0; t < k; ++t) {  // the original keeps the top-k points that are candidates
     const int64_t p = row[t].second;
@@ -162,6 +243,15 @@ void resolve_image(const Assigner<S>& a, const In* scores, int64_t b, const Pick
     }
   }
   std::sort(touched.begin(), touched.end());
+  // the boxes' candidate windows as arrays (lo_x, lo_y, hi_x, hi_y; padding: no point inside)
+  std::vector<float> win[4];
+  for (auto& w : win) w.resize(size_t(m));
+  for (int64_t g = 0; g < m; ++g) {
+    const bool valid = gt[g].valid;
+    win[0][g] = valid ? gt[g].lo_x : INFINITY, win[1][g] = valid ? gt[g].lo_y : INFINITY;
+    win[2][g] = gt[g].hi_x, win[3][g] = gt[g].hi_y;
+  }
+  std::vector<uint8_t> inside(static_cast<size_t>(m));
   // the box each touched point goes to, with its metric and CIoU there
   std::vector<Pick<S>> won(touched.size());
   std::vector<int32_t> winner(touched.size());
@@ -171,12 +261,15 @@ void resolve_image(const Assigner<S>& a, const In* scores, int64_t b, const Pick
     if (claims[p] == 1) {
       winner[t] = owner[p], won[t] = first[p];
     } else {  // argmax over every box of the CIoU (0 where not a candidate); NaN wins, first on ties
+      const float x = a.px[p], y = a.py[p], eps = float(kAssignEps);
+      for (int64_t g = 0; g < m; ++g)  // a.candidate over every box at once (vectorises)
+        inside[g] = (x - win[0][g] > eps) & (win[2][g] - x > eps) & (y - win[1][g] > eps) & (win[3][g] - y > eps);
       int32_t best = 0;
-      float best_ov = 0.0f;
-      for (int64_t g = 0; g < m; ++g) {
-        if (g > 0 && !a.candidate(gt[g], p)) continue;  // CIoU 0: never above box 0's (>= 0 or NaN)
-        const float ov = a.candidate(gt[g], p) ? a.overlap(gt[g], b, p) : 0.0f;
-        if (g == 0 || (!std::isnan(best_ov) && (std::isnan(ov) || ov > best_ov))) best = int32_t(g), best_ov = ov;
+      float best_ov = inside[0] ? a.overlap(gt[0], b, p) : 0.0f;
+      for (int64_t g = 1; g < m; ++g) {
+        if (!inside[g]) continue;  // CIoU 0: never above box 0's (>= 0 or NaN)
+        const float ov = a.overlap(gt[g], b, p);
+        if (!std::isnan(best_ov) && (std::isnan(ov) || ov > best_ov)) best = int32_t(g), best_ov = ov;
       }
       const GtBox& w = gt[best];
       const bool cand = a.candidate(w, p);
@@ -237,7 +330,8 @@ void assign(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor&
             at::Tensor& assigned, at::Tensor& target) {
   const int64_t bs = boxes.size(0), A = L.points, R = boxes.size(1) / 4, nc = scores.size(1), m = gt_boxes.size(1);
   // 1. point centres and every point's predicted box, in pixels
-  std::vector<float> px(A), py(A), pred(size_t(bs * A * 4));
+  std::vector<float> px(A), py(A);
+  std::unique_ptr<float[]> pred(new float[size_t(bs * A * 4)]);  // written where needed, read there only
   for (int64_t l = 0; l < L.levels(); ++l)
     for (int64_t j = 0; j < L.ny(l); ++j)
       for (int64_t i = 0; i < L.nx(l); ++i) {
@@ -245,27 +339,6 @@ void assign(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor&
         px[p] = float((S(i) + S(0.5)) * S(L.strides[l]));
         py[p] = float((S(j) + S(0.5)) * S(L.strides[l]));
       }
-  const In* xb = boxes.data_ptr<In>();
-  at::parallel_for(0, bs * L.levels(), 1, [&](int64_t begin, int64_t end) {
-    std::vector<S> dist(size_t(4) * kDecodeBlock);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / L.levels(), l = task % L.levels();
-      const S st = S(L.strides[l]);
-      for (int64_t p0 = L.offsets[l]; p0 < L.offsets[l] + L.ny(l) * L.nx(l); p0 += kDecodeBlock) {
-        const int64_t n = std::min(kDecodeBlock, L.offsets[l] + L.ny(l) * L.nx(l) - p0);
-        decode<S, In>(xb + b * 4 * R * A + p0, A, R, n, kDecodeBlock, dist.data(), nullptr);
-        for (int64_t q = 0; q < n; ++q) {
-          const int64_t p = p0 + q, cell = p - L.offsets[l];
-          const S cx = S(cell % L.nx(l)) + S(0.5), cy = S(cell / L.nx(l)) + S(0.5);
-          float* o = pred.data() + (b * A + p) * 4;
-          o[0] = float((cx - dist[0 * kDecodeBlock + q]) * st);
-          o[1] = float((cy - dist[1 * kDecodeBlock + q]) * st);
-          o[2] = float((cx + dist[2 * kDecodeBlock + q]) * st);
-          o[3] = float((cy + dist[3 * kDecodeBlock + q]) * st);
-        }
-      }
-    }
-  });
   // the boxes' geometry (as reference.candidates_in_boxes), labels checked
   std::vector<GtBox> gt(size_t(bs * m));
   const float* gb = gt_boxes.data_ptr<float>();
@@ -282,15 +355,61 @@ void assign(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor&
                       "), got ", g.label, " at image ", r / m, ", box ", r % m);
     gt[r] = g;
   }
-  const Assigner<S> a{L, bs, m, nc, k, S(alpha), float(beta), pred.data(), px.data(), py.data(), gt};
+  // only the points some box may take need their box decoded (few when boxes are few)
+  std::vector<uint8_t> needed(size_t(bs * A), 0);
+  at::parallel_for(0, bs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b)
+      for (int64_t g = 0; g < m; ++g) {
+        if (!gt[b * m + g].valid) continue;
+        for (int64_t l = 0; l < L.levels(); ++l) {
+          const Window w = cell_window(gt[b * m + g], L, l);
+          for (int64_t j = w.j0; w.i0 <= w.i1 && j <= w.j1; ++j) {
+            uint8_t* row = needed.data() + b * A + L.offsets[l] + j * L.nx(l);
+            std::fill(row + w.i0, row + w.i1 + 1, uint8_t(1));
+          }
+        }
+      }
+  });
+  const In* xb = boxes.data_ptr<In>();
+  at::parallel_for(0, bs * L.levels(), 1, [&](int64_t begin, int64_t end) {
+    std::vector<S> dist(size_t(4) * kDecodeBlock);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / L.levels(), l = task % L.levels();
+      const S st = S(L.strides[l]);
+      const int64_t level_end = L.offsets[l] + L.ny(l) * L.nx(l);
+      const uint8_t* need = needed.data() + b * A;
+      for (int64_t p0 = L.offsets[l]; p0 < level_end;) {  // runs of needed points, at most a block each
+        if (!need[p0]) {
+          ++p0;
+          continue;
+        }
+        int64_t n = 1;
+        while (n < kDecodeBlock && p0 + n < level_end && need[p0 + n]) ++n;
+        decode<S, In>(xb + b * 4 * R * A + p0, A, R, n, kDecodeBlock, dist.data(), nullptr);
+        for (int64_t q = 0; q < n; ++q) {
+          const int64_t p = p0 + q, cell = p - L.offsets[l];
+          const S cx = S(cell % L.nx(l)) + S(0.5), cy = S(cell / L.nx(l)) + S(0.5);
+          float* o = pred.get() + (b * A + p) * 4;
+          o[0] = float((cx - dist[0 * kDecodeBlock + q]) * st);
+          o[1] = float((cy - dist[1 * kDecodeBlock + q]) * st);
+          o[2] = float((cx + dist[2 * kDecodeBlock + q]) * st);
+          o[3] = float((cy + dist[3 * kDecodeBlock + q]) * st);
+        }
+        p0 += n;
+      }
+    }
+  });
+  const Assigner<S> a{L, bs, m, nc, k, S(alpha), float(beta), pred.get(), px.data(), py.data(), gt};
   // 2. each box's top-k
   const In* sc = scores.data_ptr<In>();
   std::vector<Pick<S>> picks(size_t(bs * m * k));
   std::vector<int64_t> counts(size_t(bs * m), 0);
   at::parallel_for(0, bs * m, 1, [&](int64_t begin, int64_t end) {
     std::vector<Entry> row;
+    std::vector<Candidate> cands;
+    std::vector<int64_t> order;
     for (int64_t r = begin; r < end; ++r)
-      if (gt[r].valid) counts[r] = top_candidates(a, sc, r / m, gt[r], picks.data() + r * k, row);
+      if (gt[r].valid) counts[r] = top_candidates(a, sc, r / m, gt[r], picks.data() + r * k, row, cands, order);
   });
   // 3. per image: resolve, cut, normalise
   int32_t* out = assigned.data_ptr<int32_t>();

@@ -43,7 +43,7 @@ YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) void box_iou_rows(int
 namespace anchor_free {
 
 YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) double softplus_row_sum(const float* x, int64_t n) {
-  return softplus_row_sum_generic(x, n);
+  return softplus_row_sum_products(x, n);
 }
 
 YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) void sigmoid_row_scaled(const float* x, float* out,
@@ -56,6 +56,13 @@ YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) void decode_block_f32
                                                                                 int64_t block, float* dist,
                                                                                 float* log_norm) {
   decode_block<float, float>(x, row_stride, reg_max, n, block, dist, log_norm);
+}
+
+YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) void bin_gradient_row(
+    const float* x, const float* log_norm, const float* dist, const float* t, const float* d_ciou,
+    const int32_t* left, const float* wl, const float* wr, int64_t n, int32_t j, float d_box, float d_dist,
+    float* out) {
+  bin_gradient_row_generic(x, log_norm, dist, t, d_ciou, left, wl, wr, n, j, d_box, d_dist, out);
 }
 
 }  // namespace anchor_free
