@@ -6,7 +6,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from yolo_kernels.bench import yolov3_inputs, yolov5_inputs
+from yolo_kernels.bench import yolov3_inputs, yolov5_inputs, yolov8_inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -51,3 +51,19 @@ def yolov5_batch(request):
     """``(anchors, p, targets)``: YOLOv5s's heads (strides 8, 16, 32) and anchors."""
     batch, img, targets_per_image = request.param
     return yolov5_inputs(batch, img, targets_per_image, device=DEVICE)
+
+
+def bench_imgs_yolov8():
+    """Image sizes of the anchor-free loss: 640, its default (YK_BENCH_IMGS_V8 overrides)."""
+    return [int(i) for i in os.environ.get("YK_BENCH_IMGS_V8", "640").split(",")]
+
+
+@pytest.fixture(
+    scope="module",
+    params=[(b, i, t) for i in bench_imgs_yolov8() for b in bench_batches() for t in bench_targets()],
+    ids=lambda bit: f"batch{bit[0]}-img{bit[1]}-targets{bit[2]}",
+)
+def yolov8_batch(request):
+    """``(model, p, feats, targets)``: a YOLOv8 head (80 classes, reg_max 16, strides 8, 16, 32)."""
+    batch, img, targets_per_image = request.param
+    return yolov8_inputs(batch, img, targets_per_image, device=DEVICE)

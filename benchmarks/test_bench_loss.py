@@ -6,7 +6,9 @@
 One test per measured thing: provider x mode (forward, forward+backward) x batch x image x targets
 per image (10, 100, 500: dense scenes are where matching and duplicates cost), plus the
 components alone (matching, box loss, objectness) so that a regression can be located, and the
-YOLOv5-style loss (``test_yolov5_*``: YOLOv5s's heads at 640, YK_BENCH_IMGS_V5) against its floor. The floor
+YOLOv5-style loss (``test_yolov5_*``: YOLOv5s's heads at 640, YK_BENCH_IMGS_V5) and the anchor-free
+loss (``test_yolov8_*``: a YOLOv8 head at 640, YK_BENCH_IMGS_V8; the original is ultralytics'
+``v8DetectionLoss`` where the package is installed) against their floors. The floor
 is zero-filling existing buffers of p's size (what writing the gradient costs at least); fresh
 zeros_like shows what a new gradient-sized allocation costs under the default glibc allocator.
 ``benchmark.extra_info`` records shapes, dtype, device, threads and versions. No timing is asserted.
@@ -22,6 +24,7 @@ import torch
 
 import yolo_kernels as yk
 from conftest import DEVICE
+from yolo_kernels import bench, yolov8
 from yolo_kernels.config import model_anchors
 
 MODES = ["forward+backward", "forward"]
@@ -207,3 +210,57 @@ def test_yolov5_fused_backends_agree_with_reference(yolov5_batch):
     want = _yolov5_loss(anchors, p, "reference")(p, targets)[1]
     for backend in BACKENDS:
         assert torch.allclose(_yolov5_loss(anchors, p, backend)(p, targets)[1], want, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ the anchor-free (YOLOv8) loss
+
+YOLOV8_PROVIDERS = bench.yolov8_backends(torch.device(DEVICE))
+
+
+def _ultralytics_loss():
+    try:
+        from ultralytics.utils.loss import v8DetectionLoss
+    except ImportError:
+        pytest.skip("ultralytics is not installed (the original of the anchor-free loss)")
+    return v8DetectionLoss
+
+
+def _yolov8_step(crit, p, feats, targets, mode):
+    def loss_fn():  # the trainer backpropagates the components' sum
+        loss, items = crit({"boxes": p[0], "scores": p[1], "feats": feats}, targets)
+        return loss.sum(), items
+
+    return make_step(loss_fn, p, mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_yolov8_original(benchmark, yolov8_batch, mode):
+    model, p, feats, targets = yolov8_batch
+    crit = _ultralytics_loss()(model)
+    _record(benchmark, p, mode=mode, loss="yolov8")
+    benchmark(_yolov8_step(crit, p, feats, targets, mode))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", YOLOV8_PROVIDERS)
+def test_yolov8_backend(benchmark, yolov8_batch, backend, mode):
+    model, p, feats, targets = yolov8_batch
+    crit = yolov8.DetectionLoss(model, backend=backend)
+    _record(benchmark, p, mode=mode, loss="yolov8")
+    benchmark(_yolov8_step(crit, p, feats, targets, mode))
+
+
+def test_yolov8_floor_zero_fill(benchmark, yolov8_batch):
+    _, p, _, _ = yolov8_batch
+    buffers = [torch.empty_like(x) for x in p]
+    _record(benchmark, p, loss="yolov8")
+    benchmark(lambda: ([b.zero_() for b in buffers], _sync()))
+
+
+def test_yolov8_backends_agree_with_the_original(yolov8_batch):
+    model, p, feats, targets = yolov8_batch
+    preds = {"boxes": p[0], "scores": p[1], "feats": feats}
+    want = _ultralytics_loss()(model)(preds, targets)[0]
+    for backend in YOLOV8_PROVIDERS:
+        got = yolov8.DetectionLoss(model, backend=backend)(preds, targets)[0]
+        assert torch.allclose(got, want, rtol=1e-5), (backend, got, want)

@@ -53,6 +53,23 @@ def test_bench_yolov5_loss_axis():
         bench.run(batches=[1], imgs=[64], backends=["cpp"], losses=["yolov4"])
 
 
+def test_bench_yolov8_loss_axis(capsys):
+    """The anchor-free loss: its own backends (the floor, reference and cpp), the same table."""
+    rows = bench.run(batches=[2], imgs=[64], backends=["reference", "cpp"], repeats=2, warmup=1, losses=["yolov8"])
+    assert [(r["provider"], r["family"]) for r in rows] == [
+        ("floor", "yolov8"),
+        ("reference", "yolov8"),
+        ("cpp", "yolov8"),
+    ]
+    assert all(r["max_rel_err"] < 1e-4 for r in rows[1:])
+    model, p, feats, targets = bench.yolov8_inputs(1, 64, 3)
+    assert [tuple(x.shape) for x in p] == [(1, 64, 84), (1, 80, 84)] and targets["bboxes"].shape == (3, 4)
+    with pytest.raises(ValueError, match="the yolov8 loss has no"):
+        bench.run(batches=[1], imgs=[64], backends=["triton"], repeats=1, warmup=0, losses=["yolov8"])
+    assert bench.main(["--loss", "yolov8", "--img", "64", "--batch", "1", "--repeats", "1", "--warmup", "0"]) == 0
+    assert "| cpp | yolov8 | 1 | 64 |" in capsys.readouterr().out
+
+
 def test_bench_main_json_and_plot(tmp_path, capsys):
     out, png = tmp_path / "rows.json", tmp_path / "plot.png"
     argv = [

@@ -4,18 +4,20 @@
     python -m yolo_kernels.bench --batch 1 16 64 --json out.json --plot out.png
     python -m yolo_kernels.bench --targets 10 100 500 --plot scaling.png   # dense scenes
     python -m yolo_kernels.bench --loss yolov5 --img 640          # the YOLOv5-style loss
+    python -m yolo_kernels.bench --loss yolov8 --img 640 --targets 10 300   # the anchor-free loss
     python -m yolo_kernels.bench --device cuda --img 416 640 --dtype bfloat16
 
 Inputs are head outputs ``p`` (``--loss yolov3``: the shipped yolov3's three heads through
 ``compute_loss``; ``--loss yolov5``: YOLOv5s's P3-P5 heads and anchors through ``YOLOv5Loss``;
-random logits with the heads' initial objectness bias, since the loss's cost does not depend on
-the values) and random targets (10 per image unless ``--targets`` says otherwise). The providers are timed side by
-side in one run, in turns (floor, provider A, provider B, floor, A, B, ...), each call after the
-caches were evicted (a training step evicts them too), next to the floor (zero-filling existing
-buffers of ``p``'s size, which writing the gradient costs at least). Every backend's loss and
-gradients are compared with the reference on the same inputs, and its peak extra memory is
-measured: on CUDA from the caching allocator's peak, on CPU from the profiler's memory timeline
-(every ATen allocation, and the C++ backend's pooled gradients).
+``--loss yolov8``: a YOLOv8 head's box-bin and class logits (80 classes, ``reg_max`` 16, strides
+8-32) through ``yolov8.DetectionLoss``; random logits with the heads' initial objectness bias, since
+the loss's cost does not depend on the values) and random targets (10 per image unless ``--targets``
+says otherwise). The providers are timed side by side in one run, in turns (floor, provider A,
+provider B, floor, A, B, ...), each call after the caches were evicted (a training step evicts them
+too), next to the floor (zero-filling existing buffers of ``p``'s size, which writing the gradient
+costs at least). Every backend's loss and gradients are compared with the reference on the same
+inputs, and its peak extra memory is measured: on CUDA from the caching allocator's peak, on CPU
+from the profiler's memory timeline (every ATen allocation, and the C++ backend's pooled gradients).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -36,12 +39,15 @@ import torch
 
 from . import loss as loss_api
 from ._cli import check_backends, check_device, check_matplotlib, nonnegative_int, positive_int, threads_note
+from .anchor_free import backends as anchor_free_backends
 from .models import Darknet
 from .yolov5 import YOLOV5_ANCHORS, YOLOV5_STRIDES, YOLOv5Loss
+from .yolov8 import DetectionLoss
 
 __all__ = [
     "yolov3_inputs",
     "yolov5_inputs",
+    "yolov8_inputs",
     "LOSSES",
     "time_call",
     "time_interleaved",
@@ -113,6 +119,60 @@ def yolov5_inputs(
     return YOLOV5_ANCHORS, p, _random_targets(batch, targets_per_image, nc, g).to(device)
 
 
+class _DetectHead(torch.nn.Module):
+    """What the anchor-free loss reads of an ultralytics Detect head."""
+
+    def __init__(self, nc: int, reg_max: int, strides: tuple[float, ...]):
+        super().__init__()
+        self.nc, self.reg_max = nc, reg_max
+        self.register_buffer("stride", torch.tensor(strides))
+        self.bias = torch.nn.Parameter(torch.zeros(1))  # the original loss reads the device of a parameter
+
+
+class _DetectModel(torch.nn.Module):
+    """A detection model as the anchor-free loss sees it: ``model[-1]`` the head, ``args`` the gains."""
+
+    def __init__(self, nc: int, reg_max: int, strides: tuple[float, ...]):
+        super().__init__()
+        self.model = torch.nn.ModuleList([_DetectHead(nc, reg_max, strides)])
+        self.args = types.SimpleNamespace(box=7.5, cls=0.5, dfl=1.5)  # ultralytics' default gains
+
+
+YOLOV8_STRIDES = (8.0, 16.0, 32.0)
+
+
+def yolov8_inputs(
+    batch: int,
+    img: int = 640,
+    targets_per_image: int = 10,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    nc: int = 80,
+    reg_max: int = 16,
+):
+    """``(model, p, feats, targets)`` for the anchor-free loss: a model with a YOLOv8 head's ``nc``,
+    ``reg_max`` and strides 8, 16, 32; head outputs ``p = [boxes [batch, 4 * reg_max, A], scores
+    [batch, nc, A]]`` (leaves requiring grad, A the points of the three levels); ``feats`` (the
+    feature maps, for their shapes) and the ultralytics batch dict of ``targets_per_image`` boxes per
+    image, drawn as ``yolov3_inputs`` draws them."""
+    g = torch.Generator().manual_seed(seed)
+    grids = [(-(-img // int(s)), -(-img // int(s))) for s in YOLOV8_STRIDES]
+    a = sum(ny * nx for ny, nx in grids)
+    boxes = torch.randn(batch, 4 * reg_max, a, generator=g)
+    scores = torch.randn(batch, nc, a, generator=g) * 2 - 2
+    p = [x.to(device=device, dtype=dtype).requires_grad_() for x in (boxes, scores)]
+    feats = [torch.zeros(batch, 1, ny, nx, device=device, dtype=dtype) for ny, nx in grids]
+    t = _random_targets(batch, targets_per_image, nc, g).to(device)
+    targets = {"batch_idx": t[:, 0], "cls": t[:, 1:2], "bboxes": t[:, 2:]}
+    return _DetectModel(nc, reg_max, YOLOV8_STRIDES).to(device), p, feats, targets
+
+
+def yolov8_backends(device: torch.device) -> list[str]:
+    """The anchor-free family's backends that run on ``device``."""
+    return [n for n, b in anchor_free_backends.BACKENDS.items() if b.unavailable_reason(device) is None]
+
+
 #: The suffix of a provider that also computes the gradient statistics (``--stats``).
 STATS_SUFFIX = "+stats"
 
@@ -128,6 +188,17 @@ def _loss_calls(family: str, batch, img, targets_per_image, seed, dtype, device,
             return loss_api.compute_loss(q, targets, model, backend=backend, stats=stats)[:2]
 
         return p, targets, {n: lambda q, b=b, st=st: call(q, b, st) for n, (b, st) in split.items()}
+    if family == "yolov8":
+        if any(st for _, st in split.values()):
+            raise ValueError("stats: the yolov8 loss has no gradient statistics")
+        model, p, feats, targets = yolov8_inputs(batch, img, targets_per_image, seed, dtype, device)
+        crits = {b: DetectionLoss(model, backend=b) for b, _ in split.values()}
+
+        def call8(q, crit):  # the trainer backpropagates the components' sum
+            loss, items = crit({"boxes": q[0], "scores": q[1], "feats": feats}, targets)
+            return loss.sum(), torch.stack(list(items.values()))
+
+        return p, targets, {n: lambda q, c=crits[b]: call8(q, c) for n, (b, _) in split.items()}
     anchors, p, targets = yolov5_inputs(batch, img, targets_per_image, seed, dtype, device)
     crits = {
         b: YOLOv5Loss(anchors, YOLOV5_STRIDES, p[0].shape[-1] - 5, backend=b).to(device) for b, _ in split.values()
@@ -136,7 +207,7 @@ def _loss_calls(family: str, batch, img, targets_per_image, seed, dtype, device,
 
 
 #: The loss families the bench times (``--loss``).
-LOSSES = ("yolov3", "yolov5")
+LOSSES = ("yolov3", "yolov5", "yolov8")
 
 
 def time_call(fn: Callable[[], Any], repeats: int, warmup: int, device: torch.device) -> list[float]:
@@ -332,19 +403,34 @@ def run(
         if family not in LOSSES:
             raise ValueError(f"losses: expected names from {LOSSES}, got {family!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if backends is None:
-        backends = [b for b in loss_api.available_backends(device) if not (b == "triton" and device.type == "cpu")]
-    for name in backends:
-        loss_api.resolve_backend(name, device)  # a clear error now, not after the first batch
-    if stats:
-        backends = [*backends, *(b + STATS_SUFFIX for b in backends if b != "reference")]
+    timed = {}
+    for family in losses:
+        if family == "yolov8":  # the anchor-free family's own backends
+            names = backends if backends is not None else yolov8_backends(device)
+            missing = [n for n in names if n not in yolov8_backends(device)]
+            if missing:
+                raise ValueError(
+                    f"backends: the yolov8 loss has no {missing} backend on {device}; it has {yolov8_backends(device)}"
+                )
+            if stats:
+                raise ValueError("stats: the yolov8 loss has no gradient statistics")
+            timed[family] = list(names)
+            continue
+        names = backends
+        if names is None:
+            names = [b for b in loss_api.available_backends(device) if not (b == "triton" and device.type == "cpu")]
+        for name in names:
+            loss_api.resolve_backend(name, device)  # a clear error now, not after the first batch
+        if stats:
+            names = [*names, *(b + STATS_SUFFIX for b in names if b != "reference")]
+        timed[family] = list(names)
     rows = []
     for family in losses:
         for img in imgs:
             for batch in batches:
                 for n in targets:
                     rows += _measure_batch(
-                        batch, img, n, backends, dtype, device, repeats, warmup, seed, progress, family
+                        batch, img, n, timed[family], dtype, device, repeats, warmup, seed, progress, family
                     )
     return rows
 
@@ -500,9 +586,14 @@ def main(argv: list[str] | None = None) -> int:
         check_matplotlib(parser)
     if args.threads:
         torch.set_num_threads(args.threads)
-    timed = args.backends or [
-        b for b in loss_api.available_backends(device) if not (b == "triton" and device.type == "cpu")
-    ]
+    default = [b for b in loss_api.available_backends(device) if not (b == "triton" and device.type == "cpu")]
+
+    def providers(family: str) -> int:  # per measured size: the floor and each timed provider
+        if family == "yolov8":
+            return 1 + len(args.backends or yolov8_backends(device))
+        timed = args.backends or default
+        return 1 + len(timed) + (sum(b != "reference" for b in timed) if args.stats else 0)
+
     machine = machine_line(device, torch.get_num_threads())
     print(
         f"{'/'.join(args.loss)} loss, forward + backward, p {args.dtype}, medians of {args.repeats} interleaved runs, "
@@ -512,8 +603,10 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu":
         print(threads_note(torch.get_num_threads()))
     sys.stdout.flush()  # the header before the progress bar
-    n_providers = 1 + len(timed) + (sum(b != "reference" for b in timed) if args.stats else 0)
-    progress = _Progress(n_providers * len(args.loss) * len(args.batch) * len(args.img) * len(args.targets))
+    if "yolov8" in args.loss and (args.stats or any(b not in yolov8_backends(device) for b in args.backends or [])):
+        parser.error(f"--loss yolov8: its backends on {device.type} are {yolov8_backends(device)}, without --stats")
+    sizes = len(args.batch) * len(args.img) * len(args.targets)
+    progress = _Progress(sum(providers(f) for f in args.loss) * sizes)
     rows = run(
         args.batch,
         args.img,
