@@ -154,6 +154,24 @@ def test_half_precision_against_the_reference_upcast(dtype, gen):
         torch.testing.assert_close(g.float(), w, rtol=1e-2, atol=1e-2 * scale)
 
 
+def test_deterministic_at_any_thread_count(gen):
+    """The same bits with one thread and with several (fixed summation orders, per-image work)."""
+    model = StandIn(nc=6)
+    preds = make_preds(3, grids_for(96, 128), 6, 16, gen)
+    batch = make_batch([40, 5, 25], 6, gen, lo=0.01, hi=0.4)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            results.append(run(yolov8.DetectionLoss(model, backend="cpp"), preds, batch))
+    finally:
+        torch.set_num_threads(threads)
+    (l1, i1, g1), (l2, i2, g2) = results
+    assert torch.equal(l1, l2) and i1 == i2
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
 def test_forward_only_writes_no_gradient(gen, monkeypatch):
     """Validation calls (no_grad) run the loss without its backward."""
     calls = []

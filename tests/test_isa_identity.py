@@ -73,6 +73,20 @@ static void print_bits(const char* what, const std::vector<double>& v) {
   std::vector<float> sig(n);                                                                          \
   anchor_free::sigmoid_row_scaled_generic<float>(x.data(), sig.data(), n, 0.37f);                      \
   print_bits("sigmoid_scaled", sig);                                                                  \
+  { /* the anchor-free box decode (4 sides x 16 bins of 77 points) and a bin's gradient row */        \
+    const int64_t np = 77;                                                                            \
+    std::vector<float> dist(4 * np), lnorm(4 * np), t(np), dc(np), wl(np), wr(np), gr(np);             \
+    std::vector<int32_t> left(np);                                                                    \
+    std::vector<float> xb(64 * np);                                                                   \
+    for (int64_t i = 0; i < 64 * np; ++i) xb[i] = x[i % n] * 0.3f;                                    \
+    anchor_free::decode_block<float, float>(xb.data(), np, 16, np, np, dist.data(), lnorm.data());    \
+    print_bits("decode_dist", dist), print_bits("decode_lognorm", lnorm);                             \
+    for (int64_t q = 0; q < np; ++q)                                                                  \
+      t[q] = y[q], dc[q] = y[q + 1] - 0.5f, left[q] = int32_t(q % 15), wl[q] = y[q + 2], wr[q] = 1.0f - y[q + 2]; \
+    anchor_free::bin_gradient_row_generic<float>(xb.data(), lnorm.data(), dist.data(), t.data(), dc.data(), \
+                                                 left.data(), wl.data(), wr.data(), np, 3, 0.7f, 1.3f, gr.data()); \
+    print_bits("bin_gradient", gr);                                                                   \
+  }                                                                                                   \
   std::vector<float> out[5];                                                                          \
   for (auto& o : out) o.resize(n);                                                                    \
   const BoxRows rows{b[0].data(), b[1].data(), b[2].data(), b[3].data(), b[4].data(),                 \
@@ -145,7 +159,7 @@ def test_row_functions_are_bitwise_identical_across_instruction_sets(tmp_path):
     if len(outputs) < 2:
         pytest.skip("this CPU has neither AVX2 nor AVX-512: one instruction set, nothing to compare")
     reference = outputs.pop("baseline")
-    assert len(reference) == 4 * 4 + 2 * 2 * 2 + 2 + 4 * 2 * 5  # every function printed something
+    assert len(reference) == 4 * 4 + 2 * 2 * 2 + 2 + 3 + 4 * 2 * 5  # every function printed something
     for isa, lines in outputs.items():
         differing = [i for i, (a, b) in enumerate(zip(lines, reference)) if a != b]
         assert not differing and len(lines) == len(reference), (

@@ -70,37 +70,42 @@ inline T clamp_nonnegative(T x) {
 // The distances (grid units) of n consecutive points: side s of point q is the mean of the softmax
 // of its reg_max bins over 0..reg_max-1 (bin j of side s at x[(s * reg_max + j) * row_stride + q]),
 // or the value itself when reg_max is 1. Writes dist[s * block + q] and, when log_norm is given,
-// the log of each softmax's normaliser (max + log sum exp). The loops over q vectorise; the assigner
-// decodes blocks of points, the loss single points, with the same operations (the same bits).
+// the log of each softmax's normaliser (max + log sum exp). Points go kDecodeBlock at a time, the
+// loops over them vectorise; the assigner and the loss decode with the same operations (the same
+// bits).
 constexpr int64_t kDecodeBlock = 64;
 template <typename T, typename In>
 inline void decode_block(const In* x, int64_t row_stride, int64_t reg_max, int64_t n, int64_t block, T* dist,
                          T* log_norm) {
-  for (int64_t s = 0; s < 4; ++s) {
-    const In* xs = x + s * reg_max * row_stride;
-    T* d = dist + s * block;
-    if (reg_max == 1) {
-      for (int64_t q = 0; q < n; ++q) d[q] = T(xs[q]);
-      if (log_norm != nullptr)
-        for (int64_t q = 0; q < n; ++q) log_norm[s * block + q] = T(0);
-      continue;
+  for (int64_t q0 = 0; q0 < n; q0 += kDecodeBlock) {
+    const int64_t m = std::min(kDecodeBlock, n - q0);
+    for (int64_t s = 0; s < 4; ++s) {
+      const In* xs = x + s * reg_max * row_stride + q0;
+      T* d = dist + s * block + q0;
+      T* ln = log_norm != nullptr ? log_norm + s * block + q0 : nullptr;
+      if (reg_max == 1) {
+        for (int64_t q = 0; q < m; ++q) d[q] = T(xs[q]);
+        if (ln != nullptr)
+          for (int64_t q = 0; q < m; ++q) ln[q] = T(0);
+        continue;
+      }
+      T mx[kDecodeBlock], sum[kDecodeBlock], mean[kDecodeBlock];
+      for (int64_t q = 0; q < m; ++q) mx[q] = T(xs[q]), sum[q] = T(0), mean[q] = T(0);
+      for (int64_t j = 1; j < reg_max; ++j)
+        for (int64_t q = 0; q < m; ++q) {
+          const T v = T(xs[j * row_stride + q]);
+          mx[q] = (v > mx[q] || v != v) ? v : mx[q];  // NaN wins: every bin of the side is NaN after it
+        }
+      for (int64_t j = 0; j < reg_max; ++j)
+        for (int64_t q = 0; q < m; ++q) {
+          const T e = exp_nonpositive(T(xs[j * row_stride + q]) - mx[q]);
+          sum[q] += e;
+          mean[q] += e * T(j);
+        }
+      for (int64_t q = 0; q < m; ++q) d[q] = mean[q] / sum[q];
+      if (ln != nullptr)
+        for (int64_t q = 0; q < m; ++q) ln[q] = mx[q] + std::log(sum[q]);
     }
-    T mx[kDecodeBlock], sum[kDecodeBlock], mean[kDecodeBlock];
-    for (int64_t q = 0; q < n; ++q) mx[q] = T(xs[q]), sum[q] = T(0), mean[q] = T(0);
-    for (int64_t j = 1; j < reg_max; ++j)
-      for (int64_t q = 0; q < n; ++q) {
-        const T v = T(xs[j * row_stride + q]);
-        mx[q] = (v > mx[q] || v != v) ? v : mx[q];  // NaN wins: every bin of the side is NaN after it
-      }
-    for (int64_t j = 0; j < reg_max; ++j)
-      for (int64_t q = 0; q < n; ++q) {
-        const T e = exp_nonpositive(T(xs[j * row_stride + q]) - mx[q]);
-        sum[q] += e;
-        mean[q] += e * T(j);
-      }
-    for (int64_t q = 0; q < n; ++q) d[q] = mean[q] / sum[q];
-    if (log_norm != nullptr)
-      for (int64_t q = 0; q < n; ++q) log_norm[s * block + q] = mx[q] + std::log(sum[q]);
   }
 }
 

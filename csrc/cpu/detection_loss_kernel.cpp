@@ -114,8 +114,7 @@ struct AssignedPoints {
     const In* xb = P.boxes.data_ptr<In>() + b * C * A;
     for (int64_t c = 0; c < C; ++c)
       for (int64_t q = 0; q < n; ++q) x[c * n + q] = S(xb[c * A + point[q]]);
-    for (int64_t q0 = 0; q0 < n; q0 += kDecodeBlock)
-      decode<S, S>(x.data() + q0, n, R, std::min(kDecodeBlock, n - q0), n, dist.data() + q0, log_norm.data() + q0);
+    decode<S, S>(x.data(), n, R, n, n, dist.data(), log_norm.data());
     const float* gt = P.gt_boxes.data_ptr<float>() + b * P.m * 4;
     const S image_w = S(L.nx(0)) * S(L.strides[0]), image_h = S(L.ny(0)) * S(L.strides[0]);
     const S top = S(R - 1) - S(kDflMargin);
