@@ -79,6 +79,12 @@ inline void decode_block(const In* x, int64_t row_stride, int64_t reg_max, int64
                          T* log_norm) {
   for (int64_t q0 = 0; q0 < n; q0 += kDecodeBlock) {
     const int64_t m = std::min(kDecodeBlock, n - q0);
+    // the 4 * reg_max rows are far apart (row_stride): ask for all their lines at once rather than
+    // meeting one miss after another
+    for (int64_t r = 0; r < 4 * reg_max; ++r) {
+      __builtin_prefetch(x + r * row_stride + q0);
+      __builtin_prefetch(x + r * row_stride + q0 + m - 1);
+    }
     for (int64_t s = 0; s < 4; ++s) {
       const In* xs = x + s * reg_max * row_stride + q0;
       T* d = dist + s * block + q0;
