@@ -64,20 +64,20 @@ def measure(batch_size: int, boxes: int, repeats: int, seed: int = 0) -> list[di
     sink = {k: torch.empty_like(preds[k]) for k in ("boxes", "scores")}
     calls["floor"] = lambda: [sink[k].copy_(preds[k].detach()) for k in sink]
     times = time_interleaved(calls, repeats, warmup=1, device=torch.device("cpu"), before=drop_grads)
-    floor = percentile(times["floor"], 50)
+    floor = percentile(times["floor"], 0.5)
     rows = []
     for name, ts in times.items():
         drop_grads()
         peak = peak_extra_bytes(calls[name], torch.device("cpu")) if name != "floor" else 0
-        med = percentile(ts, 50)
+        med = percentile(ts, 0.5)
         rows.append(
             dict(
                 provider=name,
                 batch=batch_size,
                 boxes=boxes,
                 ms=med,
-                p20=percentile(ts, 20),
-                p80=percentile(ts, 80),
+                p20=percentile(ts, 0.2),
+                p80=percentile(ts, 0.8),
                 x_floor=med / floor,
                 peak_mb=peak / 2**20,
             )

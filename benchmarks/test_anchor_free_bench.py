@@ -17,3 +17,13 @@ def test_anchor_free_bench_reports_every_provider(tmp_path):
     rows = anchor_free.measure(1, 2, 1)
     assert {r["provider"] for r in rows} >= {"reference", "floor"}
     assert all(r["ms"] > 0 for r in rows) and all(r["peak_mb"] >= 0 for r in rows)
+
+
+def test_the_table_takes_medians_and_quantiles(monkeypatch):
+    """ms is the median of the interleaved runs, p20/p80 their quantiles (not the maximum)."""
+    monkeypatch.setattr(
+        anchor_free, "time_interleaved", lambda calls, *a, **k: {name: [5.0, 1.0, 4.0, 2.0, 3.0] for name in calls}
+    )
+    monkeypatch.setattr(anchor_free, "peak_extra_bytes", lambda fn, device: 0)
+    rows = anchor_free.measure(1, 2, 5)
+    assert all((r["ms"], r["p20"], r["p80"], r["x_floor"]) == (3.0, 2.0, 4.0, 1.0) for r in rows)
