@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <tuple>
 #include <utility>
@@ -73,7 +74,7 @@ struct Assigner {
   int64_t bs, m, nc, k;
   S alpha;
   float beta;
-  const float* pred;  // [bs, A, 4] predicted boxes, pixels
+  const float* pred;  // [bs, 4, A] predicted boxes, pixels: x1, y1, x2, y2 rows per image
   const float* px;    // [A] point centres, pixels
   const float* py;
   const std::vector<GtBox>& gt;  // [bs * m]
@@ -83,14 +84,24 @@ struct Assigner {
   }
 
   float overlap(const GtBox& g, int64_t b, int64_t p) const {
-    const float* q = pred + (b * layout.points + p) * 4;
-    return clamp_nonnegative(ciou_values<float>(g.x1, g.y1, g.x2, g.y2, q[0], q[1], q[2], q[3]));
+    const float* q = pred + b * 4 * layout.points + p;
+    const int64_t A = layout.points;
+    return clamp_nonnegative(ciou_values<float>(g.x1, g.y1, g.x2, g.y2, q[0], q[A], q[2 * A], q[3 * A]));
   }
 
   // IoU >= CIoU: an upper bound of the overlap for no arctangent
   float iou(const GtBox& g, int64_t b, int64_t p) const {
-    const float* q = pred + (b * layout.points + p) * 4;
-    return iou_xyxy<float, float>(g.x1, g.y1, g.x2, g.y2, q[0], q[1], q[2], q[3]).iou;
+    const float* q = pred + b * 4 * layout.points + p;
+    const int64_t A = layout.points;
+    return iou_xyxy<float, float>(g.x1, g.y1, g.x2, g.y2, q[0], q[A], q[2 * A], q[3 * A]).iou;
+  }
+
+  // iou() of n consecutive points from p (the loop vectorises over the structure-of-arrays boxes)
+  void iou_run(const GtBox& g, int64_t b, int64_t p, int64_t n, float* out) const {
+    const int64_t A = layout.points;
+    const float *x1 = pred + b * 4 * A + p, *y1 = x1 + A, *x2 = x1 + 2 * A, *y2 = x1 + 3 * A;
+    for (int64_t q = 0; q < n; ++q)
+      out[q] = iou_xyxy<float, float>(g.x1, g.y1, g.x2, g.y2, x1[q], y1[q], x2[q], y2[q]).iou;
   }
 
   template <typename In>
@@ -144,7 +155,8 @@ struct Candidate {
 
 template <typename S, typename In>
 int64_t top_candidates(const Assigner<S>& a, const In* scores, int64_t b, const GtBox& g, Pick<S>* picks,
-                       std::vector<Entry>& row, std::vector<Candidate>& cands, std::vector<int64_t>& order) {
+                       std::vector<Entry>& row, std::vector<Candidate>& cands, std::vector<int64_t>& order,
+                       std::vector<float>& ious) {
   const Layout& L = a.layout;
   const int64_t k = a.k;
   const bool partial = topk_partial(k, L.points);
@@ -153,11 +165,18 @@ int64_t top_candidates(const Assigner<S>& a, const In* scores, int64_t b, const 
   for (int64_t l = 0; l < L.levels(); ++l) {
     const int64_t nx = L.nx(l), off = L.offsets[l];
     const Window w = cell_window(g, L, l);
-    for (int64_t j = w.j0; j <= w.j1; ++j)
-      for (int64_t i = w.i0; i <= w.i1; ++i) {
-        const int64_t p = off + j * nx + i;  // in increasing order, as the heap selection visits them
-        if (a.candidate(g, p)) cands.push_back(Candidate{p, a.iou(g, b, p), 0.0, -1.0, false});
-      }
+    for (int64_t j = w.j0; j <= w.j1; ++j) {
+      // a.candidate along the row: the cells that pass are consecutive (the test is monotone in x)
+      const int64_t row = off + j * nx;
+      int64_t i0 = w.i0, i1 = w.i1;
+      while (i0 <= i1 && !a.candidate(g, row + i0)) ++i0;
+      while (i1 >= i0 && !a.candidate(g, row + i1)) --i1;
+      if (i0 > i1) continue;
+      ious.resize(size_t(i1 - i0 + 1));
+      a.iou_run(g, b, row + i0, i1 - i0 + 1, ious.data());
+      for (int64_t i = i0; i <= i1; ++i)  // in increasing point order, as the heap selection visits them
+        cands.push_back(Candidate{row + i, ious[i - i0], 0.0, -1.0, false});
+    }
   }
   auto score_power = [&](Candidate& c) {
     if (c.score_power < 0.0) c.score_power = double(a.score_power(scores, b, g.label, c.point));
@@ -266,8 +285,10 @@ void resolve_image(const Assigner<S>& a, const In* scores, int64_t b, const Pick
         inside[g] = (x - win[0][g] > eps) & (win[2][g] - x > eps) & (y - win[1][g] > eps) & (win[3][g] - y > eps);
       int32_t best = 0;
       float best_ov = inside[0] ? a.overlap(gt[0], b, p) : 0.0f;
-      for (int64_t g = 1; g < m; ++g) {
-        if (!inside[g]) continue;  // CIoU 0: never above box 0's (>= 0 or NaN)
+      const uint8_t* in = inside.data();
+      for (const uint8_t* hit = in + 1; (hit = static_cast<const uint8_t*>(std::memchr(hit, 1, in + m - hit)));
+           ++hit) {  // the boxes it is inside (memchr: a fast scan); the others' CIoU is 0, never above box 0's
+        const int64_t g = hit - in;
         const float ov = a.overlap(gt[g], b, p);
         if (!std::isnan(best_ov) && (std::isnan(ov) || ov > best_ov)) best = int32_t(g), best_ov = ov;
       }
@@ -383,17 +404,22 @@ void assign(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor&
           ++p0;
           continue;
         }
+        // a run goes on over gaps shorter than a cache line of floats: those lines are read anyway
         int64_t n = 1;
-        while (n < kDecodeBlock && p0 + n < level_end && need[p0 + n]) ++n;
+        for (int64_t gap = 0; n + gap < kDecodeBlock && p0 + n + gap < level_end && gap < 16;)
+          if (need[p0 + n + gap])
+            n += gap + 1, gap = 0;
+          else
+            ++gap;
         decode<S, In>(xb + b * 4 * R * A + p0, A, R, n, kDecodeBlock, dist.data(), nullptr);
         for (int64_t q = 0; q < n; ++q) {
           const int64_t p = p0 + q, cell = p - L.offsets[l];
           const S cx = S(cell % L.nx(l)) + S(0.5), cy = S(cell / L.nx(l)) + S(0.5);
-          float* o = pred.get() + (b * A + p) * 4;
+          float* o = pred.get() + b * 4 * A + p;
           o[0] = float((cx - dist[0 * kDecodeBlock + q]) * st);
-          o[1] = float((cy - dist[1 * kDecodeBlock + q]) * st);
-          o[2] = float((cx + dist[2 * kDecodeBlock + q]) * st);
-          o[3] = float((cy + dist[3 * kDecodeBlock + q]) * st);
+          o[A] = float((cy - dist[1 * kDecodeBlock + q]) * st);
+          o[2 * A] = float((cx + dist[2 * kDecodeBlock + q]) * st);
+          o[3 * A] = float((cy + dist[3 * kDecodeBlock + q]) * st);
         }
         p0 += n;
       }
@@ -408,8 +434,10 @@ void assign(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor&
     std::vector<Entry> row;
     std::vector<Candidate> cands;
     std::vector<int64_t> order;
+    std::vector<float> ious;
     for (int64_t r = begin; r < end; ++r)
-      if (gt[r].valid) counts[r] = top_candidates(a, sc, r / m, gt[r], picks.data() + r * k, row, cands, order);
+      if (gt[r].valid)
+        counts[r] = top_candidates(a, sc, r / m, gt[r], picks.data() + r * k, row, cands, order, ious);
   });
   // 3. per image: resolve, cut, normalise
   int32_t* out = assigned.data_ptr<int32_t>();
