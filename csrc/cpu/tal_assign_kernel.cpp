@@ -24,7 +24,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <memory>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -352,7 +351,10 @@ void assign(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor&
   const int64_t bs = boxes.size(0), A = L.points, R = boxes.size(1) / 4, nc = scores.size(1), m = gt_boxes.size(1);
   // 1. point centres and every point's predicted box, in pixels
   std::vector<float> px(A), py(A);
-  std::unique_ptr<float[]> pred(new float[size_t(bs * A * 4)]);  // written where needed, read there only
+  // the scratch that grows with the inputs is ATen memory, so that the profiler (and the memory
+  // tests and benchmarks that read it) sees every byte of it
+  const at::Tensor pred_buf = at::empty({bs, 4, A}, at::kFloat);  // written where needed, read there only
+  float* const pred = pred_buf.data_ptr<float>();
   for (int64_t l = 0; l < L.levels(); ++l)
     for (int64_t j = 0; j < L.ny(l); ++j)
       for (int64_t i = 0; i < L.nx(l); ++i) {
@@ -377,7 +379,8 @@ void assign(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor&
     gt[r] = g;
   }
   // only the points some box may take need their box decoded (few when boxes are few)
-  std::vector<uint8_t> needed(size_t(bs * A), 0);
+  const at::Tensor needed_buf = at::zeros({bs, A}, at::kByte);
+  uint8_t* const needed = needed_buf.data_ptr<uint8_t>();
   at::parallel_for(0, bs, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b)
       for (int64_t g = 0; g < m; ++g) {
@@ -385,7 +388,7 @@ void assign(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor&
         for (int64_t l = 0; l < L.levels(); ++l) {
           const Window w = cell_window(gt[b * m + g], L, l);
           for (int64_t j = w.j0; w.i0 <= w.i1 && j <= w.j1; ++j) {
-            uint8_t* row = needed.data() + b * A + L.offsets[l] + j * L.nx(l);
+            uint8_t* row = needed + b * A + L.offsets[l] + j * L.nx(l);
             std::fill(row + w.i0, row + w.i1 + 1, uint8_t(1));
           }
         }
@@ -398,7 +401,7 @@ void assign(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor&
       const int64_t b = task / L.levels(), l = task % L.levels();
       const S st = S(L.strides[l]);
       const int64_t level_end = L.offsets[l] + L.ny(l) * L.nx(l);
-      const uint8_t* need = needed.data() + b * A;
+      const uint8_t* need = needed + b * A;
       for (int64_t p0 = L.offsets[l]; p0 < level_end;) {  // runs of needed points, at most a block each
         if (!need[p0]) {
           ++p0;
@@ -415,7 +418,7 @@ void assign(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor&
         for (int64_t q = 0; q < n; ++q) {
           const int64_t p = p0 + q, cell = p - L.offsets[l];
           const S cx = S(cell % L.nx(l)) + S(0.5), cy = S(cell / L.nx(l)) + S(0.5);
-          float* o = pred.get() + b * 4 * A + p;
+          float* o = pred + b * 4 * A + p;
           o[0] = float((cx - dist[0 * kDecodeBlock + q]) * st);
           o[A] = float((cy - dist[1 * kDecodeBlock + q]) * st);
           o[2 * A] = float((cx + dist[2 * kDecodeBlock + q]) * st);
@@ -425,11 +428,13 @@ void assign(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor&
       }
     }
   });
-  const Assigner<S> a{L, bs, m, nc, k, S(alpha), float(beta), pred.get(), px.data(), py.data(), gt};
+  const Assigner<S> a{L, bs, m, nc, k, S(alpha), float(beta), pred, px.data(), py.data(), gt};
   // 2. each box's top-k
   const In* sc = scores.data_ptr<In>();
-  std::vector<Pick<S>> picks(size_t(bs * m * k));
-  std::vector<int64_t> counts(size_t(bs * m), 0);
+  const at::Tensor picks_buf = at::empty({int64_t(bs * m * k * sizeof(Pick<S>))}, at::kByte);
+  Pick<S>* const picks = reinterpret_cast<Pick<S>*>(picks_buf.data_ptr<uint8_t>());
+  const at::Tensor counts_buf = at::zeros({bs * m}, at::kLong);
+  int64_t* const counts = counts_buf.data_ptr<int64_t>();
   at::parallel_for(0, bs * m, 1, [&](int64_t begin, int64_t end) {
     std::vector<Entry> row;
     std::vector<Candidate> cands;
@@ -437,14 +442,14 @@ void assign(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor&
     std::vector<float> ious;
     for (int64_t r = begin; r < end; ++r)
       if (gt[r].valid)
-        counts[r] = top_candidates(a, sc, r / m, gt[r], picks.data() + r * k, row, cands, order, ious);
+        counts[r] = top_candidates(a, sc, r / m, gt[r], picks + r * k, row, cands, order, ious);
   });
   // 3. per image: resolve, cut, normalise
   int32_t* out = assigned.data_ptr<int32_t>();
   S* tgt = target.data_ptr<S>();
   at::parallel_for(0, bs, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b)
-      resolve_image(a, sc, b, picks.data() + b * m * k, counts.data() + b * m, topk2, out + b * A, tgt + b * A);
+      resolve_image(a, sc, b, picks + b * m * k, counts + b * m, topk2, out + b * A, tgt + b * A);
   });
 }
 
