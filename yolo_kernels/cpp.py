@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from . import library
 from .autograd import FusedLoss
-from .library import BUILD_HINT, fused_loss_op, require_extension
+from .library import BUILD_HINT, cpu_kernels_unavailable_reason, fused_loss_op, require_extension
 
 __all__ = [
     "BUILD_HINT",
@@ -68,11 +67,7 @@ class CppBackend:
         return True
 
     def unavailable_reason(self, device: torch.device | None) -> str | None:
-        if library.LOAD_ERROR is not None:
-            return f"{library.LOAD_ERROR}; {BUILD_HINT}"
-        if device is not None and device.type != "cpu":
-            return f"the cpp backend runs on CPU tensors, got {device}"
-        return None
+        return cpu_kernels_unavailable_reason(device)
 
     def loss(self, p, targets, anchors, options, balance=None, stats=False, validate=True):
         """``validate`` changes nothing: the op always checks the values (``checks_values``)."""

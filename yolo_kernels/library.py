@@ -118,6 +118,16 @@ def require_extension() -> Any:
     return _C
 
 
+def cpu_kernels_unavailable_reason(device: torch.device | None) -> str | None:
+    """Why the ops' CPU kernels cannot run on ``device`` (no extension, or not a CPU device), or None:
+    the availability of every family's ``cpp`` backend."""
+    if LOAD_ERROR is not None:
+        return f"{LOAD_ERROR}; {BUILD_HINT}"
+    if device is not None and device.type != "cpu":
+        return f"the cpp backend runs on CPU tensors, got {device}"
+    return None
+
+
 #: The op's scalar arguments after ``balance``, in schema order: (name, how to read it from LossOptions).
 _OP_SCALARS: tuple[tuple[str, Callable[[LossOptions], Any]], ...] = (
     ("family", lambda o: o.family),

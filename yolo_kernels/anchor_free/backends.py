@@ -11,8 +11,7 @@ from typing import Any
 
 import torch
 
-from .. import library
-from ..library import BUILD_HINT, require_extension
+from ..library import cpu_kernels_unavailable_reason, require_extension
 from . import reference
 from .options import DetectionOptions
 from .validate import Problem
@@ -49,11 +48,7 @@ class CppBackend:
     name = "cpp"
 
     def unavailable_reason(self, device: torch.device | None) -> str | None:
-        if library.LOAD_ERROR is not None:
-            return f"{library.LOAD_ERROR}; {BUILD_HINT}"
-        if device is not None and device.type != "cpu":
-            return f"the cpp backend runs on CPU tensors, got {device}"
-        return None
+        return cpu_kernels_unavailable_reason(device)
 
     def loss(self, problem: Problem, options: DetectionOptions, class_weights: torch.Tensor | None) -> torch.Tensor:
         require_extension()
