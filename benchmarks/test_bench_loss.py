@@ -25,7 +25,7 @@ import torch
 import yolo_kernels as yk
 from conftest import DEVICE
 from yolo_kernels import bench, yolov8
-from yolo_kernels.config import model_anchors
+from yolo_kernels.anchor.options import model_anchors
 
 MODES = ["forward+backward", "forward"]
 # triton on CPU tensors is the interpreter (a test tool): not timed

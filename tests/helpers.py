@@ -75,7 +75,7 @@ def fused_backends():
 def run(backend, device, p, targets, anchors, options, grad=True):
     """The drop-in on a duck-typed model with ``options``: ``(loss, items, grads)`` back on the CPU."""
     q = [x.detach().to(device).clone().requires_grad_(grad) for x in p]
-    hyp = {k: getattr(options, k) for k in yk.DEFAULT_HYP}
+    hyp = options.as_hyp()
     model = duck_model([a.to(device) for a in anchors], options.nc, hyp=hyp, gr=options.gr)
     extra = dict(box_loss=options.box_loss, reduction=options.reduction, label_smoothing=options.label_smoothing)
     loss, items = yk.compute_loss(q, targets.to(device), model, backend=backend, **extra)

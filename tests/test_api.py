@@ -130,7 +130,7 @@ def test_drop_in_needs_gr_and_the_module_api_keeps_its_defaults(gen):
     with pytest.raises(TypeError, match="model: expected a 'gr' attribute"):
         yk.compute_loss(p, t, model)
     crit = yk.YOLOv3Loss([torch.ones(2, 2)], [1.0], 3, hyp={"iou_t": 0.1})  # documented defaults fill the rest
-    assert crit.options.iou_t == 0.1 and crit.options.giou == yk.DEFAULT_HYP["giou"]
+    assert crit.options.iou_t == 0.1 and crit.options.box == yk.DEFAULT_HYP["giou"]
 
 
 def test_numpy_scalars_are_numbers(gen):
@@ -145,21 +145,23 @@ def test_numpy_scalars_are_numbers(gen):
     torch.testing.assert_close(yk.compute_loss(p, t, model)[1], yk.compute_loss(p, t, python_model)[1])
     crit = yk.YOLOv3Loss([torch.ones(2, 2)], [np.int32(8)], np.int64(3))
     assert crit.strides == [8.0] and crit.nc == 3
+    with pytest.raises(TypeError, match="box: expected a real number, got bool"):
+        yk.LossOptions(nc=3, box=np.bool_(True))
     with pytest.raises(TypeError, match="giou: expected a real number, got bool"):
-        yk.LossOptions(nc=3, giou=np.bool_(True))
+        yk.YOLOv3Loss([torch.ones(2, 2)], [8.0], 3, hyp={"giou": np.bool_(True)})
 
 
 def test_model_options_follow_every_change_of_the_model(gen):
     """``model_options`` builds the options once per set of plain values: an edit of ``model.hyp``
     (in place or a new dict), of ``gr`` or ``nc``, a value's type, or a keyword gives new options,
     and a value that is not a plain Python value is never cached."""
-    from yolo_kernels.config import model_options
+    from yolo_kernels.anchor.options import model_options
 
     model = duck_model(random_anchors([3], gen), 4)
     first = model_options(model)
     assert model_options(model) is first
     model.hyp["giou"] = 2.5  # in place
-    assert model_options(model).giou == 2.5
+    assert model_options(model).box == 2.5
     model.hyp = dict(model.hyp, cls=9.0)
     assert model_options(model).cls == 9.0
     model.gr = 0.25

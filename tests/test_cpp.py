@@ -10,7 +10,7 @@ from helpers import assert_matches_reference, duck_model, make_p, make_targets, 
 
 import yolo_kernels as yk
 from yolo_kernels import library
-from yolo_kernels.config import LossOptions
+from yolo_kernels.anchor.options import LossOptions
 
 OPS = torch.ops.yolo_kernels if library.LOAD_ERROR is None else None
 
@@ -264,7 +264,7 @@ def test_fused_op_rejects_malformed_input(gen):
     anchors = random_anchors([2], gen)
     p = make_p(2, [2], [(3, 3)], 3, gen)
     t = make_targets(4, 2, 3, gen)
-    o = (None, "yolov3", 1.0, 3.54, 37.4, 1.0, 64.3, 1.0, 0.2, 0.0, 0.0, "giou", "mean", False, False, True)
+    o = (None, "yolov3", 1.0, 3.54, 37.4, 1.0, 64.3, 1.0, 0.2, 4.0, 0.0, 0.0, "giou", "mean", False, False, True)
     f = OPS.fused_loss
     cases = [
         (lambda: f([], t, [], *o), r"p: expected at least one layer"),
@@ -292,8 +292,9 @@ def test_fused_op_rejects_malformed_input(gen):
             r"targets\[:, 4:6\] \(box w, h\): expected finite sizes in \[0, 2\] .*, got \[-0.1, 0.1\] at row 0",
         ),
         (lambda: f(p, t, [-anchors[0]], *o), r"anchors\[0\]: expected finite sizes > 0"),
-        (lambda: f(p, t, anchors, *o[:11], "eiou", *o[12:]), r"box_loss: expected one of"),
-        (lambda: f(p, t, anchors, *o[:12], "none", *o[13:]), r"reduction: expected 'mean' or 'sum', got 'none'"),
+        (lambda: f(p, t, anchors, *o[:12], "eiou", *o[13:]), r"box_loss: expected one of"),
+        (lambda: f(p, t, anchors, *o[:13], "none", *o[14:]), r"reduction: expected 'mean' or 'sum', got 'none'"),
+        (lambda: f(p, t, anchors, *o[:9], float("inf"), *o[10:]), r"anchor_t: expected a finite number, got inf"),
         (lambda: f(p, t, anchors, *o[:2], float("nan"), *o[3:]), r"gr: expected a finite number, got nan"),
         (lambda: f(p, t, anchors, None, "yolov4", *o[2:]), r"family: expected 'yolov3' or 'yolov5', got 'yolov4'"),
         (lambda: f(p, t, anchors, torch.ones(2), *o[1:]), r"balance: expected shape \[1\] \(one weight per layer\)"),

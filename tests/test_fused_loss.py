@@ -20,7 +20,7 @@ from helpers import (
 )
 
 import yolo_kernels as yk
-from yolo_kernels.config import LossOptions
+from yolo_kernels.anchor.options import LossOptions
 
 pytestmark = pytest.mark.parametrize("backend, device", fused_backends())
 
@@ -70,27 +70,16 @@ def test_duplicates_last_pair_wins_and_gradients_sum(backend, device, gen):
     assert_matches_reference(backend, device, p, targets.flip(0), anchors, LossOptions(nc=nc, gr=0.5))
 
 
-def test_float64_gradcheck(backend, device):
+def test_float64_with_the_iou_in_the_objectness_target(backend, device):
+    """gr > 0: the objectness target depends on p through the detached IoU, so gradcheck does not
+    apply (the family suite gradchecks gr = 0); float64 against the reference to 1e-9."""
     g = torch.Generator().manual_seed(7)
     nas, grids, nc = [2, 3], [(2, 3), (3, 2)], 3
-    anchors = [a.double().to(device) for a in random_anchors(nas, g, lo=0.5, hi=2.0)]
+    anchors = random_anchors(nas, g, lo=0.5, hi=2.0)
     targets = make_targets(5, 2, nc, g, lo=0.2, hi=0.6, dtype=torch.float64)
-    targets = torch.cat((targets, targets[:1])).to(device)
-    p = [x.to(device).requires_grad_() for x in make_p(2, nas, grids, nc, g, dtype=torch.float64)]
-    impl = yk.loss.BACKENDS[backend]
-    for options in (
-        LossOptions(nc=nc, gr=0.0),
-        LossOptions(nc=nc, gr=0.0, fl_gamma=1.5, reduction="sum", box_loss="diou"),
-    ):
-
-        def fn(*ps, options=options):
-            return impl.loss(list(ps), targets, anchors, options)[0]
-
-        assert torch.autograd.gradcheck(fn, p, fast_mode=backend == "triton")
-    # gr > 0: the objectness target depends on p through the detached IoU; compare with the reference
-    cpu_anchors = [a.cpu() for a in anchors]
-    p_cpu = [x.detach().cpu() for x in p]
-    assert_matches_reference(backend, device, p_cpu, targets.cpu(), cpu_anchors, LossOptions(nc=nc), 1e-10, 1e-9)
+    targets = torch.cat((targets, targets[:1]))
+    p = make_p(2, nas, grids, nc, g, dtype=torch.float64)
+    assert_matches_reference(backend, device, p, targets, anchors, LossOptions(nc=nc), 1e-10, 1e-9)
 
 
 def test_non_contiguous_p_and_gradient_layout(backend, device, gen):
@@ -116,18 +105,6 @@ def test_non_contiguous_p_and_gradient_layout(backend, device, gen):
     assert_matches_reference(backend, device, [wide[:, :, :, ::2]], targets, anchors, LossOptions(nc=nc))
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_p(backend, device, dtype, gen):
-    nas, grids, nc = [3, 2], [(6, 5), (3, 3)], 7
-    p = [x.to(dtype) for x in make_p(2, nas, grids, nc, gen)]
-    loss, _, grads = run(backend, device, p, make_targets(8, 2, nc, gen), random_anchors(nas, gen), LossOptions(nc=nc))
-    assert loss.dtype == torch.float32 and all(g.dtype == dtype for g in grads)
-    # against the reference on the same values upcast: the loss in float32, the gradient rounded to dtype
-    g2 = torch.Generator().manual_seed(5)
-    anchors, targets = random_anchors(nas, g2), make_targets(8, 2, nc, g2)
-    assert_matches_reference(backend, device, p, targets, anchors, LossOptions(nc=nc), rtol_grad=1e-2)
-
-
 def test_float64_p_computes_in_float64(backend, device, gen):
     p = make_p(2, [2], [(3, 4)], 3, gen, dtype=torch.float64)
     targets = make_targets(5, 2, 3, gen, dtype=torch.float64)
@@ -150,45 +127,3 @@ def test_extreme_logits_are_finite(backend, device, box_loss, gen):
         _, items, grads = run(backend, device, p, targets, anchors, options)
         assert torch.isfinite(items).all() and torch.isfinite(grads[0]).all()
         assert_matches_reference(backend, device, p, targets, anchors, options)
-
-
-def test_bitwise_deterministic(backend, device, gen):
-    nas, grids, nc = [3], [(6, 6)], 6
-    p = make_p(2, nas, grids, nc, gen)
-    anchors = random_anchors(nas, gen)
-    targets = make_targets(9, 2, nc, gen)
-    targets = torch.cat((targets, targets[:3], targets[:3]))
-    runs = [run(backend, device, p, targets, anchors, LossOptions(nc=nc)) for _ in range(2)]
-    assert torch.equal(runs[0][1], runs[1][1])
-    assert all(torch.equal(a, b) for a, b in zip(runs[0][2], runs[1][2]))
-
-
-def test_backward_scales_by_grad_output(backend, device, gen):
-    p = make_p(2, [3], [(4, 4)], 4, gen)
-    targets = make_targets(5, 2, 4, gen).to(device)
-    anchors = random_anchors([3], gen)
-    model, ref_model = duck_model([anchors[0].to(device)], 4), duck_model(anchors, 4)
-    q = [x.clone().to(device).requires_grad_() for x in p]
-    (yk.compute_loss(q, targets, model, backend=backend)[0] * 2.5).sum().backward()
-    r = [x.clone().requires_grad_() for x in p]
-    (yk.compute_loss(r, targets.cpu(), ref_model, backend="reference")[0] * 2.5).sum().backward()
-    torch.testing.assert_close(q[0].grad.cpu(), r[0].grad, rtol=1e-4, atol=1e-4 * float(r[0].grad.abs().max()))
-    # retain_graph: each further backward adds the same gradient again (the saved gradient is not
-    # handed out as .grad and then accumulated into in place)
-    s = [x.clone().to(device).requires_grad_() for x in p]
-    loss, _ = yk.compute_loss(s, targets, model, backend=backend)
-    loss.backward(retain_graph=True)
-    once = s[0].grad.clone()
-    loss.backward(retain_graph=True)
-    loss.backward()
-    torch.testing.assert_close(s[0].grad, 3 * once)
-
-
-def test_no_grad_forward(backend, device, gen):
-    p = [x.to(device).requires_grad_() for x in make_p(1, [2], [(3, 3)], 2, gen)]
-    targets = make_targets(3, 1, 2, gen).to(device)
-    model = duck_model([a.to(device) for a in random_anchors([2], gen)], 2)
-    with torch.no_grad():
-        loss, items = yk.compute_loss(p, targets, model, backend=backend)
-    assert loss.grad_fn is None
-    torch.testing.assert_close(items, yk.compute_loss(p, targets, model, backend=backend)[1])

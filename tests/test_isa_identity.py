@@ -25,8 +25,9 @@ PROGRAM = r"""
 #include <cstdio>
 #include <cstring>
 #include <vector>
+#include "anchor/box.h"
 #include "anchor_free/detection_math.h"
-#include "loss_math.h"
+#include "math/bce.h"
 using namespace yolo_kernels;
 
 // Every row function the extension clones per instruction set, over one set of inputs; the

@@ -89,7 +89,7 @@ def test_the_ops_exist_without_the_extension(tmp_path):
         "with FakeTensorMode():\n"
         "    p = [torch.empty(2, 3, 4, 4, 7)]\n"
         "    out = torch.ops.yolo_kernels.fused_loss(p, torch.empty(0, 6), [torch.empty(3, 2)], None, 'yolov3',\n"
-        "        1.0, 3.54, 37.4, 1.0, 64.3, 1.0, 0.2, 0.0, 0.0, 'giou', 'mean', False, False, True)\n"
+        "        1.0, 3.54, 37.4, 1.0, 64.3, 1.0, 0.2, 4.0, 0.0, 0.0, 'giou', 'mean', False, False, True)\n"
         "    print(tuple(out[4][0].shape))\n"
     )
     # a venv that sees torch but not the development install (whose import hook would win)

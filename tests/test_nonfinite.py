@@ -17,8 +17,8 @@ import torch
 from helpers import fused_backends
 
 import yolo_kernels as yk
-from yolo_kernels.config import LossOptions
-from yolo_kernels.loss import run_backend
+from yolo_kernels.anchor.backends import run_backend
+from yolo_kernels.anchor.options import LossOptions
 
 NAN, INF = float("nan"), float("inf")
 GRIDS, NAS = [(6, 5), (3, 4)], [2, 2]

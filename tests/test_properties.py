@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import yolo_kernels as yk
-from yolo_kernels.config import LossOptions
+from yolo_kernels.anchor.options import LossOptions
 
 settings.register_profile(
     "ci",
@@ -81,7 +81,7 @@ def loss_and_grads(backend, p, targets, anchors, options, balance):
 
 def check_parity(backend, problem):
     p, targets, anchors, options, balance = problem
-    yk.validate.check_inputs(p, targets, anchors, options)
+    yk.anchor.validate.check_inputs(p, targets, anchors, options)
     items, grads = loss_and_grads(backend, p, targets, anchors, options, balance)
     ref_items, ref_grads = loss_and_grads("reference", p, targets, anchors, options, balance)
     assert torch.isfinite(items).all() and all(torch.isfinite(g).all() for g in grads)

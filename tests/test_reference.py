@@ -8,7 +8,7 @@ import torch
 from helpers import duck_model, make_p, make_targets, random_anchors
 
 import yolo_kernels as yk
-from yolo_kernels.config import LossOptions
+from yolo_kernels.anchor.options import LossOptions
 
 R = yk.reference
 LOG2 = math.log(2.0)

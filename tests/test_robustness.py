@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import yolo_kernels as yk
-from yolo_kernels.config import LossOptions
+from yolo_kernels.anchor.options import LossOptions
 
 FUSED = [b for b in ("cpp", "triton") if b in yk.available_backends("cpu")]
 ALL = ["reference"] + FUSED
@@ -197,6 +197,7 @@ def test_fuzz_fused_loss_well_shaped_with_bad_values(bs, na, ny, nx, nc, rows):
             64.3,
             1.0,
             0.2,
+            4.0,
             0.0,
             0.0,
             "giou",

@@ -6,8 +6,8 @@ import torch
 from helpers import duck_model, fused_backends, make_p, make_targets, random_anchors
 
 import yolo_kernels as yk
-from yolo_kernels.config import LossOptions
-from yolo_kernels.loss import run_backend
+from yolo_kernels.anchor.backends import run_backend
+from yolo_kernels.anchor.options import LossOptions
 from yolo_kernels.stats import COMPONENTS, LossStats
 
 BACKENDS = [pytest.param("reference", "cpu", id="reference"), *fused_backends()]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import make_p, make_targets, random_anchors
 
-from yolo_kernels.config import LossOptions
+from yolo_kernels.anchor.options import LossOptions
 from yolo_kernels.triton import interpreter_active
 from yolo_kernels.triton import loss as triton_loss
 

@@ -116,7 +116,7 @@ def test_training_run_matches_the_unpatched_run(tmp_path, cfg):
     plain = train(tmp_path, "plain", backend, cfg)
     patched = train(tmp_path, "patched", backend, cfg)
     assert plain["criteria"] and all(c.startswith("ultralytics.") for c in plain["criteria"])
-    assert all(c.startswith("yolo_kernels.yolov8.") for c in patched["criteria"])
+    assert all(c.startswith("yolo_kernels.anchor_free.yolov8.") for c in patched["criteria"])
     assert len(patched["losses"]) == len(plain["losses"]) >= 2
     for ours, theirs in zip(patched["losses"], plain["losses"]):
         assert list(ours) == list(theirs)

@@ -10,8 +10,8 @@ from test_yolov5 import HYP, ComputeLoss, TinyYOLOv5, YOLOv5Loss, fixed_problem
 
 import yolo_kernels as yk
 import yolo_kernels.integrations.ultralytics as yk_ultralytics
-from yolo_kernels.config import LossOptions
-from yolo_kernels.loss import run_backend
+from yolo_kernels.anchor.backends import run_backend
+from yolo_kernels.anchor.options import LossOptions
 
 BACKENDS = [pytest.param("reference", "cpu", id="reference"), *fused_backends()]
 ANCHORS_PX = [[[116, 90], [156, 198]], [[30, 61], [62, 45]], [[10, 13], [16, 30]]]

@@ -8,18 +8,11 @@ compute_loss = yk.yolov5.ComputeLoss(model)                    # ultralytics/yol
 crit = yk.YOLOv5Loss(anchors, strides, num_classes)            # the same as a module
 """
 
-from . import integrations, models, ops, reference, stats, yolov5
-from .config import (
-    BOX_LOSSES,
-    DEFAULT_HYP,
-    FAMILIES,
-    REDUCTIONS,
-    BackendUnavailableError,
-    LossOptions,
-    MissingHyperparameterError,
-)
-from .loss import YOLOv3Loss, available_backends, build_targets, compute_loss
-from .yolov5 import YOLOv5Loss
+from . import cpp, integrations, loss, models, ops, reference, stats, yolov5
+from .anchor.options import BOX_LOSSES, DEFAULT_HYP, FAMILIES, REDUCTIONS, LossOptions
+from .anchor.yolov3 import YOLOv3Loss, available_backends, build_targets, compute_loss
+from .anchor.yolov5 import YOLOv5Loss
+from .config import BackendUnavailableError, MissingHyperparameterError
 
 __version__ = "0.1.0"
 
@@ -36,7 +29,9 @@ __all__ = [
     "available_backends",
     "build_targets",
     "compute_loss",
+    "cpp",
     "integrations",
+    "loss",
     "models",
     "ops",
     "reference",

@@ -8,7 +8,7 @@ import argparse
 
 import torch
 
-from . import loss as loss_api
+from .anchor import yolov3 as loss_api
 
 
 def positive_int(text: str) -> int:

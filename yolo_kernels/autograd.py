@@ -13,8 +13,6 @@ from collections.abc import Callable
 
 import torch
 
-from .config import LossOptions
-
 __all__ = ["FusedLoss", "scale_gradients"]
 
 
@@ -57,7 +55,7 @@ class FusedLoss(torch.autograd.Function):
     overhead per eager call.)"""
 
     @staticmethod
-    def forward(ctx, impl: Callable, options: LossOptions, balance, compute_stats: bool, targets, anchors, *p):
+    def forward(ctx, impl: Callable, options, balance, compute_stats: bool, targets, anchors, *p):
         loss, items, layer_obj, stats, grads = impl(p, targets, anchors, options, True, balance, compute_stats)
         ctx.set_materialize_grads(False)  # no zeros made for the outputs that get no gradient
         ctx.save_for_backward(*grads)

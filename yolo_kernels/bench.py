@@ -37,12 +37,12 @@ from typing import Any
 
 import torch
 
-from . import loss as loss_api
 from ._cli import check_backends, check_device, check_matplotlib, nonnegative_int, positive_int, threads_note
+from .anchor import yolov3 as loss_api
+from .anchor.yolov5 import YOLOV5_ANCHORS, YOLOV5_STRIDES, YOLOv5Loss
 from .anchor_free import backends as anchor_free_backends
+from .anchor_free.yolov8 import DetectionLoss
 from .models import Darknet
-from .yolov5 import YOLOV5_ANCHORS, YOLOV5_STRIDES, YOLOv5Loss
-from .yolov8 import DetectionLoss
 
 __all__ = [
     "yolov3_inputs",

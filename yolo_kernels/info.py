@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from . import __version__, cpp, library
-from . import loss as loss_api
 from . import triton as triton_backend
+from .anchor import yolov3 as loss_api
 
 
 def _devices() -> list[torch.device]:

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
+from .anchor.options import LossOptions
 from .autograd import scale_gradients
-from .config import BackendUnavailableError, LossOptions
-from .reference import compute_dtype
+from .config import BackendUnavailableError, compute_dtype
 
 __all__ = [
     "BUILD_HINT",
@@ -57,11 +57,13 @@ SCHEMAS = {
     # pairs, pairs sharing a cell with a later pair; row nl: the number of targets no layer matched,
     # then zeros; without compute_stats [0, 8]) and, when compute_grad, d loss / d p[i] for every
     # layer (laid out with p[i]'s strides when dense). balance [nl] (or None: ones) weighs each
-    # layer's objectness term; gr is the IoU ratio mixed into the objectness target; threshold the
-    # family's matching threshold; the yolov5 loss is the sum times the batch size. Only loss is
+    # layer's objectness term; gr is the IoU ratio mixed into the objectness target; box, cls and obj
+    # the gains of the three terms; iou_t the yolov3 matching threshold and anchor_t the yolov5 one
+    # (each family reads its own); the yolov5 loss is the sum times the batch size. Only loss is
     # differentiable: its backward scales the gradients.
     "fused_loss": "fused_loss(Tensor[] p, Tensor targets, Tensor[] anchors, Tensor? balance, str family, "
-    "float gr, float giou, float cls, float cls_pw, float obj, float obj_pw, float threshold, float fl_gamma, "
+    "float gr, float box, float cls, float cls_pw, float obj, float obj_pw, float iou_t, float anchor_t, "
+    "float fl_gamma, "
     "float label_smoothing, str box_loss, str reduction, bool sort_obj_iou, bool compute_stats, "
     "bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor[])",
     # The anchor-free family (yolo_kernels.yolov8; docs/anchor_free.md). Predictions boxes
@@ -132,12 +134,13 @@ def cpu_kernels_unavailable_reason(device: torch.device | None) -> str | None:
 _OP_SCALARS: tuple[tuple[str, Callable[[LossOptions], Any]], ...] = (
     ("family", lambda o: o.family),
     ("gr", lambda o: o.objectness_gr),
-    ("giou", lambda o: o.giou),
+    ("box", lambda o: o.box),
     ("cls", lambda o: o.cls),
     ("cls_pw", lambda o: o.cls_pw),
     ("obj", lambda o: o.obj),
     ("obj_pw", lambda o: o.obj_pw),
-    ("threshold", lambda o: o.match_threshold),
+    ("iou_t", lambda o: o.iou_t),
+    ("anchor_t", lambda o: o.anchor_t),
     ("fl_gamma", lambda o: o.fl_gamma),
     ("label_smoothing", lambda o: o.label_smoothing),
     ("box_loss", lambda o: o.box_loss),
@@ -156,10 +159,7 @@ def fused_loss_op(p, targets, anchors, options: LossOptions, compute_grad: bool,
 
 def options_from_op(p, *scalars) -> LossOptions:
     """The ``LossOptions`` of an op call: the inverse of ``fused_loss_op``'s unpacking."""
-    values = dict(zip((name for name, _ in _OP_SCALARS), scalars))
-    threshold = values.pop("threshold")
-    values["anchor_t" if values["family"] == "yolov5" else "iou_t"] = threshold
-    return LossOptions(nc=p[0].shape[-1] - 5, **values)
+    return LossOptions(nc=p[0].shape[-1] - 5, **dict(zip((name for name, _ in _OP_SCALARS), scalars)))
 
 
 def _register_triton_cuda_kernel() -> None:
@@ -235,20 +235,15 @@ def _fused_loss_backward(ctx, grad_loss, grad_items, grad_layer_obj, grad_stats,
 torch.library.register_autograd("yolo_kernels::fused_loss", _fused_loss_backward, setup_context=_fused_loss_setup)
 
 
-def _score_dtype(boxes: torch.Tensor) -> torch.dtype:
-    """The anchor-free ops' float type: float64 for float64 predictions, else float32."""
-    return torch.float64 if boxes.dtype == torch.float64 else torch.float32
-
-
 @torch.library.register_fake("yolo_kernels::tal_assign")
 def _tal_assign_fake(boxes, scores, gt_labels, gt_boxes, grids, strides, topk, topk2, alpha, beta, size_floor):
     bs, a = boxes.shape[0], boxes.shape[2]
-    return boxes.new_empty(bs, a, dtype=torch.int32), boxes.new_empty(bs, a, dtype=_score_dtype(boxes))
+    return boxes.new_empty(bs, a, dtype=torch.int32), boxes.new_empty(bs, a, dtype=compute_dtype(boxes.dtype))
 
 
 @torch.library.register_fake("yolo_kernels::detection_loss")
 def _detection_loss_fake(boxes, scores, *rest):
-    return boxes.new_empty(3, dtype=_score_dtype(boxes))
+    return boxes.new_empty(3, dtype=compute_dtype(boxes.dtype))
 
 
 @torch.library.register_fake("yolo_kernels::detection_loss_backward")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import LossOptions
+from .anchor.options import LossOptions
 from .library import fused_loss_op, require_extension
 
 __all__ = ["match", "box_iou", "bce_with_logits", "fused_loss"]

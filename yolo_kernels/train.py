@@ -29,13 +29,13 @@ from typing import Any
 
 import torch
 
-from . import loss as loss_api
 from ._cli import check_backends, check_device, check_matplotlib, positive_int, threads_note
-from .config import DEFAULT_HYP
-from .loss import compute_loss
+from .anchor import yolov3 as loss_api
+from .anchor.options import DEFAULT_HYP
+from .anchor.yolov3 import compute_loss
+from .anchor.yolov5 import DEFAULT_HYP_V5, YOLOv5Loss, default_balance
 from .models import SHIPPED, Darknet
 from .stats import COMPONENTS
-from .yolov5 import DEFAULT_HYP_V5, YOLOv5Loss, default_balance
 
 __all__ = ["SyntheticShapes", "build_model", "train", "evaluate", "main"]
 

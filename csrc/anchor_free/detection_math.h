@@ -9,7 +9,9 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "loss_math.h"  // Dual, min2/max2, clamp_min, atan_, detach, exp_nonpositive
+#include "math/dual.h"       // Dual, min2/max2, clamp_min, atan_, detach
+#include "math/bce.h"        // the 16-lane product sums of softplus (YkFloat16, log1p_nonnegative)
+#include "math/fast_math.h"  // exp_nonpositive
 
 namespace yolo_kernels {
 namespace anchor_free {

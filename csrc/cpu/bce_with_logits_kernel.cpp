@@ -7,8 +7,8 @@
 #include <algorithm>
 #include <tuple>
 
-#include "checks.h"
-#include "loss_math.h"
+#include "common/checks.h"
+#include "math/bce.h"
 
 namespace yolo_kernels {
 namespace {

@@ -7,8 +7,8 @@
 #include <algorithm>
 #include <tuple>
 
-#include "checks.h"
-#include "loss_math.h"
+#include "anchor/box.h"
+#include "anchor/op_args.h"
 
 namespace yolo_kernels {
 namespace {

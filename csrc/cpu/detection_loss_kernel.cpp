@@ -23,7 +23,7 @@
 
 #include "anchor_free/detection_math.h"
 #include "anchor_free/op_args.h"
-#include "grad_pool.h"
+#include "common/grad_pool.h"
 
 namespace yolo_kernels {
 namespace anchor_free {

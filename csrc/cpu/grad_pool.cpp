@@ -1,4 +1,4 @@
-#include "grad_pool.h"
+#include "common/grad_pool.h"
 
 #include <c10/core/Allocator.h>
 #include <c10/core/impl/alloc_cpu.h>

@@ -8,8 +8,8 @@
 #include <tuple>
 #include <vector>
 
-#include "checks.h"
-#include "loss_math.h"
+#include "anchor/match.h"
+#include "anchor/op_args.h"
 
 namespace yolo_kernels {
 namespace {

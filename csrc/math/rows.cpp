@@ -1,10 +1,11 @@
-// The row loops of the CPU kernels (loss_math.h), compiled once in this file for AVX-512, AVX2 and
-// the baseline, the version picked at load time by the CPU (GCC/Clang function multi-versioning on
+// The row loops of the CPU kernels (math/bce.h, anchor/box.h, anchor_free/detection_math.h),
+// compiled once in this file for AVX-512, AVX2 and the baseline, the version picked at load time by the CPU (GCC/Clang function multi-versioning on
 // x86-64 ELF: 16, 8 or 4 lanes). `flatten` compiles the whole body into each clone. Results are
 // bitwise identical on every path (tests/test_isa_identity.py): the loops are element-wise or
 // use fixed lanes, and -ffp-contract=off keeps the compiler from fusing multiplies and adds.
+#include "anchor/box.h"
 #include "anchor_free/detection_math.h"
-#include "loss_math.h"
+#include "math/bce.h"
 
 #if defined(__x86_64__) && defined(__ELF__) && defined(__has_attribute) && !defined(YOLO_KERNELS_NO_ISA_CLONES)
 #if __has_attribute(target_clones)

@@ -5,7 +5,7 @@
 
 #include <string>
 
-#include "grad_pool.h"
+#include "common/grad_pool.h"
 
 #ifndef YOLO_KERNELS_CXX_FLAGS
 #define YOLO_KERNELS_CXX_FLAGS "unknown"

@@ -1,4 +1,4 @@
-"""The anchor-free family's backends and its registry (``dispatch.resolve_backend`` picks one).
+"""The anchor-free family's backends and its registry (``REGISTRY.resolve`` picks one).
 
 A backend here has ``name``, ``unavailable_reason(device)`` and
 ``loss(problem, options, class_weights) -> [box, cls, dfl]`` (gains applied, differentiable with
@@ -7,16 +7,15 @@ respect to ``problem.boxes`` and ``problem.scores``).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
+from ..dispatch import Registry
 from ..library import cpu_kernels_unavailable_reason, require_extension
 from . import reference
 from .options import DetectionOptions
 from .validate import Problem
 
-__all__ = ["AUTO_ORDER", "BACKENDS", "CppBackend", "ReferenceBackend"]
+__all__ = ["AUTO_ORDER", "BACKENDS", "REGISTRY", "CppBackend", "ReferenceBackend"]
 
 
 class ReferenceBackend:
@@ -70,6 +69,11 @@ class CppBackend:
         )
 
 
-BACKENDS: dict[str, Any] = {"reference": ReferenceBackend(), "cpp": CppBackend()}
+REGISTRY = Registry(
+    family="anchor_free",
+    backends={"reference": ReferenceBackend(), "cpp": CppBackend()},
+    auto_order={"cpu": ("cpp",)},
+)
+BACKENDS = REGISTRY.backends
 #: What ``backend="auto"`` tries first, by device type, before the reference.
-AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("cpp",)}
+AUTO_ORDER = REGISTRY.auto_order

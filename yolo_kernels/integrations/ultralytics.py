@@ -34,8 +34,8 @@ import importlib.util
 import sys
 from typing import Any
 
-from .. import loss as loss_api
-from ..config import DEFAULT_HYP, LossOptions
+from ..anchor import yolov3 as loss_api
+from ..anchor.options import DEFAULT_HYP, LossOptions
 
 __all__ = ["apply", "revert", "is_applied", "DEFAULT_MODULE", "OPTIONS", "PACKAGE_HEADS"]
 
@@ -97,7 +97,7 @@ def _check_settings(backend: Any, options: dict) -> None:
 
 
 def _make_init_criterion(original, backend: str, validate: bool):
-    from .. import yolov8
+    from ..anchor_free import yolov8
 
     @functools.wraps(original)
     def init_criterion(self):

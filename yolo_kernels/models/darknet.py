@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import DEFAULT_HYP
+from ..anchor.options import DEFAULT_HYP
 from .cfg import parse_model_cfg
 from .zoo import SHIPPED, packaged_cfg_names, packaged_cfg_path
 

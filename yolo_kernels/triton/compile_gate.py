@@ -38,7 +38,7 @@ import time
 
 import torch
 
-from ..config import BOX_LOSSES, FAMILIES
+from ..anchor.options import BOX_LOSSES, FAMILIES
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 DEFAULT_ARCHS = (80, 90)
@@ -73,48 +73,54 @@ def _case_inputs(dtype, nc, layout):
     return [p], targets, [anchors]
 
 
+#: Each family's own axis of kernel variants: the yolov3 loss's two reductions; the yolov5 loss
+#: (only "mean") plain, or with sort_obj_iou and a balance tensor.
+VARIANTS = {"yolov3": ("reduction=mean", "reduction=sum"), "yolov5": ("reduction=mean", "sort_obj_iou+balance")}
+
+
 def specialisations():
     """``(label, kwargs of loss.fused_loss)`` for every case of the gate's grid."""
-    from ..config import LossOptions
+    from ..anchor.options import LossOptions
 
-    grid = itertools.product(BOX_LOSSES, (0.0, 1.5), (1, 80), DTYPES, (True, False), ("mean", "sum"))
-    cases = [("yolov3", box, gamma, nc, dtype, grad, red, "contiguous") for box, gamma, nc, dtype, grad, red in grid]
-    # yolov5: "sum" stands for sort_obj_iou with a balance tensor (the family has only "mean")
-    grid = itertools.product(BOX_LOSSES, (0.0, 1.5), (1, 80), DTYPES, (True, False), ("mean", "sum"))
-    cases += [("yolov5", box, gamma, nc, dtype, grad, red, "contiguous") for box, gamma, nc, dtype, grad, red in grid]
+    cases = [
+        (family, box, gamma, nc, dtype, grad, variant, "contiguous")
+        for family in FAMILIES
+        for box, gamma, nc, dtype, grad, variant in itertools.product(
+            BOX_LOSSES, (0.0, 1.5), (1, 80), DTYPES, (True, False), VARIANTS[family]
+        )
+    ]
     cases += [
-        (family, "giou", 0.0, 80, dtype, True, "mean", layout)
+        (family, "giou", 0.0, 80, dtype, True, "reduction=mean", layout)
         for family in FAMILIES
         for dtype in DTYPES
         for layout in ("strided", "ones")
     ]
     # the gradient statistics (compute_stats): their kernel variants, with and without a gradient
     stats_cases = [
-        (family, "ciou", gamma, nc, dtype, grad, "mean", "stats")
+        (family, "ciou", gamma, nc, dtype, grad, "reduction=mean", "stats")
         for family in FAMILIES
         for gamma in (0.0, 1.5)
         for nc in (1, 80)
         for dtype in DTYPES
         for grad in (True, False)
     ]
-    for family, box, gamma, nc, dtype, grad, reduction, layout in cases + stats_cases:
+    for family, box, gamma, nc, dtype, grad, variant, layout in cases + stats_cases:
         stats = layout == "stats"
         layout = "contiguous" if stats else layout
         p, targets, anchors = _case_inputs(dtype, nc, layout)
-        v5_extras = family == "yolov5" and reduction == "sum"
+        sort_and_balance = variant == "sort_obj_iou+balance"
         options = LossOptions(
             nc=nc,
             family=family,
             box_loss=box,
             fl_gamma=gamma,
-            reduction="mean" if family == "yolov5" else reduction,
-            sort_obj_iou=v5_extras,
+            reduction="sum" if variant == "reduction=sum" else "mean",
+            sort_obj_iou=sort_and_balance,
         )
-        balance = torch.ones(len(p)) if v5_extras else None
+        balance = torch.ones(len(p)) if sort_and_balance else None
         label = (
             f"family={family} box_loss={box} fl_gamma={gamma} nc={nc} p={str(dtype).replace('torch.', '')} "
-            f"grad={grad} {'sort_obj_iou+balance' if v5_extras else 'reduction=' + reduction} layout={layout}"
-            f" stats={stats}"
+            f"grad={grad} {variant} layout={layout} stats={stats}"
         )
         kwargs = dict(
             p=p,

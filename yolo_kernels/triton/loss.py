@@ -58,8 +58,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..config import LossOptions
-from ..reference import compute_dtype
+from ..anchor.options import LossOptions
+from ..config import compute_dtype
 from ..validate import MAX_BOX_SIZE as _MAX_BOX_SIZE
 from .math import YOLOV3, YOLOV5, as_compute, bce_with_logits, box_iou, match
 
@@ -1086,7 +1086,7 @@ def _finalize(plan: _Plan, ws: _Workspace, balance, check_values: bool):
         obj_programs=plan.obj_programs,
         num_flags=NUM_FLAGS,
         num_classes=plan.nc,
-        box_gain=float(o.giou * gain),
+        box_gain=float(o.box * gain),
         cls_gain=float(o.cls * gain),
         out_scale=plan.out_scale,
         SUM_REDUCTION=o.reduction == "sum",

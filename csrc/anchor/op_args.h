@@ -1,20 +1,19 @@
-// Argument checks shared by the CPU kernels of the yolo_kernels ops: each names the argument, what
-// was expected and what came (TORCH_CHECK raises a RuntimeError with that message, TORCH_CHECK_VALUE
-// a ValueError).
+// The anchor-based ops' arguments: the option strings parsed, the targets and anchors checked
+// (each check names the argument, what was expected and what came; the value checks have the
+// messages of yolo_kernels/anchor/validate.py).
 #pragma once
 
 #include <ATen/ATen.h>
 
-#include <algorithm>
 #include <cmath>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
 #include <string>
 
-#include "loss_math.h"
+#include "anchor/box.h"
+#include "common/checks.h"
 
 namespace yolo_kernels {
+
+enum class Reduction { kMean, kSum };
 
 inline BoxKind parse_box_kind(c10::string_view name) {
   if (name == "giou") return BoxKind::kGIoU;
@@ -36,14 +35,6 @@ inline Family parse_family(c10::string_view name) {
   TORCH_CHECK(false, "family: expected 'yolov3' or 'yolov5', got '", std::string(name), "'");
 }
 
-inline at::ScalarType opmath_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-inline void check_cpu_float(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got device ", t.device());
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, ": expected a floating-point tensor, got ",
-              t.scalar_type());
-}
-
 inline void check_targets(const at::Tensor& targets) {
   check_cpu_float(targets, "targets");
   TORCH_CHECK(targets.dim() == 2 && targets.size(1) == 6,
@@ -55,33 +46,6 @@ inline void check_anchors(const at::Tensor& anchors, const std::string& name) {
   TORCH_CHECK(anchors.dim() == 2 && anchors.size(1) == 2 && anchors.size(0) >= 1, name,
               ": expected shape [na, 2] with na >= 1, got ", anchors.sizes());
 }
-
-template <typename T>
-inline void check_finite_option(T value, const char* name) {
-  TORCH_CHECK(std::isfinite(value), name, ": expected a finite number, got ", value);
-}
-
-// A number as Python prints float(f"{v:.7g}"): at most seven significant digits, the shortest form
-// that reads back, "2.0" rather than "2", exponent form below 1e-4 and from 1e16 (the messages of
-// the value checks are the same from this kernel and from yolo_kernels/validate.py).
-inline std::string py_float(double v) {
-  if (std::isnan(v)) return "nan";
-  if (std::isinf(v)) return v > 0 ? "inf" : "-inf";
-  char buf[64];
-  std::snprintf(buf, sizeof(buf), "%.7g", v);
-  const double r = std::strtod(buf, nullptr);
-  int digits = 1;
-  for (; digits < 17; ++digits) {
-    std::snprintf(buf, sizeof(buf), "%.*e", digits - 1, r);
-    if (std::strtod(buf, nullptr) == r) break;
-  }
-  const int exponent = std::atoi(std::strchr(buf, 'e') + 1);
-  if (exponent < -4 || exponent >= 16) return buf;
-  std::snprintf(buf, sizeof(buf), "%.*f", std::max(digits - 1 - exponent, 1), r);
-  return buf;
-}
-
-inline std::string py_pair(double a, double b) { return "[" + py_float(a) + ", " + py_float(b) + "]"; }
 
 // The largest normalised box width or height accepted (yolo_kernels/validate.py, MAX_BOX_SIZE).
 constexpr double kMaxBoxSize = 2.0;
