@@ -108,10 +108,11 @@ def test_gate_reports_what_the_interpreter_accepts(tmp_path):
 def test_launches_are_recorded_with_keyword_arguments_not_run(gen):
     from helpers import make_p, make_targets, random_anchors
 
-    from yolo_kernels.triton import loss as triton_loss
+    from yolo_kernels.triton import anchor_loss as triton_loss
+    from yolo_kernels.triton.launch import record_launches
 
     p = make_p(2, [3], [(4, 5)], 7, gen)
-    with triton_loss.record_launches() as launches:
+    with record_launches() as launches:
         triton_loss.fused_loss(p, make_targets(4, 2, 7, gen), random_anchors([3], gen), yk.LossOptions(nc=7))
     names = [launch.kernel.fn.__name__ for launch in launches]
     assert names == [

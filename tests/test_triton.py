@@ -8,8 +8,9 @@ import torch
 from helpers import make_p, make_targets, random_anchors
 
 from yolo_kernels.anchor.options import LossOptions
+from yolo_kernels.triton import anchor_loss as triton_loss
 from yolo_kernels.triton import interpreter_active
-from yolo_kernels.triton import loss as triton_loss
+from yolo_kernels.triton.launch import record_launches
 
 DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(not interpreter_active(), reason="TRITON_INTERPRET=1 not set")),
@@ -44,7 +45,7 @@ def test_gradient_views_take_the_strides_empty_like_gives():
     p = [x.clone() if x.is_contiguous() else x for x in layouts]
     anchors = [torch.ones(x.shape[1], 2) for x in p]
     targets = torch.tensor([[0, 1, 0.5, 0.5, 0.2, 0.2]])
-    with triton_loss.record_launches():
+    with record_launches():
         *_, grads = triton_loss.fused_loss(p, targets, anchors, LossOptions(nc=2))
     starts = []
     for x, g in zip(p, grads):
@@ -172,9 +173,9 @@ def test_launches_do_not_grow_with_the_layers(gen):
     for nl, launches_expected in ((1, 5), (3, 5), (4, 5), (5, 8)):
         p = make_p(2, [3] * nl, [(4, 4)] * nl, 3, gen)
         anchors, targets = random_anchors([3] * nl, gen), make_targets(5, 2, 3, gen)
-        with triton_loss.record_launches():
+        with record_launches():
             triton_loss.fused_loss(p, targets, anchors, LossOptions(nc=3))  # builds the layer table
-        with triton_loss.record_launches() as launches, Count() as count:
+        with record_launches() as launches, Count() as count:
             triton_loss.fused_loss(p, targets, anchors, LossOptions(nc=3), check_values=True)
         assert len(launches) == launches_expected
         assert sorted(count.ops) == ["_assert_async", "searchsorted", "sort", "zeros"], count.ops

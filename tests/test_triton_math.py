@@ -113,7 +113,8 @@ def test_predicted_box_and_box_iou_with_gradient(device, kind, family, gen):
     tbox = torch.cat((torch.rand(n, 2, generator=gen), torch.rand(n, 2, generator=gen) * 3 + 0.2), 1)
     out = torch.empty(n, 5)
     args = [t.to(device) for t in (x, anchors, tbox, out)]
-    _box_iou_probe[(1,)](*args, n, KIND=yk.triton.loss.KINDS[kind], FAMILY=yk.triton.loss.FAMILIES[family], BLOCK=64)
+    kernels = yk.triton.anchor_loss
+    _box_iou_probe[(1,)](*args, n, KIND=kernels.KINDS[kind], FAMILY=kernels.FAMILIES[family], BLOCK=64)
     xr = x.double().requires_grad_()
     if family == "yolov5":  # written out here, independent of reference.predicted_box
         pxy = xr[:, :2].sigmoid() * 2 - 0.5

@@ -1,5 +1,6 @@
-"""The Triton (GPU) backend (``"triton"``): an adapter over the launcher ``loss.fused_loss``
-(kernels in ``loss.py``, element math in ``math.py``), which ``library.py`` also registers as the
+"""The Triton (GPU) backend (``"triton"``): an adapter over the launcher ``anchor_loss.fused_loss``
+(the anchor families' kernels in ``anchor_loss.py``, element math in ``math.py``, the launch helper
+and its recorder in ``launch.py``), which ``library.py`` also registers as the
 CUDA kernel of ``torch.ops.yolo_kernels.fused_loss``.
 
 On CUDA tensors it is what ``backend="auto"`` picks. On CPU tensors it runs only under the Triton
@@ -48,7 +49,7 @@ else:
     IMPORT_ERROR = triton_version_problem(getattr(triton, "__version__", "unknown"))
 
 if IMPORT_ERROR is None:
-    from . import loss as _loss
+    from . import anchor_loss as _loss
 
     #: ``fused_loss(p, targets, anchors, options, compute_grad, balance=None, compute_stats=False)``, or
     #: None without a usable Triton.

@@ -5,7 +5,7 @@
 
 The Triton interpreter (how the tests run the kernels without a GPU) accepts code that the
 compiler rejects, so passing interpreter tests says nothing about a GPU. This gate runs the real
-launcher (``loss.fused_loss``) under ``record_launches`` over a grid of options, dtypes and
+launcher (``anchor_loss.fused_loss``) under ``record_launches`` over a grid of options, dtypes and
 layouts; each recorded launch goes through Triton's own argument binder (the code that types and
 specialises arguments at a real launch) for the target, and every distinct result is compiled to
 a cubin with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``. Triton ships
@@ -18,7 +18,7 @@ fp16/bf16/fp32/fp64 ``p`` x with/without gradient x (yolov3) mean/sum or (yolov5
 a non-contiguous ``p`` (no unit channel stride) and a layer whose sizes are all 1 (Triton
 specialises integer arguments equal to 1); plus the gradient statistics (``compute_stats``) for
 both families x focal on/off x ``nc`` 1 / 80 x every dtype x with/without gradient.
-Block sizes are fixed constants of ``loss.py``, so these cover every block
+Block sizes are fixed constants of ``anchor_loss.py``, so these cover every block
 size the launcher picks.
 
 Must run with the interpreter off (``TRITON_INTERPRET`` unset or ``0``): under the interpreter
@@ -79,7 +79,7 @@ VARIANTS = {"yolov3": ("reduction=mean", "reduction=sum"), "yolov5": ("reduction
 
 
 def specialisations():
-    """``(label, kwargs of loss.fused_loss)`` for every case of the gate's grid."""
+    """``(label, kwargs of anchor_loss.fused_loss)`` for every case of the gate's grid."""
     from ..anchor.options import LossOptions
 
     cases = [
@@ -151,12 +151,13 @@ def collect_jobs(arch: int) -> list[Job]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
 
-    from . import loss as triton_loss
+    from . import anchor_loss as triton_loss
+    from .launch import record_launches
 
     backend = make_backend(GPUTarget("cuda", arch, 32))
     jobs: dict[str, Job] = {}
     for label, kwargs in specialisations():
-        with triton_loss.record_launches() as launches:
+        with record_launches() as launches:
             triton_loss.fused_loss(**kwargs)
         for launch in launches:
             if not hasattr(launch.kernel, "params"):
@@ -186,12 +187,12 @@ def _describe(error: BaseException) -> str:
 
 def compile_job(job: Job, arch: int, kernel=None) -> str | None:
     """Compile one job to a cubin for ``sm_<arch>``: ``None``, or what went wrong. ``kernel``
-    defaults to the kernel of ``loss.py`` named by the job."""
+    defaults to the kernel of ``anchor_loss.py`` named by the job."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from . import loss as triton_loss
+    from . import anchor_loss as triton_loss
 
     kernel = kernel if kernel is not None else getattr(triton_loss, job.kernel_name)
     try:
@@ -236,9 +237,9 @@ def _compile_indexed(work: tuple[int, int]) -> tuple[int, int, str | None]:
 def _kernels_never_launched(jobs: list[Job]) -> list[str]:
     from triton.runtime.jit import JITFunction
 
-    from . import loss as triton_loss
+    from . import anchor_loss as triton_loss
 
-    defined = {  # the kernels of loss.py (named *_kernel), not the helpers they call
+    defined = {  # the kernels of anchor_loss.py (named *_kernel), not the helpers they call
         name
         for name, value in vars(triton_loss).items()
         if isinstance(value, JITFunction) and name.endswith("_kernel") and value.fn.__module__ == triton_loss.__name__
@@ -248,7 +249,7 @@ def _kernels_never_launched(jobs: list[Job]) -> list[str]:
 
 def run(archs=DEFAULT_ARCHS, n_workers: int | None = None, out=sys.stdout) -> int:
     """Compile every job for every arch; print each failure with its kernel, specialisations and
-    message. Returns the number of failures (a kernel of ``loss.py`` that the grid never launches
+    message. Returns the number of failures (a kernel of ``anchor_loss.py`` that the grid never launches
     counts as one)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("compile_gate: TRITON_INTERPRET=1 is set; run the gate with TRITON_INTERPRET=0")
@@ -274,7 +275,8 @@ def run(archs=DEFAULT_ARCHS, n_workers: int | None = None, out=sys.stdout) -> in
         print("  " + error.strip().replace("\n", "\n  "), file=out)
     missing = _kernels_never_launched(_JOBS[archs[0]]) if archs else []
     for name in missing:
-        print(f"FAILED {name}: defined in loss.py but never launched by the gate's grid (extend the grid)", file=out)
+        message = "defined in anchor_loss.py but never launched by the gate's grid (extend the grid)"
+        print(f"FAILED {name}: {message}", file=out)
     counts = ", ".join(f"sm_{arch}: {len(jobs)}" for arch, jobs in _JOBS.items())
     print(
         f"compile gate (triton {triton.__version__}): {len(work) - len(failures)} of {len(work)} kernel "

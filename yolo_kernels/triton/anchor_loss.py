@@ -37,7 +37,7 @@ Reductions are two-stage and fixed (per-program partials, then one program in a 
 results are bitwise reproducible. Offsets are int64 (a batch-64, 640x640 ``p`` has more than 2^31
 bytes).
 
-Every launch goes through ``_launch`` with keyword arguments; ``record_launches`` captures them
+Every launch goes through ``launch.launch`` with keyword arguments; ``launch.record_launches`` captures them
 instead of running them, which is how the compile gate (``compile_gate.py``) derives each kernel's
 signature from this launcher rather than from a hand-written list.
 
@@ -48,10 +48,7 @@ once (a plain Python float argument is float32, which cost float64 runs their la
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -61,6 +58,11 @@ import triton.language as tl
 from ..anchor.options import LossOptions
 from ..config import compute_dtype
 from ..validate import MAX_BOX_SIZE as _MAX_BOX_SIZE
+from .launch import ALIGN
+from .launch import cdiv as _cdiv
+from .launch import contiguous_strides as _contiguous_strides
+from .launch import dense as _dense
+from .launch import launch as _launch
 from .math import YOLOV3, YOLOV5, as_compute, bce_with_logits, box_iou, match
 
 KINDS = {"iou": 0, "giou": 1, "diou": 2, "ciou": 3}
@@ -720,38 +722,6 @@ def _pair_grad_kernel(
                 tl.store(pair_stats_ptr + 4 * i + 3, tl.max(cls_max, axis=0).to(COMPUTE_DTYPE))
 
 
-@dataclasses.dataclass
-class Launch:
-    """One recorded kernel launch: the kernel, its grid and its keyword arguments."""
-
-    kernel: Any
-    grid: tuple
-    arguments: dict
-
-
-_RECORDER: contextvars.ContextVar[list | None] = contextvars.ContextVar("yolo_kernels_triton_recorder", default=None)
-
-
-def _launch(kernel, grid: tuple, **arguments) -> None:
-    recorded = _RECORDER.get()
-    if recorded is not None:
-        recorded.append(Launch(kernel, grid, arguments))
-        return
-    kernel[grid](**arguments)
-
-
-@contextlib.contextmanager
-def record_launches() -> Iterator[list[Launch]]:
-    """Within the block, ``fused_loss`` records its launches (kernel, grid, arguments) instead of
-    running them: it then runs on any tensors, with no GPU (its outputs are left uninitialised)."""
-    launches: list[Launch] = []
-    token = _RECORDER.set(launches)
-    try:
-        yield launches
-    finally:
-        _RECORDER.reset(token)
-
-
 def _layer_slots(table: torch.Tensor, base: int, end: int, **per_layer: list) -> dict:
     """The layer arguments of a launch over layers ``base .. end - 1`` (at most ``MAX_LAYERS``):
     ``<name>0_ptr`` .. ``<name>3_ptr`` for each list of per-layer tensors (unused slots repeat the
@@ -801,32 +771,6 @@ def layer_table(p) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
             _TABLES.clear()
         entry = _TABLES[key] = (table, grad_strides)
     return entry
-
-
-def _contiguous_strides(shape) -> tuple[int, ...]:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return tuple(reversed(strides))
-
-
-def _dense(shape, strides) -> bool:
-    """Whether a tensor of these shape and strides covers a block of ``numel`` elements exactly
-    once (a permutation of a contiguous layout)."""
-    step = 1
-    for size, stride in sorted(((n, st) for n, st in zip(shape, strides) if n != 1), key=lambda d: d[1]):
-        if stride != step:
-            return False
-        step *= size
-    return True
-
-
-ALIGN = 64  # elements: the pieces of the launcher's zeroed buffer start 128-byte aligned (fp16 and up)
-
-
-def _cdiv(n: int, d: int) -> int:
-    return -(-n // d)  # triton.cdiv is a jit function: microseconds per call from Python
 
 
 #: Slots of the value-check flags (``_match_kernel``): image index, class, box centre, box size, anchors.
