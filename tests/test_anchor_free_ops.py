@@ -167,6 +167,53 @@ def test_forward_only_writes_no_gradient(gen, monkeypatch):
     assert loss.requires_grad is False and torch.isfinite(loss).all() and calls == []
 
 
+def _ops_called(fn) -> set[str]:
+    """The yolo_kernels ops that ``fn()`` calls, from the profiler's events."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events() if e.name.startswith("yolo_kernels::")}
+
+
+def test_the_trainers_gradient_is_written_with_the_loss(gen):
+    """With the trainer's loss.sum() (the batch size reaches each component, times the branch
+    weight under E2ELoss) the gradient comes from the forward pass, bit for bit what the backward
+    op gives for that gradient; any other gradient runs the backward op and is still right."""
+    model = StandIn(nc=4)
+    preds = make_preds(3, grids_for(64, 96), 4, 16, gen)
+    batch = make_batch([4, 0, 6], 4, gen)
+    criterion = yolov8.DetectionLoss(model, backend="cpp")
+    leaves = [preds[k].clone().requires_grad_(True) for k in ("boxes", "scores")]
+
+    def step(scale):
+        loss, _ = criterion({"boxes": leaves[0], "scores": leaves[1], "feats": preds["feats"]}, batch)
+        (loss * scale).sum().backward()
+
+    assert "yolo_kernels::detection_loss_backward" not in _ops_called(lambda: step(1.0))
+    fast = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    assert "yolo_kernels::detection_loss_backward" in _ops_called(lambda: step(1.0 + 2**-10))
+    slow = [t.grad / (1.0 + 2**-10) for t in leaves]
+    for f, g in zip(fast, slow):
+        torch.testing.assert_close(f, g, rtol=1e-5, atol=1e-6 * float(g.abs().max()))
+    # the same bits as the backward op for the trainer's gradient (3 = the batch size)
+    options = criterion.options
+    grids = grids_for(64, 96)
+    labels, gt_boxes = targets_of(preds, batch, options, grids)
+    args = op_args(preds, labels, gt_boxes, options, grids)
+    assigned, target = OPS.tal_assign(*args, 10, None, 0.5, 6.0, 16.0)
+    rest = (labels, gt_boxes, assigned, target, None, *args[4:], *options.gains())
+    want = OPS.detection_loss_backward(torch.full((3,), 3.0), *args[:2], *rest)
+    assert all(torch.equal(f, w) for f, w in zip(fast, want))
+    # E2ELoss: both branches' gradients from their forward passes
+    e2e = yolov8.E2ELoss(model, backend="cpp")
+    two = {"one2many": preds, "one2one": {k: v.clone() if torch.is_tensor(v) else v for k, v in preds.items()}}
+    for branch in two.values():
+        branch["boxes"].requires_grad_(True), branch["scores"].requires_grad_(True)
+    e2e.update()  # weights that are not round numbers
+    assert "yolo_kernels::detection_loss_backward" not in _ops_called(lambda: e2e(two, batch)[0].sum().backward())
+
+
 def test_opcheck(gen):
     grids = [(4, 6), (2, 3)]
     options = DetectionOptions(nc=3, reg_max=4, strides=(8.0, 16.0))
@@ -184,6 +231,9 @@ def test_opcheck(gen):
     # the backward op has no derivative of its own (a second derivative is an error): plain inputs
     backward_args = (torch.ones(3), *args[:2], *loss_args[2:6], torch.rand(3), *loss_args[7:])
     torch.library.opcheck(OPS.detection_loss_backward.default, backward_args, test_utils=utils)
+    # the forward with its gradient is not differentiable itself (the cpp backend's Function is): plain inputs
+    with_grad_args = (*args[:2], *loss_args[2:], [3.0, 3.0, 3.0])
+    torch.library.opcheck(OPS.detection_loss_with_grad.default, with_grad_args, test_utils=utils)
     loss = OPS.detection_loss(*loss_args)
     (grad_boxes,) = torch.autograd.grad(loss.sum(), boxes, create_graph=True)
     with pytest.raises(RuntimeError, match="a second derivative .* is not supported"):

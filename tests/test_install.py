@@ -111,8 +111,8 @@ def test_install_with_the_extension_disabled(tmp_path):
     assert "building without the C++ extension: YOLO_KERNELS_NO_EXT=1 is set" in build.stdout + build.stderr
     assert "backends: ['reference']" in out
     assert (
-        "ops: ['bce_with_logits', 'box_iou', 'detection_loss', 'detection_loss_backward', 'fused_loss', 'match', "
-        "'tal_assign']" in out
+        "ops: ['bce_with_logits', 'box_iou', 'detection_loss', 'detection_loss_backward', "
+        "'detection_loss_with_grad', 'fused_loss', 'match', 'tal_assign']" in out
     )  # schemas from Python
     assert "warnings: 1" in out  # once per process, not per call
     # what is true, and a fix a pip user can run; not "partially initialized module ... circular import"

@@ -70,10 +70,13 @@ static void print_bits(const char* what, const std::vector<double>& v) {
       print_bits("summed_grad", g), print_bits("summed_loss", row_loss);                              \
     }                                                                                                 \
   }                                                                                                   \
-  print_bits("softplus_sum", std::vector<double>{anchor_free::softplus_row_sum_products(x.data(), n)});       \
-  std::vector<float> sig(n);                                                                          \
+  print_bits("softplus_sum", std::vector<double>{anchor_free::softplus_row_sum_products<false>(x.data(), n)}); \
+  std::vector<float> sig(n), fused_sig(n);                                                            \
   anchor_free::sigmoid_row_scaled_generic<float>(x.data(), sig.data(), n, 0.37f);                      \
   print_bits("sigmoid_scaled", sig);                                                                  \
+  const double fused_sum = anchor_free::softplus_row_sum_products<true>(x.data(), n, fused_sig.data(), 0.37f); \
+  print_bits("softplus_sigmoid_sum", std::vector<double>{fused_sum});                                 \
+  print_bits("softplus_sigmoid_grad", fused_sig);                                                     \
   { /* the anchor-free box decode (4 sides x 16 bins of 77 points) and a bin's gradient row */        \
     const int64_t np = 77;                                                                            \
     std::vector<float> dist(4 * np), lnorm(4 * np), t(np), dc(np), wl(np), wr(np), gr(np);             \
@@ -160,7 +163,11 @@ def test_row_functions_are_bitwise_identical_across_instruction_sets(tmp_path):
     if len(outputs) < 2:
         pytest.skip("this CPU has neither AVX2 nor AVX-512: one instruction set, nothing to compare")
     reference = outputs.pop("baseline")
-    assert len(reference) == 4 * 4 + 2 * 2 * 2 + 2 + 3 + 4 * 2 * 5  # every function printed something
+    assert len(reference) == 4 * 4 + 2 * 2 * 2 + 2 + 5 + 4 * 2 * 5  # every function printed something
+    # the one-pass softplus sum and sigmoid are the two separate rows' bits
+    bits = {line.split()[0]: line.split()[1:] for line in reference}
+    assert bits["softplus_sigmoid_sum"] == bits["softplus_sum"]
+    assert bits["softplus_sigmoid_grad"] == bits["sigmoid_scaled"]
     for isa, lines in outputs.items():
         differing = [i for i, (a, b) in enumerate(zip(lines, reference)) if a != b]
         assert not differing and len(lines) == len(reference), (

@@ -80,6 +80,12 @@ SCHEMAS = {
     "detection_loss": "detection_loss(Tensor boxes, Tensor scores, Tensor gt_labels, Tensor gt_boxes, "
     "Tensor assigned, Tensor target_scores, Tensor? class_weights, int[] grids, float[] strides, float box, "
     "float cls, float dfl) -> Tensor",
+    # The same loss and, in the same passes, the gradients d (grad . loss) / d boxes and d / d scores
+    # for the components' gradient grad (3 values) that the caller expects backward to bring (the
+    # eager autograd of the cpp backend; not differentiable itself).
+    "detection_loss_with_grad": "detection_loss_with_grad(Tensor boxes, Tensor scores, Tensor gt_labels, "
+    "Tensor gt_boxes, Tensor assigned, Tensor target_scores, Tensor? class_weights, int[] grids, float[] strides, "
+    "float box, float cls, float dfl, float[] grad) -> (Tensor, Tensor, Tensor)",
     # d loss / d boxes and d loss / d scores for the components' gradient grad [3], written once.
     "detection_loss_backward": "detection_loss_backward(Tensor grad, Tensor boxes, Tensor scores, "
     "Tensor gt_labels, Tensor gt_boxes, Tensor assigned, Tensor target_scores, Tensor? class_weights, "
@@ -244,6 +250,11 @@ def _tal_assign_fake(boxes, scores, gt_labels, gt_boxes, grids, strides, topk, t
 @torch.library.register_fake("yolo_kernels::detection_loss")
 def _detection_loss_fake(boxes, scores, *rest):
     return boxes.new_empty(3, dtype=compute_dtype(boxes.dtype))
+
+
+@torch.library.register_fake("yolo_kernels::detection_loss_with_grad")
+def _detection_loss_with_grad_fake(boxes, scores, *rest):
+    return boxes.new_empty(3, dtype=compute_dtype(boxes.dtype)), torch.empty_like(boxes), torch.empty_like(scores)
 
 
 @torch.library.register_fake("yolo_kernels::detection_loss_backward")

@@ -152,8 +152,11 @@ inline double softplus_row_sum_generic(const T* x, int64_t n) {
 // The same sum for float rows with one logarithm per 7 logits instead of one per logit:
 // softplus(x) = max(x, 0) + log1p(e), e = exp(-|x|) in (0, 1], and the log1p terms of 7 logits are
 // summed as the log of the product of their (1 + e) (kept as 1 + s: s' = s + e + s e), in 16 fixed
-// lanes (as bce_const_target_rows_summed).
-inline double softplus_row_sum_products(const float* x, int64_t n) {
+// lanes (as bce_const_target_rows_summed). With kGrad, the same pass writes g[c] = scale *
+// sigmoid(x[c]) from the same e (the formula of sigmoid_row_scaled_generic: the same bits), so a
+// row is read and exponentiated once for the loss and its gradient.
+template <bool kGrad>
+inline double softplus_row_sum_products(const float* x, int64_t n, float* g = nullptr, float scale = 0.0f) {
   constexpr int64_t span = kSumLanes * kSumPerLane;
   alignas(64) float e[kRowBlock + kSumLanes];
   alignas(64) float lin[kRowBlock + kSumLanes];
@@ -165,13 +168,17 @@ inline double softplus_row_sum_products(const float* x, int64_t n) {
       const float v = x[c0 + c];
       e[c] = exp_nonpositive(-std::abs(v));
       lin[c] = std::max(v, 0.0f) + (v - v);  // + (x - x): a NaN or infinite logit, a non-finite sum
+      if constexpr (kGrad) {
+        const float inv = 1.0f / (1.0f + e[c]);
+        g[c0 + c] = (v >= 0.0f ? inv : e[c] * inv) * scale;
+      }
     }
     for (int64_t c = len; c < padded; ++c) e[c] = 0.0f, lin[c] = 0.0f;  // 1 + 0: no effect
     int64_t np = 0;
     YkFloat16 lin_sum = {};
-    for (int64_t g = 0; g < padded; g += span) {
+    for (int64_t g0 = 0; g0 < padded; g0 += span) {
       YkFloat16 prod = {};
-      for (int64_t c = g; c < std::min(padded, g + span); c += kSumLanes) {
+      for (int64_t c = g0; c < std::min(padded, g0 + span); c += kSumLanes) {
         YkFloat16 ev, lv;
         std::memcpy(&ev, e + c, sizeof(ev));
         std::memcpy(&lv, lin + c, sizeof(lv));
@@ -227,9 +234,15 @@ void decode_block_f32(const float* x, int64_t row_stride, int64_t reg_max, int64
                       float* log_norm);
 double softplus_row_sum(const float* x, int64_t n);
 void sigmoid_row_scaled(const float* x, float* out, int64_t n, float scale);
+// softplus_row_sum and sigmoid_row_scaled of one row in one pass (float: one exp per logit)
+double softplus_sigmoid_row(const float* x, int64_t n, float* out, float scale);
 inline double softplus_row_sum(const double* x, int64_t n) { return softplus_row_sum_generic(x, n); }
 inline void sigmoid_row_scaled(const double* x, double* out, int64_t n, double scale) {
   sigmoid_row_scaled_generic(x, out, n, scale);
+}
+inline double softplus_sigmoid_row(const double* x, int64_t n, double* out, double scale) {
+  sigmoid_row_scaled_generic(x, out, n, scale);
+  return softplus_row_sum_generic(x, n);
 }
 
 // decode_block, through its per-instruction-set build for float predictions.

@@ -1,11 +1,14 @@
-// CPU kernels of yolo_kernels::detection_loss and detection_loss_backward (schemas in
-// yolo_kernels/library.py): the anchor-free family's loss given an assignment (tal_assign's), and
-// its gradient, computed in backward already scaled by grad_output (the gradient is written once;
-// calls without backward, as validation, write none).
+// CPU kernels of yolo_kernels::detection_loss, detection_loss_with_grad and
+// detection_loss_backward (schemas in yolo_kernels/library.py): the anchor-free family's loss given
+// an assignment (tal_assign's), and its gradient, written once: in the forward pass for the
+// gradient the caller expects backward to bring (detection_loss_with_grad: the trainer's
+// loss.sum() brings the batch size), or in backward for the gradient it brings. Calls without
+// backward, as validation, write none.
 //
 // The class term is dense: BCE(x, t) = softplus(x) - t x, with t zero but at the assigned points'
 // classes, so the forward pass sums softplus over every logit (one read) and subtracts t x at the
-// assigned points; backward writes scale * sigmoid(x) over every logit and fixes up those points.
+// assigned points; the gradient is scale * sigmoid(x) over every logit, fixed up at those points (with
+// the loss: from the same exp, in the same pass over the row).
 // The box terms (CIoU, DFL or L1) live only at the assigned points: they read those points' bins.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -23,6 +26,7 @@
 
 #include "anchor_free/detection_math.h"
 #include "anchor_free/op_args.h"
+#include "common/checks.h"
 #include "common/grad_pool.h"
 
 namespace yolo_kernels {
@@ -186,82 +190,78 @@ const S* row_as(const In* x, int64_t n, std::vector<S>& buf) {
   }
 }
 
-template <typename In, typename S>
-at::Tensor forward(const Problem& P, Gains gains) {
-  const int64_t A = P.L.points, bs = P.bs, nc = P.nc;
-  const S* w = P.class_weights.data_ptr<S>();
-  const In* xs = P.scores.data_ptr<In>();
-  // the dense class term: softplus summed per row (rows in a fixed order: deterministic)
-  std::vector<double> rows(size_t(bs * nc));
-  at::parallel_for(0, bs * nc, 1, [&](int64_t begin, int64_t end) {
-    std::vector<S> buf;
-    for (int64_t r = begin; r < end; ++r) rows[r] = softplus_row_sum(row_as<S>(xs + r * A, A, buf), A);
-  });
-  // the assigned points: - t x of the class term, the box and distance terms weighted by t
-  std::vector<std::array<double, 3>> images(static_cast<size_t>(bs));
-  const int64_t* labels = P.gt_labels.data_ptr<int64_t>();
-  at::parallel_for(0, bs, 1, [&](int64_t begin, int64_t end) {
-    AssignedPoints<S> pts;
-    for (int64_t b = begin; b < end; ++b) {
-      pts.template build<In>(P, b);
-      std::array<double, 3> sum = {0.0, 0.0, 0.0};
-      for (int64_t q = 0; q < pts.n; ++q) {
-        const S t = pts.t[q];
-        const int64_t label = std::max<int64_t>(labels[b * P.m + pts.box[q]], 0);
-        sum[1] -= double(w[label] * S(xs[(b * nc + label) * A + pts.point[q]]) * t);
-        sum[0] += double(pts.box_term[q] * t);
-        sum[2] += double(pts.dist_term[q] * t);
-      }
-      images[b] = sum;
-    }
-  });
-  double box = 0.0, cls = 0.0, dist = 0.0;
-  for (int64_t r = 0; r < bs * nc; ++r) cls += double(w[r % nc]) * rows[r];
-  for (const auto& s : images) box += s[0], cls += s[1], dist += s[2];
-  const double norm = double(target_norm<S>(P));
-  at::Tensor out = at::empty({3}, P.boxes.options().dtype(P.target.scalar_type()));
-  S* o = out.data_ptr<S>();
-  o[0] = S(box / norm) * S(gains.box);
-  o[1] = S(cls / norm) * S(gains.cls);
-  o[2] = S(dist / norm) * S(gains.dfl);
-  return out;
-}
+// d loss / d (each component's sum over the points) for the components' gradient g: the gains,
+// over the normaliser.
+template <typename S>
+struct Scales {
+  S box, cls, dist;
+  static Scales of(const double* g, Gains gains, S norm) {
+    return {S(g[0] * gains.box) / norm, S(g[1] * gains.cls) / norm, S(g[2] * gains.dfl) / norm};
+  }
+};
 
+// The dense class rows (bs * nc of them, in a fixed order: deterministic): with `sums`, each row's
+// softplus sum; with `gs`, d loss / d x = d_cls * w * sigmoid(x) written over the row (the assigned
+// points are fixed up by assigned_terms). Both: one pass, one exp per logit (softplus_sigmoid_row).
 template <typename In, typename S>
-std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad, const Problem& P, Gains gains) {
-  const int64_t A = P.L.points, bs = P.bs, nc = P.nc, C = 4 * P.R;
-  const at::Tensor g = grad.to(at::kCPU, at::kDouble).contiguous();
-  TORCH_CHECK(g.numel() == 3, "grad: expected the 3 components' gradient, got shape ", grad.sizes());
-  const double* gd = g.data_ptr<double>();
-  const S norm = target_norm<S>(P);
-  const S d_box = S(gd[0] * gains.box) / norm, d_cls = S(gd[1] * gains.cls) / norm, d_dist = S(gd[2] * gains.dfl) / norm;
+void class_rows(const Problem& P, double* sums, In* gs, S d_cls) {
+  const int64_t A = P.L.points, nc = P.nc;
   const S* w = P.class_weights.data_ptr<S>();
   const In* xs = P.scores.data_ptr<In>();
-  // pooled: the buffers autograd frees after the step come back already paged in (grad_pool.h)
-  at::Tensor grad_scores = pooled_empty_strided({bs, nc, A}, {nc * A, A, 1}, P.scores.scalar_type());
-  In* gs = grad_scores.data_ptr<In>();
-  at::parallel_for(0, bs * nc, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, P.bs * nc, 1, [&](int64_t begin, int64_t end) {
     std::vector<S> buf, out;
     for (int64_t r = begin; r < end; ++r) {
-      const S scale = d_cls * w[r % nc];
+      const S* x = row_as<S>(xs + r * A, A, buf);
+      if (gs == nullptr) {
+        sums[r] = softplus_row_sum(x, A);
+        continue;
+      }
+      S* g = nullptr;
       if constexpr (std::is_same_v<S, In>) {
-        sigmoid_row_scaled(xs + r * A, gs + r * A, A, scale);
+        g = gs + r * A;
       } else {
         out.resize(size_t(A));
-        sigmoid_row_scaled(row_as<S>(xs + r * A, A, buf), out.data(), A, scale);
-        for (int64_t i = 0; i < A; ++i) gs[r * A + i] = In(out[i]);
+        g = out.data();
       }
+      const S scale = d_cls * w[r % nc];
+      if (sums != nullptr)
+        sums[r] = softplus_sigmoid_row(x, A, g, scale);
+      else
+        sigmoid_row_scaled(x, g, A, scale);
+      if constexpr (!std::is_same_v<S, In>)
+        for (int64_t i = 0; i < A; ++i) gs[r * A + i] = In(out[i]);
     }
   });
-  at::Tensor grad_boxes = pooled_empty_strided({bs, C, A}, {C * A, A, 1}, P.boxes.scalar_type());
-  In* gb = grad_boxes.data_ptr<In>();
+}
+
+// The assigned points of every image (one image a task): with `images`, the sums of their terms
+// (box, the class term's - t x, distance; weighted by t); with `gb` and `gs`, the gradient of the
+// box logits (rows zero but at the assigned points) and the class gradient at the assigned class
+// fixed up to d_cls * w * (sigmoid - t), after class_rows wrote sigmoid there.
+template <typename In, typename S>
+void assigned_terms(const Problem& P, std::array<double, 3>* images, In* gb, In* gs, Scales<S> d) {
+  const int64_t A = P.L.points, nc = P.nc, C = 4 * P.R;
+  const S* w = P.class_weights.data_ptr<S>();
+  const In* xs = P.scores.data_ptr<In>();
   const int64_t* labels = P.gt_labels.data_ptr<int64_t>();
-  at::parallel_for(0, bs, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, P.bs, 1, [&](int64_t begin, int64_t end) {
     AssignedPoints<S> pts;
     std::vector<S> g;
     for (int64_t b = begin; b < end; ++b) {
       pts.template build<In>(P, b);
-      pts.gradient(P.R, d_box, d_dist, g);
+      if (images != nullptr) {
+        std::array<double, 3> sum = {0.0, 0.0, 0.0};
+        for (int64_t q = 0; q < pts.n; ++q) {
+          const S t = pts.t[q];
+          const int64_t label = std::max<int64_t>(labels[b * P.m + pts.box[q]], 0);
+          sum[1] -= double(w[label] * S(xs[(b * nc + label) * A + pts.point[q]]) * t);
+          sum[0] += double(pts.box_term[q] * t);
+          sum[2] += double(pts.dist_term[q] * t);
+        }
+        images[b] = sum;
+      }
+      if (gb == nullptr) continue;
+      pts.gradient(P.R, d.box, d.dist, g);
       for (int64_t c = 0; c < C; ++c) {  // each row: zero but at the assigned points
         In* row = gb + (b * C + c) * A;
         std::fill(row, row + A, In(0));
@@ -273,11 +273,69 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad, const Proble
         const S x = S(xs[at_]);
         S sig;
         sigmoid_row_scaled(&x, &sig, 1, S(1));
-        gs[at_] = In(d_cls * w[label] * (sig - pts.t[q]));
+        gs[at_] = In(d.cls * w[label] * (sig - pts.t[q]));
       }
     }
   });
+}
+
+// The gradients' buffers, pooled: the buffers autograd frees after the step come back already
+// paged in (grad_pool.h).
+inline std::tuple<at::Tensor, at::Tensor> gradient_buffers(const Problem& P) {
+  const int64_t A = P.L.points, C = 4 * P.R;
+  return {pooled_empty_strided({P.bs, C, A}, {C * A, A, 1}, P.boxes.scalar_type()),
+          pooled_empty_strided({P.bs, P.nc, A}, {P.nc * A, A, 1}, P.scores.scalar_type())};
+}
+
+// The loss [box, cls, dfl] and, for the components' gradient `grad` (3 values, or null: none),
+// d loss / d boxes and d loss / d scores in the same passes (empty tensors without `grad`).
+template <typename In, typename S>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const Problem& P, Gains gains, const double* grad) {
+  const int64_t bs = P.bs, nc = P.nc;
+  const S norm = target_norm<S>(P);
+  const Scales<S> d = grad != nullptr ? Scales<S>::of(grad, gains, norm) : Scales<S>{};
+  at::Tensor grad_boxes = P.boxes.new_empty({0}), grad_scores = P.scores.new_empty({0});
+  if (grad != nullptr) std::tie(grad_boxes, grad_scores) = gradient_buffers(P);
+  In* gb = grad != nullptr ? grad_boxes.data_ptr<In>() : nullptr;
+  In* gs = grad != nullptr ? grad_scores.data_ptr<In>() : nullptr;
+  std::vector<double> rows(size_t(bs * nc));
+  class_rows<In, S>(P, rows.data(), gs, d.cls);
+  std::vector<std::array<double, 3>> images(static_cast<size_t>(bs));
+  assigned_terms<In, S>(P, images.data(), gb, gs, d);
+  const S* w = P.class_weights.data_ptr<S>();
+  double box = 0.0, cls = 0.0, dist = 0.0;
+  for (int64_t r = 0; r < bs * nc; ++r) cls += double(w[r % nc]) * rows[r];
+  for (const auto& s : images) box += s[0], cls += s[1], dist += s[2];
+  at::Tensor out = at::empty({3}, P.boxes.options().dtype(P.target.scalar_type()));
+  S* o = out.data_ptr<S>();
+  o[0] = S(box / double(norm)) * S(gains.box);
+  o[1] = S(cls / double(norm)) * S(gains.cls);
+  o[2] = S(dist / double(norm)) * S(gains.dfl);
+  return {out, grad_boxes, grad_scores};
+}
+
+template <typename In, typename S>
+std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad, const Problem& P, Gains gains) {
+  const at::Tensor g = grad.to(at::kCPU, at::kDouble).contiguous();
+  TORCH_CHECK(g.numel() == 3, "grad: expected the 3 components' gradient, got shape ", grad.sizes());
+  const Scales<S> d = Scales<S>::of(g.data_ptr<double>(), gains, target_norm<S>(P));
+  auto [grad_boxes, grad_scores] = gradient_buffers(P);
+  In* gs = grad_scores.data_ptr<In>();
+  class_rows<In, S>(P, nullptr, gs, d.cls);
+  assigned_terms<In, S>(P, nullptr, grad_boxes.data_ptr<In>(), gs, d);
   return {grad_boxes, grad_scores};
+}
+
+// The forward of both forward ops, dispatched on the predictions' dtype (math in float, double for double).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const Problem& P, Gains gains, const double* grad) {
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, P.boxes.scalar_type(), "yolo_kernels::detection_loss", [&] {
+    if constexpr (std::is_same_v<scalar_t, double>)
+      out = forward<scalar_t, double>(P, gains, grad);
+    else
+      out = forward<scalar_t, float>(P, gains, grad);
+  });
+  return out;
 }
 
 at::Tensor detection_loss_cpu(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& gt_labels,
@@ -286,14 +344,19 @@ at::Tensor detection_loss_cpu(const at::Tensor& boxes, const at::Tensor& scores,
                               at::ArrayRef<double> strides, double box, double cls, double dfl) {
   const Problem P = check_problem(boxes, scores, gt_labels, gt_boxes, assigned, target_scores, class_weights, grids,
                                   strides);
-  at::Tensor out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, boxes.scalar_type(), "yolo_kernels::detection_loss", [&] {
-    if constexpr (std::is_same_v<scalar_t, double>)
-      out = forward<scalar_t, double>(P, {box, cls, dfl});
-    else
-      out = forward<scalar_t, float>(P, {box, cls, dfl});
-  });
-  return out;
+  return std::get<0>(forward_cpu(P, {box, cls, dfl}, nullptr));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> detection_loss_with_grad_cpu(
+    const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& gt_labels, const at::Tensor& gt_boxes,
+    const at::Tensor& assigned, const at::Tensor& target_scores, const c10::optional<at::Tensor>& class_weights,
+    at::IntArrayRef grids, at::ArrayRef<double> strides, double box, double cls, double dfl,
+    at::ArrayRef<double> grad) {
+  const Problem P = check_problem(boxes, scores, gt_labels, gt_boxes, assigned, target_scores, class_weights, grids,
+                                  strides);
+  TORCH_CHECK(grad.size() == 3, "grad: expected the 3 components' gradient, got ", grad.size(), " values");
+  for (size_t k = 0; k < 3; ++k) check_finite_option(grad[k], "grad");
+  return forward_cpu(P, {box, cls, dfl}, grad.data());
 }
 
 std::tuple<at::Tensor, at::Tensor> detection_loss_backward_cpu(
@@ -319,6 +382,7 @@ std::tuple<at::Tensor, at::Tensor> detection_loss_backward_cpu(
 
 TORCH_LIBRARY_IMPL(yolo_kernels, CPU, m) {
   m.impl("detection_loss", &anchor_free::detection_loss_cpu);
+  m.impl("detection_loss_with_grad", &anchor_free::detection_loss_with_grad_cpu);
   m.impl("detection_loss_backward", &anchor_free::detection_loss_backward_cpu);
 }
 

@@ -44,12 +44,17 @@ YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) void box_iou_rows(int
 namespace anchor_free {
 
 YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) double softplus_row_sum(const float* x, int64_t n) {
-  return softplus_row_sum_products(x, n);
+  return softplus_row_sum_products<false>(x, n);
 }
 
 YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) void sigmoid_row_scaled(const float* x, float* out,
                                                                                   int64_t n, float scale) {
   sigmoid_row_scaled_generic(x, out, n, scale);
+}
+
+YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) double softplus_sigmoid_row(const float* x, int64_t n,
+                                                                                      float* out, float scale) {
+  return softplus_row_sum_products<true>(x, n, out, scale);
 }
 
 YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) void decode_block_f32(const float* x, int64_t row_stride,

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..config import unwrap_model
+from ..config import compute_dtype, unwrap_model
 from .backends import REGISTRY
 from .options import DetectionOptions
 from .validate import check_problem, parse_preds
@@ -102,14 +102,24 @@ class DetectionLoss:
 
     def loss(self, preds: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """As ``__call__`` for the training-output dict itself."""
+        return self._loss(preds, batch, 1.0)
+
+    def _loss(self, preds: Any, batch: dict[str, torch.Tensor], weight: float):
+        """``loss``, for a caller that multiplies the loss by ``weight`` before the trainer sums it
+        (``E2ELoss``'s branch weights): the backend is told the gradient backward will then bring
+        to the components, ``1 * weight * batch size`` in the loss's dtype, computed as autograd
+        will compute it."""
         options = self.options
         problem = check_problem(parse_preds(preds), batch, options, self.validate)
         impl = REGISTRY.resolve(self.backend, problem.boxes.device)
         weights = self.class_weights
         if weights is not None and weights.device != problem.boxes.device:
             weights = weights.to(problem.boxes.device)
-        components = impl.loss(problem, options, weights)
-        return components * problem.boxes.shape[0], dict(zip(self.loss_names, components.detach()))
+        bs = problem.boxes.shape[0]
+        dtype = compute_dtype(problem.boxes.dtype)
+        expected = float(torch.ones((), dtype=dtype) * weight * bs)
+        components = impl.loss(problem, options, weights, expected)
+        return components * bs, dict(zip(self.loss_names, components.detach()))
 
 
 class E2ELoss:
@@ -136,8 +146,8 @@ class E2ELoss:
                     f"preds: expected an end-to-end head's output with keys 'one2many' and 'one2one', got "
                     f"{sorted(preds)} (a head without one2one branches takes DetectionLoss)"
                 )
-        loss_o2m, _ = self.one2many.loss(preds["one2many"], batch)
-        loss_o2o, items = self.one2one.loss(preds["one2one"], batch)
+        loss_o2m, _ = self.one2many._loss(preds["one2many"], batch, self.o2m)
+        loss_o2o, items = self.one2one._loss(preds["one2one"], batch, self.o2o)
         return loss_o2m * self.o2m + loss_o2o * self.o2o, items
 
     def update(self) -> None:
