@@ -414,7 +414,10 @@ void assign(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor&
             n += gap + 1, gap = 0;
           else
             ++gap;
-        decode<S, In>(xb + b * 4 * R * A + p0, A, R, n, kDecodeBlock, dist.data(), nullptr);
+        // decoded in whole vectors (a run of a few points would otherwise go through the loops'
+        // scalar tails); the points past the run, still in the rows, are decoded and not used
+        const int64_t n_vec = std::min({(n + 15) / 16 * 16, kDecodeBlock, A - p0});
+        decode<S, In>(xb + b * 4 * R * A + p0, A, R, n_vec, kDecodeBlock, dist.data(), nullptr);
         for (int64_t q = 0; q < n; ++q) {
           const int64_t p = p0 + q, cell = p - L.offsets[l];
           const S cx = S(cell % L.nx(l)) + S(0.5), cy = S(cell / L.nx(l)) + S(0.5);
