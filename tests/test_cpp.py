@@ -10,6 +10,7 @@ from helpers import assert_matches_reference, duck_model, make_p, make_targets, 
 
 import yolo_kernels as yk
 from yolo_kernels import library
+from yolo_kernels.anchor import fused_op
 from yolo_kernels.anchor.options import LossOptions
 
 OPS = torch.ops.yolo_kernels if library.LOAD_ERROR is None else None
@@ -96,7 +97,7 @@ def test_dense_crowded_images_bitwise_across_threads_and_equal_to_reference(gen)
     try:
         for n in (1, 2, 3, 4):
             torch.set_num_threads(n)
-            _, items, _, stats, grads = library.fused_loss_op(p, targets, anchors, options, True, None, True)
+            _, items, _, stats, grads = fused_op.fused_loss_op(p, targets, anchors, options, True, None, True)
             results.append((items.clone(), stats.clone(), [g.clone() for g in grads]))
     finally:
         torch.set_num_threads(threads)
@@ -217,7 +218,7 @@ def _opcheck_cases(gen):
         (LossOptions(nc=4, fl_gamma=1.0), None),
         (LossOptions(nc=4, family="yolov5", box_loss="ciou", sort_obj_iou=True), torch.tensor([4.0, 1.0])),
     ):
-        scalars = [read(o) for _, read in library._OP_SCALARS]
+        scalars = [read(o) for _, read in fused_op.OP_SCALARS]
         cases.append((OPS.fused_loss.default, (p, targets, anchors, balance, *scalars, balance is not None, True)))
     ps, tbox, anch = torch.randn(5, 9, generator=gen), torch.rand(5, 4, generator=gen) + 0.1, torch.rand(5, 2) + 0.1
     return cases + [

@@ -102,3 +102,16 @@ def test_the_ops_exist_without_the_extension(tmp_path):
         "'detection_loss_with_grad', 'fused_loss', 'match', 'tal_assign']",
         "(2, 3, 4, 4, 7)",
     ]
+
+
+def test_the_layers():
+    """What every family shares imports no family; the families import no backend package above
+    them (the Triton backend registers itself); the ops' library imports no family."""
+    graph = import_graph()
+    families = ("yolo_kernels.anchor", "yolo_kernels.anchor_free", "yolo_kernels.triton")
+    for shared in ("dispatch", "library", "config", "validate", "autograd", "stats"):
+        imported = graph[f"yolo_kernels.{shared}"]
+        assert not [m for m in imported if m.startswith(families)], (shared, imported)
+    for module, imported in graph.items():
+        if module.startswith(("yolo_kernels.anchor.", "yolo_kernels.anchor_free.")):
+            assert not [m for m in imported if m.startswith("yolo_kernels.triton")], (module, imported)

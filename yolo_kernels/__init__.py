@@ -8,7 +8,7 @@ compute_loss = yk.yolov5.ComputeLoss(model)                    # ultralytics/yol
 crit = yk.YOLOv5Loss(anchors, strides, num_classes)            # the same as a module
 """
 
-from . import cpp, integrations, loss, models, ops, reference, stats, yolov5
+from . import cpp, integrations, loss, models, ops, reference, stats, triton, yolov5
 from .anchor.options import BOX_LOSSES, DEFAULT_HYP, FAMILIES, REDUCTIONS, LossOptions
 from .anchor.yolov3 import YOLOv3Loss, available_backends, build_targets, compute_loss
 from .anchor.yolov5 import YOLOv5Loss
@@ -36,5 +36,6 @@ __all__ = [
     "ops",
     "reference",
     "stats",
+    "triton",
     "yolov5",
 ]

@@ -74,6 +74,13 @@ class Registry:
     backends: dict[str, Any]
     auto_order: dict[str, tuple[str, ...]]
 
+    def register(self, backend: Any, auto_on: tuple[str, ...] = ()) -> None:
+        """Add ``backend`` (under its ``name``), tried by ``auto`` on the device types ``auto_on``
+        after the ones there already."""
+        self.backends[backend.name] = backend
+        for device_type in auto_on:
+            self.auto_order[device_type] = (*self.auto_order.get(device_type, ()), backend.name)
+
     def available(self, device: str | torch.device | None = None) -> list[str]:
         """Names of the backends that can run (on ``device`` when given), reference first."""
         device = torch.device(device) if device is not None else None

@@ -5,20 +5,19 @@
 * The compiled extension ``yolo_kernels._C`` registers their CPU kernels (``csrc/cpu/*.cpp``,
   ``TORCH_LIBRARY_IMPL``) when it loads. Without it (not built, or built against another torch)
   ``LOAD_ERROR`` says why, and the ops have no CPU kernel.
-* Their fake implementations (shapes for ``torch.compile``), the autograd of ``fused_loss`` (the
-  rule of ``autograd.py``: the gradient is computed in the forward pass, backward scales it by
-  ``grad_output``; ``loss_items`` is a result, detached, as the original's), and the Triton
-  launcher registered as its CUDA kernel.
+* Their fake implementations (shapes for ``torch.compile``) and autograd: ``fused_loss``'s is the
+  rule of ``autograd.py`` (the gradient is computed in the forward pass, backward scales it by
+  ``grad_output``; ``loss_items`` is a result, detached, as the original's). The Triton launcher
+  registers itself as the CUDA kernel of ``fused_loss`` (``triton/__init__.py``); the anchor
+  families pass their options to it one by one (``anchor/fused_op.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from .anchor.options import LossOptions
 from .autograd import scale_gradients
 from .config import BackendUnavailableError, compute_dtype
 
@@ -26,8 +25,6 @@ __all__ = [
     "BUILD_HINT",
     "LOAD_ERROR",
     "SCHEMAS",
-    "fused_loss_op",
-    "options_from_op",
     "require_extension",
 ]
 
@@ -136,54 +133,6 @@ def cpu_kernels_unavailable_reason(device: torch.device | None) -> str | None:
     return None
 
 
-#: The op's scalar arguments after ``balance``, in schema order: (name, how to read it from LossOptions).
-_OP_SCALARS: tuple[tuple[str, Callable[[LossOptions], Any]], ...] = (
-    ("family", lambda o: o.family),
-    ("gr", lambda o: o.objectness_gr),
-    ("box", lambda o: o.box),
-    ("cls", lambda o: o.cls),
-    ("cls_pw", lambda o: o.cls_pw),
-    ("obj", lambda o: o.obj),
-    ("obj_pw", lambda o: o.obj_pw),
-    ("iou_t", lambda o: o.iou_t),
-    ("anchor_t", lambda o: o.anchor_t),
-    ("fl_gamma", lambda o: o.fl_gamma),
-    ("label_smoothing", lambda o: o.label_smoothing),
-    ("box_loss", lambda o: o.box_loss),
-    ("reduction", lambda o: o.reduction),
-    ("sort_obj_iou", lambda o: o.sort_obj_iou),
-)
-
-
-def fused_loss_op(p, targets, anchors, options: LossOptions, compute_grad: bool, balance=None, compute_stats=False):
-    """``torch.ops.yolo_kernels.fused_loss`` with the options of ``options`` (the op's schema
-    takes them one by one, in ``_OP_SCALARS`` order)."""
-    scalars = [read(options) for _, read in _OP_SCALARS]
-    op = torch.ops.yolo_kernels.fused_loss
-    return op(list(p), targets, list(anchors), balance, *scalars, compute_stats, compute_grad)
-
-
-def options_from_op(p, *scalars) -> LossOptions:
-    """The ``LossOptions`` of an op call: the inverse of ``fused_loss_op``'s unpacking."""
-    return LossOptions(nc=p[0].shape[-1] - 5, **dict(zip((name for name, _ in _OP_SCALARS), scalars)))
-
-
-def _register_triton_cuda_kernel() -> None:
-    """The Triton launcher as the CUDA kernel of ``fused_loss`` (when Triton is usable)."""
-    from . import triton as triton_backend
-
-    if triton_backend.launcher is None:
-        return
-    launcher = triton_backend.launcher
-
-    @torch.library.register_kernel("yolo_kernels::fused_loss", "cuda")
-    def _fused_loss_cuda(p, targets, anchors, balance, *scalars_and_flags):
-        *scalars, compute_stats, compute_grad = scalars_and_flags
-        # the op checks the values, as the CPU op does (here with one device-side assertion)
-        options = options_from_op(p, *scalars)
-        return launcher(p, targets, anchors, options, compute_grad, balance, compute_stats, check_values=True)
-
-
 # The fakes and the autograd exist with or without the extension, as the schemas do.
 
 
@@ -226,11 +175,12 @@ def _fused_loss_setup(ctx, inputs, output):
     ctx.save_for_backward(*output[4])
     ctx.compute_grad = inputs[-1]
     ctx.n_layers = len(inputs[0])
+    ctx.n_inputs = len(inputs)
 
 
 def _fused_loss_backward(ctx, grad_loss, grad_items, grad_layer_obj, grad_stats, grad_grads):
     # Only `loss` is differentiable; the items, statistics and gradients are results, not functions of p.
-    no_grad = ([None] * ctx.n_layers, None, [None] * ctx.n_layers, None) + (None,) * (len(_OP_SCALARS) + 2)
+    no_grad = ([None] * ctx.n_layers, None, [None] * ctx.n_layers) + (None,) * (ctx.n_inputs - 3)
     if grad_loss is None:
         return no_grad
     if not ctx.compute_grad:
@@ -291,4 +241,3 @@ def _no_double_backward(ctx, grad_boxes, grad_scores):
 torch.library.register_autograd(
     "yolo_kernels::detection_loss_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None
 )
-_register_triton_cuda_kernel()

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from .anchor.fused_op import fused_loss_op
 from .anchor.options import LossOptions
-from .library import fused_loss_op, require_extension
+from .library import require_extension
 
 __all__ = ["match", "box_iou", "bce_with_logits", "fused_loss"]
 

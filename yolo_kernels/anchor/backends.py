@@ -15,10 +15,10 @@ import torch
 
 from ..autograd import FusedLoss
 from ..dispatch import Registry
-from ..library import cpu_kernels_unavailable_reason, fused_loss_op, require_extension
+from ..library import cpu_kernels_unavailable_reason, require_extension
 from ..stats import LossStats
-from ..triton import TritonBackend
 from . import reference
+from .fused_op import fused_loss_op
 from .options import LossOptions
 from .validate import check_inputs
 
@@ -85,10 +85,11 @@ class CppBackend:
 
 
 #: The registry of both anchor-based families (they share every backend; ``options.family`` picks).
+#: The Triton backend registers itself (``triton/__init__.py``), for ``auto`` on CUDA tensors.
 REGISTRY = Registry(
     family="anchor",
-    backends={"reference": ReferenceBackend(), "cpp": CppBackend(), "triton": TritonBackend()},
-    auto_order={"cuda": ("triton",), "cpu": ("cpp",)},
+    backends={"reference": ReferenceBackend(), "cpp": CppBackend()},
+    auto_order={"cpu": ("cpp",)},
 )
 BACKENDS = REGISTRY.backends
 #: What ``backend="auto"`` tries, by device type, before falling back to the reference.

@@ -100,3 +100,24 @@ class TritonBackend:
             return FusedLoss.apply(impl, options, balance, stats, targets, anchors, *p)
         loss, items, layer_obj, grad_stats, _ = impl(p, targets, anchors, options, False, balance, stats)
         return loss, items, layer_obj, grad_stats
+
+
+def _register() -> None:
+    """The backend in the anchor families' registry (``auto`` picks it on CUDA tensors) and, with a
+    usable Triton, the launcher as the CUDA kernel of ``torch.ops.yolo_kernels.fused_loss``."""
+    from ..anchor.backends import REGISTRY
+    from ..anchor.fused_op import options_from_op
+
+    REGISTRY.register(TritonBackend(), auto_on=("cuda",))
+    if launcher is None:
+        return
+
+    @torch.library.register_kernel("yolo_kernels::fused_loss", "cuda")
+    def _fused_loss_cuda(p, targets, anchors, balance, *scalars_and_flags):
+        *scalars, compute_stats, compute_grad = scalars_and_flags
+        # the op checks the values, as the CPU op does (here with one device-side assertion)
+        options = options_from_op(p, *scalars)
+        return launcher(p, targets, anchors, options, compute_grad, balance, compute_stats, check_values=True)
+
+
+_register()
