@@ -177,3 +177,25 @@ def test_model_options_follow_every_change_of_the_model(gen):
     model.hyp["fl_gamma"] = True  # equal to 1 as a key, but a bool is not a number here
     with pytest.raises(TypeError, match="fl_gamma"):
         model_options(model)
+
+
+def test_every_documented_path_resolves_from_the_package():
+    """The README's API table writes ``yk.<path>`` after ``import yolo_kernels as yk``: each path
+    resolves in a fresh interpreter, with no other import first."""
+    import os
+    import subprocess
+    import sys
+
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    table = readme[readme.index("| `yk.compute_loss(") :]
+    table = table[: table.index("\n\n")]
+    paths = sorted(set(re.findall(r"`yk\.([A-Za-z_][A-Za-z0-9_.]*)", table)))
+    assert {"yolov8.DetectionLoss", "anchor_free.reference", "integrations.ultralytics"} <= set(paths)
+    code = (
+        "import functools, yolo_kernels as yk\n"
+        f"for path in {paths!r}:\n"
+        "    functools.reduce(getattr, path.split('.'), yk)\n"
+        "print('ok')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
