@@ -41,7 +41,7 @@ sanitize: $(STAMP)
 	LD_PRELOAD="$(SANITIZER_RUNTIMES)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 TRITON_INTERPRET=0 \
 	  $(PY) -m pytest -q -p no:cacheprovider tests/test_cpp.py tests/test_fused_loss.py tests/test_robustness.py tests/test_properties.py \
-	  tests/test_yolov5.py tests/test_stats.py \
+	  tests/test_yolov5.py tests/test_stats.py tests/test_anchor_free_ops.py tests/test_families.py \
 	  -k "not triton"; status=$$?; \
 	YOLO_KERNELS_REQUIRE_EXT=1 $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .; exit $$status
 
