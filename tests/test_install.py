@@ -147,7 +147,9 @@ def test_info_command_lists_backends_and_reasons():
     out = result.stdout
     assert "cpu: backend='auto' uses" in out and "reference  available" in out
     assert "triton     unavailable: the triton backend runs on CUDA tensors" in out or "cuda:" in out
+    assert "anchor-based (compute_loss, yolov5.ComputeLoss):" in out  # every family, its own backends
+    assert "anchor-free (yolov8.DetectionLoss, E2ELoss):" in out
     as_json = subprocess.run(
         [sys.executable, "-m", "yolo_kernels.info", "--json"], cwd=ROOT, capture_output=True, text=True
     )
-    assert '"backends"' in as_json.stdout and '"auto"' in as_json.stdout
+    assert '"backends"' in as_json.stdout and '"auto"' in as_json.stdout and '"families"' in as_json.stdout
