@@ -75,11 +75,13 @@ class Registry:
     auto_order: dict[str, tuple[str, ...]]
 
     def register(self, backend: Any, auto_on: tuple[str, ...] = ()) -> None:
-        """Add ``backend`` (under its ``name``), tried by ``auto`` on the device types ``auto_on``
-        after the ones there already."""
+        """Add ``backend`` (under its ``name``, replacing one of that name), tried by ``auto`` on the
+        device types ``auto_on`` after the ones there already; registering again changes no order."""
         self.backends[backend.name] = backend
         for device_type in auto_on:
-            self.auto_order[device_type] = (*self.auto_order.get(device_type, ()), backend.name)
+            order = self.auto_order.get(device_type, ())
+            if backend.name not in order:
+                self.auto_order[device_type] = (*order, backend.name)
 
     def available(self, device: str | torch.device | None = None) -> list[str]:
         """Names of the backends that can run (on ``device`` when given), reference first."""
