@@ -52,7 +52,9 @@ def _flags():
     debug = os.environ.get("YOLO_KERNELS_DEBUG") == "1"
     # -ffp-contract=off: no fused multiply-add, so float results match the reference's op order
     # -fno-trapping-math: lets the compiler vectorise branch-free selects (no change to results)
-    flags = ["-std=c++17", "-ffp-contract=off", "-fno-trapping-math"] + (["-O0", "-g"] if debug else ["-O3", "-g0"])
+    # -fno-math-errno: sqrt without the errno branch, so loops over it vectorise (no change to results)
+    flags = ["-std=c++17", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno"]
+    flags += ["-O0", "-g"] if debug else ["-O3", "-g0"]
     link = []
     # at::parallel_for is an inline OpenMP region in torch's Linux builds: -fopenmp gives it threads.
     # Apple clang has no -fopenmp; there the kernels run on one thread (results are identical).

@@ -39,6 +39,18 @@ IouParts<S, T> iou_xyxy(const S& ax1, const S& ay1, const S& ax2, const S& ay2, 
   return {inter / uni, aw, ah, bw, bh};
 }
 
+// CIoU's centre term: the squared centre distance over the enclosing box's squared diagonal.
+template <typename S, typename T>
+S centre_term(const S& ax1, const S& ay1, const S& ax2, const S& ay2, T bx1, T by1, T bx2, T by2) {
+  const T eps = T(kCiouEps);
+  const S cw = max2(ax2, S(bx2)) - min2(ax1, S(bx1));
+  const S ch = max2(ay2, S(by2)) - min2(ay1, S(by1));
+  const S c2 = (cw * cw + ch * ch) + eps;
+  const S dx = ((S(bx1 + bx2) - ax1) - ax2), dy = ((S(by1 + by2) - ay1) - ay2);
+  const S rho2 = (dx * dx + dy * dy) / T(4);
+  return rho2 / c2;
+}
+
 // Complete IoU of xyxy box a against xyxy box b, as reference.bbox_ciou(a, b): the IoU less the
 // centre distance and aspect terms (both >= 0, so CIoU <= IoU), the aspect term's weight alpha
 // detached.
@@ -46,15 +58,20 @@ template <typename S, typename T>
 S ciou_xyxy(const S& ax1, const S& ay1, const S& ax2, const S& ay2, T bx1, T by1, T bx2, T by2) {
   const T eps = T(kCiouEps);
   const IouParts<S, T> u = iou_xyxy<S, T>(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2);
-  const S cw = max2(ax2, S(bx2)) - min2(ax1, S(bx1));
-  const S ch = max2(ay2, S(by2)) - min2(ay1, S(by1));
-  const S c2 = (cw * cw + ch * ch) + eps;
-  const S dx = ((S(bx1 + bx2) - ax1) - ax2), dy = ((S(by1 + by2) - ay1) - ay2);
-  const S rho2 = (dx * dx + dy * dy) / T(4);
+  const S centre = centre_term<S, T>(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2);
   const S da = S(atan_(u.bw / u.bh)) - atan_(u.aw / u.ah);
   const S v = da * da * T(4.0 / (M_PI * M_PI));
   const S alpha = detach(v / (((T(1) - u.iou) + v) + eps));
-  return u.iou - (rho2 / c2 + v * alpha);
+  return u.iou - (centre + v * alpha);
+}
+
+// IoU less the centre term, rounded as ciou_xyxy rounds its first terms: CIoU subtracts a further
+// term >= 0 (centre + v alpha >= centre, and rounding keeps the order), so this bounds its CIoU
+// from above without the arctangents (the assigner prunes by it).
+template <typename T>
+T diou_bound(T ax1, T ay1, T ax2, T ay2, T bx1, T by1, T bx2, T by2) {
+  const T iou = iou_xyxy<T, T>(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2).iou;
+  return iou - centre_term<T, T>(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2);
 }
 
 // On plain values (the assigner: the ground truth as a, the prediction as b).
@@ -75,7 +92,7 @@ inline T clamp_nonnegative(T x) {
 // the log of each softmax's normaliser (max + log sum exp). Points go kDecodeBlock at a time, the
 // loops over them vectorise; the assigner and the loss decode with the same operations (the same
 // bits).
-constexpr int64_t kDecodeBlock = 64;
+constexpr int64_t kDecodeBlock = 256;
 template <typename T, typename In>
 inline void decode_block(const In* x, int64_t row_stride, int64_t reg_max, int64_t n, int64_t block, T* dist,
                          T* log_norm) {
@@ -221,7 +238,60 @@ inline void bin_gradient_row_generic(const T* x, const T* log_norm, const T* dis
   }
 }
 
+// The assigner's overlaps of gt box g against n predicted boxes (SoA rows x1, y1, x2, y2):
+// CIoU clamped at 0 (the C library's arctangent, as the original's float overlaps), or its
+// diou_bound (no arctangent: its loop vectorises). The same bits one at a time or in rows.
+template <typename T>
+inline T assigner_overlap(T gx1, T gy1, T gx2, T gy2, T x1, T y1, T x2, T y2) {
+  return clamp_nonnegative(ciou_values<T>(gx1, gy1, gx2, gy2, x1, y1, x2, y2));
+}
+template <typename T>
+inline void overlap_row_generic(const T* g, const T* x1, const T* y1, const T* x2, const T* y2, int64_t n, T* out,
+                                bool bound) {
+  if (bound)
+    for (int64_t q = 0; q < n; ++q) out[q] = diou_bound<T>(g[0], g[1], g[2], g[3], x1[q], y1[q], x2[q], y2[q]);
+  else
+    for (int64_t q = 0; q < n; ++q) out[q] = assigner_overlap<T>(g[0], g[1], g[2], g[3], x1[q], y1[q], x2[q], y2[q]);
+}
+// assigner_overlap of n gt boxes (SoA rows gx1, gy1, gx2, gy2) against one predicted box q.
+template <typename T>
+inline void overlap_gt_row_generic(const T* gx1, const T* gy1, const T* gx2, const T* gy2, int64_t n, const T* q,
+                                   T* out) {
+  for (int64_t t = 0; t < n; ++t) out[t] = assigner_overlap<T>(gx1[t], gy1[t], gx2[t], gy2[t], q[0], q[1], q[2], q[3]);
+}
+// The assigner's score^alpha of a logit as the original computes it (torch's sigmoid, 1 / (1 +
+// exp(-x)); its pow(x, 0.5) is sqrt), and an approximation for the bounds of its pruning: the
+// sigmoid from exp_nonpositive(-|x|) (the loss's formula; a few ulp from the library's, which the
+// bounds' margin covers), whose loops vectorise.
+template <typename T>
+inline T score_power(T x, T alpha) {
+  const T score = T(1) / (T(1) + std::exp(-x));
+  return alpha == T(0.5) ? std::sqrt(score) : std::pow(score, alpha);
+}
+template <typename T>
+inline T score_power_approx(T x, T alpha) {
+  const T e = exp_nonpositive(-std::abs(x));
+  const T inv = T(1) / (T(1) + e);
+  const T score = x >= T(0) ? inv : e * inv;
+  return alpha == T(0.5) ? std::sqrt(score) : std::pow(score, alpha);
+}
+template <typename T>
+inline void score_power_approx_row_generic(const T* x, int64_t n, T alpha, T* out) {
+  if (alpha == T(0.5))  // the branch out of the loop: it vectorises
+    for (int64_t q = 0; q < n; ++q) out[q] = score_power_approx(x[q], T(0.5));
+  else
+    for (int64_t q = 0; q < n; ++q) out[q] = score_power_approx(x[q], alpha);
+}
+
 // float rows: compiled once per instruction set in math/rows.cpp
+void overlap_row(const float* g, const float* x1, const float* y1, const float* x2, const float* y2, int64_t n,
+                 float* out, bool bound);
+void overlap_gt_row(const float* gx1, const float* gy1, const float* gx2, const float* gy2, int64_t n, const float* q,
+                    float* out);
+void score_power_approx_row(const float* x, int64_t n, float alpha, float* out);
+inline void score_power_approx_row(const double* x, int64_t n, double alpha, double* out) {
+  score_power_approx_row_generic(x, n, alpha, out);
+}
 void bin_gradient_row(const float* x, const float* log_norm, const float* dist, const float* t, const float* d_ciou,
                       const int32_t* left, const float* wl, const float* wr, int64_t n, int32_t j, float d_box,
                       float d_dist, float* out);

@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -82,34 +83,34 @@ struct Assigner {
     return g.valid && strictly_inside(g.lo_x, g.hi_x, px[p]) && strictly_inside(g.lo_y, g.hi_y, py[p]);
   }
 
+  // CIoU clamped at 0 (assigner_overlap: the same bits as the rows of overlap_row)
   float overlap(const GtBox& g, int64_t b, int64_t p) const {
     const float* q = pred + b * 4 * layout.points + p;
     const int64_t A = layout.points;
-    return clamp_nonnegative(ciou_values<float>(g.x1, g.y1, g.x2, g.y2, q[0], q[A], q[2 * A], q[3 * A]));
+    return assigner_overlap<float>(g.x1, g.y1, g.x2, g.y2, q[0], q[A], q[2 * A], q[3 * A]);
   }
 
-  // IoU >= CIoU: an upper bound of the overlap for no arctangent
-  float iou(const GtBox& g, int64_t b, int64_t p) const {
-    const float* q = pred + b * 4 * layout.points + p;
+  // diou_bound of n consecutive points from p: >= their CIoU, for no arctangent
+  void bound_run(const GtBox& g, int64_t b, int64_t p, int64_t n, float* out) const {
     const int64_t A = layout.points;
-    return iou_xyxy<float, float>(g.x1, g.y1, g.x2, g.y2, q[0], q[A], q[2 * A], q[3 * A]).iou;
+    const float *x1 = pred + b * 4 * A + p, gxy[4] = {g.x1, g.y1, g.x2, g.y2};
+    overlap_row(gxy, x1, x1 + A, x1 + 2 * A, x1 + 3 * A, n, out, true);
   }
 
-  // iou() of n consecutive points from p (the loop vectorises over the structure-of-arrays boxes)
-  void iou_run(const GtBox& g, int64_t b, int64_t p, int64_t n, float* out) const {
-    const int64_t A = layout.points;
-    const float *x1 = pred + b * 4 * A + p, *y1 = x1 + A, *x2 = x1 + 2 * A, *y2 = x1 + 3 * A;
-    for (int64_t q = 0; q < n; ++q)
-      out[q] = iou_xyxy<float, float>(g.x1, g.y1, g.x2, g.y2, x1[q], y1[q], x2[q], y2[q]).iou;
-  }
-
+  S score_power(S x) const { return anchor_free::score_power(x, alpha); }
   template <typename In>
   S score_power(const In* scores, int64_t b, int64_t label, int64_t p) const {
-    const S x = S(scores[(b * nc + label) * layout.points + p]);
-    const S score = S(1) / (S(1) + std::exp(-x));
-    return alpha == S(0.5) ? std::sqrt(score) : std::pow(score, alpha);  // torch's pow(x, 0.5) is sqrt
+    return score_power(S(scores[(b * nc + label) * layout.points + p]));
   }
-  S overlap_power(float ov) const { return S(beta == 2.0f ? ov * ov : std::pow(ov, beta)); }
+  // overlap^beta in float, as the original's float overlaps take their power; beta 6 (the
+  // original's) as a product in double rounded once to float (the float pow's value, for no call)
+  S overlap_power(float ov) const {
+    if (beta == 6.0f) {
+      const double o2 = double(ov) * double(ov);
+      return S(float(o2 * o2 * o2));
+    }
+    return S(beta == 2.0f ? ov * ov : std::pow(ov, beta));
+  }
 
   template <typename In>
   S metric(const In* scores, int64_t b, int64_t label, int64_t p, float ov) const {
@@ -136,90 +137,166 @@ inline void topk_select(std::vector<Entry>& row, int64_t k, int64_t points) {
     std::nth_element(row.begin(), row.begin() + k - 1, row.end(), topk_before);
 }
 
+// The indices of k of the largest of v[0, n) (k <= n; any of equal values), kept in a small sorted
+// buffer: a scan whose test (v above the buffer's least) soon fails, where a selection algorithm's
+// comparisons each go either way (a branch miss apiece).
+inline void largest_k(const double* v, int64_t n, int64_t k, std::vector<std::pair<double, int64_t>>& buf,
+                      std::vector<int64_t>& out) {
+  buf.clear();
+  for (int64_t c = 0; c < n; ++c) {
+    if (int64_t(buf.size()) == k && !(v[c] > buf.back().first)) continue;
+    if (int64_t(buf.size()) == k) buf.pop_back();
+    auto at = buf.end();
+    while (at != buf.begin() && (at - 1)->first < v[c]) --at;
+    buf.insert(at, {v[c], c});
+  }
+  out.resize(buf.size());
+  for (size_t t = 0; t < buf.size(); ++t) out[t] = buf[t].second;
+}
+
 // Step 2 for box g of image b: the points of its top-k that are its candidates, into picks.
 //
-// The exact metric costs an arctangent and two powers; the IoU (>= CIoU) bounds it for far less.
-// tau, the k-th largest metric of the k candidates of largest IoU, is at most the k-th largest of
-// all, so a candidate whose IoU^beta is below tau cannot be in the top-k and is not scored. The
-// selection over the scored entries equals the selection over all when the k-th largest is unique
-// and positive (the top-k set is then the same whatever the order the heap saw the entries in);
-// otherwise (ties, zeros, NaN) every candidate is scored and the selection runs as the original's.
-struct Candidate {
-  int64_t point;
-  float iou;
-  double metric;       // set once scored
-  double score_power;  // score^alpha, set once computed (< 0: not yet)
-  bool scored;
+// The exact metric costs two arctangents and a power; an upper bound of it, ub = score^alpha *
+// diou_bound^beta (diou_bound >= CIoU), costs neither. tau, the k-th largest metric of the k
+// candidates of largest ub, is at most the k-th largest of all, so a candidate whose ub (with a
+// margin for rounding) is below tau cannot be in the top-k and is not scored. The selection over
+// the scored entries equals the selection over all when the k-th largest is unique and positive
+// (the top-k set is then the same whatever the order the heap saw the entries in); otherwise
+// (ties, zeros, NaN) every candidate is scored and the selection runs as the original's.
+// The candidates' values are gathered into rows (structure of arrays) so that the math runs in
+// vectorised row functions (overlap_row, score_power_approx_row) rather than one candidate at a time.
+template <typename S>
+struct BoxScratch {
+  std::vector<int64_t> point;                // the candidates, in increasing point order (the heap's)
+  std::vector<float> x1, y1, x2, y2, bound;  // their predicted boxes (pixels) and diou_bound
+  std::vector<S> logit, sp_approx, sp;       // score logits; score^alpha approximated, and exact once scored
+  std::vector<double> ub, metric;            // upper bound; exact metric (once scored)
+  std::vector<float> overlap;                // CIoU clamped at 0 (once scored)
+  std::vector<uint8_t> scored;
+  std::vector<int64_t> idx;                  // a list of candidates
+  std::vector<std::pair<double, int64_t>> top;  // largest_k's buffer
+  std::vector<float> sx1, sy1, sx2, sy2, sov;  // the list's boxes, gathered, and their overlaps
+  std::vector<Entry> row;                    // the heap's row
 };
+
+// The exact metrics (and overlaps) of the candidates w.idx that lack them.
+template <typename S>
+void score_listed(const Assigner<S>& a, const GtBox& g, BoxScratch<S>& w) {
+  int64_t n = 0;
+  for (const int64_t c : w.idx)
+    if (!w.scored[c]) w.idx[n++] = c;
+  w.idx.resize(size_t(n));
+  w.sx1.resize(size_t(n)), w.sy1.resize(size_t(n)), w.sx2.resize(size_t(n)), w.sy2.resize(size_t(n));
+  w.sov.resize(size_t(n));
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t c = w.idx[t];
+    w.sx1[t] = w.x1[c], w.sy1[t] = w.y1[c], w.sx2[t] = w.x2[c], w.sy2[t] = w.y2[c];
+  }
+  const float gxy[4] = {g.x1, g.y1, g.x2, g.y2};
+  overlap_row(gxy, w.sx1.data(), w.sy1.data(), w.sx2.data(), w.sy2.data(), n, w.sov.data(), false);
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t c = w.idx[t];
+    w.sp[c] = a.score_power(w.logit[c]);
+    w.metric[c] = double(w.sp[c] * a.overlap_power(w.sov[t]));  // Assigner::metric
+    w.overlap[c] = w.sov[t], w.scored[c] = 1;
+  }
+}
+
+// Asks for the lines box g's candidates will read (its score row's and its predicted boxes' over
+// the cells of its windows), a box ahead: the lines are scattered, met one at a time they would
+// each stall.
+template <typename S, typename In>
+void prefetch_box(const Assigner<S>& a, const In* scores, int64_t b, const GtBox& g) {
+  const Layout& L = a.layout;
+  const int64_t A = L.points;
+  const In* score_row = scores + (b * a.nc + g.label) * A;
+  const float* pb = a.pred + b * 4 * A;
+  for (int64_t l = 0; l < L.levels(); ++l) {
+    const Window w = cell_window(g, L, l);
+    for (int64_t j = w.j0; w.i0 <= w.i1 && j <= w.j1; ++j) {
+      const int64_t p0 = L.offsets[l] + j * L.nx(l) + w.i0, p1 = L.offsets[l] + j * L.nx(l) + w.i1;
+      for (int64_t p = p0; p <= p1 + 15; p += 16) {  // every line of [p0, p1] (16 floats a line)
+        const int64_t q = std::min(p, p1);
+        __builtin_prefetch(score_row + q);
+        for (int r = 0; r < 4; ++r) __builtin_prefetch(pb + r * A + q);
+      }
+    }
+  }
+}
 
 template <typename S, typename In>
 int64_t top_candidates(const Assigner<S>& a, const In* scores, int64_t b, const GtBox& g, Pick<S>* picks,
-                       std::vector<Entry>& row, std::vector<Candidate>& cands, std::vector<int64_t>& order,
-                       std::vector<float>& ious) {
+                       BoxScratch<S>& w) {
   const Layout& L = a.layout;
-  const int64_t k = a.k;
+  const int64_t k = a.k, A = L.points;
   const bool partial = topk_partial(k, L.points);
   const int64_t head = partial ? k : L.points;  // the points that enter the row whatever their metric
-  cands.clear();
+  const In* score_row = scores + (b * a.nc + g.label) * A;
+  const float* pb = a.pred + b * 4 * A;
+  w.point.clear();
   for (int64_t l = 0; l < L.levels(); ++l) {
     const int64_t nx = L.nx(l), off = L.offsets[l];
-    const Window w = cell_window(g, L, l);
-    for (int64_t j = w.j0; j <= w.j1; ++j) {
+    const Window win = cell_window(g, L, l);
+    for (int64_t j = win.j0; j <= win.j1; ++j) {
       // a.candidate along the row: the cells that pass are consecutive (the test is monotone in x)
-      const int64_t row = off + j * nx;
-      int64_t i0 = w.i0, i1 = w.i1;
-      while (i0 <= i1 && !a.candidate(g, row + i0)) ++i0;
-      while (i1 >= i0 && !a.candidate(g, row + i1)) --i1;
-      if (i0 > i1) continue;
-      ious.resize(size_t(i1 - i0 + 1));
-      a.iou_run(g, b, row + i0, i1 - i0 + 1, ious.data());
-      for (int64_t i = i0; i <= i1; ++i)  // in increasing point order, as the heap selection visits them
-        cands.push_back(Candidate{row + i, ious[i - i0], 0.0, -1.0, false});
+      const int64_t row_start = off + j * nx;
+      int64_t i0 = win.i0, i1 = win.i1;
+      while (i0 <= i1 && !a.candidate(g, row_start + i0)) ++i0;
+      while (i1 >= i0 && !a.candidate(g, row_start + i1)) --i1;
+      for (int64_t i = i0; i <= i1; ++i) w.point.push_back(row_start + i);
     }
   }
-  auto score_power = [&](Candidate& c) {
-    if (c.score_power < 0.0) c.score_power = double(a.score_power(scores, b, g.label, c.point));
-    return c.score_power;
-  };
-  auto score = [&](Candidate& c) {
-    if (!c.scored) {  // Assigner::metric, with the score's power computed once
-      c.metric = double(S(score_power(c)) * a.overlap_power(a.overlap(g, b, c.point)));
-      c.scored = true;
-    }
-    return c.metric;
-  };
-  // the bound needs a metric that grows with score and overlap (the original's alpha 0.5, beta 6)
-  float iou_floor = -1.0f;  // candidates at or below it (past the first k points) are not scored
+  const int64_t n = int64_t(w.point.size());
+  const auto sized = [n](auto&... v) { (v.resize(size_t(n)), ...); };
+  sized(w.x1, w.y1, w.x2, w.y2, w.bound, w.logit, w.sp_approx, w.sp, w.ub, w.metric, w.overlap);
+  w.scored.assign(size_t(n), 0);
+  for (int64_t c = 0; c < n; ++c) {
+    const int64_t p = w.point[c];
+    w.x1[c] = pb[p], w.y1[c] = pb[A + p], w.x2[c] = pb[2 * A + p], w.y2[c] = pb[3 * A + p];
+    w.logit[c] = S(score_row[p]);
+  }
+  score_power_approx_row(w.logit.data(), n, a.alpha, w.sp_approx.data());
+  // the bound needs a metric that grows with the overlap (beta > 0; the original's is 6)
+  const bool prune = partial && n > k && a.beta > 0.0f;
   double tau = 0.0;
-  const int64_t n_cands = int64_t(cands.size());
-  if (partial && n_cands > k && a.alpha >= S(0) && a.beta > 0.0f) {
-    order.resize(size_t(n_cands));
-    for (int64_t t = 0; t < n_cands; ++t) order[t] = t;
-    std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), [&](int64_t x, int64_t y) {
-      return cands[x].iou > cands[y].iou || (std::isnan(cands[x].iou) && !std::isnan(cands[y].iou));
-    });
-    tau = INFINITY;
-    for (int64_t t = 0; t < k; ++t) tau = std::min(tau, score(cands[order[t]]));  // NaN: no pruning
-    // an IoU within this factor of the root is not trusted to be below it after rounding
-    constexpr double kBoundMargin = 1.0 + 1e-5;
-    if (tau > 0.0) iou_floor = float(std::pow(tau, 1.0 / double(a.beta)) / kBoundMargin);
+  if (prune) {
+    const float gxy[4] = {g.x1, g.y1, g.x2, g.y2};
+    overlap_row(gxy, w.x1.data(), w.y1.data(), w.x2.data(), w.y2.data(), n, w.bound.data(), true);
+    bool finite = true;
+    for (int64_t c = 0; c < n; ++c) {
+      const double o = w.bound[c] > 0.0f ? double(w.bound[c]) : 0.0;  // a NaN bound stays NaN
+      const double ob = a.beta == 6.0f ? (o * o) * (o * o) * (o * o) : std::pow(o, double(a.beta));
+      w.ub[c] = double(w.sp_approx[c]) * (std::isnan(w.bound[c]) ? double(NAN) : ob);
+      finite &= !std::isnan(w.ub[c]);
+    }
+    if (finite) {
+      // the k of largest ub (any k would do; these give the largest tau)
+      largest_k(w.ub.data(), n, k, w.top, w.idx);
+      score_listed(a, g, w);
+      tau = INFINITY;
+      for (int64_t c = 0; c < n; ++c)
+        if (w.scored[c]) tau = std::min(tau, w.metric[c]);  // NaN: std::min keeps tau, caught below
+      for (int64_t c = 0; c < n; ++c) tau = w.scored[c] && std::isnan(w.metric[c]) ? double(NAN) : tau;
+    }
   }
-  for (bool pruned = iou_floor >= 0.0f;; pruned = false) {
+  // ub's rounding (the float power, the approximate score power's few ulp, scaled by alpha)
+  const double margin = 1.0 + 1e-5 * std::max(1.0, std::abs(double(a.alpha)));
+  for (bool pruned = prune && tau > 0.0;; pruned = false) {  // false for a NaN tau
+    w.idx.clear();  // the candidates scored: the first k points, and those whose ub reaches tau
+    for (int64_t c = 0; c < n; ++c)
+      if (!pruned || w.point[c] < head || !(w.ub[c] * margin < tau)) w.idx.push_back(c);
+    score_listed(a, g, w);
+    std::vector<Entry>& row = w.row;
     row.assign(size_t(head), Entry(0.0, 0));
     for (int64_t p = 0; p < head; ++p) row[p].second = p;
-    for (auto& c : cands) {
-      if (c.point >= head && pruned) {
-        if (c.iou <= iou_floor) continue;  // IoU^beta (score 1) below tau; false for NaN
-        if (a.beta == 6.0f) {  // with its score: score^alpha IoU^6 (a margin for IoU^6's rounding) below tau
-          const double i2 = double(c.iou) * double(c.iou);
-          if (score_power(c) * (i2 * i2 * i2) * 1.00001 < tau) continue;
-        }
-      }
-      const double metric = score(c);
-      if (c.point < head)
-        row[c.point].first = metric;
+    for (int64_t c = 0; c < n; ++c) {  // in point order, as the heap selection visits them
+      if (!w.scored[c]) continue;
+      const int64_t p = w.point[c];
+      const double metric = w.metric[c];
+      if (p < head)
+        row[p].first = metric;
       else if (!(metric <= 0.0))  // positive or NaN: the only entries that can enter the heap
-        row.emplace_back(metric, c.point);
+        row.emplace_back(metric, p);
     }
     topk_select(row, k, L.points);
     if (!pruned) break;
@@ -231,13 +308,17 @@ int64_t top_candidates(const Assigner<S>& a, const In* scores, int64_t b, const 
     const bool unique = kth > 0.0 && equal == 1;  // false for NaN
     if (unique) break;
   }
-  int64_t n = 0;
+  int64_t picked = 0;
   for (int64_t t = 0; t < k; ++t) {  // the original keeps the top-k points that are candidates
-    const int64_t p = row[t].second;
+    const int64_t p = w.row[t].second;
     if (!a.candidate(g, p)) continue;
-    picks[n++] = Pick<S>{p, S(row[t].first), a.overlap(g, b, p)};
+    // a candidate in the top-k was scored (the first k points always are; the others entered the
+    // row only so), and the candidates are in point order
+    const int64_t c = std::lower_bound(w.point.begin(), w.point.end(), p) - w.point.begin();
+    TORCH_INTERNAL_ASSERT(c < n && w.point[c] == p && w.scored[c]);
+    picks[picked++] = Pick<S>{p, S(w.row[t].first), w.overlap[c]};
   }
-  return n;
+  return picked;
 }
 
 // Step 3 for image b: resolve, cut, normalise; writes assigned[A] and target[A].
@@ -270,6 +351,8 @@ void resolve_image(const Assigner<S>& a, const In* scores, int64_t b, const Pick
     win[2][g] = gt[g].hi_x, win[3][g] = gt[g].hi_y;
   }
   std::vector<uint8_t> inside(static_cast<size_t>(m));
+  std::vector<int64_t> hits;  // the boxes a contested point is inside, their boxes gathered, their overlaps
+  std::vector<float> hx1, hy1, hx2, hy2, hov;
   // the box each touched point goes to, with its metric and CIoU there
   std::vector<Pick<S>> won(touched.size());
   std::vector<int32_t> winner(touched.size());
@@ -282,14 +365,30 @@ void resolve_image(const Assigner<S>& a, const In* scores, int64_t b, const Pick
       const float x = a.px[p], y = a.py[p], eps = float(kAssignEps);
       for (int64_t g = 0; g < m; ++g)  // a.candidate over every box at once (vectorises)
         inside[g] = (x - win[0][g] > eps) & (win[2][g] - x > eps) & (y - win[1][g] > eps) & (win[3][g] - y > eps);
-      int32_t best = 0;
-      float best_ov = inside[0] ? a.overlap(gt[0], b, p) : 0.0f;
+      hits.clear();
       const uint8_t* in = inside.data();
-      for (const uint8_t* hit = in + 1; (hit = static_cast<const uint8_t*>(std::memchr(hit, 1, in + m - hit)));
-           ++hit) {  // the boxes it is inside (memchr: a fast scan); the others' CIoU is 0, never above box 0's
-        const int64_t g = hit - in;
-        const float ov = a.overlap(gt[g], b, p);
-        if (!std::isnan(best_ov) && (std::isnan(ov) || ov > best_ov)) best = int32_t(g), best_ov = ov;
+      for (const uint8_t* hit = in; (hit = static_cast<const uint8_t*>(std::memchr(hit, 1, in + m - hit))); ++hit)
+        hits.push_back(hit - in);  // memchr: a fast scan
+      const int64_t nh = int64_t(hits.size());
+      hx1.resize(size_t(nh)), hy1.resize(size_t(nh)), hx2.resize(size_t(nh)), hy2.resize(size_t(nh));
+      hov.resize(size_t(nh));
+      for (int64_t h = 0; h < nh; ++h) {
+        const GtBox& q = gt[hits[h]];
+        hx1[h] = q.x1, hy1[h] = q.y1, hx2[h] = q.x2, hy2[h] = q.y2;
+      }
+      const int64_t A_ = a.layout.points;
+      const float* pq = a.pred + b * 4 * A_ + p;
+      const float q4[4] = {pq[0], pq[A_], pq[2 * A_], pq[3 * A_]};
+      overlap_gt_row(hx1.data(), hy1.data(), hx2.data(), hy2.data(), nh, q4, hov.data());
+      // the boxes it is not inside have CIoU 0 (box 0's too when it is not inside), never above
+      int32_t best = 0;
+      float best_ov = 0.0f;
+      for (int64_t h = 0; h < nh; ++h) {
+        const float ov = hov[h];
+        if (hits[h] == 0)
+          best_ov = ov;
+        else if (!std::isnan(best_ov) && (std::isnan(ov) || ov > best_ov))
+          best = int32_t(hits[h]), best_ov = ov;
       }
       const GtBox& w = gt[best];
       const bool cand = a.candidate(w, p);
@@ -439,13 +538,11 @@ void assign(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor&
   const at::Tensor counts_buf = at::zeros({bs * m}, at::kLong);
   int64_t* const counts = counts_buf.data_ptr<int64_t>();
   at::parallel_for(0, bs * m, 1, [&](int64_t begin, int64_t end) {
-    std::vector<Entry> row;
-    std::vector<Candidate> cands;
-    std::vector<int64_t> order;
-    std::vector<float> ious;
-    for (int64_t r = begin; r < end; ++r)
-      if (gt[r].valid)
-        counts[r] = top_candidates(a, sc, r / m, gt[r], picks + r * k, row, cands, order, ious);
+    BoxScratch<S> scratch;
+    for (int64_t r = begin; r < end; ++r) {
+      if (r + 1 < end && gt[r + 1].valid) prefetch_box(a, sc, (r + 1) / m, gt[r + 1]);
+      if (gt[r].valid) counts[r] = top_candidates(a, sc, r / m, gt[r], picks + r * k, scratch);
+    }
   });
   // 3. per image: resolve, cut, normalise
   int32_t* out = assigned.data_ptr<int32_t>();

@@ -64,6 +64,24 @@ YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) void decode_block_f32
   decode_block<float, float>(x, row_stride, reg_max, n, block, dist, log_norm);
 }
 
+YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) void overlap_row(const float* g, const float* x1,
+                                                                           const float* y1, const float* x2,
+                                                                           const float* y2, int64_t n, float* out,
+                                                                           bool bound) {
+  overlap_row_generic(g, x1, y1, x2, y2, n, out, bound);
+}
+
+YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) void overlap_gt_row(const float* gx1, const float* gy1,
+                                                                              const float* gx2, const float* gy2,
+                                                                              int64_t n, const float* q, float* out) {
+  overlap_gt_row_generic(gx1, gy1, gx2, gy2, n, q, out);
+}
+
+YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) void score_power_approx_row(const float* x, int64_t n,
+                                                                                      float alpha, float* out) {
+  score_power_approx_row_generic(x, n, alpha, out);
+}
+
 YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) void bin_gradient_row(
     const float* x, const float* log_norm, const float* dist, const float* t, const float* d_ciou,
     const int32_t* left, const float* wl, const float* wr, int64_t n, int32_t j, float d_box, float d_dist,
