@@ -83,13 +83,6 @@ struct Assigner {
     return g.valid && strictly_inside(g.lo_x, g.hi_x, px[p]) && strictly_inside(g.lo_y, g.hi_y, py[p]);
   }
 
-  // CIoU clamped at 0 (assigner_overlap: the same bits as the rows of overlap_row)
-  float overlap(const GtBox& g, int64_t b, int64_t p) const {
-    const float* q = pred + b * 4 * layout.points + p;
-    const int64_t A = layout.points;
-    return assigner_overlap<float>(g.x1, g.y1, g.x2, g.y2, q[0], q[A], q[2 * A], q[3 * A]);
-  }
-
   // diou_bound of n consecutive points from p: >= their CIoU, for no arctangent
   void bound_run(const GtBox& g, int64_t b, int64_t p, int64_t n, float* out) const {
     const int64_t A = layout.points;
@@ -199,28 +192,6 @@ void score_listed(const Assigner<S>& a, const GtBox& g, BoxScratch<S>& w) {
     w.sp[c] = a.score_power(w.logit[c]);
     w.metric[c] = double(w.sp[c] * a.overlap_power(w.sov[t]));  // Assigner::metric
     w.overlap[c] = w.sov[t], w.scored[c] = 1;
-  }
-}
-
-// Asks for the lines box g's candidates will read (its score row's and its predicted boxes' over
-// the cells of its windows), a box ahead: the lines are scattered, met one at a time they would
-// each stall.
-template <typename S, typename In>
-void prefetch_box(const Assigner<S>& a, const In* scores, int64_t b, const GtBox& g) {
-  const Layout& L = a.layout;
-  const int64_t A = L.points;
-  const In* score_row = scores + (b * a.nc + g.label) * A;
-  const float* pb = a.pred + b * 4 * A;
-  for (int64_t l = 0; l < L.levels(); ++l) {
-    const Window w = cell_window(g, L, l);
-    for (int64_t j = w.j0; w.i0 <= w.i1 && j <= w.j1; ++j) {
-      const int64_t p0 = L.offsets[l] + j * L.nx(l) + w.i0, p1 = L.offsets[l] + j * L.nx(l) + w.i1;
-      for (int64_t p = p0; p <= p1 + 15; p += 16) {  // every line of [p0, p1] (16 floats a line)
-        const int64_t q = std::min(p, p1);
-        __builtin_prefetch(score_row + q);
-        for (int r = 0; r < 4; ++r) __builtin_prefetch(pb + r * A + q);
-      }
-    }
   }
 }
 
@@ -539,10 +510,8 @@ void assign(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor&
   int64_t* const counts = counts_buf.data_ptr<int64_t>();
   at::parallel_for(0, bs * m, 1, [&](int64_t begin, int64_t end) {
     BoxScratch<S> scratch;
-    for (int64_t r = begin; r < end; ++r) {
-      if (r + 1 < end && gt[r + 1].valid) prefetch_box(a, sc, (r + 1) / m, gt[r + 1]);
+    for (int64_t r = begin; r < end; ++r)
       if (gt[r].valid) counts[r] = top_candidates(a, sc, r / m, gt[r], picks + r * k, scratch);
-    }
   });
   // 3. per image: resolve, cut, normalise
   int32_t* out = assigned.data_ptr<int32_t>();
