@@ -8,7 +8,8 @@
 //   2. per box: metric = score^alpha * CIoU^beta of each candidate (0 elsewhere) and its top-k,
 //      selected as torch.topk selects on the CPU (topk_select), so that the zero-metric points a
 //      box with fewer than k positive candidates is filled with are the original's; the picks that
-//      are candidates of the box are kept;
+//      are candidates of the box are kept. Only the candidates an upper bound of the metric cannot
+//      rule out are scored exactly (top_candidates);
 //   3. per image: a point kept by one box goes to it; a point kept by several goes to the box of
 //      highest CIoU over every box it is a candidate of (the first on ties); the second cut
 //      (topk2, selected the same way); each box's alignments normalised by its best CIoU over its
@@ -81,13 +82,6 @@ struct Assigner {
 
   bool candidate(const GtBox& g, int64_t p) const {
     return g.valid && strictly_inside(g.lo_x, g.hi_x, px[p]) && strictly_inside(g.lo_y, g.hi_y, py[p]);
-  }
-
-  // diou_bound of n consecutive points from p: >= their CIoU, for no arctangent
-  void bound_run(const GtBox& g, int64_t b, int64_t p, int64_t n, float* out) const {
-    const int64_t A = layout.points;
-    const float *x1 = pred + b * 4 * A + p, gxy[4] = {g.x1, g.y1, g.x2, g.y2};
-    overlap_row(gxy, x1, x1 + A, x1 + 2 * A, x1 + 3 * A, n, out, true);
   }
 
   S score_power(S x) const { return anchor_free::score_power(x, alpha); }
