@@ -212,13 +212,16 @@ inline double softplus_row_sum_products(const float* x, int64_t n, float* g = nu
   }
   return total;
 }
+// sigmoid(x) from e = exp(-|x|): 1 / (1 + e) for x >= 0, e / (1 + e) below (no overflow).
+template <typename T>
+inline T sigmoid_stable(T x) {
+  const T e = exp_nonpositive(-std::abs(x));
+  const T inv = T(1) / (T(1) + e);
+  return x >= T(0) ? inv : e * inv;
+}
 template <typename T>
 inline void sigmoid_row_scaled_generic(const T* x, T* out, int64_t n, T scale) {
-  for (int64_t c = 0; c < n; ++c) {
-    const T e = exp_nonpositive(-std::abs(x[c]));
-    const T inv = T(1) / (T(1) + e);
-    out[c] = (x[c] >= T(0) ? inv : e * inv) * scale;
-  }
+  for (int64_t c = 0; c < n; ++c) out[c] = sigmoid_stable(x[c]) * scale;
 }
 // The box logits' gradient of bin j of one side over n assigned points: through the softmax mean
 // (the distance, into the box term with d_ciou[q] = d(1 - CIoU)/d distance) and through the DFL
@@ -270,9 +273,7 @@ inline T score_power(T x, T alpha) {
 }
 template <typename T>
 inline T score_power_approx(T x, T alpha) {
-  const T e = exp_nonpositive(-std::abs(x));
-  const T inv = T(1) / (T(1) + e);
-  const T score = x >= T(0) ? inv : e * inv;
+  const T score = sigmoid_stable(x);
   return alpha == T(0.5) ? std::sqrt(score) : std::pow(score, alpha);
 }
 template <typename T>

@@ -25,7 +25,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <functional>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -156,7 +155,7 @@ template <typename S>
 struct BoxScratch {
   std::vector<int64_t> point;                // the candidates, in increasing point order (the heap's)
   std::vector<float> x1, y1, x2, y2, bound;  // their predicted boxes (pixels) and diou_bound
-  std::vector<S> logit, sp_approx, sp;       // score logits; score^alpha approximated, and exact once scored
+  std::vector<S> logit, sp_approx;           // score logits; score^alpha approximated (for ub)
   std::vector<double> ub, metric;            // upper bound; exact metric (once scored)
   std::vector<float> overlap;                // CIoU clamped at 0 (once scored)
   std::vector<uint8_t> scored;
@@ -183,8 +182,7 @@ void score_listed(const Assigner<S>& a, const GtBox& g, BoxScratch<S>& w) {
   overlap_row(gxy, w.sx1.data(), w.sy1.data(), w.sx2.data(), w.sy2.data(), n, w.sov.data(), false);
   for (int64_t t = 0; t < n; ++t) {
     const int64_t c = w.idx[t];
-    w.sp[c] = a.score_power(w.logit[c]);
-    w.metric[c] = double(w.sp[c] * a.overlap_power(w.sov[t]));  // Assigner::metric
+    w.metric[c] = double(a.score_power(w.logit[c]) * a.overlap_power(w.sov[t]));  // Assigner::metric
     w.overlap[c] = w.sov[t], w.scored[c] = 1;
   }
 }
@@ -213,7 +211,7 @@ int64_t top_candidates(const Assigner<S>& a, const In* scores, int64_t b, const 
   }
   const int64_t n = int64_t(w.point.size());
   const auto sized = [n](auto&... v) { (v.resize(size_t(n)), ...); };
-  sized(w.x1, w.y1, w.x2, w.y2, w.bound, w.logit, w.sp_approx, w.sp, w.ub, w.metric, w.overlap);
+  sized(w.x1, w.y1, w.x2, w.y2, w.bound, w.logit, w.sp_approx, w.ub, w.metric, w.overlap);
   w.scored.assign(size_t(n), 0);
   for (int64_t c = 0; c < n; ++c) {
     const int64_t p = w.point[c];
@@ -238,10 +236,8 @@ int64_t top_candidates(const Assigner<S>& a, const In* scores, int64_t b, const 
       // the k of largest ub (any k would do; these give the largest tau)
       largest_k(w.ub.data(), n, k, w.top, w.idx);
       score_listed(a, g, w);
-      tau = INFINITY;
-      for (int64_t c = 0; c < n; ++c)
-        if (w.scored[c]) tau = std::min(tau, w.metric[c]);  // NaN: std::min keeps tau, caught below
-      for (int64_t c = 0; c < n; ++c) tau = w.scored[c] && std::isnan(w.metric[c]) ? double(NAN) : tau;
+      tau = INFINITY;  // the least of their metrics; NaN if one is NaN (then nothing is pruned)
+      for (const int64_t c : w.idx) tau = std::isnan(tau) || std::isnan(w.metric[c]) ? NAN : std::min(tau, w.metric[c]);
     }
   }
   // ub's rounding (the float power, the approximate score power's few ulp, scaled by alpha)
@@ -341,9 +337,8 @@ void resolve_image(const Assigner<S>& a, const In* scores, int64_t b, const Pick
         const GtBox& q = gt[hits[h]];
         hx1[h] = q.x1, hy1[h] = q.y1, hx2[h] = q.x2, hy2[h] = q.y2;
       }
-      const int64_t A_ = a.layout.points;
-      const float* pq = a.pred + b * 4 * A_ + p;
-      const float q4[4] = {pq[0], pq[A_], pq[2 * A_], pq[3 * A_]};
+      const float* pq = a.pred + b * 4 * A + p;
+      const float q4[4] = {pq[0], pq[A], pq[2 * A], pq[3 * A]};
       overlap_gt_row(hx1.data(), hy1.data(), hx2.data(), hy2.data(), nh, q4, hov.data());
       // the boxes it is not inside have CIoU 0 (box 0's too when it is not inside), never above
       int32_t best = 0;
