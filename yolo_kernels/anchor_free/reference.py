@@ -47,6 +47,7 @@ __all__ = [
     "image_size",
     "loss",
     "pad_targets",
+    "topk_indices",
 ]
 
 CIOU_EPS = 1e-7  # bbox_iou's eps
@@ -157,6 +158,15 @@ def candidates_in_boxes(points: torch.Tensor, gt_boxes: torch.Tensor, size_floor
     return inside.all(-1)
 
 
+def topk_indices(metric: torch.Tensor, k: int) -> torch.Tensor:
+    """The indices of the ``k`` largest along the last dim, as the original takes them
+    (``torch.topk`` on the tensor's device). Which of equal values come back is the device's
+    choice: CUDA's topk returns the lowest indices among values equal to the k-th (the triton
+    backend's order), the CPU's follows its ``partial_sort`` / ``nth_element`` (the cpp backend's).
+    Tests of the triton backend under the CPU interpreter replace this function with CUDA's rule."""
+    return metric.topk(k, dim=-1).indices
+
+
 class Assignment(NamedTuple):
     """The assigner's result per image and point: ``fg`` (assigned), ``gt_index`` (the box, 0 where
     not assigned), ``boxes`` ``[bs, A, 4]`` (the box, pixels), ``scores`` ``[bs, A, nc]`` (the
@@ -206,7 +216,7 @@ def assign(
 
     # top-k per box (over all points: non-candidates have metric 0 and are masked out below)
     k = min(options.topk, a)
-    top = metric.topk(k, dim=-1).indices
+    top = topk_indices(metric, k)
     picked = torch.zeros(bs, m, a, dtype=torch.int32, device=scores.device)
     picked.scatter_add_(-1, top, torch.ones_like(top, dtype=torch.int32))
     positive = (picked == 1) & inside & valid
@@ -218,7 +228,7 @@ def assign(
     positive = torch.where(claims > 1, best_onehot, positive)
 
     if options.second_cut is not None:
-        kept = (metric * positive).topk(min(options.second_cut, a), dim=-1).indices
+        kept = topk_indices(metric * positive, min(options.second_cut, a))
         positive = positive & torch.zeros_like(positive).scatter_(-1, kept, True)
 
     fg = positive.any(1)

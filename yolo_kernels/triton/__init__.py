@@ -1,7 +1,9 @@
-"""The Triton (GPU) backend (``"triton"``): an adapter over the launcher ``anchor_loss.fused_loss``
-(the anchor families' kernels in ``anchor_loss.py``, element math in ``math.py``, the launch helper
-and its recorder in ``launch.py``), which ``library.py`` also registers as the
-CUDA kernel of ``torch.ops.yolo_kernels.fused_loss``.
+"""The Triton (GPU) backend (``"triton"``) of both loss families: an adapter over the launcher
+``anchor_loss.fused_loss`` (the anchor families' kernels in ``anchor_loss.py``), which
+``library.py`` also registers as the CUDA kernel of ``torch.ops.yolo_kernels.fused_loss``, and one
+over ``anchor_free_loss.assign`` / ``detection_loss`` / ``loss_backward`` (the anchor-free
+family's kernels in ``anchor_free_loss.py``). Element math in ``math.py``, the launch helper and
+its recorder in ``launch.py``.
 
 On CUDA tensors it is what ``backend="auto"`` picks. On CPU tensors it runs only under the Triton
 interpreter (``TRITON_INTERPRET=1`` set before ``triton`` is imported), which is how the tests
@@ -49,6 +51,7 @@ else:
     IMPORT_ERROR = triton_version_problem(getattr(triton, "__version__", "unknown"))
 
 if IMPORT_ERROR is None:
+    from . import anchor_free_loss as _anchor_free
     from . import anchor_loss as _loss
 
     #: ``fused_loss(p, targets, anchors, options, compute_grad, balance=None, compute_stats=False)``, or
@@ -56,9 +59,11 @@ if IMPORT_ERROR is None:
     launcher = _loss.fused_loss
 else:  # never import the kernels with an unsupported triton: the backend says why instead
     _loss = None
+    _anchor_free = None
     launcher = None
 
 __all__ = [
+    "AnchorFreeTritonBackend",
     "TritonBackend",
     "IMPORT_ERROR",
     "SUPPORTED_TRITON",
@@ -72,19 +77,24 @@ def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _unavailable_reason(device: torch.device | None) -> str | None:
+    # the device first: where there is no GPU, installing triton would not help
+    if device is None:  # "can it run anywhere here?"
+        if not (torch.cuda.is_available() or interpreter_active()):
+            return "no CUDA device (the triton backend runs on CUDA GPUs)"
+    elif not (device.type == "cuda" or (device.type == "cpu" and interpreter_active())):
+        return f"the triton backend runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), got {device}"
+    return IMPORT_ERROR if _loss is None else None
+
+
 class TritonBackend:
-    """Fused Triton kernels on CUDA tensors (fp16/bf16/fp32 ``p``; fp64 computed in fp64)."""
+    """The anchor families' fused Triton kernels on CUDA tensors (fp16/bf16/fp32 ``p``; fp64
+    computed in fp64)."""
 
     name = "triton"
 
     def unavailable_reason(self, device: torch.device | None) -> str | None:
-        # the device first: where there is no GPU, installing triton would not help
-        if device is None:  # "can it run anywhere here?"
-            if not (torch.cuda.is_available() or interpreter_active()):
-                return "no CUDA device (the triton backend runs on CUDA GPUs)"
-        elif not (device.type == "cuda" or (device.type == "cpu" and interpreter_active())):
-            return f"the triton backend runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), got {device}"
-        return IMPORT_ERROR if _loss is None else None
+        return _unavailable_reason(device)
 
     def checks_values(self, device: torch.device) -> bool:
         """On CUDA the kernels check the target and anchor values (one device-side assertion, no
@@ -102,13 +112,62 @@ class TritonBackend:
         return loss, items, layer_obj, grad_stats
 
 
+class _AnchorFreeLoss(torch.autograd.Function):
+    """Autograd of the anchor-free Triton loss: forward computes the components only (no gradient
+    written); backward writes each gradient once, scaled by the components' gradient as the kernels
+    read it on the device (no sync, any gradient: the trainer's ``loss.sum()``, a GradScaler's
+    scale, E2ELoss's branch weights)."""
+
+    @staticmethod
+    def forward(ctx, boxes, scores, grids, assigned, options, class_weights):
+        ctx.save_for_backward(boxes, scores)
+        ctx.constants = grids, assigned, options, class_weights
+        ctx.set_materialize_grads(False)
+        return _anchor_free.detection_loss(boxes, scores, grids, assigned, options, class_weights)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad is None:
+            return (None,) * 6
+        boxes, scores = ctx.saved_tensors
+        grids, assigned, options, class_weights = ctx.constants
+        need_boxes, need_scores = ctx.needs_input_grad[:2]
+        grad_boxes, grad_scores = _anchor_free.loss_backward(
+            grad, boxes, scores, grids, assigned, options, class_weights, need_boxes, need_scores
+        )
+        return grad_boxes, grad_scores, None, None, None, None
+
+
+class AnchorFreeTritonBackend:
+    """The anchor-free family's Triton kernels on CUDA tensors (fp16/bf16/fp32 math in float32,
+    fp64 in fp64): the assigner (memory O(targets * topk + bs * points), no host sync) and the loss,
+    whose gradient backward writes once."""
+
+    name = "triton"
+
+    def unavailable_reason(self, device: torch.device | None) -> str | None:
+        return _unavailable_reason(device)
+
+    def loss(self, problem, options, class_weights, expected_grad=None) -> torch.Tensor:
+        """``expected_grad`` is not needed: backward reads the components' gradient on the device."""
+        boxes, scores = problem.boxes, problem.scores
+        assigned = _anchor_free.assign(
+            boxes.detach(), scores.detach(), problem.grids, problem.batch_idx, problem.cls, problem.bboxes, options
+        )
+        if torch.is_grad_enabled() and (boxes.requires_grad or scores.requires_grad):
+            return _AnchorFreeLoss.apply(boxes, scores, problem.grids, assigned, options, class_weights)
+        return _anchor_free.detection_loss(boxes, scores, problem.grids, assigned, options, class_weights)
+
+
 def _register() -> None:
-    """The backend in the anchor families' registry (``auto`` picks it on CUDA tensors) and, with a
-    usable Triton, the launcher as the CUDA kernel of ``torch.ops.yolo_kernels.fused_loss``."""
+    """The backends in the families' registries (``auto`` picks them on CUDA tensors) and, with a
+    usable Triton, the anchor launcher as the CUDA kernel of ``torch.ops.yolo_kernels.fused_loss``."""
     from ..anchor.backends import REGISTRY
     from ..anchor.fused_op import options_from_op
+    from ..anchor_free.backends import REGISTRY as ANCHOR_FREE_REGISTRY
 
     REGISTRY.register(TritonBackend(), auto_on=("cuda",))
+    ANCHOR_FREE_REGISTRY.register(AnchorFreeTritonBackend(), auto_on=("cuda",))
     if launcher is None:
         return
 
