@@ -13,6 +13,7 @@ from yolo_kernels import yolov8
 from yolo_kernels.anchor_free import reference
 from yolo_kernels.anchor_free.backends import BACKENDS
 from yolo_kernels.anchor_free.options import DetectionOptions
+from yolo_kernels.triton import interpreter_active
 
 FAST = [
     name for name, b in BACKENDS.items() if name != "reference" and b.unavailable_reason(torch.device("cpu")) is None
@@ -50,6 +51,8 @@ CASES = {
 @pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_edge_cases(backend, case, gen):
+    if backend == "triton" and case == "300 boxes in one image" and interpreter_active():
+        pytest.skip("minutes under the Triton interpreter; test_anchor_free_triton.py crowds images at smaller sizes")
     model = StandIn(nc=5)
     preds = make_preds(2, grids_for(64, 64), 5, 16, gen)
     compare(model, preds, CASES[case](gen), backend)

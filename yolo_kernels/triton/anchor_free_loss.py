@@ -18,10 +18,14 @@ order; the image's targets keep their input order, which is the original's padde
    points of metric 0, so the first ``topk`` points are ranked too (with metric 0 unless they are
    candidates). Picks that are candidates of the box count; each adds one claim to its point
    (an integer atomic: deterministic).
+   While it scans, every candidate pair folds ``(CIoU, box)`` into its point's best key (an
+   atomic max of ``CIoU bits << 32 | inverted box``: deterministic).
 3. ``_resolve_kernel``, one program per target: a pick claimed once is the box's; a pick claimed
    by several boxes goes to the box of highest CIoU among all the image's boxes (the first on
-   ties), which may be one that did not pick it. Every claimant computes the same winner and
-   writes the same values (the point's owner, metric and CIoU).
+   ties; the image's first box where every CIoU is 0, as the original's argmax), which may be one
+   that did not pick it: read from the point's best key, no search. Every claimant finds the
+   same winner and writes the same values (the point's owner, metric and CIoU). The whole
+   assignment is linear in the candidate pairs.
 4. ``_finish_kernel``, one program per target: with ``topk2`` the box keeps its ``topk2`` best
    points (same order as step 2); then the box's largest metric and CIoU over its points.
 5. ``_target_kernel``: per point its target score ``metric · box CIoU max / (box metric max +
@@ -68,19 +72,19 @@ from .math import (
 __all__ = ["Assignment", "assign", "detection_loss", "loss_backward", "TOPK_LIMIT"]
 
 BLOCK_WINDOW = 128  # candidate points per step of a box's window
-BLOCK_BOXES = 32  # boxes per step of the resolution
 BLOCK_POINTS = 128  # points per program of the per-point kernels
 BLOCK_CLS_POINTS = 128  # points per program of the class loss
 BLOCK_CLS_CLASSES = 16  # classes per program of the class loss
 TOPK_LIMIT = 64  # the largest topk / topk2 the kernels keep in registers
-ASSIGN_EPS = 1e-9
-CIOU_EPS = 1e-7
-DFL_MARGIN = 0.01
+# constants read inside the kernels (module globals must be constexpr there)
+ASSIGN_EPS = tl.constexpr(1e-9)
+CIOU_EPS = tl.constexpr(1e-7)
+DFL_MARGIN = tl.constexpr(0.01)
 #: The rank of a NaN metric: above every real one, as CUDA's topk ranks NaN.
-NAN_RANK = 1.0e30
+NAN_RANK = tl.constexpr(1.0e30)
 #: Inactive top-k slots: never the smallest.
-NEVER_MIN = 3.0e38
-INT_BIG = 2147483647
+NEVER_MIN = tl.constexpr(3.0e38)
+INT_BIG = tl.constexpr(2147483647)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,7 +123,10 @@ def _score_power(logit, alpha, ALPHA_IS_HALF: tl.constexpr, COMPUTE_DTYPE: tl.co
     root, as torch's pow takes it)."""
     score = div_exact(1.0, 1.0 + tl.exp(-logit), COMPUTE_DTYPE)
     if ALPHA_IS_HALF:
-        power = tl.sqrt_rn(score)
+        if COMPUTE_DTYPE == tl.float64:
+            power = tl.sqrt(score)  # float64's square root is correctly rounded
+        else:
+            power = tl.sqrt_rn(score)  # float32's tl.sqrt is an approximation
     else:
         safe = tl.where(score > 0, score, 1.0)
         power = tl.where(score > 0, tl.exp(as_compute(alpha, COMPUTE_DTYPE) * tl.log(safe)), 0.0)
@@ -194,6 +201,13 @@ def _pair(
     )
     metric = tl.where(inside, metric, 0.0)
     return inside, overlap, metric
+
+
+@triton.jit
+def _box_key(overlap, t):
+    """A (box, point) pair's key for the resolution: the CIoU's bits above (a float >= 0 orders as
+    its bits; NaN above all), the box below, inverted so that the first box wins a tie."""
+    return (overlap.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (INT_BIG - t.to(tl.int64))
 
 
 @triton.jit
@@ -384,6 +398,7 @@ def _topk_kernel(
     levels_ptr,
     level_strides_ptr,
     claims_ptr,
+    best_ptr,
     top_index_ptr,
     top_metric_ptr,
     top_overlap_ptr,
@@ -410,6 +425,9 @@ def _topk_kernel(
         points_ptr: ``[A, 3]`` centre (grid units) and stride; levels_ptr: ``[L, 3]`` int32 ny,
             nx, first point; level_strides_ptr: ``[L]`` strides.
         claims_ptr: ``[bs, A]`` int32, zeroed: +1 per box that keeps the point as a candidate.
+        best_ptr: ``[bs, A]`` int64, -1 filled: per point the largest ``(CIoU bits << 32) |
+            (INT_BIG - t)`` of the boxes it is a candidate of (an atomic max: deterministic), so
+            that a contested point's box of highest CIoU, first on ties, is read, not searched.
         top_index_ptr: out ``[n, K_PAD]`` int32: the kept points that are candidates, -1 elsewhere.
         top_metric_ptr, top_overlap_ptr: out ``[n, K_PAD]`` their metric (compute dtype) and
             CIoU (float32).
@@ -445,6 +463,8 @@ def _topk_kernel(
     buf_r, buf_i, buf_m, buf_o, buf_c = _merge_top(
         buf_r, buf_i, buf_m, buf_o, buf_c, active, _rank(metric), p, metric, overlap, cand.to(tl.int32), pmask
     )
+    best_image = best_ptr + b.to(tl.int64) * num_points
+    tl.atomic_max(best_image + p, _box_key(overlap, t), mask=cand, sem="relaxed")
     if valid:
         for lvl in range(num_levels):
             x0, y0, w, h, offset, nx = _window(levels_ptr, level_strides_ptr, lvl, lo_x, lo_y, hi_x, hi_y)
@@ -457,6 +477,7 @@ def _topk_kernel(
                     points_ptr, pred_image, logit_row, stride_scores_a, p, mask, lo_x, lo_y, hi_x, hi_y,
                     gx1, gy1, gx2, gy2, alpha, beta, ALPHA_IS_HALF, BETA_INT, COMPUTE_DTYPE,
                 )  # fmt: skip
+                tl.atomic_max(best_image + p, _box_key(overlap, t), mask=cand, sem="relaxed")
                 lanes_in = mask & cand  # non-candidates rank 0: only the first points can be among the kept
                 buf_r, buf_i, buf_m, buf_o, buf_c = _merge_top(
                     buf_r, buf_i, buf_m, buf_o, buf_c, active, _rank(metric), p, metric, overlap, cand.to(tl.int32),
@@ -484,6 +505,7 @@ def _resolve_kernel(
     pred_ptr,
     points_ptr,
     claims_ptr,
+    best_ptr,
     top_index_ptr,
     top_metric_ptr,
     top_overlap_ptr,
@@ -498,14 +520,16 @@ def _resolve_kernel(
     BETA_INT: tl.constexpr,
     K_PAD: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
-    BLOCK_G: tl.constexpr,
 ):
     """Per target: each kept point's owner. Claimed once: this box. Claimed several times: the
     image's box of highest CIoU with the point's predicted box (0 where not a candidate; the first
-    on ties), which every claimant finds alike and writes alike.
+    on ties), read from ``best_ptr``; where every CIoU is 0, the image's first box (the original's
+    argmax over all boxes). Every claimant finds the same owner and writes the same values.
 
     Args (as ``_topk_kernel``'s, and):
         image_start_ptr: ``[bs + 1]`` int32, image b's targets are ``[start[b], start[b + 1])``.
+        best_ptr: ``[bs, A]`` int64, per point the largest ``(CIoU bits << 32) | (INT_BIG - box)``
+            over the boxes it is a candidate of (``_topk_kernel``).
         owner_ptr: ``[bs, A]`` int32, -1 filled: out, the owning target.
         point_metric_ptr, point_overlap_ptr: ``[bs, A]``: out, the owner's metric and CIoU there.
     """
@@ -522,49 +546,10 @@ def _resolve_kernel(
     overlap = tl.load(top_overlap_ptr + out)
     contested = kept & (claims > 1)
     if tl.max(contested.to(tl.int32), axis=0) > 0:
+        key = tl.load(best_ptr + point, mask=contested, other=0)
+        positive = (key >> 32) > 0  # a CIoU above 0 (or NaN): its box; else the image's first box
         first = tl.load(image_start_ptr + b)
-        last = tl.load(image_start_ptr + b + 1)
-        cx = tl.load(points_ptr + p * 3, mask=contested, other=0.0)
-        cy = tl.load(points_ptr + p * 3 + 1, mask=contested, other=0.0)
-        st = tl.load(points_ptr + p * 3 + 2, mask=contested, other=1.0)
-        px = (cx * st)[:, None]
-        py = (cy * st)[:, None]
-        pred = pred_ptr + point * 4
-        b1 = tl.load(pred, mask=contested, other=0.0)[:, None]
-        b2 = tl.load(pred + 1, mask=contested, other=0.0)[:, None]
-        b3 = tl.load(pred + 2, mask=contested, other=0.0)[:, None]
-        b4 = tl.load(pred + 3, mask=contested, other=0.0)[:, None]
-        best = tl.full([K_PAD], -1.0, tl.float32)
-        best_g = tl.full([K_PAD], 0, tl.int32) + first
-        floor = as_compute(size_floor, tl.float32)
-        for g0 in range(first, last, BLOCK_G):
-            g = g0 + tl.arange(0, BLOCK_G)
-            gmask = g < last
-            gx1 = tl.load(gt_ptr + g * 4, mask=gmask, other=0.0)[None, :]
-            gy1 = tl.load(gt_ptr + g * 4 + 1, mask=gmask, other=0.0)[None, :]
-            gx2 = tl.load(gt_ptr + g * 4 + 2, mask=gmask, other=0.0)[None, :]
-            gy2 = tl.load(gt_ptr + g * 4 + 3, mask=gmask, other=0.0)[None, :]
-            gvalid = (tl.load(valid_ptr + g, mask=gmask, other=0) != 0)[None, :]
-            w = tl.where(gx2 - gx1 < floor, floor, gx2 - gx1)
-            h = tl.where(gy2 - gy1 < floor, floor, gy2 - gy1)
-            ccx = (gx1 + gx2) / 2.0
-            ccy = (gy1 + gy2) / 2.0
-            inside = (
-                (px - (ccx - w / 2.0).to(COMPUTE_DTYPE) > ASSIGN_EPS)
-                & (py - (ccy - h / 2.0).to(COMPUTE_DTYPE) > ASSIGN_EPS)
-                & ((ccx + w / 2.0).to(COMPUTE_DTYPE) - px > ASSIGN_EPS)
-                & ((ccy + h / 2.0).to(COMPUTE_DTYPE) - py > ASSIGN_EPS)
-            )
-            inside = inside & gvalid & gmask[None, :]
-            raw = _ciou(gx1, gy1, gx2, gy2, b1, b2, b3, b4, tl.float32)
-            ov = tl.where(inside, tl.maximum(raw, 0.0), 0.0)
-            ov = tl.where(inside & (raw != raw), NAN_RANK, ov)  # NaN wins, as torch's max takes NaN
-            ov = tl.where(gmask[None, :], ov, -2.0)
-            tile_best = tl.max(ov, axis=1)
-            tile_g = tl.min(tl.where(ov == tile_best[:, None], g[None, :], INT_BIG), axis=1)
-            better = tile_best > best
-            best = tl.where(better, tile_best, best)
-            best_g = tl.where(better, tile_g, best_g)
+        best_g = tl.where(positive, INT_BIG - (key & 0xFFFFFFFF).to(tl.int32), first)
         # the winner's own metric and CIoU at the point
         wx1, wy1, wx2, wy2, lo_x, lo_y, hi_x, hi_y = _floored_box(gt_ptr, best_g, size_floor, COMPUTE_DTYPE)
         w_label = tl.load(label_ptr + best_g)
@@ -1032,8 +1017,9 @@ def _side_loss(
         w_right = 1.0 - w_left
         _, mx, s = _softmax_rows(x, m2)
         lse = mx + tl.log(s)
-        x_left = tl.sum(tl.where(bins[None, :] == left[:, None], x, 0.0), axis=1)
-        x_right = tl.sum(tl.where(bins[None, :] == left[:, None] + 1, x, 0.0), axis=1)
+        # (masked rows, all -inf, pick 0: no inf * 0 in lanes that are discarded anyway)
+        x_left = tl.sum(tl.where(m2 & (bins[None, :] == left[:, None]), x, 0.0), axis=1)
+        x_right = tl.sum(tl.where(m2 & (bins[None, :] == left[:, None] + 1), x, 0.0), axis=1)
         loss = -((x_left - lse) * w_left + (x_right - lse) * w_right)
     return loss
 
@@ -1075,6 +1061,13 @@ def _side_grad(
 
 def _next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
+
+
+@functools.lru_cache(maxsize=64)
+def _device_constant(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small constant tensor on the device, copied there once: a copy per call would make the
+    host wait for the device (and cannot be captured in a CUDA graph)."""
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 @functools.lru_cache(maxsize=32)
@@ -1149,8 +1142,8 @@ def assign(boxes, scores, grids, batch_idx, cls, bboxes, options: DetectionOptio
     image_start = torch.searchsorted(sorted_image, torch.arange(bs + 1, device=device)).to(torch.int32)
     # pixel xyxy float32, the original's arithmetic: (xywh * image size), then centre -/+ half size
     ny0, nx0 = grids[0]
-    size = torch.tensor([nx0, ny0, nx0, ny0], dtype=dtype, device=device) * options.strides[0]
-    xywh = bboxes[order].to(torch.float32) * size.to(torch.float32)
+    width, height = nx0 * options.strides[0], ny0 * options.strides[0]
+    xywh = bboxes[order].to(torch.float32) * _device_constant((width, height, width, height), torch.float32, device)
     half = xywh[:, 2:] / 2
     gt = torch.cat((xywh[:, :2] - half, xywh[:, :2] + half), -1).contiguous()
     labels = cls.reshape(-1)[order].to(torch.int32).contiguous()
@@ -1163,6 +1156,7 @@ def assign(boxes, scores, grids, batch_idx, cls, bboxes, options: DetectionOptio
     claims, owner = int_ws[:total].view(bs, a), int_ws[total:].view(bs, a)
     claims.zero_()
     owner.fill_(-1)
+    best = torch.full((bs, a), -1, dtype=torch.int64, device=device) if n else None
     point_metric = torch.empty(bs, a, dtype=dtype, device=device)
     point_overlap = torch.empty(bs, a, dtype=torch.float32, device=device)
     target = torch.empty(bs, a, dtype=dtype, device=device)
@@ -1190,13 +1184,13 @@ def assign(boxes, scores, grids, batch_idx, cls, bboxes, options: DetectionOptio
         geometry = dict(levels_ptr=levels, level_strides_ptr=level_strides, num_levels=len(grids))
         _launch(
             _topk_kernel, (n,), **per_target, **sc, pred_ptr=pred, points_ptr=points, **geometry, claims_ptr=claims,
-            **tops, k=min(options.topk, a), num_pseudo=min(k_pad, a), **metric, K_PAD=k_pad, BLOCK=BLOCK_WINDOW,
-            **common,
+            best_ptr=best, **tops, k=min(options.topk, a), num_pseudo=min(k_pad, a), **metric, K_PAD=k_pad,
+            BLOCK=BLOCK_WINDOW, **common,
         )  # fmt: skip
         _launch(
             _resolve_kernel, (n,), **per_target, image_start_ptr=image_start, **sc, pred_ptr=pred, points_ptr=points,
-            claims_ptr=claims, **tops, owner_ptr=owner, point_metric_ptr=point_metric,
-            point_overlap_ptr=point_overlap, **metric, K_PAD=k_pad, BLOCK_G=BLOCK_BOXES, **common,
+            claims_ptr=claims, best_ptr=best, **tops, owner_ptr=owner, point_metric_ptr=point_metric,
+            point_overlap_ptr=point_overlap, **metric, K_PAD=k_pad, **common,
         )  # fmt: skip
         second = options.second_cut
         _launch(
@@ -1266,7 +1260,7 @@ def detection_loss(boxes, scores, grids, assigned: Assignment, options: Detectio
     _box_loss(boxes, none, grids, assigned, options, grad_out, box_partial)
     sums = torch.stack((box_partial[:, 0].sum(), cls_partial.sum(), box_partial[:, 1].sum()))
     out_dtype = torch.promote_types(scores.dtype, torch.float32)
-    gains = torch.tensor(options.gains(), dtype=dtype, device=device)
+    gains = _device_constant(options.gains(), dtype, device)
     return (sums / assigned.score_sum * gains).to(out_dtype)
 
 

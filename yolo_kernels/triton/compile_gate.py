@@ -5,9 +5,10 @@
 
 The Triton interpreter (how the tests run the kernels without a GPU) accepts code that the
 compiler rejects, so passing interpreter tests says nothing about a GPU. This gate runs the real
-launcher (``anchor_loss.fused_loss``) under ``record_launches`` over a grid of options, dtypes and
-layouts; each recorded launch goes through Triton's own argument binder (the code that types and
-specialises arguments at a real launch) for the target, and every distinct result is compiled to
+launchers (``anchor_loss.fused_loss``; ``anchor_free_loss.assign``, ``detection_loss`` and
+``loss_backward``) under ``record_launches`` over a grid of options, dtypes and layouts; each
+recorded launch goes through Triton's own argument binder (the code that types and specialises
+arguments at a real launch) for the target, and every distinct result is compiled to
 a cubin with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``. Triton ships
 ``ptxas``: no CUDA toolkit and no GPU are needed. A specialisation without float64 tensors also
 fails when its Triton IR holds float64 values (a silent promotion that costs speed on a GPU).
@@ -17,9 +18,12 @@ fp16/bf16/fp32/fp64 ``p`` x with/without gradient x (yolov3) mean/sum or (yolov5
 ``sort_obj_iou`` with a ``balance`` tensor, on a contiguous ``p``; plus, for every family and dtype,
 a non-contiguous ``p`` (no unit channel stride) and a layer whose sizes are all 1 (Triton
 specialises integer arguments equal to 1); plus the gradient statistics (``compute_stats``) for
-both families x focal on/off x ``nc`` 1 / 80 x every dtype x with/without gradient.
-Block sizes are fixed constants of ``anchor_loss.py``, so these cover every block
-size the launcher picks.
+both families x focal on/off x ``nc`` 1 / 80 x every dtype x with/without gradient. The
+anchor-free family: every dtype x ``reg_max`` 16 / 1 x second cut off/on x class weights off/on x
+forward and backward, the default exponents (alpha 0.5, beta 6: a square root and squarings) and
+general ones, ``nc`` 1, strided head outputs, and one point per level.
+Block sizes are fixed constants of the kernel modules, so these cover every block size the
+launchers pick.
 
 Must run with the interpreter off (``TRITON_INTERPRET`` unset or ``0``): under the interpreter
 ``@triton.jit`` yields interpreted functions, which cannot be compiled.
@@ -30,6 +34,8 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import functools
+import importlib
 import itertools
 import multiprocessing
 import os
@@ -55,6 +61,7 @@ class Job:
     attrs: dict
     options: dict
     labels: list
+    module: str = "yolo_kernels.triton.anchor_loss"
 
 
 def _case_inputs(dtype, nc, layout):
@@ -76,6 +83,53 @@ def _case_inputs(dtype, nc, layout):
 #: Each family's own axis of kernel variants: the yolov3 loss's two reductions; the yolov5 loss
 #: (only "mean") plain, or with sort_obj_iou and a balance tensor.
 VARIANTS = {"yolov3": ("reduction=mean", "reduction=sum"), "yolov5": ("reduction=mean", "sort_obj_iou+balance")}
+
+
+def _run_anchor_free(boxes, scores, grids, targets, options, class_weights):
+    """The anchor-free launchers of one call: assignment, forward loss, backward."""
+    from . import anchor_free_loss
+
+    assigned = anchor_free_loss.assign(boxes, scores, grids, *targets, options)
+    anchor_free_loss.detection_loss(boxes, scores, grids, assigned, options, class_weights)
+    grad_out = torch.ones(3, dtype=torch.promote_types(scores.dtype, torch.float32))
+    anchor_free_loss.loss_backward(grad_out, boxes, scores, grids, assigned, options, class_weights, True, True)
+
+
+def anchor_free_specialisations():
+    """``(label, run)`` for every case of the anchor-free grid: ``run()`` calls the launchers
+    (assignment, forward loss, backward) on small inputs of that case."""
+    from ..anchor_free.options import DetectionOptions
+
+    cases = [
+        (dtype, reg_max, topk2, weights, 5, "contiguous", (0.5, 6.0))
+        for dtype in DTYPES
+        for reg_max in (16, 1)
+        for topk2 in (None, 1)
+        for weights in (False, True)
+    ]
+    cases += [(dtype, 16, None, False, 1, "contiguous", (0.5, 6.0)) for dtype in DTYPES]  # nc 1
+    cases += [(dtype, 16, None, False, 5, "contiguous", (1.0, 2.5)) for dtype in DTYPES]  # general powers
+    cases += [(dtype, 16, None, False, 5, layout, (0.5, 6.0)) for dtype in DTYPES for layout in ("strided", "ones")]
+    for dtype, reg_max, topk2, weights, nc, layout, (alpha, beta) in cases:
+        bs, grids = (1, ((1, 1), (1, 1))) if layout == "ones" else (2, ((4, 6), (2, 3)))
+        a = sum(ny * nx for ny, nx in grids)
+        if layout == "strided":  # channels outermost: the point stride is not 1
+            boxes = torch.zeros(4 * reg_max, bs, a, dtype=dtype).permute(1, 0, 2)
+            scores = torch.zeros(nc, bs, a, dtype=dtype).permute(1, 0, 2)
+        else:
+            boxes = torch.zeros(bs, 4 * reg_max, a, dtype=dtype)
+            scores = torch.zeros(bs, nc, a, dtype=dtype)
+        options = DetectionOptions(
+            nc=nc, reg_max=reg_max, strides=(8.0, 16.0), topk=10, topk2=topk2, alpha=alpha, beta=beta
+        )
+        class_weights = torch.ones(nc) if weights else None
+        targets = (torch.zeros(3), torch.zeros(3), torch.full((3, 4), 0.25))
+        label = (
+            f"anchor_free p={str(dtype).replace('torch.', '')} reg_max={reg_max} topk2={topk2} "
+            f"class_weights={weights} nc={nc} layout={layout} alpha={alpha} beta={beta}"
+        )
+
+        yield label, functools.partial(_run_anchor_free, boxes, scores, grids, targets, options, class_weights)
 
 
 def specialisations():
@@ -156,9 +210,10 @@ def collect_jobs(arch: int) -> list[Job]:
 
     backend = make_backend(GPUTarget("cuda", arch, 32))
     jobs: dict[str, Job] = {}
-    for label, kwargs in specialisations():
+    runs = [(label, functools.partial(triton_loss.fused_loss, **kwargs)) for label, kwargs in specialisations()]
+    for label, run_case in runs + list(anchor_free_specialisations()):
         with record_launches() as launches:
-            triton_loss.fused_loss(**kwargs)
+            run_case()
         for launch in launches:
             if not hasattr(launch.kernel, "params"):
                 raise RuntimeError(
@@ -169,7 +224,7 @@ def collect_jobs(arch: int) -> list[Job]:
             name = launch.kernel.fn.__name__
             key = repr((name, sorted(signature.items()), sorted(constexprs.items(), key=str), sorted(attrs.items())))
             if key not in jobs:
-                jobs[key] = Job(name, signature, constexprs, attrs, options, [])
+                jobs[key] = Job(name, signature, constexprs, attrs, options, [], launch.kernel.fn.__module__)
             jobs[key].labels.append(label)
     return list(jobs.values())
 
@@ -187,14 +242,12 @@ def _describe(error: BaseException) -> str:
 
 def compile_job(job: Job, arch: int, kernel=None) -> str | None:
     """Compile one job to a cubin for ``sm_<arch>``: ``None``, or what went wrong. ``kernel``
-    defaults to the kernel of ``anchor_loss.py`` named by the job."""
+    defaults to the kernel of the job's module named by the job."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from . import anchor_loss as triton_loss
-
-    kernel = kernel if kernel is not None else getattr(triton_loss, job.kernel_name)
+    kernel = kernel if kernel is not None else getattr(importlib.import_module(job.module), job.kernel_name)
     try:
         compiled = triton.compile(
             ASTSource(kernel, job.signature, job.constexprs, job.attrs),
@@ -237,20 +290,22 @@ def _compile_indexed(work: tuple[int, int]) -> tuple[int, int, str | None]:
 def _kernels_never_launched(jobs: list[Job]) -> list[str]:
     from triton.runtime.jit import JITFunction
 
-    from . import anchor_loss as triton_loss
+    from . import anchor_free_loss, anchor_loss
 
-    defined = {  # the kernels of anchor_loss.py (named *_kernel), not the helpers they call
-        name
-        for name, value in vars(triton_loss).items()
-        if isinstance(value, JITFunction) and name.endswith("_kernel") and value.fn.__module__ == triton_loss.__name__
+    defined = {  # the kernels of the kernel modules (named *_kernel), not the helpers they call
+        f"{module.__name__.rsplit('.', 1)[-1]}.{name}"
+        for module in (anchor_loss, anchor_free_loss)
+        for name, value in vars(module).items()
+        if isinstance(value, JITFunction) and name.endswith("_kernel") and value.fn.__module__ == module.__name__
     }
-    return sorted(defined - {job.kernel_name for job in jobs})
+    launched = {f"{job.module.rsplit('.', 1)[-1]}.{job.kernel_name}" for job in jobs}
+    return sorted(defined - launched)
 
 
 def run(archs=DEFAULT_ARCHS, n_workers: int | None = None, out=sys.stdout) -> int:
     """Compile every job for every arch; print each failure with its kernel, specialisations and
-    message. Returns the number of failures (a kernel of ``anchor_loss.py`` that the grid never launches
-    counts as one)."""
+    message. Returns the number of failures (a kernel of a kernel module that the grid never
+    launches counts as one)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("compile_gate: TRITON_INTERPRET=1 is set; run the gate with TRITON_INTERPRET=0")
     import triton
@@ -275,7 +330,7 @@ def run(archs=DEFAULT_ARCHS, n_workers: int | None = None, out=sys.stdout) -> in
         print("  " + error.strip().replace("\n", "\n  "), file=out)
     missing = _kernels_never_launched(_JOBS[archs[0]]) if archs else []
     for name in missing:
-        message = "defined in anchor_loss.py but never launched by the gate's grid (extend the grid)"
+        message = "defined but never launched by the gate's grid (extend the grid)"
         print(f"FAILED {name}: {message}", file=out)
     counts = ", ".join(f"sm_{arch}: {len(jobs)}" for arch, jobs in _JOBS.items())
     print(
