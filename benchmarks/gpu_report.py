@@ -23,7 +23,11 @@ Sections:
 * peak memory beyond the inputs, from the caching allocator;
 * no host sync: forward + backward under ``torch.cuda.set_sync_debug_mode("error")``;
 * CUDA graphs: forward + backward captured once and replayed, results identical to eager; and a
-  whole training step (network, loss, backward, optimizer) captured and replayed like eager steps.
+  whole training step (network, loss, backward, optimizer) captured and replayed like eager steps;
+* anchor_free: the anchor-free family's triton backend (``gpu_anchor_free.py``): parity, no host
+  sync, graph capture, speed and peak memory against the reference (and the original, where
+  ultralytics is importable) at batch 16, 640, 80 / 365 classes, 10 / 300 / 1,000 boxes per image
+  and an xView-like batch of 128.
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # the source tree, installed or not (no pytest needed)
+sys.path.insert(0, HERE)  # its sibling gpu_anchor_free.py, however it is run
+
+import gpu_anchor_free  # noqa: E402
 
 import yolo_kernels as yk  # noqa: E402
 from yolo_kernels.bench import percentile, time_interleaved, yolov3_inputs, yolov5_inputs  # noqa: E402
@@ -496,6 +503,8 @@ def markdown(report) -> str:
         lines += [""]
     elif host is not None:
         lines += [f"Host time: {host}", ""]
+    if "anchor_free" in report:
+        lines += gpu_anchor_free.markdown(report["anchor_free"])
     problems = failures(report)
     scope = f" (only {', '.join(report['only'])} run)" if report.get("only") else ""
     lines += [f"Result{scope}: " + ("all checks passed" if not problems else "FAILED: " + "; ".join(problems)), ""]
@@ -513,6 +522,8 @@ def failures(report) -> list[str]:
     for key in ("no_sync", "no_sync_yolov5", "cuda_graph", "train_step_graph", "cuda_tests"):
         if str(report.get(key, "")).startswith("FAILED"):
             out.append(f"{key}: {report[key]}")
+    if "anchor_free" in report:
+        out += gpu_anchor_free.failures(report["anchor_free"])
     if "error" in report:
         out.append(f"error: {report['error']}")
     return out
@@ -551,6 +562,7 @@ SECTIONS = (
     "train_step_graph",
     "launches",
     "host",
+    "anchor_free",
     "speed",
     "cuda_tests",
 )
@@ -632,6 +644,7 @@ def main(argv=None) -> int:
     section("host", host_profile, args.batch[0], args.img[0])
     bandwidth = copy_bandwidth(device)
     report["copy_bandwidth_gbs"] = bandwidth / 1e9
+    section("anchor_free", gpu_anchor_free.report, device, bandwidth, "triton", args.budget_s / 2)
     report["speed"], report["floor_ms"] = [], {}
     for batch, img in speed_order(args.batch, args.img) if selected("speed", args.only) else ():
         key = f"speed_{batch}x{img}"

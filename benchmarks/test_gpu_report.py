@@ -170,3 +170,25 @@ def test_cuda_tests_section_reports_the_summary_or_a_cut_short_run():
     assert not done.startswith(("FAILED", "incomplete")) and ("skipped" in done or "passed" in done), done
     assert gpu_report.cuda_tests(0.01).startswith("incomplete: stopped after")
     assert not gpu_report.failures(dict(REPORT, cuda_tests="incomplete: stopped after 1 s"))
+
+
+def test_anchor_free_section_runs_its_logic_on_the_cpu():
+    """The anchor-free section's parity, no-sync and speed logic with the cpp backend standing in for
+    triton (small shapes), its markdown and its failures."""
+    import gpu_anchor_free
+
+    cpu = torch.device("cpu")
+    rows = gpu_anchor_free.parity(cpu, "cpp", batch=1, img=160)
+    assert len(rows) == 4 and all(r["passed"] for r in rows), rows
+    assert gpu_anchor_free.no_sync(cpu, "cpp", batch=1, img=160).startswith("not applicable")
+    speed = gpu_anchor_free.speed(cpu, 10e9, "cpp", shapes=[(1, 160, 3, 5)], rounds=1)
+    assert {r["provider"] for r in speed} >= {"reference", "cpp"} and all(r["median_ms"] > 0 for r in speed)
+    section = {"parity": rows, "no_sync": "passed", "cuda_graph": "replay identical", "speed": speed}
+    section["speed"].append({"shape": "xview", "provider": "reference", "oom": True})
+    text = "\n".join(gpu_anchor_free.markdown(section))
+    assert "| E2ELoss, reg_max 1 | bfloat16 | 1 | 160 |" in text and "| xview | reference | out of memory |" in text
+    assert gpu_report.failures(dict(REPORT, anchor_free=section)) == []
+    bad = dict(section, parity=[dict(rows[0], passed=False)], no_sync="FAILED: a sync")
+    problems = gpu_report.failures(dict(REPORT, anchor_free=bad))
+    assert len(problems) == 2 and all(p.startswith("anchor_free") for p in problems)
+    assert "anchor-free family" in gpu_report.markdown(dict(REPORT, anchor_free=bad))
