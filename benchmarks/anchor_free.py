@@ -25,8 +25,7 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 from anchor_free_cases import StandIn, grids_for, make_batch, make_preds
 
 from yolo_kernels import yolov8
-from yolo_kernels.anchor_free.backends import BACKENDS
-from yolo_kernels.bench import machine_line, peak_extra_bytes, percentile, time_interleaved
+from yolo_kernels.bench import machine_line, peak_extra_bytes, percentile, time_interleaved, yolov8_backends
 
 
 def providers(model):
@@ -37,10 +36,8 @@ def providers(model):
         out["original"] = v8DetectionLoss(model)
     except ImportError:
         pass
-    cpu = torch.device("cpu")
-    for name, backend in BACKENDS.items():
-        if backend.unavailable_reason(cpu) is None:
-            out[name] = yolov8.DetectionLoss(model, backend=name)
+    for name in yolov8_backends(torch.device("cpu")):
+        out[name] = yolov8.DetectionLoss(model, backend=name)
     return out
 
 

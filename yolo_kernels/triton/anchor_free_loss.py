@@ -301,6 +301,16 @@ def _window(levels_ptr, level_strides_ptr, lvl, lo_x, lo_y, hi_x, hi_y):
     return x0, y0, w, h, offset, nx
 
 
+@triton.jit
+def _window_points(j, x0, y0, w, h, offset, nx, num_pseudo):
+    """The points of window cells ``j`` (row-major in the ``w`` x ``h`` window at column ``x0``,
+    row ``y0`` of a level starting at point ``offset``, ``nx`` columns wide) and which lanes count:
+    inside the window, and not among the first ``num_pseudo`` points (ranked separately)."""
+    w_safe = tl.maximum(w, 1)
+    p = offset + (y0 + j // w_safe) * nx + (x0 + j % w_safe)
+    return p, (j < w * h) & (p >= num_pseudo)
+
+
 # ----------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------
@@ -468,11 +478,10 @@ def _topk_kernel(
     if valid:
         for lvl in range(num_levels):
             x0, y0, w, h, offset, nx = _window(levels_ptr, level_strides_ptr, lvl, lo_x, lo_y, hi_x, hi_y)
-            w_safe = tl.maximum(w, 1)
             for start in range(0, w * h, BLOCK):
-                j = start + lanes
-                p = offset + (y0 + j // w_safe) * nx + (x0 + j % w_safe)
-                mask = (j < w * h) & (p >= num_pseudo)  # the first points were ranked above
+                p, mask = _window_points(
+                    start + lanes, x0, y0, w, h, offset, nx, num_pseudo
+                )  # the first points were ranked above
                 cand, overlap, metric = _pair(
                     points_ptr, pred_image, logit_row, stride_scores_a, p, mask, lo_x, lo_y, hi_x, hi_y,
                     gx1, gy1, gx2, gy2, alpha, beta, ALPHA_IS_HALF, BETA_INT, COMPUTE_DTYPE,
@@ -623,11 +632,8 @@ def _finish_kernel(
         if valid:
             for lvl in range(num_levels):
                 x0, y0, w, h, offset, nx = _window(levels_ptr, level_strides_ptr, lvl, lo_x, lo_y, hi_x, hi_y)
-                w_safe = tl.maximum(w, 1)
                 for start in range(0, w * h, BLOCK):
-                    j = start + lanes
-                    p = offset + (y0 + j // w_safe) * nx + (x0 + j % w_safe)
-                    mask = (j < w * h) & (p >= num_pseudo)
+                    p, mask = _window_points(start + lanes, x0, y0, w, h, offset, nx, num_pseudo)
                     own = mask & (tl.load(owner_ptr + image + p, mask=mask, other=-1) == t)
                     metric = tl.load(point_metric_ptr + image + p, mask=own, other=0.0)
                     buf_r, buf_i, buf_m, buf_o, buf_c = _merge_top(
@@ -647,11 +653,8 @@ def _finish_kernel(
     if valid:
         for lvl in range(num_levels):
             x0, y0, w, h, offset, nx = _window(levels_ptr, level_strides_ptr, lvl, lo_x, lo_y, hi_x, hi_y)
-            w_safe = tl.maximum(w, 1)
             for start in range(0, w * h, BLOCK):
-                j = start + lanes
-                p = offset + (y0 + j // w_safe) * nx + (x0 + j % w_safe)
-                mask = (j < w * h) & (p >= num_pseudo)
+                p, mask = _window_points(start + lanes, x0, y0, w, h, offset, nx, num_pseudo)
                 own = mask & (tl.load(owner_ptr + image + p, mask=mask, other=-1) == t)
                 best_m, best_o = _keep_and_max(
                     owner_ptr, point_metric_ptr, point_overlap_ptr, image, p, own, kv, ki, best_m, best_o, SECOND_CUT
@@ -868,87 +871,19 @@ def _box_loss_kernel(
         wb = tl.where(fg, -weight * g_box, 0.0)  # d loss / d ciou
         wd = tl.where(fg, weight * g_dist, 0.0)
         out = grad_ptr + b * stride_grad_b + p * stride_grad_a
-        _side_grad(
-            base,
-            out,
-            stride_boxes_c,
-            stride_grad_c,
-            0,
-            pmask,
-            fg,
-            d0,
-            c0 * wb,
-            sides0,
-            wd,
-            st,
-            extent_x,
-            REG_MAX,
-            REG_PAD,
-            COMPUTE_DTYPE,
-        )
-        _side_grad(
-            base,
-            out,
-            stride_boxes_c,
-            stride_grad_c,
-            1,
-            pmask,
-            fg,
-            d1,
-            c1 * wb,
-            sides1,
-            wd,
-            st,
-            extent_y,
-            REG_MAX,
-            REG_PAD,
-            COMPUTE_DTYPE,
-        )
-        _side_grad(
-            base,
-            out,
-            stride_boxes_c,
-            stride_grad_c,
-            2,
-            pmask,
-            fg,
-            d2,
-            c2 * wb,
-            sides2,
-            wd,
-            st,
-            extent_x,
-            REG_MAX,
-            REG_PAD,
-            COMPUTE_DTYPE,
-        )
-        _side_grad(
-            base,
-            out,
-            stride_boxes_c,
-            stride_grad_c,
-            3,
-            pmask,
-            fg,
-            d3,
-            c3 * wb,
-            sides3,
-            wd,
-            st,
-            extent_y,
-            REG_MAX,
-            REG_PAD,
-            COMPUTE_DTYPE,
-        )
+        sbc, sgc, ex, ey = stride_boxes_c, stride_grad_c, extent_x, extent_y
+        _side_grad(base, out, sbc, sgc, 0, pmask, fg, d0, c0 * wb, sides0, wd, st, ex, REG_MAX, REG_PAD, COMPUTE_DTYPE)
+        _side_grad(base, out, sbc, sgc, 1, pmask, fg, d1, c1 * wb, sides1, wd, st, ey, REG_MAX, REG_PAD, COMPUTE_DTYPE)
+        _side_grad(base, out, sbc, sgc, 2, pmask, fg, d2, c2 * wb, sides2, wd, st, ex, REG_MAX, REG_PAD, COMPUTE_DTYPE)
+        _side_grad(base, out, sbc, sgc, 3, pmask, fg, d3, c3 * wb, sides3, wd, st, ey, REG_MAX, REG_PAD, COMPUTE_DTYPE)
     else:
         box = tl.where(fg, (1.0 - ciou) * weight, 0.0)
-        dist = (
-            _side_loss(base, stride_boxes_c, 0, fg, d0, sides0, st, extent_x, REG_MAX, REG_PAD, COMPUTE_DTYPE)
-            + _side_loss(base, stride_boxes_c, 1, fg, d1, sides1, st, extent_y, REG_MAX, REG_PAD, COMPUTE_DTYPE)
-            + _side_loss(base, stride_boxes_c, 2, fg, d2, sides2, st, extent_x, REG_MAX, REG_PAD, COMPUTE_DTYPE)
-            + _side_loss(base, stride_boxes_c, 3, fg, d3, sides3, st, extent_y, REG_MAX, REG_PAD, COMPUTE_DTYPE)
-        ) / 4.0
-        dist = tl.where(fg, dist * weight, 0.0)
+        sbc, ex, ey = stride_boxes_c, extent_x, extent_y
+        dist = _side_loss(base, sbc, 0, fg, d0, sides0, st, ex, REG_MAX, REG_PAD, COMPUTE_DTYPE)
+        dist += _side_loss(base, sbc, 1, fg, d1, sides1, st, ey, REG_MAX, REG_PAD, COMPUTE_DTYPE)
+        dist += _side_loss(base, sbc, 2, fg, d2, sides2, st, ex, REG_MAX, REG_PAD, COMPUTE_DTYPE)
+        dist += _side_loss(base, sbc, 3, fg, d3, sides3, st, ey, REG_MAX, REG_PAD, COMPUTE_DTYPE)
+        dist = tl.where(fg, dist / 4.0 * weight, 0.0)
         program = b * tl.num_programs(0) + pid
         tl.store(partial_ptr + 2 * program, tl.sum(box, axis=0))
         tl.store(partial_ptr + 2 * program + 1, tl.sum(dist, axis=0))
