@@ -36,8 +36,11 @@ order; the image's targets keep their input order, which is the original's padde
    output's gradient read on the device (no sync, no second pass), zeros where a point has none.
 
 Reductions are per-program partials summed by ``torch.sum`` over fixed-size buffers: bitwise
-reproducible. Launches go through ``launch.launch`` with keyword arguments (the compile gate
-records them).
+reproducible. The kernels that decide the assignment (``_topk_kernel``, ``_resolve_kernel``) are
+compiled without fused multiply-adds and divide with IEEE rounding, so that their CIoU and metrics
+round as the original's separate torch operations do: a pick can then differ from the original's
+only where ``exp``, ``atan`` (a polynomial) or a power differ by an ulp. Launches go through
+``launch.launch`` with keyword arguments (the compile gate records them).
 """
 
 from __future__ import annotations
@@ -1120,12 +1123,12 @@ def assign(boxes, scores, grids, batch_idx, cls, bboxes, options: DetectionOptio
         _launch(
             _topk_kernel, (n,), **per_target, **sc, pred_ptr=pred, points_ptr=points, **geometry, claims_ptr=claims,
             best_ptr=best, **tops, k=min(options.topk, a), num_pseudo=min(k_pad, a), **metric, K_PAD=k_pad,
-            BLOCK=BLOCK_WINDOW, **common,
+            BLOCK=BLOCK_WINDOW, enable_fp_fusion=False, **common,
         )  # fmt: skip
         _launch(
             _resolve_kernel, (n,), **per_target, image_start_ptr=image_start, **sc, pred_ptr=pred, points_ptr=points,
             claims_ptr=claims, best_ptr=best, **tops, owner_ptr=owner, point_metric_ptr=point_metric,
-            point_overlap_ptr=point_overlap, **metric, K_PAD=k_pad, **common,
+            point_overlap_ptr=point_overlap, **metric, K_PAD=k_pad, enable_fp_fusion=False, **common,
         )  # fmt: skip
         second = options.second_cut
         _launch(
