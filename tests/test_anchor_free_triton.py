@@ -242,3 +242,11 @@ def test_assignment_work_is_linear_in_the_boxes(monkeypatch, gen):
         triton_assignment(preds, batch, options)
     small, large = counted
     assert small > 0 and large <= 4 * small * 1.5, (small, large)
+
+
+def test_auto_picks_triton_on_cuda_tensors():
+    from yolo_kernels.anchor_free.backends import AUTO_ORDER, REGISTRY
+
+    assert AUTO_ORDER["cuda"] == ("triton",)
+    if torch.cuda.is_available():
+        assert REGISTRY.resolve("auto", torch.device("cuda")).name == "triton"
