@@ -250,3 +250,25 @@ def test_auto_picks_triton_on_cuda_tensors():
     assert AUTO_ORDER["cuda"] == ("triton",)
     if torch.cuda.is_available():
         assert REGISTRY.resolve("auto", torch.device("cuda")).name == "triton"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_head_outputs_are_read_in_place_and_get_gradients_of_their_layout(device, gen, cuda_topk):
+    """Head outputs whose point stride is not 1 (points outermost): the same loss and gradients
+    as their contiguous copies, the gradients with the inputs' strides."""
+    model = StandIn(nc=3, reg_max=4)
+    preds, batch = to(device, make_preds(2, grids_for(64, 64), 3, 4, gen), make_batch([3, 2], 3, gen))
+    strided = dict(preds)
+    for key in ("boxes", "scores"):
+        strided[key] = preds[key].permute(2, 0, 1).contiguous().permute(1, 2, 0)
+        assert strided[key].stride(2) != 1
+    ones = torch.ones(3, device=device)
+    expected = loss_and_grads("triton", model, preds, batch, ones)
+    boxes = strided["boxes"].detach().requires_grad_(True)
+    scores = strided["scores"].detach().requires_grad_(True)
+    loss, _ = yolov8.DetectionLoss(model, backend="triton")({**strided, "boxes": boxes, "scores": scores}, batch)
+    loss.sum().backward()
+    torch.testing.assert_close(loss.detach(), expected[0], rtol=1e-6, atol=0)
+    for leaf, e in ((boxes, expected[1]), (scores, expected[2])):
+        assert leaf.grad.stride() == leaf.stride()
+        torch.testing.assert_close(leaf.grad, e, rtol=1e-6, atol=1e-9)
