@@ -121,3 +121,20 @@ LAYOUTS = [  # (anchors per layer, non-square grids)
 
 def option_id(options: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in options.items()) or "default"
+
+
+def count_loop_iterations(monkeypatch, module) -> list[int]:
+    """Count the loop iterations of the kernels of ``module`` under the Triton interpreter (which
+    runs them as Python) by shadowing ``range`` there: append a 0 to the returned list before each
+    measured call; the iterations of the call accumulate in its last entry."""
+    import builtins
+
+    counted: list[int] = []
+
+    def counting_range(*args):
+        r = builtins.range(*args)
+        counted[-1] += len(r)
+        return r
+
+    monkeypatch.setattr(module, "range", counting_range, raising=False)
+    return counted

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from anchor_free_cases import StandIn, grids_for, make_batch, make_preds
+from helpers import count_loop_iterations
 
 from yolo_kernels import yolov8
 from yolo_kernels.anchor_free import reference
@@ -224,16 +225,7 @@ def test_assignment_work_is_linear_in_the_boxes(monkeypatch, gen):
     """Loop iterations of the assigner's kernels, counted by shadowing ``range`` in their module
     (the interpreter runs the kernels as Python): 4x the boxes (of the same sizes, crowding the
     same image) must cost about 4x, not 16x: no kernel searches all boxes per point."""
-    import builtins
-
-    counted = []
-
-    def counting_range(*args):
-        r = builtins.range(*args)
-        counted[-1] += len(r)
-        return r
-
-    monkeypatch.setattr(anchor_free_loss, "range", counting_range, raising=False)
+    counted = count_loop_iterations(monkeypatch, anchor_free_loss)
     options = DetectionOptions(nc=2, reg_max=4, strides=(8.0, 16.0, 32.0))
     preds = make_preds(1, grids_for(96, 96), 2, 4, gen)
     for n in (8, 32):

@@ -5,7 +5,7 @@ real GPUs in ``test_compile_gate.py``. Under the interpreter on CPU, and on CUDA
 
 import pytest
 import torch
-from helpers import make_p, make_targets, random_anchors
+from helpers import count_loop_iterations, make_p, make_targets, random_anchors
 
 from yolo_kernels.anchor.options import LossOptions
 from yolo_kernels.triton import anchor_loss as triton_loss
@@ -71,16 +71,7 @@ def test_matching_and_duplicates_are_linear_in_the_pairs(monkeypatch):
     interpreter runs the kernels as Python): 4x the targets must cost about 4x, not 16x. Targets
     are spread over a large grid, so the winning pairs grow with the targets (the case where a
     per-winner scan of all candidates is quadratic), and clustered, so that duplicates abound."""
-    import builtins
-
-    iterations = []
-
-    def counting_range(*args):
-        r = builtins.range(*args)
-        iterations[-1] += len(r)
-        return r
-
-    monkeypatch.setattr(triton_loss, "range", counting_range, raising=False)
+    iterations = count_loop_iterations(monkeypatch, triton_loss)
     g = torch.Generator().manual_seed(0)
     anchors = [torch.ones(3, 2)]  # every target matches every anchor: P = 3 nt pairs
     p = make_p(2, [3], [(32, 32)], 3, g)
