@@ -24,6 +24,9 @@ Sections:
 * no host sync: forward + backward under ``torch.cuda.set_sync_debug_mode("error")``;
 * CUDA graphs: forward + backward captured once and replayed, results identical to eager; and a
   whole training step (network, loss, backward, optimizer) captured and replayed like eager steps;
+* train_step: a whole training step (YOLOv3 network, loss, backward, SGD) with the original loss,
+  the reference, triton and a stand-in of the loss's floor, eager and captured in a CUDA graph:
+  step time, images/s, the loss's share of the step, host syncs per step (``train_step.py``);
 * anchor_free: the anchor-free family's triton backend (``gpu_anchor_free.py``): parity, no host
   sync, graph capture, speed and peak memory against the reference (and the original, where
   ultralytics is importable) at batch 16, 640, 80 / 365 classes, 10 / 300 / 1,000 boxes per image
@@ -47,6 +50,7 @@ sys.path.insert(0, os.path.dirname(HERE))  # the source tree, installed or not (
 sys.path.insert(0, HERE)  # its sibling gpu_anchor_free.py, however it is run
 
 import gpu_anchor_free  # noqa: E402
+import train_step  # noqa: E402
 
 import yolo_kernels as yk  # noqa: E402
 from yolo_kernels.bench import percentile, time_interleaved, yolov3_inputs, yolov5_inputs  # noqa: E402
@@ -505,6 +509,10 @@ def markdown(report) -> str:
         lines += [f"Host time: {host}", ""]
     if "anchor_free" in report:
         lines += gpu_anchor_free.markdown(report["anchor_free"])
+    steps = report.get("train_step")
+    if steps is not None:
+        lines += ["## Training step (network, loss, backward, SGD; `train_step.py`)", ""]
+        lines += [train_step.markdown(steps) if isinstance(steps, list) else f"Training step: {steps}", ""]
     problems = failures(report)
     scope = f" (only {', '.join(report['only'])} run)" if report.get("only") else ""
     lines += [f"Result{scope}: " + ("all checks passed" if not problems else "FAILED: " + "; ".join(problems)), ""]
@@ -562,6 +570,7 @@ SECTIONS = (
     "train_step_graph",
     "launches",
     "host",
+    "train_step",
     "anchor_free",
     "speed",
     "cuda_tests",
@@ -642,6 +651,7 @@ def main(argv=None) -> int:
     section("train_step_graph", train_step_graph_check)
     section("launches", launch_profile, args.batch[0], args.img[0])
     section("host", host_profile, args.batch[0], args.img[0])
+    section("train_step", train_step.report, device, None, 10)
     bandwidth = copy_bandwidth(device)
     report["copy_bandwidth_gbs"] = bandwidth / 1e9
     section("anchor_free", gpu_anchor_free.report, device, bandwidth, "triton", args.budget_s / 2)

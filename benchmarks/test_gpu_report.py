@@ -55,6 +55,21 @@ REPORT = {
     "cuda_graph": "replay identical to eager",
     "train_step_graph": "training step replays like eager",
     "host": {"host_us_per_call": 812.4, "wall_us_per_call": 830.0, "top_own_us": {"run (jit.py:700)": 123.4}},
+    "train_step": [
+        {
+            "case": "yolov3:16x416",
+            "loss": "triton",
+            "ms": 50.0,
+            "p20": 49.0,
+            "p80": 51.0,
+            "images_per_s": 320.0,
+            "loss_share": 0.012,
+            "syncs": 0,
+            "graph_ms": 40.0,
+            "graph_loss_share": 0.005,
+        },
+        {"case": "yolov3:64x640", "loss": "all", "error": "out of memory"},
+    ],
 }
 
 
@@ -100,6 +115,8 @@ def test_markdown_report():
     assert "812 µs per call issued back to back (830 µs until the GPU finished)" in text
     assert "| `run (jit.py:700)` | 123.4 |" in text
     assert "Host time: FAILED: x" in gpu_report.markdown(dict(REPORT, host="FAILED: x"))
+    assert "| yolov3:16x416 | triton | 50.00 (49.00-51.00) | 320 | 1.2% | 0 | 40.00 | 0.5% |" in text
+    assert "| yolov3:64x640 | all | out of memory |" in text
 
 
 def test_write_report_files_named_after_the_card(tmp_path):

@@ -43,13 +43,13 @@ def bbox_iou_xywh(box1, box2, ciou=True, eps=1e-7):
 def build_targets(p, targets, anchors, anchor_t):
     """``(tcls, tbox, indices, anch)`` per layer, as the original's ``build_targets``.
     ``anchors [nl, na, 2]`` in grid units."""
-    na, nt = anchors.shape[1], targets.shape[0]
+    na, nt, device = anchors.shape[1], targets.shape[0], targets.device
     tcls, tbox, indices, anch = [], [], [], []
-    gain = torch.ones(7)
-    anchor_col = torch.arange(na).float().view(na, 1).repeat(1, nt)
+    gain = torch.ones(7, device=device)
+    anchor_col = torch.arange(na, device=device).float().view(na, 1).repeat(1, nt)
     targets = torch.cat((targets.repeat(na, 1, 1), anchor_col[..., None]), 2)  # [na, nt, 7]
     half = 0.5
-    offsets = torch.tensor([[0, 0], [1, 0], [0, 1], [-1, 0], [0, -1]]).float() * half
+    offsets = torch.tensor([[0, 0], [1, 0], [0, 1], [-1, 0], [0, -1]], device=device).float() * half
     for i in range(len(p)):
         shape = p[i].shape
         gain[2:6] = torch.tensor(shape)[[3, 2, 3, 2]]
@@ -81,15 +81,16 @@ def build_targets(p, targets, anchors, anchor_t):
 
 def compute_loss(p, targets, anchors, hyp, nc, balance, gr=1.0, sort_obj_iou=False):
     """The original ``ComputeLoss.__call__`` (no autobalance): ``((lbox + lobj + lcls) * bs, [3])``."""
-    bce_cls = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([hyp["cls_pw"]]))
-    bce_obj = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([hyp["obj_pw"]]))
+    device = p[0].device  # the original's tensors live on the predictions' device
+    bce_cls = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([hyp["cls_pw"]], device=device))
+    bce_obj = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([hyp["obj_pw"]], device=device))
     eps = hyp.get("label_smoothing", 0.0)
     cp, cn = 1.0 - 0.5 * eps, 0.5 * eps
-    lcls, lbox, lobj = torch.zeros(1), torch.zeros(1), torch.zeros(1)
+    lcls, lbox, lobj = (torch.zeros(1, device=device) for _ in range(3))
     tcls, tbox, indices, anch = build_targets(p, targets, anchors, hyp["anchor_t"])
     for i, pi in enumerate(p):
         b, a, gj, gi = indices[i]
-        tobj = torch.zeros(pi.shape[:4], dtype=pi.dtype)
+        tobj = torch.zeros(pi.shape[:4], dtype=pi.dtype, device=device)
         n = b.shape[0]
         if n:
             pxy, pwh, _, pcls = pi[b, a, gj, gi].split((2, 2, 1, nc), 1)

@@ -1,10 +1,12 @@
-"""The one autograd rule of the fused losses, shared by every backend.
+"""The autograd rule of the anchor families' fused op: gradient in forward, scaled in backward.
 
-A fused implementation computes the gradient of the loss with respect to ``p`` in its forward
-pass (``compute_grad``), so backward only scales it by ``grad_output`` (``scale_gradients``).
-``FusedLoss`` applies the rule in eager mode; the registered autograd of
-``torch.ops.yolo_kernels.fused_loss`` (``library.py``) applies the same rule where the op is
-traced. Neither backend imports the other: ``cpp.py`` and ``triton/`` both import this module.
+The op (``torch.ops.yolo_kernels.fused_loss``) computes the gradient of the loss with respect to
+``p`` in its forward pass (``compute_grad``), so backward only scales it by ``grad_output``
+(``scale_gradients``): its registered autograd (``library.py``) applies the rule where the op is
+traced, and ``FusedLoss`` applies it in the cpp backend's eager calls (on the CPU the usual
+``grad_output`` of 1 is read for free, so the gradient is handed over as it is). The Triton
+backend's eager calls write the gradient in backward instead (``triton._AnchorLoss``): reading
+``grad_output`` on a GPU would synchronise, and there the kernels read it themselves.
 """
 
 from __future__ import annotations

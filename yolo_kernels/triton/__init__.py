@@ -12,13 +12,10 @@ check it on machines without a GPU.
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 
 import torch
-
-from ..autograd import FusedLoss
 
 #: The Triton releases the kernels are compiled and tested with (the compile gate), inclusive.
 SUPPORTED_TRITON = ((3, 6), (3, 9))
@@ -104,12 +101,39 @@ class TritonBackend:
 
     def loss(self, p, targets, anchors, options, balance=None, stats=False, validate=False):
         """``validate``: assert the values on the device (``checks_values``)."""
-        compute_grad = torch.is_grad_enabled() and any(x.requires_grad for x in p)
-        impl = functools.partial(launcher, check_values=validate)
-        if compute_grad:  # backward never reads grad_output on the device: no sync (autograd.scale_gradients)
-            return FusedLoss.apply(impl, options, balance, stats, targets, anchors, *p)
-        loss, items, layer_obj, grad_stats, _ = impl(p, targets, anchors, options, False, balance, stats)
+        if torch.is_grad_enabled() and any(x.requires_grad for x in p):
+            return _AnchorLoss.apply(options, balance, stats, validate, targets, anchors, *p)
+        loss, items, layer_obj, grad_stats, _ = _loss.loss_forward(
+            p, targets, anchors, options, balance, stats, check_values=validate
+        )
         return loss, items, layer_obj, grad_stats
+
+
+class _AnchorLoss(torch.autograd.Function):
+    """Eager autograd of the anchor families' Triton loss: forward computes the loss, its items and
+    statistics and writes no gradient; backward writes each layer's gradient once, already scaled
+    by the loss's gradient as the kernels read it on the device (no sync, no second pass over the
+    gradient: the trainer's ``loss.backward()``, a GradScaler's scale and ``loss * 0.5`` cost the
+    same)."""
+
+    @staticmethod
+    def forward(ctx, options, balance, compute_stats, check_values, targets, anchors, *p):
+        loss, items, layer_obj, stats, saved = _loss.loss_forward(
+            p, targets, anchors, options, balance, compute_stats, check_values
+        )
+        ctx.saved = saved
+        ctx.save_for_backward(*p)
+        ctx.set_materialize_grads(False)  # no zeros made for the outputs that get no gradient
+        ctx.mark_non_differentiable(items, layer_obj, stats)
+        return loss, items, layer_obj, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_items, grad_layer_obj, grad_stats):
+        p = ctx.saved_tensors
+        if grad_loss is None:
+            return (None,) * (6 + len(p))
+        grads = _loss.loss_backward(ctx.saved, p, grad_loss)
+        return (None,) * 6 + tuple(g if wanted else None for g, wanted in zip(grads, ctx.needs_input_grad[6:]))
 
 
 class _AnchorFreeLoss(torch.autograd.Function):

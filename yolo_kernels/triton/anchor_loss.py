@@ -371,6 +371,7 @@ def _objectness_kernel(
     layer_ptr,
     obj_stats_ptr,
     balance_ptr,
+    grad_output_ptr,
     obj_programs,
     batch_size,
     obj_pos_weight: tl.float64,
@@ -381,6 +382,7 @@ def _objectness_kernel(
     SUM_REDUCTION: tl.constexpr,
     HAS_BALANCE: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
+    GRAD_OUTPUT: tl.constexpr,
     STATS: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     BLOCK_CELLS: tl.constexpr,
@@ -403,6 +405,8 @@ def _objectness_kernel(
             the objectness gradient of its cells (``[layers, obj_programs, 2]``, compute dtype).
         balance_ptr: with ``HAS_BALANCE``, the per-layer objectness weights (device, compute
             dtype): the gradient is also scaled by the layer's.
+        grad_output_ptr: with ``GRAD_OUTPUT`` (backward), the loss's gradient (one value, read on the
+            device: no host sync): the written gradient is d loss / d p times it.
         batch_size: ``bs``.
         obj_pos_weight, focal_gamma: the objectness BCE's ``pos_weight`` and focal gamma.
         obj_gain: ``obj``; a layer's BCE sum enters the loss times ``obj / cells`` (mean) or
@@ -465,6 +469,8 @@ def _objectness_kernel(
         g_obj = grad * obj_grad_scale
         if HAS_BALANCE:
             g_obj = g_obj * tl.load(balance_ptr + layer).to(COMPUTE_DTYPE)
+        if GRAD_OUTPUT:  # backward (never with STATS): the statistics are of d loss / d p
+            g_obj = g_obj * tl.load(grad_output_ptr).to(COMPUTE_DTYPE)
     if STATS:
         g_in = tl.where(m, g_obj, 0.0)
         stats = obj_stats_ptr + 2 * slot
@@ -608,6 +614,7 @@ def _pair_grad_kernel(
     iou_grad_ptr,
     cls_ptr,
     scale_ptr,
+    grad_output_ptr,
     pair_stats_ptr,
     num_candidates,
     total_cells,
@@ -619,6 +626,7 @@ def _pair_grad_kernel(
     FOCAL: tl.constexpr,
     HAS_CLS: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
+    GRAD_OUTPUT: tl.constexpr,
     STATS: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     BLOCK_CLASSES: tl.constexpr,
@@ -637,6 +645,7 @@ def _pair_grad_kernel(
         iou_grad_ptr, cls_ptr: written by ``_match_kernel`` (candidate order).
         scale_ptr: ``[layers, 2]`` device scalars (compute dtype, from ``_finalize_kernel``): the box
             and class gains over the pair count.
+        grad_output_ptr: with ``GRAD_OUTPUT``, as in ``_objectness_kernel``.
         num_candidates, total_cells: the candidates and the cells of all layers.
         Other scalars as in ``_match_kernel``.
     """
@@ -663,6 +672,10 @@ def _pair_grad_kernel(
         first = tl.load(group_start_ptr + i)
         box_scale = tl.load(scale_ptr + 2 * layer)
         cls_scale = tl.load(scale_ptr + 2 * layer + 1)
+        if GRAD_OUTPUT:  # backward (never with STATS), as in _objectness_kernel
+            grad_output = tl.load(grad_output_ptr).to(COMPUTE_DTYPE)
+            box_scale = box_scale * grad_output
+            cls_scale = cls_scale * grad_output
         image, anchor, y, x = _cell_coords(cell, num_anchors, grid_h, grid_w)
         p_row, g_row = _cell_rows(
             image,
@@ -874,21 +887,32 @@ class _Workspace:
     obj_stats: torch.Tensor  # [nl or 0, obj_programs, 2]
 
 
-def _workspace(plan: _Plan, p, compute_grad: bool, compute_stats: bool) -> _Workspace:
-    """One memset: the gradients (when p is in the compute dtype; else a second one), the
-    objectness targets of every cell, then the value-check flags; the kernels then write only the
-    objectness channel and the matched rows of the gradient. Each piece starts on a 128-byte
-    boundary: the same pointer alignment (one compiled specialisation) whatever the shapes."""
-    device, dtype, total_cells, total_cand = plan.device, plan.dtype, plan.total_cells, plan.total_cand
+def _grad_starts(p) -> list[int]:
+    """Where each layer's gradient starts in a buffer of them all (128-byte aligned), and the end."""
     starts = [0]
-    for x in p if compute_grad else ():
+    for x in p:
         starts.append(starts[-1] + _cdiv(x.numel(), ALIGN) * ALIGN)
+    return starts
+
+
+def _gradient_views(plan: _Plan, p, buffer: torch.Tensor, starts: list[int]) -> list:
+    """Each layer's gradient as a view of ``buffer`` with the strides ``layer_table`` chose."""
+    return [buffer.as_strided(x.shape, st, start) for x, st, start in zip(p, plan.grad_strides, starts)]
+
+
+def _workspace(plan: _Plan, p, compute_grad: bool, compute_stats: bool) -> _Workspace:
+    """One memset: the gradients (with ``compute_grad``, when p is in the compute dtype; else a
+    second one), the objectness targets of every cell, then the value-check flags; the kernels then
+    write only the objectness channel and the matched rows of the gradient. Each piece starts on a
+    128-byte boundary: the same pointer alignment (one compiled specialisation) whatever the shapes."""
+    device, dtype, total_cells, total_cand = plan.device, plan.dtype, plan.total_cells, plan.total_cand
+    starts = _grad_starts(p) if compute_grad else [0]
     grad_numel = starts[-1]
     shared = p[0].dtype == dtype
     work = torch.zeros((grad_numel if shared else 0) + total_cells + NUM_FLAGS, dtype=dtype, device=device)
     if compute_grad:
         buffer = work if shared else torch.zeros(grad_numel, dtype=p[0].dtype, device=device)
-        grads = [buffer.as_strided(x.shape, st, start) for x, st, start in zip(p, plan.grad_strides, starts)]
+        grads = _gradient_views(plan, p, buffer, starts)
     else:
         grads = list(p)
     first = grad_numel if shared else 0
@@ -971,7 +995,11 @@ def _group_by_cell(plan: _Plan, ws: _Workspace):
     return groups
 
 
-def _launch_objectness(plan: _Plan, ws: _Workspace, p, balance, compute_grad: bool, compute_stats: bool) -> None:
+def _launch_objectness(
+    plan: _Plan, ws: _Workspace, p, balance, compute_grad: bool, compute_stats: bool, grad_output=None
+) -> None:
+    """``grad_output`` (backward): the loss's gradient on the device, which the written gradient is
+    scaled by."""
     o = plan.options
     for base, end in plan.groups:
         _launch(
@@ -983,6 +1011,7 @@ def _launch_objectness(plan: _Plan, ws: _Workspace, p, balance, compute_grad: bo
             layer_ptr=ws.layer_info,
             obj_stats_ptr=ws.obj_stats if compute_stats else ws.obj_partial,  # unread without STATS
             balance_ptr=balance if balance is not None else ws.obj_partial,  # unread without HAS_BALANCE
+            grad_output_ptr=grad_output if grad_output is not None else ws.obj_partial,  # unread without GRAD_OUTPUT
             obj_programs=plan.obj_programs,
             batch_size=plan.bs,
             obj_pos_weight=float(o.obj_pw),
@@ -993,6 +1022,7 @@ def _launch_objectness(plan: _Plan, ws: _Workspace, p, balance, compute_grad: bo
             SUM_REDUCTION=o.reduction == "sum",
             HAS_BALANCE=balance is not None,
             WRITE_GRAD=compute_grad,
+            GRAD_OUTPUT=grad_output is not None,
             STATS=compute_stats,
             COMPUTE_DTYPE=plan.tl_dtype,
             BLOCK_CELLS=BLOCK_CELLS,
@@ -1044,7 +1074,9 @@ def _finalize(plan: _Plan, ws: _Workspace, balance, check_values: bool):
     return loss, items, layer_obj, scales, counts
 
 
-def _launch_pair_grad(plan: _Plan, ws: _Workspace, p, groups, scales, pair_stats, compute_grad, compute_stats):
+def _launch_pair_grad(
+    plan: _Plan, ws: _Workspace, p, groups, scales, pair_stats, compute_grad, compute_stats, grad_output=None
+):
     o = plan.options
     sorted_key, order, group_start = groups
     for base, end in plan.groups:
@@ -1060,6 +1092,7 @@ def _launch_pair_grad(plan: _Plan, ws: _Workspace, p, groups, scales, pair_stats
             iou_grad_ptr=ws.iou_grad,
             cls_ptr=ws.cls,
             scale_ptr=scales,
+            grad_output_ptr=grad_output if grad_output is not None else scales,  # unread without GRAD_OUTPUT
             pair_stats_ptr=pair_stats if compute_stats else scales,  # unread without STATS
             num_candidates=plan.total_cand,
             total_cells=plan.total_cells,
@@ -1070,6 +1103,7 @@ def _launch_pair_grad(plan: _Plan, ws: _Workspace, p, groups, scales, pair_stats
             FOCAL=o.fl_gamma > 0,
             HAS_CLS=plan.nc > 1,
             WRITE_GRAD=compute_grad,
+            GRAD_OUTPUT=grad_output is not None,
             STATS=compute_stats,
             COMPUTE_DTYPE=plan.tl_dtype,
             BLOCK_CLASSES=BLOCK_CLASSES,
@@ -1087,6 +1121,45 @@ def _statistics(plan: _Plan, ws: _Workspace, groups, counts, pair_stats) -> torc
     unmatched = (ws.matched_targets == 0).sum().to(plan.dtype).reshape(1)
     last = torch.cat((unmatched, counts.new_zeros(7)))
     return torch.cat((torch.stack(rows), last[None]))
+
+
+@dataclasses.dataclass
+class Saved:
+    """What ``loss_backward`` needs of a forward call: its plan and the match's device buffers
+    (the grouping by cell, the pairs' IoU gradients and classes, the objectness targets) and the
+    per-layer gradient scales. A few bytes per cell and candidate; no gradient-sized tensor."""
+
+    plan: _Plan
+    ws: _Workspace
+    groups: tuple | None
+    scales: torch.Tensor
+    balance: torch.Tensor | None
+
+
+def _forward(p, targets, anchors, options, compute_grad, balance, compute_stats, check_values):
+    """``fused_loss``'s outputs and the ``Saved`` state of the call."""
+    device = p[0].device
+    plan = _plan(p, targets.shape[0], options)
+    t = targets.to(device=device, dtype=plan.dtype).contiguous()
+    if balance is not None:
+        balance = balance.to(device=device, dtype=plan.dtype).contiguous()
+    anchors = [a.to(device=device, dtype=plan.dtype).contiguous() for a in anchors]
+    ws = _workspace(plan, p, compute_grad, compute_stats)
+
+    _launch_match(plan, ws, p, t, anchors, compute_stats)
+    groups = _group_by_cell(plan, ws) if plan.total_cand else None
+    _launch_objectness(plan, ws, p, balance, compute_grad, compute_stats)
+    loss, items, layer_obj, scales, counts = _finalize(plan, ws, balance, check_values)
+    pair_stats = torch.zeros(plan.total_cand, 4, dtype=plan.dtype, device=device) if compute_stats else None
+    if (compute_grad or compute_stats) and plan.total_cand:
+        _launch_pair_grad(plan, ws, p, groups, scales, pair_stats, compute_grad, compute_stats)
+
+    grads = ws.grads if compute_grad else [x.new_empty(0) for x in p]
+    if compute_stats:
+        stats = _statistics(plan, ws, groups, counts, pair_stats)
+    else:
+        stats = torch.empty(0, 8, dtype=plan.dtype, device=device)
+    return (loss, items, layer_obj, stats, grads), Saved(plan, ws, groups, scales, balance)
 
 
 def fused_loss(
@@ -1112,29 +1185,36 @@ def fused_loss(
     kernels themselves at common sizes): one memset, sort, search and launch of each kernel for up
     to ``MAX_LAYERS`` layers. The steps: the plan (sizes), the workspace (one zeroed buffer), the
     match, the grouping by cell, the objectness pass, the finalisation (sums and scales), the
-    matched rows' gradients, the statistics."""
-    device = p[0].device
-    plan = _plan(p, targets.shape[0], options)
-    t = targets.to(device=device, dtype=plan.dtype).contiguous()
-    if balance is not None:
-        balance = balance.to(device=device, dtype=plan.dtype).contiguous()
-    anchors = [a.to(device=device, dtype=plan.dtype).contiguous() for a in anchors]
-    ws = _workspace(plan, p, compute_grad, compute_stats)
+    matched rows' gradients, the statistics.
 
-    _launch_match(plan, ws, p, t, anchors, compute_stats)
-    groups = _group_by_cell(plan, ws) if plan.total_cand else None
-    _launch_objectness(plan, ws, p, balance, compute_grad, compute_stats)
-    loss, items, layer_obj, scales, counts = _finalize(plan, ws, balance, check_values)
-    pair_stats = torch.zeros(plan.total_cand, 4, dtype=plan.dtype, device=device) if compute_stats else None
-    if (compute_grad or compute_stats) and plan.total_cand:
-        _launch_pair_grad(plan, ws, p, groups, scales, pair_stats, compute_grad, compute_stats)
+    With ``compute_grad`` the gradient is written in the forward passes: the op's contract
+    (``torch.ops.yolo_kernels.fused_loss``, whose registered autograd scales it in backward). The
+    eager autograd writes it in backward instead, once, already scaled (``loss_forward`` /
+    ``loss_backward``)."""
+    return _forward(p, targets, anchors, options, compute_grad, balance, compute_stats, check_values)[0]
 
-    grads = ws.grads if compute_grad else [x.new_empty(0) for x in p]
-    if compute_stats:
-        stats = _statistics(plan, ws, groups, counts, pair_stats)
-    else:
-        stats = torch.empty(0, 8, dtype=plan.dtype, device=device)
-    return loss, items, layer_obj, stats, grads
+
+def loss_forward(p, targets, anchors, options: LossOptions, balance=None, compute_stats=False, check_values=False):
+    """The forward of the eager autograd (``triton.AnchorLoss``): ``(loss, items, layer_obj, stats,
+    saved)`` as ``fused_loss`` computes them, with no gradient written, and the state
+    ``loss_backward`` reads. Training and forward-only calls (validation) cost the same here."""
+    outputs, saved = _forward(p, targets, anchors, options, False, balance, compute_stats, check_values)
+    return (*outputs[:4], saved)
+
+
+def loss_backward(saved: Saved, p, grad_output: torch.Tensor) -> list:
+    """``[d loss / d p[i] * grad_output]``: the gradient of each layer written once, already scaled
+    by the loss's gradient (``grad_output``: its one value on p's device, read by the kernels, so
+    any value costs the same and the host never waits): one memset of the gradients, then the
+    objectness channel of every row and the matched rows, as ``fused_loss`` writes them."""
+    plan = saved.plan
+    starts = _grad_starts(p)
+    buffer = torch.zeros(starts[-1], dtype=p[0].dtype, device=plan.device)
+    ws = dataclasses.replace(saved.ws, grads=_gradient_views(plan, p, buffer, starts))
+    _launch_objectness(plan, ws, p, saved.balance, True, False, grad_output)
+    if plan.total_cand:
+        _launch_pair_grad(plan, ws, p, saved.groups, saved.scales, None, True, False, grad_output)
+    return ws.grads
 
 
 def _layer_stats(obj_stats, pair_stats, n_pairs, groups, cell_offset, n_cells, total_cells) -> torch.Tensor:

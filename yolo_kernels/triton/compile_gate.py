@@ -14,7 +14,8 @@ a cubin with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32)
 fails when its Triton IR holds float64 values (a silent promotion that costs speed on a GPU).
 
 The grid: both loss families x every box loss x focal on/off x ``nc == 1`` / ``nc > 1`` x
-fp16/bf16/fp32/fp64 ``p`` x with/without gradient x (yolov3) mean/sum or (yolov5) plain /
+fp16/bf16/fp32/fp64 ``p`` x with/without gradient (with: the op's one pass and the eager
+autograd's forward + backward) x (yolov3) mean/sum or (yolov5) plain /
 ``sort_obj_iou`` with a ``balance`` tensor, on a contiguous ``p``; plus, for every family and dtype,
 a non-contiguous ``p`` (no unit channel stride) and a layer whose sizes are all 1 (Triton
 specialises integer arguments equal to 1); plus the gradient statistics (``compute_stats``) for
@@ -93,6 +94,17 @@ def _run_anchor_free(boxes, scores, grids, targets, options, class_weights):
     anchor_free_loss.detection_loss(boxes, scores, grids, assigned, options, class_weights)
     grad_out = torch.ones(3, dtype=torch.promote_types(scores.dtype, torch.float32))
     anchor_free_loss.loss_backward(grad_out, boxes, scores, grids, assigned, options, class_weights, True, True)
+
+
+def _run_anchor(module, kwargs):
+    """The anchor launchers of one case: the op's (``fused_loss``: with ``compute_grad`` the gradient
+    in the forward passes) and, with a gradient, the eager autograd's (``loss_forward``, then
+    ``loss_backward``: the gradient written in backward, scaled by the loss's gradient)."""
+    module.fused_loss(**kwargs)
+    if kwargs["compute_grad"]:
+        forward_kwargs = {k: v for k, v in kwargs.items() if k != "compute_grad"}
+        *_, saved = module.loss_forward(**forward_kwargs)
+        module.loss_backward(saved, kwargs["p"], torch.ones(1, dtype=saved.plan.dtype))
 
 
 def anchor_free_specialisations():
@@ -210,7 +222,7 @@ def collect_jobs(arch: int) -> list[Job]:
 
     backend = make_backend(GPUTarget("cuda", arch, 32))
     jobs: dict[str, Job] = {}
-    runs = [(label, functools.partial(triton_loss.fused_loss, **kwargs)) for label, kwargs in specialisations()]
+    runs = [(label, functools.partial(_run_anchor, triton_loss, kwargs)) for label, kwargs in specialisations()]
     for label, run_case in runs + list(anchor_free_specialisations()):
         with record_launches() as launches:
             run_case()
