@@ -58,7 +58,7 @@ import triton.language as tl
 from ..anchor.options import LossOptions
 from ..config import compute_dtype
 from ..validate import MAX_BOX_SIZE as _MAX_BOX_SIZE
-from .launch import ALIGN
+from .launch import ALIGN, carve
 from .launch import cdiv as _cdiv
 from .launch import contiguous_strides as _contiguous_strides
 from .launch import dense as _dense
@@ -883,6 +883,9 @@ class _Workspace:
     match_partial: torch.Tensor  # [nl, match_programs, 3]
     obj_partial: torch.Tensor  # [nl, obj_programs]
     layer_info: torch.Tensor  # [nl, 2]
+    scales: torch.Tensor  # [nl, 2] box and class gradient scales (_finalize_kernel)
+    counts: torch.Tensor  # [nl] matched pairs
+    ok: torch.Tensor  # [1] the value checks' verdict
     matched_targets: torch.Tensor | None  # [nt] (statistics only)
     obj_stats: torch.Tensor  # [nl or 0, obj_programs, 2]
 
@@ -916,21 +919,38 @@ def _workspace(plan: _Plan, p, compute_grad: bool, compute_stats: bool) -> _Work
     else:
         grads = list(p)
     first = grad_numel if shared else 0
-    key_dtype = torch.int32 if total_cells < 2**31 - 1 else torch.int64
+    nl = plan.nl
+    # the buffers the kernels fill: one allocation of the compute dtype, one of integers
+    real = carve(
+        dict(
+            iou=(total_cand,),
+            iou_grad=(total_cand, 4),
+            match_partial=(nl, plan.match_programs, 3),
+            obj_partial=(nl, plan.obj_programs),
+            layer_info=(nl, 2),
+            scales=(nl, 2),
+            counts=(nl,),
+            ok=(1,),
+            obj_stats=(nl if compute_stats else 0, plan.obj_programs, 2),
+        ),
+        dtype,
+        device,
+    )
+    if total_cells < 2**31 - 1:  # int32 keys: one integer allocation for the keys and the classes
+        integers = carve(dict(key=(total_cand,), cls=(total_cand,)), torch.int32, device)
+    else:
+        integers = dict(
+            key=torch.empty(total_cand, dtype=torch.int64, device=device),
+            cls=torch.empty(total_cand, dtype=torch.int32, device=device),
+        )
     return _Workspace(
         work=work,
         grads=grads,
         tobj=work[first : first + total_cells],
         flags=work[first + total_cells :],
-        key=torch.empty(total_cand, dtype=key_dtype, device=device),
-        iou=torch.empty(total_cand, dtype=dtype, device=device),
-        iou_grad=torch.empty(total_cand, 4, dtype=dtype, device=device),
-        cls=torch.empty(total_cand, dtype=torch.int32, device=device),
-        match_partial=torch.empty(plan.nl, plan.match_programs, 3, dtype=dtype, device=device),
-        obj_partial=torch.empty(plan.nl, plan.obj_programs, dtype=dtype, device=device),
-        layer_info=torch.empty(plan.nl, 2, dtype=dtype, device=device),
         matched_targets=torch.zeros(plan.nt, dtype=torch.int8, device=device) if compute_stats else None,
-        obj_stats=torch.empty(plan.nl if compute_stats else 0, plan.obj_programs, 2, dtype=dtype, device=device),
+        **integers,
+        **real,
     )
 
 
@@ -1034,12 +1054,12 @@ def _finalize(plan: _Plan, ws: _Workspace, balance, check_values: bool):
     gradient scales and pair counts; with ``check_values`` one device-side assertion."""
     o = plan.options
     dtype, device, nl = plan.dtype, plan.device, plan.nl
+    # the outputs: separate tensors (a trainer may scale the loss in place, as the YOLOv3 archive's
+    # train.py does, which a view of a shared buffer would not allow under autograd)
     loss = torch.empty(1, dtype=dtype, device=device)
     items = torch.empty(4, dtype=dtype, device=device)
     layer_obj = torch.empty(nl, dtype=dtype, device=device)
-    scales = torch.empty(nl, 2, dtype=dtype, device=device)
-    counts = torch.empty(nl, dtype=dtype, device=device)
-    ok = torch.empty(1, dtype=dtype, device=device)
+    scales, counts, ok = ws.scales, ws.counts, ws.ok
     gain = 3.0 if o.reduction == "sum" else 1.0
     _launch(
         _finalize_kernel,
@@ -1137,7 +1157,8 @@ class Saved:
 
 
 def _forward(p, targets, anchors, options, compute_grad, balance, compute_stats, check_values):
-    """``fused_loss``'s outputs and the ``Saved`` state of the call."""
+    """``fused_loss``'s outputs (the gradients ``None`` without ``compute_grad``) and the ``Saved``
+    state of the call."""
     device = p[0].device
     plan = _plan(p, targets.shape[0], options)
     t = targets.to(device=device, dtype=plan.dtype).contiguous()
@@ -1154,7 +1175,7 @@ def _forward(p, targets, anchors, options, compute_grad, balance, compute_stats,
     if (compute_grad or compute_stats) and plan.total_cand:
         _launch_pair_grad(plan, ws, p, groups, scales, pair_stats, compute_grad, compute_stats)
 
-    grads = ws.grads if compute_grad else [x.new_empty(0) for x in p]
+    grads = ws.grads if compute_grad else None
     if compute_stats:
         stats = _statistics(plan, ws, groups, counts, pair_stats)
     else:
@@ -1191,7 +1212,10 @@ def fused_loss(
     (``torch.ops.yolo_kernels.fused_loss``, whose registered autograd scales it in backward). The
     eager autograd writes it in backward instead, once, already scaled (``loss_forward`` /
     ``loss_backward``)."""
-    return _forward(p, targets, anchors, options, compute_grad, balance, compute_stats, check_values)[0]
+    loss, items, layer_obj, stats, grads = _forward(
+        p, targets, anchors, options, compute_grad, balance, compute_stats, check_values
+    )[0]
+    return loss, items, layer_obj, stats, grads if grads is not None else [x.new_empty(0) for x in p]
 
 
 def loss_forward(p, targets, anchors, options: LossOptions, balance=None, compute_stats=False, check_values=False):
