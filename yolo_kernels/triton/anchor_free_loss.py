@@ -54,6 +54,7 @@ import triton.language as tl
 
 from ..anchor_free.options import DetectionOptions
 from ..config import compute_dtype
+from .launch import carve
 from .launch import cdiv as _cdiv
 from .launch import launch as _launch
 from .math import (
@@ -1090,33 +1091,37 @@ def assign(boxes, scores, grids, batch_idx, cls, bboxes, options: DetectionOptio
 
     total = bs * a
     k_pad = max(_next_power_of_2(max(options.topk, options.topk2 or 1)), 16)
-    int_ws = torch.empty(2 * total, dtype=torch.int32, device=device)
-    claims, owner = int_ws[:total].view(bs, a), int_ws[total:].view(bs, a)
+    blocks = _cdiv(total, BLOCK_POINTS)
+    # the kernels' buffers from three allocations (each costs microseconds of host time): integers,
+    # float32 (overlaps, decoded boxes) and the compute dtype (metrics, targets; float32 too,
+    # except for float64 predictions); they live as long as the assignment (~40 B per point)
+    ints = carve(dict(claims=(bs, a), owner=(bs, a), top_index=(n, k_pad)), torch.int32, device)
+    one = max(n, 1)
+    floats = dict(point_overlap=(bs, a), box_overlap=(one,), pred=(bs if n else 0, a, 4), top_overlap=(n, k_pad))
+    reals = dict(point_metric=(bs, a), target=(bs, a), partial=(blocks,), box_metric=(one,), top_metric=(n, k_pad))
+    if dtype == torch.float32:
+        buffers = carve(dict(floats, **reals), torch.float32, device)
+    else:
+        buffers = dict(carve(floats, torch.float32, device), **carve(reals, dtype, device))
+    claims, owner, top_index = ints["claims"], ints["owner"], ints["top_index"]
     claims.zero_()
     owner.fill_(-1)
     best = torch.full((bs, a), -1, dtype=torch.int64, device=device) if n else None
-    point_metric = torch.empty(bs, a, dtype=dtype, device=device)
-    point_overlap = torch.empty(bs, a, dtype=torch.float32, device=device)
-    target = torch.empty(bs, a, dtype=dtype, device=device)
-    blocks = _cdiv(total, BLOCK_POINTS)
-    partial = torch.empty(blocks, dtype=dtype, device=device)
+    point_metric, point_overlap, target = buffers["point_metric"], buffers["point_overlap"], buffers["target"]
+    partial, box_metric, box_overlap = buffers["partial"], buffers["box_metric"], buffers["box_overlap"]
     common = dict(num_points=a, COMPUTE_DTYPE=_tl_dtype(dtype))
     metric = dict(alpha=options.alpha, beta=options.beta, size_floor=options.size_floor, **_metric_constants(options))
     sc = dict(scores_ptr=scores, stride_scores_b=scores.stride(0), stride_scores_c=scores.stride(1),
               stride_scores_a=scores.stride(2))  # fmt: skip
-    box_metric = torch.empty(max(n, 1), dtype=dtype, device=device)
-    box_overlap = torch.empty(max(n, 1), dtype=torch.float32, device=device)
     if n:
-        pred = torch.empty(bs, a, 4, dtype=torch.float32, device=device)
+        pred = buffers["pred"]
         reg_max = options.reg_max
         _launch(
             _decode_kernel, (blocks,), boxes_ptr=boxes, stride_boxes_b=boxes.stride(0),
             stride_boxes_c=boxes.stride(1), stride_boxes_a=boxes.stride(2), points_ptr=points, pred_ptr=pred,
             total=total, REG_MAX=reg_max, REG_PAD=_next_power_of_2(reg_max), BLOCK=BLOCK_POINTS, **common,
         )  # fmt: skip
-        top_index = torch.empty(n, k_pad, dtype=torch.int32, device=device)
-        top_metric = torch.empty(n, k_pad, dtype=dtype, device=device)
-        top_overlap = torch.empty(n, k_pad, dtype=torch.float32, device=device)
+        top_metric, top_overlap = buffers["top_metric"], buffers["top_overlap"]
         per_target = dict(gt_ptr=gt, label_ptr=labels, image_ptr=images, valid_ptr=valid)
         tops = dict(top_index_ptr=top_index, top_metric_ptr=top_metric, top_overlap_ptr=top_overlap)
         geometry = dict(levels_ptr=levels, level_strides_ptr=level_strides, num_levels=len(grids))
@@ -1188,11 +1193,16 @@ def detection_loss(boxes, scores, grids, assigned: Assignment, options: Detectio
     dtype = compute_dtype(scores.dtype)
     device = scores.device
     none = torch.empty(0, 0, 0, dtype=scores.dtype, device=device)
-    grad_out = torch.empty(3, dtype=dtype, device=device)  # unread in forward
-    cls_partial = torch.empty(
-        bs * _cdiv(nc, BLOCK_CLS_CLASSES) * _cdiv(a, BLOCK_CLS_POINTS), dtype=dtype, device=device
+    work = carve(
+        dict(
+            grad_out=(3,),  # unread in forward
+            cls_partial=(bs * _cdiv(nc, BLOCK_CLS_CLASSES) * _cdiv(a, BLOCK_CLS_POINTS),),
+            box_partial=(bs * _cdiv(a, BLOCK_POINTS), 2),
+        ),
+        dtype,
+        device,
     )
-    box_partial = torch.empty(bs * _cdiv(a, BLOCK_POINTS), 2, dtype=dtype, device=device)
+    grad_out, cls_partial, box_partial = work["grad_out"], work["cls_partial"], work["box_partial"]
     weights = None if class_weights is None else class_weights.to(device=device, dtype=dtype).contiguous()
     _class_loss(scores, none, assigned, weights, grad_out, cls_partial, options.cls)
     _box_loss(boxes, none, grids, assigned, options, grad_out, box_partial)
