@@ -236,6 +236,50 @@ def test_assignment_work_is_linear_in_the_boxes(monkeypatch, gen):
     assert small > 0 and large <= 4 * small * 1.5, (small, large)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_call_is_a_fixed_handful_of_launches_operations_and_allocations(dtype, gen):
+    """On a GPU each launch or small tensor operation costs microseconds of host time and a few
+    of device time (at batch 16 their sum is a sizeable share of the loss's DRAM floor): the
+    assignment is one sort, one search and seven launches, the forward loss three launches, the
+    backward two, whatever the targets; buffers come from one allocation per dtype. Counted with
+    the kernels recorded, not run."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from yolo_kernels.triton.launch import record_launches
+
+    free = {"view", "slice", "select", "reshape", "_reshape_alias", "detach", "as_strided", "alias", "unsqueeze"}
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ not in free:
+                self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    options = DetectionOptions(nc=3, reg_max=4, strides=(8.0, 16.0, 32.0))
+    grids = grids_for(64, 64)
+    preds = make_preds(2, grids, 3, 4, gen)
+    boxes, scores = preds["boxes"].to(dtype), preds["scores"].to(dtype)
+    batch = make_batch([3, 5], 3, gen)
+    targets = (batch["batch_idx"], batch["cls"].view(-1), batch["bboxes"])
+    with record_launches():
+        anchor_free_loss.assign(boxes, scores, grids, *targets, options)  # the cached geometry and constants
+    with record_launches() as launches, Count() as count:
+        assigned = anchor_free_loss.assign(boxes, scores, grids, *targets, options)
+    allocations = 3 if dtype == torch.float32 else 4  # int32, int64 (best keys), float32, float64
+    assert len(launches) == 7 and sorted(count.ops) == ["empty"] * allocations + ["searchsorted", "sort"]
+    with record_launches() as launches, Count() as count:
+        anchor_free_loss.detection_loss(boxes, scores, grids, assigned, options)
+    assert len(launches) == 3 and count.ops == ["empty"] * 3
+    grad_out = torch.ones(3, dtype=dtype)
+    with record_launches() as launches, Count() as count:
+        anchor_free_loss.loss_backward(grad_out, boxes, scores, grids, assigned, options, None, True, True)
+    assert len(launches) == 2 and sorted(count.ops) == ["empty", "empty_like", "empty_like"]
+
+
 def test_auto_picks_triton_on_cuda_tensors():
     from yolo_kernels.anchor_free.backends import AUTO_ORDER, REGISTRY
 

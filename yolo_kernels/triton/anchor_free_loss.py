@@ -7,8 +7,10 @@ The targets are taken flat, as the batch holds them, stably sorted by image (one
 ``torch.searchsorted`` gives each image's first target. Target ``t`` below is a position in that
 order; the image's targets keep their input order, which is the original's padded order.
 
+0. ``_targets_kernel``: each target's pixel corners (the original's float32 arithmetic), class,
+   padding flag and image, in that order.
 1. ``_decode_kernel``: every point's predicted box in pixels (float32, as the original's assigner
-   sees it), ``[bs, A, 4]``.
+   sees it), ``[bs, A, 4]``; it also initialises the points' claims, owners and best keys.
 2. ``_topk_kernel``, one program per target: it visits only the cells of its candidate window on
    each level (the box, sides raised to the size floor) and scores each candidate,
    ``sigmoid(class logit) ** alpha * CIoU.clamp(0) ** beta``; its ``topk`` best are kept in
@@ -29,17 +31,24 @@ order; the image's targets keep their input order, which is the original's padde
 4. ``_finish_kernel``, one program per target: with ``topk2`` the box keeps its ``topk2`` best
    points (same order as step 2); then the box's largest metric and CIoU over its points.
 5. ``_target_kernel``: per point its target score ``metric · box CIoU max / (box metric max +
-   1e-9)`` and a partial sum per program (their total, at least 1, normalises the losses).
+   1e-9)`` and a partial sum per program; ``_score_sum_kernel`` (one program) adds them: their
+   total, at least 1, normalises the losses.
 6. ``_class_loss_kernel`` and ``_box_loss_kernel``: the class BCE over every point and class, and
    CIoU and DFL (or L1) over the assigned points; partial sums per program in forward. Backward
    runs the same two kernels with ``GRAD``: the gradient written once, already scaled by the
    output's gradient read on the device (no sync, no second pass), zeros where a point has none.
+   ``_loss_total_kernel`` (one program) turns forward's partial sums into the three components.
 
-Reductions are per-program partials summed by ``torch.sum`` over fixed-size buffers: bitwise
-reproducible. The kernels that decide the assignment (``_topk_kernel``, ``_resolve_kernel``) are
-compiled without fused multiply-adds and divide with IEEE rounding, so that their CIoU and metrics
-round as the original's separate torch operations do: a pick can then differ from the original's
-only where ``exp``, ``atan`` (a polynomial) or a power differ by an ulp. Launches go through
+A training call is then one sort, one search and ten launches in the assignment and forward, two
+launches in backward, and a handful of allocations (buffers carved from one allocation per
+dtype): on a GPU each launch or small tensor operation costs microseconds of host time and a few
+of device time, which at batch 16 add up to a sizeable share of the loss's DRAM floor (~40-50 µs).
+
+Reductions are per-program partials added by one program in a fixed order: bitwise reproducible.
+The kernels that decide the assignment (``_topk_kernel``, ``_resolve_kernel``) and the targets'
+corners are compiled without fused multiply-adds and divide with IEEE rounding, so that their CIoU
+and metrics round as the original's separate torch operations do: a pick can then differ from the
+original's only where ``exp``, ``atan`` (a polynomial) or a power differ by an ulp. Launches go through
 ``launch.launch`` with keyword arguments (the compile gate records them).
 """
 
@@ -80,6 +89,7 @@ BLOCK_POINTS = 128  # points per program of the per-point kernels
 BLOCK_CLS_POINTS = 128  # points per program of the class loss
 BLOCK_CLS_CLASSES = 16  # classes per program of the class loss
 TOPK_LIMIT = 64  # the largest topk / topk2 the kernels keep in registers
+BLOCK_TOTALS = 1024  # partial sums per step of the one-program totals (their loops are serial)
 # constants read inside the kernels (module globals must be constexpr there)
 ASSIGN_EPS = tl.constexpr(1e-9)
 CIOU_EPS = tl.constexpr(1e-7)
@@ -321,6 +331,60 @@ def _window_points(j, x0, y0, w, h, offset, nx, num_pseudo):
 
 
 @triton.jit
+def _targets_kernel(
+    order_ptr,
+    sorted_image_ptr,
+    bboxes_ptr,
+    stride_bboxes_n,
+    stride_bboxes_c,
+    cls_ptr,
+    stride_cls,
+    gt_ptr,
+    label_ptr,
+    valid_ptr,
+    image_ptr,
+    num_targets,
+    image_w: tl.float32,
+    image_h: tl.float32,
+    BLOCK: tl.constexpr,
+):
+    """The targets in image order, as the assigner reads them: one launch for what a dozen tensor
+    operations did. Compiled without fused multiply-adds: the corners round as the original's
+    separate operations (``xywh * size``, then ``centre -/+ size / 2``, in float32).
+
+    Args:
+        order_ptr: ``[n]`` int64, the input row of each target in image order (a stable sort).
+        sorted_image_ptr: ``[n]`` the sorted image indices (the batch's ``batch_idx`` dtype).
+        bboxes_ptr: the batch's ``[n, 4]`` normalised xywh (any float dtype and strides).
+        cls_ptr: the batch's ``[n]`` classes (any dtype; ``stride_cls`` apart).
+        gt_ptr: out, ``[n, 4]`` float32 pixel xyxy; label_ptr, valid_ptr, image_ptr: out, ``[n]``
+            int32: the class (truncated, as ``.to(int32)``), whether the box is not all zeros (the
+            original's padding test: corners summing above 0), the image.
+        num_targets: ``n``; image_w, image_h: the image's size in pixels.
+    """
+    t = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = t < num_targets
+    row = tl.load(order_ptr + t, mask=mask, other=0)
+    box = bboxes_ptr + row * stride_bboxes_n
+    x = tl.load(box, mask=mask, other=0.0).to(tl.float32) * image_w
+    y = tl.load(box + stride_bboxes_c, mask=mask, other=0.0).to(tl.float32) * image_h
+    half_w = tl.load(box + 2 * stride_bboxes_c, mask=mask, other=0.0).to(tl.float32) * image_w / 2.0
+    half_h = tl.load(box + 3 * stride_bboxes_c, mask=mask, other=0.0).to(tl.float32) * image_h / 2.0
+    x1 = x - half_w
+    y1 = y - half_h
+    x2 = x + half_w
+    y2 = y + half_h
+    out = gt_ptr + t * 4
+    tl.store(out, x1, mask=mask)
+    tl.store(out + 1, y1, mask=mask)
+    tl.store(out + 2, x2, mask=mask)
+    tl.store(out + 3, y2, mask=mask)
+    tl.store(label_ptr + t, tl.load(cls_ptr + row * stride_cls, mask=mask, other=0).to(tl.int32), mask=mask)
+    tl.store(valid_ptr + t, ((((x1 + y1) + x2) + y2) > 0.0).to(tl.int32), mask=mask)
+    tl.store(image_ptr + t, tl.load(sorted_image_ptr + t, mask=mask, other=0).to(tl.int32), mask=mask)
+
+
+@triton.jit
 def _decode_kernel(
     boxes_ptr,
     stride_boxes_b,
@@ -328,6 +392,9 @@ def _decode_kernel(
     stride_boxes_a,
     points_ptr,
     pred_ptr,
+    claims_ptr,
+    owner_ptr,
+    best_ptr,
     num_points,
     total,
     REG_MAX: tl.constexpr,
@@ -335,18 +402,24 @@ def _decode_kernel(
     COMPUTE_DTYPE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Predicted boxes in pixels for the assigner.
+    """Predicted boxes in pixels for the assigner, and the per-point state of the assignment
+    initialised (here rather than by three fill launches).
 
     Args:
         boxes_ptr: the head's ``[bs, 4 * REG_MAX, A]`` distance logits (any strides).
         points_ptr: ``[A, 3]`` cell centre x, y (grid units) and stride, compute dtype.
         pred_ptr: out, ``[bs, A, 4]`` float32 xyxy pixels: ``(centre -/+ distance) * stride``,
             computed in the compute dtype and rounded (the original's ``.to(float32)``).
+        claims_ptr, owner_ptr, best_ptr: out, ``[bs, A]``: claims 0 (int32), owners -1 (int32),
+            best keys -1 (int64).
         num_points: ``A``; total: ``bs * A``.
         REG_MAX: bins per side (1: the distances themselves); REG_PAD: a power of two >= REG_MAX.
     """
     q = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = q < total
+    tl.store(claims_ptr + q, tl.zeros([BLOCK], dtype=tl.int32), mask=mask)
+    tl.store(owner_ptr + q, tl.full([BLOCK], -1, dtype=tl.int32), mask=mask)
+    tl.store(best_ptr + q, tl.full([BLOCK], -1, dtype=tl.int64), mask=mask)
     b = q // num_points
     p = q % num_points
     cx = tl.load(points_ptr + p * 3, mask=mask, other=0.0)
@@ -725,6 +798,55 @@ def _target_kernel(
     tl.store(partial_ptr + tl.program_id(0), tl.sum(target, axis=0))
 
 
+@triton.jit
+def _score_sum_kernel(partial_ptr, num_partials, score_sum_ptr, COMPUTE_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """One program: ``max(sum of the target scores, 1)``, the losses' normaliser, from
+    ``_target_kernel``'s partial sums in a fixed order (bitwise reproducible)."""
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=COMPUTE_DTYPE)
+    for s in range(0, num_partials, BLOCK):
+        acc += tl.load(partial_ptr + s + offs, mask=s + offs < num_partials, other=0.0).to(COMPUTE_DTYPE)
+    tl.store(score_sum_ptr, tl.maximum(tl.sum(acc, axis=0), 1.0))
+
+
+@triton.jit
+def _loss_total_kernel(
+    box_partial_ptr,
+    num_box_partials,
+    cls_partial_ptr,
+    num_cls_partials,
+    score_sum_ptr,
+    out_ptr,
+    box_gain: tl.float64,
+    cls_gain: tl.float64,
+    dfl_gain: tl.float64,
+    COMPUTE_DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One program: the components ``[box, cls, dfl]`` from the loss kernels' partial sums (in a
+    fixed order), each over the normaliser and times its gain.
+
+    Args:
+        box_partial_ptr: ``[num_box_partials, 2]`` (box term, distance term); cls_partial_ptr:
+            ``[num_cls_partials]``; score_sum_ptr: the normaliser; out_ptr: out, ``[3]``.
+        box_gain, cls_gain, dfl_gain: the gains.
+    """
+    offs = tl.arange(0, BLOCK)
+    box = tl.zeros([BLOCK], dtype=COMPUTE_DTYPE)
+    dist = tl.zeros([BLOCK], dtype=COMPUTE_DTYPE)
+    for s in range(0, num_box_partials, BLOCK):
+        m = s + offs < num_box_partials
+        box += tl.load(box_partial_ptr + 2 * (s + offs), mask=m, other=0.0).to(COMPUTE_DTYPE)
+        dist += tl.load(box_partial_ptr + 2 * (s + offs) + 1, mask=m, other=0.0).to(COMPUTE_DTYPE)
+    cls = tl.zeros([BLOCK], dtype=COMPUTE_DTYPE)
+    for s in range(0, num_cls_partials, BLOCK):
+        cls += tl.load(cls_partial_ptr + s + offs, mask=s + offs < num_cls_partials, other=0.0).to(COMPUTE_DTYPE)
+    score_sum = tl.load(score_sum_ptr).to(COMPUTE_DTYPE)
+    tl.store(out_ptr, tl.sum(box, axis=0) / score_sum * as_compute(box_gain, COMPUTE_DTYPE))
+    tl.store(out_ptr + 1, tl.sum(cls, axis=0) / score_sum * as_compute(cls_gain, COMPUTE_DTYPE))
+    tl.store(out_ptr + 2, tl.sum(dist, axis=0) / score_sum * as_compute(dfl_gain, COMPUTE_DTYPE))
+
+
 @triton.jit(do_not_specialize=["num_points", "nc"])
 def _class_loss_kernel(
     scores_ptr,
@@ -1076,37 +1198,47 @@ def assign(boxes, scores, grids, batch_idx, cls, bboxes, options: DetectionOptio
         )
     points, levels, level_strides = _geometry(tuple(grids), options.strides, device, dtype)
     n = batch_idx.shape[0]
-    image = batch_idx.reshape(-1).long()
+    image = batch_idx.reshape(-1)
     sorted_image, order = torch.sort(image, stable=True)
-    image_start = torch.searchsorted(sorted_image, torch.arange(bs + 1, device=device)).to(torch.int32)
-    # pixel xyxy float32, the original's arithmetic: (xywh * image size), then centre -/+ half size
-    ny0, nx0 = grids[0]
-    width, height = nx0 * options.strides[0], ny0 * options.strides[0]
-    xywh = bboxes[order].to(torch.float32) * _device_constant((width, height, width, height), torch.float32, device)
-    half = xywh[:, 2:] / 2
-    gt = torch.cat((xywh[:, :2] - half, xywh[:, :2] + half), -1).contiguous()
-    labels = cls.reshape(-1)[order].to(torch.int32).contiguous()
-    valid = (gt.sum(-1) > 0).to(torch.int32)
-    images = sorted_image.to(torch.int32).contiguous()
+    starts = _device_constant(tuple(range(bs + 1)), image.dtype, device)
+    image_start = torch.searchsorted(sorted_image, starts, out_int32=True)
 
     total = bs * a
     k_pad = max(_next_power_of_2(max(options.topk, options.topk2 or 1)), 16)
     blocks = _cdiv(total, BLOCK_POINTS)
-    # the kernels' buffers from three allocations (each costs microseconds of host time): integers,
-    # float32 (overlaps, decoded boxes) and the compute dtype (metrics, targets; float32 too,
-    # except for float64 predictions); they live as long as the assignment (~40 B per point)
-    ints = carve(dict(claims=(bs, a), owner=(bs, a), top_index=(n, k_pad)), torch.int32, device)
+    # the kernels' buffers from four allocations (each costs microseconds of host time): int32,
+    # int64 (the best keys), float32 (overlaps, decoded boxes, the targets' corners) and the compute
+    # dtype (metrics, targets; float32 too, except for float64 predictions); they live as long as
+    # the assignment (~40 B per point)
+    target_rows = dict(labels=(n,), valid=(n,), images=(n,))
+    ints = carve(dict(claims=(bs, a), owner=(bs, a), top_index=(n, k_pad), **target_rows), torch.int32, device)
     one = max(n, 1)
-    floats = dict(point_overlap=(bs, a), box_overlap=(one,), pred=(bs if n else 0, a, 4), top_overlap=(n, k_pad))
-    reals = dict(point_metric=(bs, a), target=(bs, a), partial=(blocks,), box_metric=(one,), top_metric=(n, k_pad))
+    floats = dict(
+        point_overlap=(bs, a), box_overlap=(one,), pred=(bs if n else 0, a, 4), top_overlap=(n, k_pad), gt=(n, 4)
+    )
+    reals = dict(
+        point_metric=(bs, a), target=(bs, a), partial=(blocks,), box_metric=(one,), top_metric=(n, k_pad), score_sum=()
+    )
     if dtype == torch.float32:
         buffers = carve(dict(floats, **reals), torch.float32, device)
     else:
         buffers = dict(carve(floats, torch.float32, device), **carve(reals, dtype, device))
     claims, owner, top_index = ints["claims"], ints["owner"], ints["top_index"]
-    claims.zero_()
-    owner.fill_(-1)
-    best = torch.full((bs, a), -1, dtype=torch.int64, device=device) if n else None
+    gt, labels, valid, images = buffers["gt"], ints["labels"], ints["valid"], ints["images"]
+    if n:  # the targets in image order, as the kernels read them (pixel corners: the original's arithmetic)
+        ny0, nx0 = grids[0]
+        cls_flat = cls.reshape(-1)
+        _launch(
+            _targets_kernel, (_cdiv(n, BLOCK_POINTS),), order_ptr=order, sorted_image_ptr=sorted_image,
+            bboxes_ptr=bboxes, stride_bboxes_n=bboxes.stride(0), stride_bboxes_c=bboxes.stride(1), cls_ptr=cls_flat,
+            stride_cls=cls_flat.stride(0), gt_ptr=gt, label_ptr=labels, valid_ptr=valid, image_ptr=images,
+            num_targets=n, image_w=float(nx0 * options.strides[0]), image_h=float(ny0 * options.strides[0]),
+            BLOCK=BLOCK_POINTS, enable_fp_fusion=False,
+        )  # fmt: skip
+        best = torch.empty((bs, a), dtype=torch.int64, device=device)  # initialised by _decode_kernel
+    else:
+        owner.fill_(-1)  # the only state _target_kernel reads
+        best = None
     point_metric, point_overlap, target = buffers["point_metric"], buffers["point_overlap"], buffers["target"]
     partial, box_metric, box_overlap = buffers["partial"], buffers["box_metric"], buffers["box_overlap"]
     common = dict(num_points=a, COMPUTE_DTYPE=_tl_dtype(dtype))
@@ -1119,7 +1251,8 @@ def assign(boxes, scores, grids, batch_idx, cls, bboxes, options: DetectionOptio
         _launch(
             _decode_kernel, (blocks,), boxes_ptr=boxes, stride_boxes_b=boxes.stride(0),
             stride_boxes_c=boxes.stride(1), stride_boxes_a=boxes.stride(2), points_ptr=points, pred_ptr=pred,
-            total=total, REG_MAX=reg_max, REG_PAD=_next_power_of_2(reg_max), BLOCK=BLOCK_POINTS, **common,
+            claims_ptr=claims, owner_ptr=owner, best_ptr=best, total=total, REG_MAX=reg_max,
+            REG_PAD=_next_power_of_2(reg_max), BLOCK=BLOCK_POINTS, **common,
         )  # fmt: skip
         top_metric, top_overlap = buffers["top_metric"], buffers["top_overlap"]
         per_target = dict(gt_ptr=gt, label_ptr=labels, image_ptr=images, valid_ptr=valid)
@@ -1148,7 +1281,11 @@ def assign(boxes, scores, grids, batch_idx, cls, bboxes, options: DetectionOptio
         box_overlap_ptr=box_overlap, target_ptr=target, partial_ptr=partial, total=total,
         COMPUTE_DTYPE=_tl_dtype(dtype), BLOCK=BLOCK_POINTS,
     )  # fmt: skip
-    score_sum = partial.sum().clamp(min=1)
+    score_sum = buffers["score_sum"]
+    _launch(
+        _score_sum_kernel, (1,), partial_ptr=partial, num_partials=blocks, score_sum_ptr=score_sum,
+        COMPUTE_DTYPE=_tl_dtype(dtype), BLOCK=BLOCK_TOTALS,
+    )  # fmt: skip
     return Assignment(owner, target, score_sum, gt, labels, order, image_start)
 
 
@@ -1206,10 +1343,15 @@ def detection_loss(boxes, scores, grids, assigned: Assignment, options: Detectio
     weights = None if class_weights is None else class_weights.to(device=device, dtype=dtype).contiguous()
     _class_loss(scores, none, assigned, weights, grad_out, cls_partial, options.cls)
     _box_loss(boxes, none, grids, assigned, options, grad_out, box_partial)
-    sums = torch.stack((box_partial[:, 0].sum(), cls_partial.sum(), box_partial[:, 1].sum()))
-    out_dtype = torch.promote_types(scores.dtype, torch.float32)
-    gains = _device_constant(options.gains(), dtype, device)
-    return (sums / assigned.score_sum * gains).to(out_dtype)
+    out = torch.empty(3, dtype=dtype, device=device)  # promote(dtype, float32): the compute dtype
+    box_gain, cls_gain, dfl_gain = options.gains()
+    _launch(
+        _loss_total_kernel, (1,), box_partial_ptr=box_partial, num_box_partials=box_partial.shape[0],
+        cls_partial_ptr=cls_partial, num_cls_partials=cls_partial.shape[0], score_sum_ptr=assigned.score_sum,
+        out_ptr=out, box_gain=float(box_gain), cls_gain=float(cls_gain), dfl_gain=float(dfl_gain),
+        COMPUTE_DTYPE=_tl_dtype(dtype), BLOCK=BLOCK_TOTALS,
+    )  # fmt: skip
+    return out
 
 
 def loss_backward(
