@@ -22,7 +22,8 @@ YOLOv5s step would be larger than the one shown.
 Per case and loss: the median step time (eager, ms, with p20-p80), images/s, the loss's share,
 host syncs per step (CUDA: counted with ``torch.cuda.set_sync_debug_mode("warn")`` over one
 step), and on CUDA the median of the whole step captured in a CUDA graph and replayed (the
-capture PyTorch offers for a whole step; a loss that syncs cannot be captured, which is said).
+capture PyTorch offers for a whole step; a loss that syncs cannot be captured, which is said, and
+is not tried).
 A case that runs out of memory is reported as such.
 """
 
@@ -216,6 +217,10 @@ def measure_case(case: Case, device: torch.device, steps: int, cfg: str, amp: bo
     eager = time_in_turns(runnable, steps, device)
     replays = {}
     for name, step in runnable.items() if graphs else ():
+        syncs = rows[name].get("syncs")
+        if syncs:  # a capture would fail on the first sync (and trying can upset the device's state)
+            rows[name]["graph"] = f"cannot be captured: {syncs} host syncs per step"
+            continue
         replay, why = capture(step, device)
         if replay is None:
             rows[name]["graph"] = why
