@@ -198,3 +198,25 @@ def test_layers_beyond_one_launch_equal_the_reference(device, gen):
     targets = make_targets(9, 2, 4, gen, lo=0.1, hi=0.7)
     targets = torch.cat((targets, targets[:3]))  # duplicates
     assert_matches_reference("triton", device, p, targets, anchors, LossOptions(nc=4))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_loss_kept_after_backward_does_not_keep_the_predictions(device, gen):
+    """Backward writes the gradient from state forward kept; once backward has run, a loss kept
+    alive (a logging list) must not hold the network's outputs ``p`` (tens of MB in training)."""
+    import gc
+    import weakref
+
+    import yolo_kernels as yk
+
+    leaves = [x.to(device).requires_grad_() for x in make_p(2, [3], [(4, 4)], 3, gen)]
+    p = [x * 1.0 for x in leaves]  # the network's outputs: not leaves
+    anchors = [a.to(device) for a in random_anchors([3], gen)]
+    targets = make_targets(4, 2, 3, gen).to(device)
+    options = LossOptions(nc=3)
+    loss, _, _, _ = yk.triton.TritonBackend().loss(p, targets, anchors, options)
+    loss.sum().backward()
+    alive = weakref.ref(p[0])
+    del p
+    gc.collect()
+    assert loss.grad_fn is not None and alive() is None

@@ -1180,7 +1180,9 @@ def _forward(p, targets, anchors, options, compute_grad, balance, compute_stats,
         stats = _statistics(plan, ws, groups, counts, pair_stats)
     else:
         stats = torch.empty(0, 8, dtype=plan.dtype, device=device)
-    return (loss, items, layer_obj, stats, grads), Saved(plan, ws, groups, scales, balance)
+    # without p's stand-ins: a loss kept alive after backward must not keep the network's outputs
+    kept = dataclasses.replace(ws, grads=[])
+    return (loss, items, layer_obj, stats, grads), Saved(plan, kept, groups, scales, balance)
 
 
 def fused_loss(
