@@ -8,6 +8,9 @@ when it is importable on the GPU machine).
   components and of the gradients;
 * no host sync: forward + backward under ``torch.cuda.set_sync_debug_mode("error")``;
 * CUDA graph: forward + backward captured once and replayed equals eager;
+* device time: the kernels of one forward + backward of triton and the reference (count, summed
+  device time, the longest) at the two shapes the targets name, against the DRAM floor: what a
+  captured graph takes, without the host's time;
 * speed and peak memory: forward + backward of each provider in turns, the L2 cache evicted before
   each call, at batch 16, 640 with 80 and 365 classes and 10 / 300 / 1,000 boxes per image, and an
   xView-like batch (128 images, 60 classes, a few images of ~5,000 boxes); the family's DRAM floor
@@ -27,12 +30,15 @@ import types
 import torch
 
 from yolo_kernels import yolov8
-from yolo_kernels.bench import percentile, time_interleaved, yolov8_inputs
+from yolo_kernels.bench import kernel_profile, percentile, time_interleaved, yolov8_inputs
 
 #: Parity limits (max relative error against the reference): bf16 gradients are rounded to bf16.
 TOLERANCES = {"float32": {"loss": 1e-5, "grad": 1e-4}, "bfloat16": {"loss": 1e-5, "grad": 1e-2}}
 #: (batch, img, nc, boxes per image) of the speed table; "xview" is the crowded batch.
 SPEED_SHAPES = [(16, 640, 80, 10), (16, 640, 80, 300), (16, 640, 365, 300), (16, 640, 80, 1000), "xview"]
+#: The shapes whose device time the targets name: 10 boxes (against the DRAM floor) and 300 boxes
+#: with 365 classes (at most 1 ms).
+DEVICE_SHAPES = [(16, 640, 80, 10), (16, 640, 365, 300)]
 
 
 def _rel(a, b) -> float:
@@ -234,6 +240,24 @@ def _speed_shape(device: torch.device, shape, bandwidth: float, fast: str, round
     return rows
 
 
+def device_time(device: torch.device, bandwidth: float, fast: str = "triton", shapes=None) -> list[dict]:
+    """Rows ``{shape, provider, device_kernels, device_ms, x_dram_floor, top}``: the device kernels
+    of one forward + backward (``bench.kernel_profile``) of ``fast`` and the reference, the sum of
+    their times against the family's DRAM floor (``bandwidth`` in bytes/s)."""
+    rows = []
+    for batch, img, nc, boxes in shapes or DEVICE_SHAPES:
+        model, p, feats, targets = yolov8_inputs(batch, img, boxes, 0, torch.float32, device, nc=nc)
+        floor_ms = 2 * sum(x.numel() * x.element_size() for x in p) / bandwidth * 1e3
+        for name in ("reference", fast):
+            criterion = yolov8.DetectionLoss(model, backend=name)
+            profile = kernel_profile(functools.partial(_run, criterion, p, feats, targets), device)
+            label = f"{batch} x {img}, {nc} classes, {boxes} boxes/image"
+            rows.append(dict(shape=label, provider=name, x_dram_floor=profile["device_ms"] / floor_ms, **profile))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
 def speed(device: torch.device, bandwidth: float, fast: str = "triton", shapes=None, rounds: int = 10, budget_s=None):
     """Rows ``{shape, provider, median_ms, p20_ms, p80_ms, x_dram_floor, peak_extra_mb}``; a provider
     out of memory gives ``oom: True``. ``bandwidth`` in bytes/s (the floor's)."""
@@ -249,12 +273,13 @@ def speed(device: torch.device, bandwidth: float, fast: str = "triton", shapes=N
 
 
 def report(device: torch.device, bandwidth: float, fast: str = "triton", budget_s: float | None = None) -> dict:
-    """All of it: ``{parity, no_sync, cuda_graph, speed}`` (a part that raised gives its error)."""
+    """All of it: ``{parity, no_sync, cuda_graph, device, speed}`` (a part that raised gives its error)."""
     out = {}
     for key, fn in (
         ("parity", lambda: parity(device, fast)),
         ("no_sync", lambda: no_sync(device, fast)),
         ("cuda_graph", lambda: cuda_graph(device, fast)),
+        ("device", lambda: device_time(device, bandwidth, fast)),
         ("speed", lambda: speed(device, bandwidth, fast, budget_s=budget_s)),
     ):
         try:
@@ -273,7 +298,7 @@ def failures(section) -> list[str]:
         for r in section.get("parity", [])
         if isinstance(r, dict) and not r["passed"]
     ]
-    for key in ("parity", "no_sync", "cuda_graph", "speed"):
+    for key in ("parity", "no_sync", "cuda_graph", "device", "speed"):
         if isinstance(section.get(key), str) and section[key].startswith("FAILED"):
             out.append(f"anchor_free {key}: {section[key]}")
     return out
@@ -300,6 +325,23 @@ def markdown(section) -> list[str]:
         "",
         f"No host sync: {section.get('no_sync', 'not run')}",
         f"CUDA graph capture: {section.get('cuda_graph', 'not run')}",
+        "",
+        "Device time of one forward + backward (the kernels' sum, `torch.profiler`):",
+        "",
+        "| shape | provider | device kernels | device ms | x DRAM floor | longest kernels (launches, µs) |",
+        "|---|---|---|---|---|---|",
+    ]
+    device_rows = section.get("device", [])
+    if isinstance(device_rows, str):
+        lines.append(f"| {device_rows} ||||||")
+        device_rows = []
+    for r in device_rows:
+        longest = ", ".join(f"`{name}` {n}, {us:.1f}" for name, (n, us) in list(r["top"].items())[:3])
+        lines.append(
+            f"| {r['shape']} | {r['provider']} | {r['device_kernels']} | {r['device_ms']:.3f} | "
+            f"{r['x_dram_floor']:.2f} | {longest} |"
+        )
+    lines += [
         "",
         "| shape | provider | median ms | p20-p80 ms | x DRAM floor | peak extra MB |",
         "|---|---|---|---|---|---|",

@@ -36,6 +36,7 @@ Sections:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -53,7 +54,7 @@ import gpu_anchor_free  # noqa: E402
 import train_step  # noqa: E402
 
 import yolo_kernels as yk  # noqa: E402
-from yolo_kernels.bench import percentile, time_interleaved, yolov3_inputs, yolov5_inputs  # noqa: E402
+from yolo_kernels.bench import kernel_profile, percentile, time_interleaved, yolov3_inputs, yolov5_inputs  # noqa: E402
 from yolo_kernels.yolov5 import DEFAULT_HYP_V5, YOLOV5_STRIDES  # noqa: E402
 
 #: Parity limits (max relative error against the reference): bf16 gradients are rounded to bf16.
@@ -317,33 +318,14 @@ def cuda_tests(limit_s: float) -> str:
 
 
 def launch_profile(batch, img):
-    """Device kernels per forward + backward call of each provider (torch.profiler): at common
-    sizes each launch costs more host and driver time than its kernel takes on the GPU."""
-    from collections import Counter
-
-    from torch.profiler import ProfilerActivity, profile
-
+    """Device kernels per forward + backward call of each provider (``bench.kernel_profile``): at
+    common sizes each launch costs more host and driver time than its kernel takes on the GPU."""
     model, p, targets = cuda_inputs(batch, img)
-    out = {}
-    for provider in ("reference", "triton"):
-        for _ in range(3):
-            forward_backward(p, targets, model, provider)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            forward_backward(p, targets, model, provider)
-            torch.cuda.synchronize()
-        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        names, times = Counter(), Counter()
-        for e in kernels:
-            names[e.name[:60]] += 1
-            times[e.name[:60]] += e.device_time if hasattr(e, "device_time") else e.cuda_time
-        out[provider] = {
-            "device_kernels": len(kernels),
-            "device_ms": round(sum(times.values()) / 1e3, 4),
-            # the kernels that take the most device time: (launches, microseconds in all)
-            "top": {name: [names[name], round(us, 1)] for name, us in times.most_common(10)},
-        }
-    return out
+    device = p[0].device
+    return {
+        provider: kernel_profile(functools.partial(forward_backward, p, targets, model, provider), device)
+        for provider in ("reference", "triton")
+    }
 
 
 def host_profile(batch, img, calls=50):

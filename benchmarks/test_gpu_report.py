@@ -200,10 +200,16 @@ def test_anchor_free_section_runs_its_logic_on_the_cpu():
     assert gpu_anchor_free.no_sync(cpu, "cpp", batch=1, img=160).startswith("not applicable")
     speed = gpu_anchor_free.speed(cpu, 10e9, "cpp", shapes=[(1, 160, 3, 5)], rounds=1)
     assert {r["provider"] for r in speed} >= {"reference", "cpp"} and all(r["median_ms"] > 0 for r in speed)
+    device = gpu_anchor_free.device_time(cpu, 10e9, "cpp", shapes=[(1, 160, 3, 5)])
+    assert [r["provider"] for r in device] == ["reference", "cpp"] and all(r["device_kernels"] == 0 for r in device)
     section = {"parity": rows, "no_sync": "passed", "cuda_graph": "replay identical", "speed": speed}
     section["speed"].append({"shape": "xview", "provider": "reference", "oom": True})
+    top = {"_class_loss_kernel": [2, 40.0]}
+    row = dict(shape="s", provider="triton", device_kernels=12, device_ms=0.08, x_dram_floor=1.6, top=top)
+    section["device"] = [row]
     text = "\n".join(gpu_anchor_free.markdown(section))
     assert "| E2ELoss, reg_max 1 | bfloat16 | 1 | 160 |" in text and "| xview | reference | out of memory |" in text
+    assert "| s | triton | 12 | 0.080 | 1.60 | `_class_loss_kernel` 2, 40.0 |" in text
     assert gpu_report.failures(dict(REPORT, anchor_free=section)) == []
     bad = dict(section, parity=[dict(rows[0], passed=False)], no_sync="FAILED: a sync")
     problems = gpu_report.failures(dict(REPORT, anchor_free=bad))

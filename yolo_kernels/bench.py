@@ -309,6 +309,35 @@ def peak_extra_bytes(fn: Callable[[], Any], device: torch.device) -> int:
     return peak
 
 
+def kernel_profile(call: Callable[[], Any], device: torch.device, warmup: int = 3, top: int = 10) -> dict[str, Any]:
+    """The device kernels of one ``call()`` after ``warmup`` calls (``torch.profiler``): their
+    count, their summed device time in ms (what a captured graph would take, without the host)
+    and the ``top`` longest by name, ``{name: [launches, µs]}``. On a CPU device there are no
+    device kernels: zeros."""
+    for _ in range(warmup):
+        call()
+    if device.type != "cuda":
+        return {"device_kernels": 0, "device_ms": 0.0, "top": {}}
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    names, times = Counter(), Counter()
+    for e in kernels:
+        names[e.name[:60]] += 1
+        times[e.name[:60]] += e.device_time if hasattr(e, "device_time") else e.cuda_time
+    return {
+        "device_kernels": len(kernels),
+        "device_ms": round(sum(times.values()) / 1e3, 4),
+        "top": {name: [names[name], round(us, 1)] for name, us in times.most_common(top)},
+    }
+
+
 def percentile(xs: list[float], q: float) -> float:
     """The ``q`` quantile of ``xs`` (nearest rank)."""
     xs = sorted(xs)
