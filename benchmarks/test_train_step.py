@@ -54,3 +54,21 @@ def test_bad_cases_name_the_argument(text):
     with pytest.raises(ValueError, match="--cases"):
         train_step.Case.parse(text)
     assert train_step.Case.parse("yolov5:16x640") == train_step.Case("yolov5", 16, 640)
+
+
+@pytest.mark.skipif("cpp" not in yk.available_backends("cpu"), reason="the cpp extension is not built")
+def test_a_loss_that_fails_is_reported_and_the_others_still_run(monkeypatch):
+    real = train_step.criteria
+
+    def with_a_broken_loss(*args):
+        def broken(p, targets):
+            raise RuntimeError("no kernel for this\nsecond line")
+
+        return dict(real(*args), broken=broken)
+
+    monkeypatch.setattr(train_step, "criteria", with_a_broken_loss)
+    rows = train_step.report(CPU, ["yolov3:1x64"], steps=1, cfg="yolov3-tiny")
+    by_loss = {r["loss"]: r for r in rows}
+    assert by_loss["broken"]["error"] == "RuntimeError: no kernel for this"
+    assert all("ms" in by_loss[name] for name in ("original", "reference", "cpp", "stand-in"))
+    assert "| yolov3:1x64 | broken | RuntimeError: no kernel for this |" in train_step.markdown(rows)

@@ -23,8 +23,9 @@ Per case and loss: the median step time (eager, ms, with p20-p80), images/s, the
 host syncs per step (CUDA: counted with ``torch.cuda.set_sync_debug_mode("warn")`` over one
 step), and on CUDA the median of the whole step captured in a CUDA graph and replayed (the
 capture PyTorch offers for a whole step; a loss that syncs cannot be captured, which is said, and
-is not tried).
-A case that runs out of memory is reported as such.
+is not tried; the graphs are timed one after the other, each released before the next, since
+each keeps a whole step's activations). A loss that runs out of memory or fails is reported as
+such, and the others still run.
 """
 
 from __future__ import annotations
@@ -162,6 +163,19 @@ def count_syncs(step, device: torch.device) -> int | None:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
+def _describe(error: BaseException) -> str:
+    if isinstance(error, torch.OutOfMemoryError):
+        return "out of memory"
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {first[:120]}"
+
+
+def _release(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
 def capture(step, device: torch.device):
     """``(replay, None)``: the step captured in a CUDA graph, or ``(None, why)``."""
     if device.type != "cuda":
@@ -177,8 +191,7 @@ def capture(step, device: torch.device):
             step()
     except Exception as error:  # a loss that syncs (or allocates from the host) cannot be captured
         torch.cuda.synchronize()
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return None, f"cannot be captured: {first[:120]}"
+        return None, f"cannot be captured: {_describe(error)}"
     return graph.replay, None
 
 
@@ -211,22 +224,24 @@ def measure_case(case: Case, device: torch.device, steps: int, cfg: str, amp: bo
             step()  # warm-up: kernels compiled, tables built, allocator primed
             rows[name]["syncs"] = count_syncs(step, device)
             runnable[name] = step
-        except torch.OutOfMemoryError:
-            rows[name]["error"] = "out of memory"
-            torch.cuda.empty_cache()
+        except Exception as error:  # out of memory, or a loss that fails here: the others still run
+            rows[name]["error"] = _describe(error)
+            _release(device)
     eager = time_in_turns(runnable, steps, device)
-    replays = {}
+    captured = {}
     for name, step in runnable.items() if graphs else ():
         syncs = rows[name].get("syncs")
         if syncs:  # a capture would fail on the first sync (and trying can upset the device's state)
             rows[name]["graph"] = f"cannot be captured: {syncs} host syncs per step"
             continue
+        # one graph at a time: each keeps a memory pool of a whole step's activations
         replay, why = capture(step, device)
         if replay is None:
             rows[name]["graph"] = why
         else:
-            replays[name] = replay
-    captured = time_in_turns(replays, steps, device) if replays else {}
+            captured[name] = time_in_turns({name: replay}, steps, device)[name]
+        del replay
+        _release(device)
     base = percentile(eager["stand-in"], 0.5) if "stand-in" in eager else None
     base_graph = percentile(captured["stand-in"], 0.5) if "stand-in" in captured else None
     for name, times in eager.items():
@@ -250,10 +265,9 @@ def report(device: torch.device, cases=None, steps: int = 15, cfg: str = "yolov3
     for case in cases:
         try:
             rows += measure_case(case, device, steps, cfg, amp, graphs)
-        except torch.OutOfMemoryError:
+        except torch.OutOfMemoryError:  # the network alone
             rows.append({"case": case.label, "loss": "all", "error": "out of memory"})
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        _release(device)
     return rows
 
 
