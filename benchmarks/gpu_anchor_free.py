@@ -30,7 +30,7 @@ import types
 import torch
 
 from yolo_kernels import yolov8
-from yolo_kernels.bench import kernel_profile, percentile, time_interleaved, yolov8_inputs
+from yolo_kernels.bench import kernel_profile, percentile, spread_ms, time_interleaved, yolov8_inputs
 
 #: Parity limits (max relative error against the reference): bf16 gradients are rounded to bf16.
 TOLERANCES = {"float32": {"loss": 1e-5, "grad": 1e-4}, "bfloat16": {"loss": 1e-5, "grad": 1e-2}}
@@ -224,15 +224,13 @@ def _speed_shape(device: torch.device, shape, bandwidth: float, fast: str, round
             torch.cuda.empty_cache()
     times = time_interleaved(calls, rounds, 0, device, evict_bytes=256 * 2**20, before=drop_grads)
     for name, values in times.items():
-        median = percentile(values, 0.5)
+        spread = spread_ms(values)
         rows.append(
             {
                 "shape": label,
                 "provider": name,
-                "median_ms": median,
-                "p20_ms": percentile(values, 0.2),
-                "p80_ms": percentile(values, 0.8),
-                "x_dram_floor": median / floor_ms,
+                **spread,
+                "x_dram_floor": spread["median_ms"] / floor_ms,
                 "peak_extra_mb": peaks[name],
                 "floor_ms": floor_ms,
             }
@@ -304,23 +302,48 @@ def failures(section) -> list[str]:
     return out
 
 
+def _table(header: str, rows, render) -> list[str]:
+    """A markdown table: the header, its rule, a line per row (``render``), or the section's error
+    in one line when ``rows`` is a string."""
+    columns = header.count("|") - 1
+    lines = [header, "|" + "---|" * columns]
+    if isinstance(rows, str):
+        return lines + [f"| {rows} " + "|" * columns]
+    return lines + [render(r) for r in rows]
+
+
+def _parity_line(r) -> str:
+    return (
+        f"| {r['case']} | {r['dtype']} | {r['batch']} | {r['img']} | {r['loss_rel_err']:.1e} | "
+        f"{r['grad_rel_err']:.1e} | {'yes' if r['passed'] else 'NO'} |"
+    )
+
+
+def _device_line(r) -> str:
+    longest = ", ".join(f"`{name}` {n}, {us:.1f}" for name, (n, us) in list(r["top"].items())[:3])
+    return (
+        f"| {r['shape']} | {r['provider']} | {r['device_kernels']} | {r['device_ms']:.3f} | "
+        f"{r['x_dram_floor']:.2f} | {longest} |"
+    )
+
+
+def _speed_line(r) -> str:
+    if r.get("oom"):
+        return f"| {r['shape']} | {r['provider']} | out of memory | | | |"
+    if "skipped" in r:
+        return f"| {r['shape']} | - | {r['skipped']} | | | |"
+    return (
+        f"| {r['shape']} | {r['provider']} | {r['median_ms']:.3f} | {r['p20_ms']:.3f}-{r['p80_ms']:.3f} | "
+        f"{r['x_dram_floor']:.2f} | {r['peak_extra_mb']:.1f} |"
+    )
+
+
 def markdown(section) -> list[str]:
     lines = ["## The anchor-free family (yolo_kernels.yolov8, triton backend)", ""]
     if not isinstance(section, dict):
         return lines + [str(section), ""]
-    parity_rows = section.get("parity", [])
-    lines += [
-        "| case | dtype | batch | img | loss rel err | grad rel err | within limits |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    if isinstance(parity_rows, str):
-        lines.append(f"| {parity_rows} |||||||")
-        parity_rows = []
-    for r in parity_rows:
-        lines.append(
-            f"| {r['case']} | {r['dtype']} | {r['batch']} | {r['img']} | {r['loss_rel_err']:.1e} | "
-            f"{r['grad_rel_err']:.1e} | {'yes' if r['passed'] else 'NO'} |"
-        )
+    header = "| case | dtype | batch | img | loss rel err | grad rel err | within limits |"
+    lines += _table(header, section.get("parity", []), _parity_line)
     lines += [
         "",
         f"No host sync: {section.get('no_sync', 'not run')}",
@@ -328,36 +351,10 @@ def markdown(section) -> list[str]:
         "",
         "Device time of one forward + backward (the kernels' sum, `torch.profiler`):",
         "",
-        "| shape | provider | device kernels | device ms | x DRAM floor | longest kernels (launches, µs) |",
-        "|---|---|---|---|---|---|",
     ]
-    device_rows = section.get("device", [])
-    if isinstance(device_rows, str):
-        lines.append(f"| {device_rows} ||||||")
-        device_rows = []
-    for r in device_rows:
-        longest = ", ".join(f"`{name}` {n}, {us:.1f}" for name, (n, us) in list(r["top"].items())[:3])
-        lines.append(
-            f"| {r['shape']} | {r['provider']} | {r['device_kernels']} | {r['device_ms']:.3f} | "
-            f"{r['x_dram_floor']:.2f} | {longest} |"
-        )
-    lines += [
-        "",
-        "| shape | provider | median ms | p20-p80 ms | x DRAM floor | peak extra MB |",
-        "|---|---|---|---|---|---|",
-    ]
-    speed_rows = section.get("speed", [])
-    if isinstance(speed_rows, str):
-        lines.append(f"| {speed_rows} ||||||")
-        speed_rows = []
-    for r in speed_rows:
-        if r.get("oom"):
-            lines.append(f"| {r['shape']} | {r['provider']} | out of memory | | | |")
-        elif "skipped" in r:
-            lines.append(f"| {r['shape']} | - | {r['skipped']} | | | |")
-        else:
-            lines.append(
-                f"| {r['shape']} | {r['provider']} | {r['median_ms']:.3f} | {r['p20_ms']:.3f}-{r['p80_ms']:.3f} | "
-                f"{r['x_dram_floor']:.2f} | {r['peak_extra_mb']:.1f} |"
-            )
+    header = "| shape | provider | device kernels | device ms | x DRAM floor | longest kernels (launches, µs) |"
+    lines += _table(header, section.get("device", []), _device_line)
+    lines.append("")
+    header = "| shape | provider | median ms | p20-p80 ms | x DRAM floor | peak extra MB |"
+    lines += _table(header, section.get("speed", []), _speed_line)
     return lines + [""]

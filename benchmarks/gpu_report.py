@@ -54,7 +54,14 @@ import gpu_anchor_free  # noqa: E402
 import train_step  # noqa: E402
 
 import yolo_kernels as yk  # noqa: E402
-from yolo_kernels.bench import kernel_profile, percentile, time_interleaved, yolov3_inputs, yolov5_inputs  # noqa: E402
+from yolo_kernels.bench import (  # noqa: E402
+    kernel_profile,
+    percentile,
+    spread_ms,
+    time_interleaved,
+    yolov3_inputs,
+    yolov5_inputs,
+)
 from yolo_kernels.yolov5 import DEFAULT_HYP_V5, YOLOV5_STRIDES  # noqa: E402
 
 #: Parity limits (max relative error against the reference): bf16 gradients are rounded to bf16.
@@ -209,16 +216,14 @@ def speed(batch, img, bandwidth, quick=False, rounds=25):
     )
     rows = []
     for name, values in times.items():
-        median = percentile(values, 0.5)
+        spread = spread_ms(values)
         rows.append(
             {
                 "provider": name,
                 "batch": batch,
                 "img": img,
-                "median_ms": median,
-                "p20_ms": percentile(values, 0.2),
-                "p80_ms": percentile(values, 0.8),
-                "x_dram_floor": median / floor_ms,
+                **spread,
+                "x_dram_floor": spread["median_ms"] / floor_ms,
                 "peak_extra_mb": peaks[name],
                 "warmup_s": warmup_s[name],
             }

@@ -344,6 +344,11 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
 
 
+def spread_ms(values: list[float]) -> dict[str, float]:
+    """``{median_ms, p20_ms, p80_ms}`` of timings in ms: how the reports quote a provider."""
+    return {"median_ms": percentile(values, 0.5), "p20_ms": percentile(values, 0.2), "p80_ms": percentile(values, 0.8)}
+
+
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double().cpu(), b.detach().double().cpu()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
