@@ -93,6 +93,16 @@ inline T clamp_nonnegative(T x) {
 // loops over them vectorise; the assigner and the loss decode with the same operations (the same
 // bits).
 constexpr int64_t kDecodeBlock = 256;
+// Asks for every line of x[r * row_stride + q], r < rows, q < n.
+template <typename In>
+inline void prefetch_rows(const In* x, int64_t row_stride, int64_t rows, int64_t n) {
+  constexpr int64_t kLine = 64 / int64_t(sizeof(In));
+  for (int64_t r = 0; r < rows && n > 0; ++r) {
+    const In* row = x + r * row_stride;
+    for (int64_t q = 0; q < n; q += kLine) __builtin_prefetch(row + q);
+    __builtin_prefetch(row + n - 1);
+  }
+}
 template <typename T, typename In>
 inline void decode_block(const In* x, int64_t row_stride, int64_t reg_max, int64_t n, int64_t block, T* dist,
                          T* log_norm) {
@@ -100,10 +110,7 @@ inline void decode_block(const In* x, int64_t row_stride, int64_t reg_max, int64
     const int64_t m = std::min(kDecodeBlock, n - q0);
     // the 4 * reg_max rows are far apart (row_stride): ask for all their lines at once rather than
     // meeting one miss after another
-    for (int64_t r = 0; r < 4 * reg_max; ++r) {
-      __builtin_prefetch(x + r * row_stride + q0);
-      __builtin_prefetch(x + r * row_stride + q0 + m - 1);
-    }
+    prefetch_rows(x + q0, row_stride, 4 * reg_max, m);
     for (int64_t s = 0; s < 4; ++s) {
       const In* xs = x + s * reg_max * row_stride + q0;
       T* d = dist + s * block + q0;

@@ -14,6 +14,8 @@
 //      highest CIoU over every box it is a candidate of (the first on ties); the second cut
 //      (topk2, selected the same way); each box's alignments normalised by its best CIoU over its
 //      best metric.
+// With at least as many images as threads, an image's three steps run in one task (its decoded
+// boxes are still in cache when its boxes read them); otherwise each step is split over the threads.
 // Returns per point the box it is assigned to (-1: none) and its target score.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -161,6 +163,7 @@ struct BoxScratch {
   std::vector<uint8_t> scored;
   std::vector<int64_t> idx;                  // a list of candidates
   std::vector<std::pair<double, int64_t>> top;  // largest_k's buffer
+  std::vector<int64_t> done;                 // the candidates scored, in the order they were
   std::vector<float> sx1, sy1, sx2, sy2, sov;  // the list's boxes, gathered, and their overlaps
   std::vector<Entry> row;                    // the heap's row
 };
@@ -184,6 +187,7 @@ void score_listed(const Assigner<S>& a, const GtBox& g, BoxScratch<S>& w) {
     const int64_t c = w.idx[t];
     w.metric[c] = double(a.score_power(w.logit[c]) * a.overlap_power(w.sov[t]));  // Assigner::metric
     w.overlap[c] = w.sov[t], w.scored[c] = 1;
+    w.done.push_back(c);
   }
 }
 
@@ -213,6 +217,7 @@ int64_t top_candidates(const Assigner<S>& a, const In* scores, int64_t b, const 
   const auto sized = [n](auto&... v) { (v.resize(size_t(n)), ...); };
   sized(w.x1, w.y1, w.x2, w.y2, w.bound, w.logit, w.sp_approx, w.ub, w.metric, w.overlap);
   w.scored.assign(size_t(n), 0);
+  w.done.clear();
   for (int64_t c = 0; c < n; ++c) {
     const int64_t p = w.point[c];
     w.x1[c] = pb[p], w.y1[c] = pb[A + p], w.x2[c] = pb[2 * A + p], w.y2[c] = pb[3 * A + p];
@@ -243,15 +248,21 @@ int64_t top_candidates(const Assigner<S>& a, const In* scores, int64_t b, const 
   // ub's rounding (the float power, the approximate score power's few ulp, scaled by alpha)
   const double margin = 1.0 + 1e-5 * std::max(1.0, std::abs(double(a.alpha)));
   for (bool pruned = prune && tau > 0.0;; pruned = false) {  // false for a NaN tau
-    w.idx.clear();  // the candidates scored: the first k points, and those whose ub reaches tau
-    for (int64_t c = 0; c < n; ++c)
-      if (!pruned || w.point[c] < head || !(w.ub[c] * margin < tau)) w.idx.push_back(c);
+    // the candidates scored: the first k points, and those whose ub reaches tau (stored whatever
+    // the test says, counted where it passes: no branch to mispredict)
+    w.idx.resize(size_t(n));
+    int64_t listed = 0;
+    for (int64_t c = 0; c < n; ++c) {
+      w.idx[listed] = c;
+      listed += !pruned || w.point[c] < head || !(w.ub[c] * margin < tau);
+    }
+    w.idx.resize(size_t(listed));
     score_listed(a, g, w);
+    std::sort(w.done.begin(), w.done.end());  // point order, as the heap selection visits them
     std::vector<Entry>& row = w.row;
     row.assign(size_t(head), Entry(0.0, 0));
     for (int64_t p = 0; p < head; ++p) row[p].second = p;
-    for (int64_t c = 0; c < n; ++c) {  // in point order, as the heap selection visits them
-      if (!w.scored[c]) continue;
+    for (const int64_t c : w.done) {
       const int64_t p = w.point[c];
       const double metric = w.metric[c];
       if (p < head)
@@ -293,16 +304,18 @@ void resolve_image(const Assigner<S>& a, const In* scores, int64_t b, const Pick
   std::vector<uint8_t> claims(A, 0);
   std::vector<Pick<S>> first(A);   // the first claimer's pick of the point
   std::vector<int32_t> owner(A);
-  std::vector<int64_t> touched;
   for (int64_t g = 0; g < m; ++g) {
     const Pick<S>* pg = picks + g * a.k;
     for (int64_t t = 0; t < counts[g]; ++t) {
       const int64_t p = pg[t].point;
-      if (claims[p] == 0) touched.push_back(p), first[p] = pg[t], owner[p] = int32_t(g);
+      if (claims[p] == 0) first[p] = pg[t], owner[p] = int32_t(g);
       claims[p] = uint8_t(std::min(claims[p] + 1, 2));
     }
   }
-  std::sort(touched.begin(), touched.end());
+  // the points claimed, in index order: a scan of the claims (A bytes) rather than a sort
+  std::vector<int64_t> touched;
+  for (int64_t p = 0; p < A; ++p)
+    if (claims[p] != 0) touched.push_back(p);
   // the boxes' candidate windows as arrays (lo_x, lo_y, hi_x, hi_y; padding: no point inside)
   std::vector<float> win[4];
   for (auto& w : win) w.resize(size_t(m));
@@ -408,7 +421,7 @@ void assign(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor&
             const Layout& L, int64_t k, c10::optional<int64_t> topk2, double alpha, double beta, double size_floor,
             at::Tensor& assigned, at::Tensor& target) {
   const int64_t bs = boxes.size(0), A = L.points, R = boxes.size(1) / 4, nc = scores.size(1), m = gt_boxes.size(1);
-  // 1. point centres and every point's predicted box, in pixels
+  // 1. point centres and the predicted boxes of the points some box may take, in pixels
   std::vector<float> px(A), py(A);
   // the scratch that grows with the inputs is ATen memory, so that the profiler (and the memory
   // tests and benchmarks that read it) sees every byte of it
@@ -440,74 +453,109 @@ void assign(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor&
   // only the points some box may take need their box decoded (few when boxes are few)
   const at::Tensor needed_buf = at::zeros({bs, A}, at::kByte);
   uint8_t* const needed = needed_buf.data_ptr<uint8_t>();
-  at::parallel_for(0, bs, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b)
-      for (int64_t g = 0; g < m; ++g) {
-        if (!gt[b * m + g].valid) continue;
-        for (int64_t l = 0; l < L.levels(); ++l) {
-          const Window w = cell_window(gt[b * m + g], L, l);
-          for (int64_t j = w.j0; w.i0 <= w.i1 && j <= w.j1; ++j) {
-            uint8_t* row = needed + b * A + L.offsets[l] + j * L.nx(l);
-            std::fill(row + w.i0, row + w.i1 + 1, uint8_t(1));
-          }
+  const auto mark_needed = [&](int64_t b) {
+    for (int64_t g = 0; g < m; ++g) {
+      if (!gt[b * m + g].valid) continue;
+      for (int64_t l = 0; l < L.levels(); ++l) {
+        const Window w = cell_window(gt[b * m + g], L, l);
+        for (int64_t j = w.j0; w.i0 <= w.i1 && j <= w.j1; ++j) {
+          uint8_t* row = needed + b * A + L.offsets[l] + j * L.nx(l);
+          std::fill(row + w.i0, row + w.i1 + 1, uint8_t(1));
         }
-      }
-  });
-  const In* xb = boxes.data_ptr<In>();
-  at::parallel_for(0, bs * L.levels(), 1, [&](int64_t begin, int64_t end) {
-    std::vector<S> dist(size_t(4) * kDecodeBlock);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / L.levels(), l = task % L.levels();
-      const S st = S(L.strides[l]);
-      const int64_t level_end = L.offsets[l] + L.ny(l) * L.nx(l);
-      const uint8_t* need = needed + b * A;
-      for (int64_t p0 = L.offsets[l]; p0 < level_end;) {  // runs of needed points, at most a block each
-        if (!need[p0]) {
-          ++p0;
-          continue;
-        }
-        // a run goes on over gaps shorter than a cache line of floats: those lines are read anyway
-        int64_t n = 1;
-        for (int64_t gap = 0; n + gap < kDecodeBlock && p0 + n + gap < level_end && gap < 16;)
-          if (need[p0 + n + gap])
-            n += gap + 1, gap = 0;
-          else
-            ++gap;
-        // decoded in whole vectors (a run of a few points would otherwise go through the loops'
-        // scalar tails); the points past the run, still in the rows, are decoded and not used
-        const int64_t n_vec = std::min({(n + 15) / 16 * 16, kDecodeBlock, A - p0});
-        decode<S, In>(xb + b * 4 * R * A + p0, A, R, n_vec, kDecodeBlock, dist.data(), nullptr);
-        for (int64_t q = 0; q < n; ++q) {
-          const int64_t p = p0 + q, cell = p - L.offsets[l];
-          const S cx = S(cell % L.nx(l)) + S(0.5), cy = S(cell / L.nx(l)) + S(0.5);
-          float* o = pred + b * 4 * A + p;
-          o[0] = float((cx - dist[0 * kDecodeBlock + q]) * st);
-          o[A] = float((cy - dist[1 * kDecodeBlock + q]) * st);
-          o[2 * A] = float((cx + dist[2 * kDecodeBlock + q]) * st);
-          o[3 * A] = float((cy + dist[3 * kDecodeBlock + q]) * st);
-        }
-        p0 += n;
       }
     }
-  });
+  };
+  const In* xb = boxes.data_ptr<In>();
+  using Runs = std::vector<std::pair<int64_t, int64_t>>;
+  const auto decode_level = [&](int64_t b, int64_t l, std::vector<S>& dist, Runs& runs) {
+    dist.resize(size_t(4) * kDecodeBlock);
+    const S st = S(L.strides[l]);
+    const int64_t level_end = L.offsets[l] + L.ny(l) * L.nx(l);
+    const uint8_t* need = needed + b * A;
+    runs.clear();  // runs of needed points (first, length), at most a block each
+    for (int64_t p0 = L.offsets[l]; p0 < level_end;) {
+      if (!need[p0]) {
+        ++p0;
+        continue;
+      }
+      // a run goes on over gaps shorter than a cache line of floats: those lines are read anyway
+      int64_t n = 1;
+      for (int64_t gap = 0; n + gap < kDecodeBlock && p0 + n + gap < level_end && gap < 16;)
+        if (need[p0 + n + gap])
+          n += gap + 1, gap = 0;
+        else
+          ++gap;
+      runs.emplace_back(p0, n);
+      p0 += n;
+    }
+    const In* x = xb + b * 4 * R * A;
+    // decoded in whole vectors (a run of a few points would otherwise go through the loops' scalar
+    // tails); the points past the run, still in the rows, are decoded and not used
+    const auto width = [&](int64_t p0, int64_t n) { return std::min({(n + 15) / 16 * 16, kDecodeBlock, A - p0}); };
+    for (size_t t = 0; t < runs.size(); ++t) {
+      const auto [p0, n] = runs[t];
+      // the next run's 4 * R rows are asked for now: they arrive while this run is decoded
+      if (t + 1 < runs.size()) {
+        const auto [next0, next_n] = runs[t + 1];
+        prefetch_rows(x + next0, A, 4 * R, width(next0, next_n));
+      }
+      decode<S, In>(x + p0, A, R, width(p0, n), kDecodeBlock, dist.data(), nullptr);
+      for (int64_t q = 0; q < n; ++q) {
+        const int64_t p = p0 + q, cell = p - L.offsets[l];
+        const S cx = S(cell % L.nx(l)) + S(0.5), cy = S(cell / L.nx(l)) + S(0.5);
+        float* o = pred + b * 4 * A + p;
+        o[0] = float((cx - dist[0 * kDecodeBlock + q]) * st);
+        o[A] = float((cy - dist[1 * kDecodeBlock + q]) * st);
+        o[2 * A] = float((cx + dist[2 * kDecodeBlock + q]) * st);
+        o[3 * A] = float((cy + dist[3 * kDecodeBlock + q]) * st);
+      }
+    }
+  };
   const Assigner<S> a{L, bs, m, nc, k, S(alpha), float(beta), pred, px.data(), py.data(), gt};
-  // 2. each box's top-k
   const In* sc = scores.data_ptr<In>();
   const at::Tensor picks_buf = at::empty({int64_t(bs * m * k * sizeof(Pick<S>))}, at::kByte);
   Pick<S>* const picks = reinterpret_cast<Pick<S>*>(picks_buf.data_ptr<uint8_t>());
   const at::Tensor counts_buf = at::zeros({bs * m}, at::kLong);
   int64_t* const counts = counts_buf.data_ptr<int64_t>();
-  at::parallel_for(0, bs * m, 1, [&](int64_t begin, int64_t end) {
-    BoxScratch<S> scratch;
-    for (int64_t r = begin; r < end; ++r)
-      if (gt[r].valid) counts[r] = top_candidates(a, sc, r / m, gt[r], picks + r * k, scratch);
-  });
-  // 3. per image: resolve, cut, normalise
+  const auto box_top_k = [&](int64_t r, BoxScratch<S>& scratch) {
+    if (gt[r].valid) counts[r] = top_candidates(a, sc, r / m, gt[r], picks + r * k, scratch);
+  };
   int32_t* out = assigned.data_ptr<int32_t>();
   S* tgt = target.data_ptr<S>();
+  const auto resolve = [&](int64_t b) {
+    resolve_image(a, sc, b, picks + b * m * k, counts + b * m, topk2, out + b * A, tgt + b * A);
+  };
+  if (bs >= at::get_num_threads()) {
+    // an image a task, its steps one after another: its predicted boxes (4 * A floats) are still
+    // in cache when its boxes read them
+    at::parallel_for(0, bs, 1, [&](int64_t begin, int64_t end) {
+      std::vector<S> dist;
+      Runs runs;
+      BoxScratch<S> scratch;
+      for (int64_t b = begin; b < end; ++b) {
+        mark_needed(b);
+        for (int64_t l = 0; l < L.levels(); ++l) decode_level(b, l, dist, runs);
+        for (int64_t r = b * m; r < (b + 1) * m; ++r) box_top_k(r, scratch);
+        resolve(b);
+      }
+    });
+    return;
+  }
+  // fewer images than threads: each step split finer (levels, boxes) over the threads
   at::parallel_for(0, bs, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b)
-      resolve_image(a, sc, b, picks + b * m * k, counts + b * m, topk2, out + b * A, tgt + b * A);
+    for (int64_t b = begin; b < end; ++b) mark_needed(b);
+  });
+  at::parallel_for(0, bs * L.levels(), 1, [&](int64_t begin, int64_t end) {
+    std::vector<S> dist;
+    Runs runs;
+    for (int64_t task = begin; task < end; ++task) decode_level(task / L.levels(), task % L.levels(), dist, runs);
+  });
+  at::parallel_for(0, bs * m, 1, [&](int64_t begin, int64_t end) {
+    BoxScratch<S> scratch;
+    for (int64_t r = begin; r < end; ++r) box_top_k(r, scratch);
+  });
+  at::parallel_for(0, bs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) resolve(b);
   });
 }
 
