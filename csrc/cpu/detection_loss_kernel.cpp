@@ -116,14 +116,15 @@ struct AssignedPoints {
     w_left.resize(size_t(4 * n)), w_right.resize(size_t(4 * n)), d_l1.resize(size_t(4 * n));
     left.resize(size_t(4 * n));
     const In* xb = P.boxes.data_ptr<In>() + b * C * A;
-    // the rows are 4 * A bytes apart, so each point's C logits are C misses of their own: their
+    // the rows are A logits apart, so each point's C logits are C misses of their own: a row's
     // lines are asked for kRowsAhead rows before they are read (many misses in flight, not one)
     constexpr int64_t kRowsAhead = 8;
-    for (int64_t c = 0; c < std::min(kRowsAhead, C); ++c)
+    const auto ask = [&](int64_t c) {
       for (int64_t q = 0; q < n; ++q) __builtin_prefetch(xb + c * A + point[q]);
+    };
+    for (int64_t c = 0; c < std::min(kRowsAhead, C); ++c) ask(c);
     for (int64_t c = 0; c < C; ++c) {
-      if (c + kRowsAhead < C)
-        for (int64_t q = 0; q < n; ++q) __builtin_prefetch(xb + (c + kRowsAhead) * A + point[q]);
+      if (c + kRowsAhead < C) ask(c + kRowsAhead);
       for (int64_t q = 0; q < n; ++q) x[c * n + q] = S(xb[c * A + point[q]]);
     }
     decode<S, S>(x.data(), n, R, n, n, dist.data(), log_norm.data());
