@@ -101,8 +101,10 @@ struct AssignedPoints {
   std::vector<S> w_left, w_right, d_l1;    // [4 * n]: DFL weights; d L1 / d distance s (reg_max 1)
   std::vector<int32_t> left;               // [4 * n]: the DFL's left bin
 
+  // flatten: the dual-number CIoU's helpers (iou_xyxy, centre_term, Dual's operators) inlined into
+  // the per-point loop; left to itself the compiler calls them, ~10% of the loss at 300 boxes
   template <typename In>
-  void build(const Problem& P, int64_t b) {
+  __attribute__((flatten)) void build(const Problem& P, int64_t b) {
     const Layout& L = P.L;
     const int64_t A = L.points, R = P.R, C = 4 * R;
     const int32_t* assigned = P.assigned.data_ptr<int32_t>() + b * A;
