@@ -72,6 +72,28 @@ def test_tal_assign_matches_the_dense_assigner(counts, topk, topk2, lo, hi, dtyp
     assert_same_assignment(ours, expected)
 
 
+@pytest.mark.parametrize(
+    "counts, topk, topk2, lo, hi",
+    [
+        ([60, 25], 10, None, 0.01, 0.3),  # crowded: contested points, pruned candidates
+        ([40], 7, 1, 0.02, 0.5),  # the one-to-one branch's second cut
+        ([8, 0, 30], 13, None, 0.001, 0.05),  # tiny boxes: fewer candidates than topk
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tal_assign_matches_the_dense_assigner_on_a_large_grid(counts, topk, topk2, lo, hi, dtype, gen):
+    """At topk * 64 <= points (any real image size) the top-k is a heap selection and the kernel scores
+    exactly only the candidates its metric's bound cannot rule out: the same assignment as the dense
+    assigner's."""
+    grids = grids_for(256, 320)  # 1,680 points
+    assert topk * 64 <= sum(ny * nx for ny, nx in grids)
+    options = DetectionOptions(nc=5, reg_max=16, strides=(8.0, 16.0, 32.0), topk=topk, topk2=topk2)
+    preds = make_preds(len(counts), grids, 5, 16, gen, dtype=dtype)
+    batch = make_batch(counts, 5, gen, lo=lo, hi=hi)
+    ours, expected = assign_both(preds, batch, options, grids)
+    assert_same_assignment(ours, expected)
+
+
 def test_tal_assign_duplicates_and_padding_rows(gen):
     """Identical boxes tie on every CIoU: the first takes the shared points; an all-zero row is padding."""
     grids = grids_for(64, 64)

@@ -102,8 +102,11 @@ static void print_bits(const char* what, const std::vector<double>& v) {
       anchor_free::overlap_row_generic<float>(g, px1.data(), py1.data(), px2.data(), py2.data(), n, ov.data(), bound); \
       print_bits("assigner_overlap", ov);                                                             \
     }                                                                                                 \
-    anchor_free::overlap_gt_row_generic<float>(px1.data(), py1.data(), px2.data(), py2.data(), n, g, ov.data()); \
-    print_bits("assigner_overlap_gts", ov);                                                           \
+    for (const bool bound : {false, true}) {                                                          \
+      anchor_free::overlap_gt_row_generic<float>(px1.data(), py1.data(), px2.data(), py2.data(), n, g,   \
+                                                 ov.data(), bound);                                   \
+      print_bits("assigner_overlap_gts", ov);                                                         \
+    }                                                                                                 \
     for (const float alpha : {0.5f, 1.5f}) {                                                          \
       anchor_free::score_power_approx_row_generic<float>(x.data(), n, alpha, sp.data());              \
       print_bits("score_power_approx", sp);                                                           \
@@ -181,8 +184,8 @@ def test_row_functions_are_bitwise_identical_across_instruction_sets(tmp_path):
     if len(outputs) < 2:
         pytest.skip("this CPU has neither AVX2 nor AVX-512: one instruction set, nothing to compare")
     reference = outputs.pop("baseline")
-    # every function printed something (the assigner's rows: 5 lines)
-    assert len(reference) == 4 * 4 + 2 * 2 * 2 + 2 + 5 + 5 + 4 * 2 * 5
+    # every function printed something (the assigner's rows: 6 lines)
+    assert len(reference) == 4 * 4 + 2 * 2 * 2 + 2 + 5 + 6 + 4 * 2 * 5
     # the one-pass softplus sum and sigmoid are the two separate rows' bits
     bits = {line.split()[0]: line.split()[1:] for line in reference}
     assert bits["softplus_sigmoid_sum"] == bits["softplus_sum"]

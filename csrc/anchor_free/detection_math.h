@@ -263,11 +263,16 @@ inline void overlap_row_generic(const T* g, const T* x1, const T* y1, const T* x
   else
     for (int64_t q = 0; q < n; ++q) out[q] = assigner_overlap<T>(g[0], g[1], g[2], g[3], x1[q], y1[q], x2[q], y2[q]);
 }
-// assigner_overlap of n gt boxes (SoA rows gx1, gy1, gx2, gy2) against one predicted box q.
+// assigner_overlap of n gt boxes (SoA rows gx1, gy1, gx2, gy2) against one predicted box q, or its
+// diou_bound.
 template <typename T>
 inline void overlap_gt_row_generic(const T* gx1, const T* gy1, const T* gx2, const T* gy2, int64_t n, const T* q,
-                                   T* out) {
-  for (int64_t t = 0; t < n; ++t) out[t] = assigner_overlap<T>(gx1[t], gy1[t], gx2[t], gy2[t], q[0], q[1], q[2], q[3]);
+                                   T* out, bool bound) {
+  if (bound)
+    for (int64_t t = 0; t < n; ++t) out[t] = diou_bound<T>(gx1[t], gy1[t], gx2[t], gy2[t], q[0], q[1], q[2], q[3]);
+  else
+    for (int64_t t = 0; t < n; ++t)
+      out[t] = assigner_overlap<T>(gx1[t], gy1[t], gx2[t], gy2[t], q[0], q[1], q[2], q[3]);
 }
 // The assigner's score^alpha of a logit as the original computes it (torch's sigmoid, 1 / (1 +
 // exp(-x)); its pow(x, 0.5) is sqrt), and an approximation for the bounds of its pruning: the
@@ -295,7 +300,7 @@ inline void score_power_approx_row_generic(const T* x, int64_t n, T alpha, T* ou
 void overlap_row(const float* g, const float* x1, const float* y1, const float* x2, const float* y2, int64_t n,
                  float* out, bool bound);
 void overlap_gt_row(const float* gx1, const float* gy1, const float* gx2, const float* gy2, int64_t n, const float* q,
-                    float* out);
+                    float* out, bool bound);
 void score_power_approx_row(const float* x, int64_t n, float alpha, float* out);
 inline void score_power_approx_row(const double* x, int64_t n, double alpha, double* out) {
   score_power_approx_row_generic(x, n, alpha, out);

@@ -343,7 +343,7 @@ void resolve_image(const Assigner<S>& a, const In* scores, int64_t b, const Pick
       const uint8_t* in = inside.data();
       for (const uint8_t* hit = in; (hit = static_cast<const uint8_t*>(std::memchr(hit, 1, in + m - hit))); ++hit)
         hits.push_back(hit - in);  // memchr: a fast scan
-      const int64_t nh = int64_t(hits.size());
+      int64_t nh = int64_t(hits.size());
       hx1.resize(size_t(nh)), hy1.resize(size_t(nh)), hx2.resize(size_t(nh)), hy2.resize(size_t(nh));
       hov.resize(size_t(nh));
       for (int64_t h = 0; h < nh; ++h) {
@@ -352,7 +352,18 @@ void resolve_image(const Assigner<S>& a, const In* scores, int64_t b, const Pick
       }
       const float* pq = a.pred + b * 4 * A + p;
       const float q4[4] = {pq[0], pq[A], pq[2 * A], pq[3 * A]};
-      overlap_gt_row(hx1.data(), hy1.data(), hx2.data(), hy2.data(), nh, q4, hov.data());
+      // the best CIoU is at least the first claimer's (the same function's bits), so a box whose
+      // bound (diou_bound >= CIoU) is below it cannot be the argmax: only the others get the
+      // exact CIoU, two arctangents apiece (a NaN bound is kept)
+      overlap_gt_row(hx1.data(), hy1.data(), hx2.data(), hy2.data(), nh, q4, hov.data(), true);
+      const float known = first[p].overlap;
+      int64_t kept = 0;
+      for (int64_t h = 0; h < nh; ++h) {
+        hits[kept] = hits[h], hx1[kept] = hx1[h], hy1[kept] = hy1[h], hx2[kept] = hx2[h], hy2[kept] = hy2[h];
+        kept += !(clamp_nonnegative(hov[h]) * (1.0f + 1e-6f) < known);
+      }
+      nh = kept;
+      overlap_gt_row(hx1.data(), hy1.data(), hx2.data(), hy2.data(), nh, q4, hov.data(), false);
       // the boxes it is not inside have CIoU 0 (box 0's too when it is not inside), never above
       int32_t best = 0;
       float best_ov = 0.0f;

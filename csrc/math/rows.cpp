@@ -73,8 +73,9 @@ YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) void overlap_row(cons
 
 YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) void overlap_gt_row(const float* gx1, const float* gy1,
                                                                               const float* gx2, const float* gy2,
-                                                                              int64_t n, const float* q, float* out) {
-  overlap_gt_row_generic(gx1, gy1, gx2, gy2, n, q, out);
+                                                                              int64_t n, const float* q, float* out,
+                                                                              bool bound) {
+  overlap_gt_row_generic(gx1, gy1, gx2, gy2, n, q, out, bound);
 }
 
 YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) void score_power_approx_row(const float* x, int64_t n,
