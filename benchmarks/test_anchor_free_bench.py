@@ -27,3 +27,15 @@ def test_the_table_takes_medians_and_quantiles(monkeypatch):
     monkeypatch.setattr(anchor_free, "peak_extra_bytes", lambda fn, device: 0)
     rows = anchor_free.measure(1, 2, 5)
     assert all((r["ms"], r["p20"], r["p80"], r["x_floor"]) == (3.0, 2.0, 4.0, 1.0) for r in rows)
+
+
+def test_parts_time_the_assigner_and_the_loss_alone(tmp_path):
+    """--parts adds cpp's two steps, each timed alone in the same turns (when the extension is built)."""
+    md = tmp_path / "t.md"
+    assert anchor_free.main(["--batch", "1", "--boxes", "2", "--repeats", "1", "--parts", "--md", str(md)]) == 0
+    text = md.read_text()
+    if "| 1 | 2 | cpp |" not in text:  # no extension: no cpp rows at all
+        assert "cpp: assigner" not in text
+        return
+    for part in ("cpp: assigner", "cpp: loss with gradient"):
+        assert f"| 1 | 2 | {part} |" in text

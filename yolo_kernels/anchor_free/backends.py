@@ -92,9 +92,11 @@ class CppBackend:
     def unavailable_reason(self, device: torch.device | None) -> str | None:
         return cpu_kernels_unavailable_reason(device)
 
-    def loss(self, problem: Problem, options: DetectionOptions, class_weights, expected_grad=None) -> torch.Tensor:
+    def assign(self, problem: Problem, options: DetectionOptions):
+        """The assignment step alone: ``(labels, gt_boxes, grids, strides, assigned, target)``, the
+        padded targets and the ops' flat arguments with ``tal_assign``'s output (what ``loss``
+        passes on to the loss op; ``benchmarks/anchor_free.py --parts`` times the two apart)."""
         require_extension()
-        ops = torch.ops.yolo_kernels
         boxes, scores = problem.boxes, problem.scores
         grids = [n for grid in problem.grids for n in grid]
         strides = list(options.strides)
@@ -103,10 +105,16 @@ class CppBackend:
             problem.batch_idx, problem.cls, problem.bboxes, boxes.shape[0], image_hw.flip(0)
         )
         labels = labels.squeeze(-1).long()
-        assigned, target = ops.tal_assign(
+        assigned, target = torch.ops.yolo_kernels.tal_assign(
             boxes.detach(), scores.detach(), labels, gt_boxes, grids, strides, options.topk, options.second_cut,
             options.alpha, options.beta, options.size_floor,
         )  # fmt: skip
+        return labels, gt_boxes, grids, strides, assigned, target
+
+    def loss(self, problem: Problem, options: DetectionOptions, class_weights, expected_grad=None) -> torch.Tensor:
+        ops = torch.ops.yolo_kernels
+        boxes, scores = problem.boxes, problem.scores
+        labels, gt_boxes, grids, strides, assigned, target = self.assign(problem, options)
         wants_grad = torch.is_grad_enabled() and (boxes.requires_grad or scores.requires_grad)
         if wants_grad and expected_grad is not None and not torch.compiler.is_compiling():
             return _LossWithGradient.apply(
