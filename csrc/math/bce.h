@@ -99,6 +99,7 @@ static inline void bce_row(const double* x, double* loss, double* grad, int64_t 
 // instruction set gives the same bits. `scratch` holds bce_rows_summed_scratch(rows, n) floats.
 typedef float YkFloat16 __attribute__((vector_size(64)));
 typedef int32_t YkInt16 __attribute__((vector_size(64)));
+typedef double YkDouble16 __attribute__((vector_size(128)));
 // The 16 lanes of v combined by `op` in a fixed tree (lane l with lane l + h, h = 8, 4, 2, 1), by
 // whole-vector shuffles (only lane 0 of the result is kept).
 template <typename Op>
