@@ -91,22 +91,24 @@ static void print_bits(const char* what, const std::vector<double>& v) {
                                                  left.data(), wl.data(), wr.data(), np, 3, 0.7f, 1.3f, gr.data()); \
     print_bits("bin_gradient", gr);                                                                   \
   }                                                                                                   \
-  { /* the assigner's overlaps (CIoU, its DIoU bound) of a gt box against predicted boxes, of gt boxes \
-       against one predicted box, and its approximate score powers */                                 \
-    std::vector<float> px1(n), py1(n), px2(n), py2(n), ov(n), sp(n);                                  \
+  { /* the assigner's overlaps (CIoU from the boxes and their angles) of a gt box against predicted \
+       boxes, of gt boxes against one predicted box, and its approximate score powers */             \
+    std::vector<float> px1(n), py1(n), px2(n), py2(n), pa(n), ov(n), sp(n);                           \
     for (int64_t i = 0; i < n; ++i)                                                                   \
       px1[i] = 100.0f + 20.0f * b[0][i], py1[i] = 100.0f + 20.0f * b[1][i],                           \
-      px2[i] = px1[i] + 10.0f * b[8][i], py2[i] = py1[i] + 10.0f * b[9][i];                           \
-    const float g[4] = {90.0f, 95.0f, 160.0f, 170.0f};                                                \
-    for (const bool bound : {false, true}) {                                                          \
-      anchor_free::overlap_row_generic<float>(g, px1.data(), py1.data(), px2.data(), py2.data(), n, ov.data(), bound); \
-      print_bits("assigner_overlap", ov);                                                             \
-    }                                                                                                 \
-    for (const bool bound : {false, true}) {                                                          \
-      anchor_free::overlap_gt_row_generic<float>(px1.data(), py1.data(), px2.data(), py2.data(), n, g,   \
-                                                 ov.data(), bound);                                   \
-      print_bits("assigner_overlap_gts", ov);                                                         \
-    }                                                                                                 \
+      px2[i] = px1[i] + 10.0f * b[8][i], py2[i] = py1[i] + 10.0f * b[9][i],                           \
+      pa[i] = anchor_free::box_angle(px1[i], py1[i], px2[i], py2[i]);                                  \
+    const float g[5] = {90.0f, 95.0f, 160.0f, 170.0f, anchor_free::box_angle(90.0f, 95.0f, 160.0f, 170.0f)}; \
+    anchor_free::overlap_row_generic<float>(g, px1.data(), py1.data(), px2.data(), py2.data(), pa.data(), n, \
+                                            ov.data());                                               \
+    print_bits("assigner_overlap", ov);                                                               \
+    for (int64_t i = 0; i < n; ++i) /* the per-pair formula, its arctangents taken in place */        \
+      ov[i] = anchor_free::clamp_nonnegative(anchor_free::ciou_xyxy<float, float>(                    \
+          g[0], g[1], g[2], g[3], px1[i], py1[i], px2[i], py2[i]));                                   \
+    print_bits("assigner_overlap_per_pair", ov);                                                      \
+    anchor_free::overlap_gt_row_generic<float>(px1.data(), py1.data(), px2.data(), py2.data(), pa.data(), n, \
+                                               g, ov.data());                                         \
+    print_bits("assigner_overlap_gts", ov);                                                           \
     for (const float alpha : {0.5f, 1.5f}) {                                                          \
       anchor_free::score_power_approx_row_generic<float>(x.data(), n, alpha, sp.data());              \
       print_bits("score_power_approx", sp);                                                           \
@@ -184,12 +186,14 @@ def test_row_functions_are_bitwise_identical_across_instruction_sets(tmp_path):
     if len(outputs) < 2:
         pytest.skip("this CPU has neither AVX2 nor AVX-512: one instruction set, nothing to compare")
     reference = outputs.pop("baseline")
-    # every function printed something (the assigner's rows: 6 lines)
-    assert len(reference) == 4 * 4 + 2 * 2 * 2 + 2 + 5 + 6 + 4 * 2 * 5
+    # every function printed something (the assigner's rows: 5 lines)
+    assert len(reference) == 4 * 4 + 2 * 2 * 2 + 2 + 5 + 5 + 4 * 2 * 5
     # the one-pass softplus sum and sigmoid are the two separate rows' bits
     bits = {line.split()[0]: line.split()[1:] for line in reference}
     assert bits["softplus_sigmoid_sum"] == bits["softplus_sum"]
     assert bits["softplus_sigmoid_grad"] == bits["sigmoid_scaled"]
+    # the assigner's CIoU from angles taken once per box is the per-pair formula's
+    assert bits["assigner_overlap"] == bits["assigner_overlap_per_pair"]
     for isa, lines in outputs.items():
         differing = [i for i, (a, b) in enumerate(zip(lines, reference)) if a != b]
         assert not differing and len(lines) == len(reference), (

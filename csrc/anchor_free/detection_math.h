@@ -51,33 +51,41 @@ S centre_term(const S& ax1, const S& ay1, const S& ax2, const S& ay2, T bx1, T b
   return rho2 / c2;
 }
 
+// CIoU from its parts: the IoU, the centre term and da, the difference of the boxes' aspect angles
+// atan(w / h) (b's less a's); the aspect term's weight alpha detached.
+template <typename S, typename T>
+S ciou_from_parts(const S& iou, const S& centre, const S& da) {
+  const T eps = T(kCiouEps);
+  const S v = da * da * T(4.0 / (M_PI * M_PI));
+  const S alpha = detach(v / (((T(1) - iou) + v) + eps));
+  return iou - (centre + v * alpha);
+}
+
 // Complete IoU of xyxy box a against xyxy box b, as reference.bbox_ciou(a, b): the IoU less the
-// centre distance and aspect terms (both >= 0, so CIoU <= IoU), the aspect term's weight alpha
-// detached.
+// centre distance and aspect terms (both >= 0, so CIoU <= IoU).
 template <typename S, typename T>
 S ciou_xyxy(const S& ax1, const S& ay1, const S& ax2, const S& ay2, T bx1, T by1, T bx2, T by2) {
-  const T eps = T(kCiouEps);
   const IouParts<S, T> u = iou_xyxy<S, T>(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2);
   const S centre = centre_term<S, T>(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2);
   const S da = S(atan_(u.bw / u.bh)) - atan_(u.aw / u.ah);
-  const S v = da * da * T(4.0 / (M_PI * M_PI));
-  const S alpha = detach(v / (((T(1) - u.iou) + v) + eps));
-  return u.iou - (centre + v * alpha);
+  return ciou_from_parts<S, T>(u.iou, centre, da);
 }
 
-// IoU less the centre term, rounded as ciou_xyxy rounds its first terms: CIoU subtracts a further
-// term >= 0 (centre + v alpha >= centre, and rounding keeps the order), so this bounds its CIoU
-// from above without the arctangents (the assigner prunes by it).
+// A box's aspect angle as ciou_xyxy computes it (the width over the height + eps; the C library's
+// arctangent): a property of one box, so the assigner computes it once per box and per point
+// rather than twice per (box, point) pair.
 template <typename T>
-T diou_bound(T ax1, T ay1, T ax2, T ay2, T bx1, T by1, T bx2, T by2) {
+T box_angle(T x1, T y1, T x2, T y2) {
+  return atan_((x2 - x1) / ((y2 - y1) + T(kCiouEps)));
+}
+
+// CIoU of plain values with both boxes' angles given (box_angle's): ciou_xyxy's bits, and no
+// library call, so loops over it vectorise.
+template <typename T>
+T ciou_values(T ax1, T ay1, T ax2, T ay2, T a_angle, T bx1, T by1, T bx2, T by2, T b_angle) {
   const T iou = iou_xyxy<T, T>(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2).iou;
-  return iou - centre_term<T, T>(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2);
-}
-
-// On plain values (the assigner: the ground truth as a, the prediction as b).
-template <typename T>
-T ciou_values(T ax1, T ay1, T ax2, T ay2, T bx1, T by1, T bx2, T by2) {
-  return ciou_xyxy<T, T>(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2);
+  const T centre = centre_term<T, T>(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2);
+  return ciou_from_parts<T, T>(iou, centre, b_angle - a_angle);
 }
 
 // clamp(min=0) as torch computes it: a NaN stays NaN.
@@ -256,31 +264,26 @@ inline void bin_gradient_row_generic(const T* x, const T* log_norm, const T* dis
   }
 }
 
-// The assigner's overlaps of gt box g against n predicted boxes (SoA rows x1, y1, x2, y2):
-// CIoU clamped at 0 (the C library's arctangent, as the original's float overlaps), or its
-// diou_bound (no arctangent: its loop vectorises). The same bits one at a time or in rows.
+// The assigner's overlaps, CIoU clamped at 0 (the ground truth as box a, the prediction as b), from
+// the boxes and their angles (box_angle): of gt box g (x1, y1, x2, y2, angle) against n predicted
+// boxes (SoA rows), and of n gt boxes (SoA rows) against one predicted box q (x1, y1, x2, y2, angle).
+// No library call: the loops vectorise, with the same bits one at a time or in rows.
 template <typename T>
-inline T assigner_overlap(T gx1, T gy1, T gx2, T gy2, T x1, T y1, T x2, T y2) {
-  return clamp_nonnegative(ciou_values<T>(gx1, gy1, gx2, gy2, x1, y1, x2, y2));
+inline T assigner_overlap(const T* g, T x1, T y1, T x2, T y2, T angle) {
+  return clamp_nonnegative(ciou_values<T>(g[0], g[1], g[2], g[3], g[4], x1, y1, x2, y2, angle));
 }
 template <typename T>
-inline void overlap_row_generic(const T* g, const T* x1, const T* y1, const T* x2, const T* y2, int64_t n, T* out,
-                                bool bound) {
-  if (bound)
-    for (int64_t q = 0; q < n; ++q) out[q] = diou_bound<T>(g[0], g[1], g[2], g[3], x1[q], y1[q], x2[q], y2[q]);
-  else
-    for (int64_t q = 0; q < n; ++q) out[q] = assigner_overlap<T>(g[0], g[1], g[2], g[3], x1[q], y1[q], x2[q], y2[q]);
+inline void overlap_row_generic(const T* g, const T* x1, const T* y1, const T* x2, const T* y2, const T* angle,
+                                int64_t n, T* out) {
+  for (int64_t q = 0; q < n; ++q) out[q] = assigner_overlap<T>(g, x1[q], y1[q], x2[q], y2[q], angle[q]);
 }
-// assigner_overlap of n gt boxes (SoA rows gx1, gy1, gx2, gy2) against one predicted box q, or its
-// diou_bound.
 template <typename T>
-inline void overlap_gt_row_generic(const T* gx1, const T* gy1, const T* gx2, const T* gy2, int64_t n, const T* q,
-                                   T* out, bool bound) {
-  if (bound)
-    for (int64_t t = 0; t < n; ++t) out[t] = diou_bound<T>(gx1[t], gy1[t], gx2[t], gy2[t], q[0], q[1], q[2], q[3]);
-  else
-    for (int64_t t = 0; t < n; ++t)
-      out[t] = assigner_overlap<T>(gx1[t], gy1[t], gx2[t], gy2[t], q[0], q[1], q[2], q[3]);
+inline void overlap_gt_row_generic(const T* gx1, const T* gy1, const T* gx2, const T* gy2, const T* g_angle,
+                                   int64_t n, const T* q, T* out) {
+  for (int64_t t = 0; t < n; ++t) {
+    const T g[5] = {gx1[t], gy1[t], gx2[t], gy2[t], g_angle[t]};
+    out[t] = assigner_overlap<T>(g, q[0], q[1], q[2], q[3], q[4]);
+  }
 }
 // The assigner's score^alpha of a logit as the original computes it (torch's sigmoid, 1 / (1 +
 // exp(-x)); its pow(x, 0.5) is sqrt), and an approximation for the bounds of its pruning: the
@@ -305,10 +308,10 @@ inline void score_power_approx_row_generic(const T* x, int64_t n, T alpha, T* ou
 }
 
 // float rows: compiled once per instruction set in math/rows.cpp
-void overlap_row(const float* g, const float* x1, const float* y1, const float* x2, const float* y2, int64_t n,
-                 float* out, bool bound);
-void overlap_gt_row(const float* gx1, const float* gy1, const float* gx2, const float* gy2, int64_t n, const float* q,
-                    float* out, bool bound);
+void overlap_row(const float* g, const float* x1, const float* y1, const float* x2, const float* y2,
+                 const float* angle, int64_t n, float* out);
+void overlap_gt_row(const float* gx1, const float* gy1, const float* gx2, const float* gy2, const float* g_angle,
+                    int64_t n, const float* q, float* out);
 void score_power_approx_row(const float* x, int64_t n, float alpha, float* out);
 inline void score_power_approx_row(const double* x, int64_t n, double alpha, double* out) {
   score_power_approx_row_generic(x, n, alpha, out);

@@ -4,12 +4,14 @@
 // The dense assigner (reference.assign) scores every box against every point. Here each box scans
 // only the cells inside it (its sides raised to the size floor), so the work is the boxes' areas
 // and the memory O(bs * boxes * topk + points):
-//   1. decode every point's predicted box (pixels);
+//   1. decode the predicted box (pixels) and its aspect angle of every point some box has as a
+//      candidate;
 //   2. per box: metric = score^alpha * CIoU^beta of each candidate (0 elsewhere) and its top-k,
 //      selected as torch.topk selects on the CPU (topk_select), so that the zero-metric points a
 //      box with fewer than k positive candidates is filled with are the original's; the picks that
-//      are candidates of the box are kept. Only the candidates an upper bound of the metric cannot
-//      rule out are scored exactly (top_candidates);
+//      are candidates of the box are kept. Every candidate's CIoU is computed (arithmetic only:
+//      the angles' arctangents were taken once per point and per box); the exact score power only
+//      for the candidates an upper bound of the metric cannot rule out (top_candidates);
 //   3. per image: a point kept by one box goes to it; a point kept by several goes to the box of
 //      highest CIoU over every box it is a candidate of (the first on ties); the second cut
 //      (topk2, selected the same way); each box's alignments normalised by its best CIoU over its
@@ -38,9 +40,10 @@ namespace yolo_kernels {
 namespace anchor_free {
 namespace {
 
-// A box's geometry in pixels: corners, the candidate window (sides raised to the floor) and label.
+// A box's geometry in pixels: corners, aspect angle (box_angle), the candidate window (sides raised
+// to the floor) and label.
 struct GtBox {
-  float x1, y1, x2, y2;
+  float x1, y1, x2, y2, angle;
   float lo_x, lo_y, hi_x, hi_y;
   int64_t label;
   bool valid;  // an all-zero row (xyxy sum not positive) is padding
@@ -57,6 +60,14 @@ inline Window cell_window(const GtBox& g, const Layout& L, int64_t l) {
           std::min<int64_t>(L.nx(l) - 1, int64_t(std::ceil(g.hi_x / st - 0.5f))),
           std::max<int64_t>(0, int64_t(std::floor(g.lo_y / st - 0.5f))),
           std::min<int64_t>(L.ny(l) - 1, int64_t(std::ceil(g.hi_y / st - 0.5f)))};
+}
+
+// The rows of the decoded predictions per image: the box corners (pixels) and the aspect angle.
+constexpr int64_t kPredRows = 5;
+// Copies of n floats go 16 at a time (no scalar tail): they read and write up to kChunk - 1 past n.
+constexpr int64_t kChunk = 16;
+inline void copy_chunks(const float* src, int64_t n, float* dst) {
+  for (int64_t q = 0; q < n; q += kChunk) std::memcpy(dst + q, src + q, kChunk * sizeof(float));
 }
 
 template <typename S>
@@ -76,7 +87,7 @@ struct Assigner {
   int64_t bs, m, nc, k;
   S alpha;
   float beta;
-  const float* pred;  // [bs, 4, A] predicted boxes, pixels: x1, y1, x2, y2 rows per image
+  const float* pred;  // [bs, kPredRows, A] predicted boxes, pixels: x1, y1, x2, y2, angle rows per image
   const float* px;    // [A] point centres, pixels
   const float* py;
   const std::vector<GtBox>& gt;  // [bs * m]
@@ -144,51 +155,53 @@ inline void largest_k(const double* v, int64_t n, int64_t k, std::vector<std::pa
 
 // Step 2 for box g of image b: the points of its top-k that are its candidates, into picks.
 //
-// The exact metric costs two arctangents and a power; an upper bound of it, ub = score^alpha *
-// diou_bound^beta (diou_bound >= CIoU), costs neither. tau, the k-th largest metric of the k
-// candidates of largest ub, is at most the k-th largest of all, so a candidate whose ub (with a
-// margin for rounding) is below tau cannot be in the top-k and is not scored. The selection over
-// the scored entries equals the selection over all when the k-th largest is unique and positive
-// (the top-k set is then the same whatever the order the heap saw the entries in); otherwise
-// (ties, zeros, NaN) every candidate is scored and the selection runs as the original's.
-// The candidates' values are gathered into rows (structure of arrays) so that the math runs in
-// vectorised row functions (overlap_row, score_power_approx_row) rather than one candidate at a time.
+// The candidates' overlaps (CIoU) are exact and cheap: the boxes' aspect angles were computed once
+// per point and per box (box_angle), so a row of overlaps is arithmetic that vectorises. The score
+// power (the C library's exp, as the original's sigmoid) is not: an upper bound of the metric,
+// ub = score_power_approx * overlap^beta, within a few ulp of it, ranks the candidates instead. tau,
+// the k-th largest exact metric of the k candidates of largest ub, is at most the k-th largest of
+// all, so a candidate whose ub (with a margin for its rounding) is below tau cannot be in the top-k
+// and its exact metric is not computed. The selection over the scored entries equals the selection
+// over all when the k-th largest is unique and positive (the top-k set is then the same whatever
+// the order the heap saw the entries in); otherwise (ties, zeros, NaN) every candidate is scored and
+// the selection runs as the original's.
 template <typename S>
 struct BoxScratch {
-  std::vector<int64_t> point;                // the candidates, in increasing point order (the heap's)
-  std::vector<float> x1, y1, x2, y2, bound;  // their predicted boxes (pixels) and diou_bound
-  std::vector<S> logit, sp_approx;           // score logits; score^alpha approximated (for ub)
-  std::vector<double> ub, metric;            // upper bound; exact metric (once scored)
-  std::vector<float> overlap;                // CIoU clamped at 0 (once scored)
+  std::vector<int64_t> point;                       // the candidates, in increasing point order (the heap's)
+  std::vector<float> x1, y1, x2, y2, angle;         // their predicted boxes (pixels), gathered (+ kChunk slack)
+  std::vector<float> overlap;                       // CIoU clamped at 0
+  std::vector<S> logit, sp_approx, overlap_power;  // score logits; score^alpha approximated; overlap^beta
+  std::vector<double> ub, metric;                   // upper bound; exact metric (once scored)
   std::vector<uint8_t> scored;
-  std::vector<int64_t> idx;                  // a list of candidates
-  std::vector<std::pair<double, int64_t>> top;  // largest_k's buffer
-  std::vector<int64_t> done;                 // the candidates scored, in the order they were
-  std::vector<float> sx1, sy1, sx2, sy2, sov;  // the list's boxes, gathered, and their overlaps
-  std::vector<Entry> row;                    // the heap's row
+  std::vector<int64_t> idx;                         // a list of candidates
+  std::vector<std::pair<double, int64_t>> top;      // largest_k's buffer
+  std::vector<int64_t> done;                        // the candidates scored, in the order they were
+  std::vector<Entry> row;                           // the heap's row
 };
 
-// The exact metrics (and overlaps) of the candidates w.idx that lack them.
+// The exact metrics of the candidates w.idx that lack them (Assigner::metric's bits).
 template <typename S>
-void score_listed(const Assigner<S>& a, const GtBox& g, BoxScratch<S>& w) {
-  int64_t n = 0;
-  for (const int64_t c : w.idx)
-    if (!w.scored[c]) w.idx[n++] = c;
-  w.idx.resize(size_t(n));
-  w.sx1.resize(size_t(n)), w.sy1.resize(size_t(n)), w.sx2.resize(size_t(n)), w.sy2.resize(size_t(n));
-  w.sov.resize(size_t(n));
-  for (int64_t t = 0; t < n; ++t) {
-    const int64_t c = w.idx[t];
-    w.sx1[t] = w.x1[c], w.sy1[t] = w.y1[c], w.sx2[t] = w.x2[c], w.sy2[t] = w.y2[c];
-  }
-  const float gxy[4] = {g.x1, g.y1, g.x2, g.y2};
-  overlap_row(gxy, w.sx1.data(), w.sy1.data(), w.sx2.data(), w.sy2.data(), n, w.sov.data(), false);
-  for (int64_t t = 0; t < n; ++t) {
-    const int64_t c = w.idx[t];
-    w.metric[c] = double(a.score_power(w.logit[c]) * a.overlap_power(w.sov[t]));  // Assigner::metric
-    w.overlap[c] = w.sov[t], w.scored[c] = 1;
+void score_listed(const Assigner<S>& a, BoxScratch<S>& w) {
+  for (const int64_t c : w.idx) {
+    if (w.scored[c]) continue;
+    w.metric[c] = double(a.score_power(w.logit[c]) * w.overlap_power[c]);
+    w.scored[c] = 1;
     w.done.push_back(c);
   }
+}
+
+// The candidate cells of box g on level l: a rectangle, as Assigner::candidate's test of a point's
+// x depends on its column only and that of its y on its row only. Empty (i0 > i1 or j0 > j1) when none.
+template <typename S>
+Window candidate_cells(const Assigner<S>& a, const GtBox& g, int64_t l) {
+  const Layout& L = a.layout;
+  const int64_t nx = L.nx(l), off = L.offsets[l];
+  Window w = cell_window(g, L, l);
+  while (w.i0 <= w.i1 && !strictly_inside(g.lo_x, g.hi_x, a.px[off + w.i0])) ++w.i0;
+  while (w.i1 >= w.i0 && !strictly_inside(g.lo_x, g.hi_x, a.px[off + w.i1])) --w.i1;
+  while (w.j0 <= w.j1 && !strictly_inside(g.lo_y, g.hi_y, a.py[off + w.j0 * nx])) ++w.j0;
+  while (w.j1 >= w.j0 && !strictly_inside(g.lo_y, g.hi_y, a.py[off + w.j1 * nx])) --w.j1;
+  return w;
 }
 
 template <typename S, typename In>
@@ -199,53 +212,48 @@ int64_t top_candidates(const Assigner<S>& a, const In* scores, int64_t b, const 
   const bool partial = topk_partial(k, L.points);
   const int64_t head = partial ? k : L.points;  // the points that enter the row whatever their metric
   const In* score_row = scores + (b * a.nc + g.label) * A;
-  const float* pb = a.pred + b * 4 * A;
-  w.point.clear();
+  const float* pb = a.pred + b * kPredRows * A;
+  int64_t n = 0;
   for (int64_t l = 0; l < L.levels(); ++l) {
-    const int64_t nx = L.nx(l), off = L.offsets[l];
-    const Window win = cell_window(g, L, l);
-    for (int64_t j = win.j0; j <= win.j1; ++j) {
-      // a.candidate along the row: the cells that pass are consecutive (the test is monotone in x)
-      const int64_t row_start = off + j * nx;
-      int64_t i0 = win.i0, i1 = win.i1;
-      while (i0 <= i1 && !a.candidate(g, row_start + i0)) ++i0;
-      while (i1 >= i0 && !a.candidate(g, row_start + i1)) --i1;
-      for (int64_t i = i0; i <= i1; ++i) w.point.push_back(row_start + i);
-    }
+    const Window c = candidate_cells(a, g, l);
+    if (c.i0 <= c.i1) n += (c.j1 - c.j0 + 1) * (c.i1 - c.i0 + 1);
   }
-  const int64_t n = int64_t(w.point.size());
-  const auto sized = [n](auto&... v) { (v.resize(size_t(n)), ...); };
-  sized(w.x1, w.y1, w.x2, w.y2, w.bound, w.logit, w.sp_approx, w.ub, w.metric, w.overlap);
+  const auto sized = [n](auto&... v) { (v.resize(size_t(n + kChunk)), ...); };
+  sized(w.point, w.x1, w.y1, w.x2, w.y2, w.angle, w.overlap, w.logit, w.sp_approx, w.overlap_power, w.ub, w.metric);
   w.scored.assign(size_t(n), 0);
   w.done.clear();
-  for (int64_t c = 0; c < n; ++c) {
-    const int64_t p = w.point[c];
-    w.x1[c] = pb[p], w.y1[c] = pb[A + p], w.x2[c] = pb[2 * A + p], w.y2[c] = pb[3 * A + p];
-    w.logit[c] = S(score_row[p]);
+  // the candidates row by row: consecutive points, their predicted boxes copied in chunks
+  int64_t o = 0;
+  for (int64_t l = 0; l < L.levels(); ++l) {
+    const Window c = candidate_cells(a, g, l);
+    const int64_t len = c.i1 - c.i0 + 1;
+    for (int64_t j = c.j0; len > 0 && j <= c.j1; ++j, o += len) {
+      const int64_t p0 = L.offsets[l] + j * L.nx(l) + c.i0;
+      for (int64_t q = 0; q < len; ++q) w.point[o + q] = p0 + q, w.logit[o + q] = S(score_row[p0 + q]);
+      copy_chunks(pb + p0, len, w.x1.data() + o), copy_chunks(pb + A + p0, len, w.y1.data() + o);
+      copy_chunks(pb + 2 * A + p0, len, w.x2.data() + o), copy_chunks(pb + 3 * A + p0, len, w.y2.data() + o);
+      copy_chunks(pb + 4 * A + p0, len, w.angle.data() + o);
+    }
   }
+  const float gq[5] = {g.x1, g.y1, g.x2, g.y2, g.angle};
+  overlap_row(gq, w.x1.data(), w.y1.data(), w.x2.data(), w.y2.data(), w.angle.data(), n, w.overlap.data());
   score_power_approx_row(w.logit.data(), n, a.alpha, w.sp_approx.data());
-  // the bound needs a metric that grows with the overlap (beta > 0; the original's is 6)
-  const bool prune = partial && n > k && a.beta > 0.0f;
+  bool finite = true;
+  for (int64_t c = 0; c < n; ++c) {
+    w.overlap_power[c] = a.overlap_power(w.overlap[c]);
+    w.ub[c] = double(w.sp_approx[c]) * double(w.overlap_power[c]);
+    finite &= !std::isnan(w.ub[c]);
+  }
+  const bool prune = partial && n > k && finite;
   double tau = 0.0;
   if (prune) {
-    const float gxy[4] = {g.x1, g.y1, g.x2, g.y2};
-    overlap_row(gxy, w.x1.data(), w.y1.data(), w.x2.data(), w.y2.data(), n, w.bound.data(), true);
-    bool finite = true;
-    for (int64_t c = 0; c < n; ++c) {
-      const double o = w.bound[c] > 0.0f ? double(w.bound[c]) : 0.0;  // a NaN bound stays NaN
-      const double ob = a.beta == 6.0f ? (o * o) * (o * o) * (o * o) : std::pow(o, double(a.beta));
-      w.ub[c] = double(w.sp_approx[c]) * (std::isnan(w.bound[c]) ? double(NAN) : ob);
-      finite &= !std::isnan(w.ub[c]);
-    }
-    if (finite) {
-      // the k of largest ub (any k would do; these give the largest tau)
-      largest_k(w.ub.data(), n, k, w.top, w.idx);
-      score_listed(a, g, w);
-      tau = INFINITY;  // the least of their metrics; NaN if one is NaN (then nothing is pruned)
-      for (const int64_t c : w.idx) tau = std::isnan(tau) || std::isnan(w.metric[c]) ? NAN : std::min(tau, w.metric[c]);
-    }
+    // the k of largest ub (any k would do; these give the largest tau)
+    largest_k(w.ub.data(), n, k, w.top, w.idx);
+    score_listed(a, w);
+    tau = INFINITY;  // the least of their metrics; NaN if one is NaN (then nothing is pruned)
+    for (const int64_t c : w.idx) tau = std::isnan(tau) || std::isnan(w.metric[c]) ? NAN : std::min(tau, w.metric[c]);
   }
-  // ub's rounding (the float power, the approximate score power's few ulp, scaled by alpha)
+  // ub's rounding (the approximate score power's few ulp, scaled by alpha; the metric's float product)
   const double margin = 1.0 + 1e-5 * std::max(1.0, std::abs(double(a.alpha)));
   for (bool pruned = prune && tau > 0.0;; pruned = false) {  // false for a NaN tau
     // the candidates scored: the first k points, and those whose ub reaches tau (stored whatever
@@ -257,7 +265,7 @@ int64_t top_candidates(const Assigner<S>& a, const In* scores, int64_t b, const 
       listed += !pruned || w.point[c] < head || !(w.ub[c] * margin < tau);
     }
     w.idx.resize(size_t(listed));
-    score_listed(a, g, w);
+    score_listed(a, w);
     std::sort(w.done.begin(), w.done.end());  // point order, as the heap selection visits them
     std::vector<Entry>& row = w.row;
     row.assign(size_t(head), Entry(0.0, 0));
@@ -286,7 +294,7 @@ int64_t top_candidates(const Assigner<S>& a, const In* scores, int64_t b, const 
     if (!a.candidate(g, p)) continue;
     // a candidate in the top-k was scored (the first k points always are; the others entered the
     // row only so), and the candidates are in point order
-    const int64_t c = std::lower_bound(w.point.begin(), w.point.end(), p) - w.point.begin();
+    const int64_t c = std::lower_bound(w.point.begin(), w.point.begin() + n, p) - w.point.begin();
     TORCH_INTERNAL_ASSERT(c < n && w.point[c] == p && w.scored[c]);
     picks[picked++] = Pick<S>{p, S(w.row[t].first), w.overlap[c]};
   }
@@ -326,7 +334,7 @@ void resolve_image(const Assigner<S>& a, const In* scores, int64_t b, const Pick
   }
   std::vector<uint8_t> inside(static_cast<size_t>(m));
   std::vector<int64_t> hits;  // the boxes a contested point is inside, their boxes gathered, their overlaps
-  std::vector<float> hx1, hy1, hx2, hy2, hov;
+  std::vector<float> hx1, hy1, hx2, hy2, hangle, hov;
   // the box each touched point goes to, with its metric and CIoU there
   std::vector<Pick<S>> won(touched.size());
   std::vector<int32_t> winner(touched.size());
@@ -343,27 +351,16 @@ void resolve_image(const Assigner<S>& a, const In* scores, int64_t b, const Pick
       const uint8_t* in = inside.data();
       for (const uint8_t* hit = in; (hit = static_cast<const uint8_t*>(std::memchr(hit, 1, in + m - hit))); ++hit)
         hits.push_back(hit - in);  // memchr: a fast scan
-      int64_t nh = int64_t(hits.size());
-      hx1.resize(size_t(nh)), hy1.resize(size_t(nh)), hx2.resize(size_t(nh)), hy2.resize(size_t(nh));
-      hov.resize(size_t(nh));
+      const int64_t nh = int64_t(hits.size());
+      const auto sized = [nh](auto&... v) { (v.resize(size_t(nh)), ...); };
+      sized(hx1, hy1, hx2, hy2, hangle, hov);
       for (int64_t h = 0; h < nh; ++h) {
         const GtBox& q = gt[hits[h]];
-        hx1[h] = q.x1, hy1[h] = q.y1, hx2[h] = q.x2, hy2[h] = q.y2;
+        hx1[h] = q.x1, hy1[h] = q.y1, hx2[h] = q.x2, hy2[h] = q.y2, hangle[h] = q.angle;
       }
-      const float* pq = a.pred + b * 4 * A + p;
-      const float q4[4] = {pq[0], pq[A], pq[2 * A], pq[3 * A]};
-      // the best CIoU is at least the first claimer's (the same function's bits), so a box whose
-      // bound (diou_bound >= CIoU) is below it cannot be the argmax: only the others get the
-      // exact CIoU, two arctangents apiece (a NaN bound is kept)
-      overlap_gt_row(hx1.data(), hy1.data(), hx2.data(), hy2.data(), nh, q4, hov.data(), true);
-      const float known = first[p].overlap;
-      int64_t kept = 0;
-      for (int64_t h = 0; h < nh; ++h) {
-        hits[kept] = hits[h], hx1[kept] = hx1[h], hy1[kept] = hy1[h], hx2[kept] = hx2[h], hy2[kept] = hy2[h];
-        kept += !(clamp_nonnegative(hov[h]) * (1.0f + 1e-6f) < known);
-      }
-      nh = kept;
-      overlap_gt_row(hx1.data(), hy1.data(), hx2.data(), hy2.data(), nh, q4, hov.data(), false);
+      const float* pq = a.pred + b * kPredRows * A + p;
+      const float q5[5] = {pq[0], pq[A], pq[2 * A], pq[3 * A], pq[4 * A]};
+      overlap_gt_row(hx1.data(), hy1.data(), hx2.data(), hy2.data(), hangle.data(), nh, q5, hov.data());
       // the boxes it is not inside have CIoU 0 (box 0's too when it is not inside), never above
       int32_t best = 0;
       float best_ov = 0.0f;
@@ -436,7 +433,8 @@ void assign(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor&
   std::vector<float> px(A), py(A);
   // the scratch that grows with the inputs is ATen memory, so that the profiler (and the memory
   // tests and benchmarks that read it) sees every byte of it
-  const at::Tensor pred_buf = at::empty({bs, 4, A}, at::kFloat);  // written where needed, read there only
+  // written where needed, read there only; kChunk floats of slack for copy_chunks
+  const at::Tensor pred_buf = at::empty({bs * kPredRows * A + kChunk}, at::kFloat);
   float* const pred = pred_buf.data_ptr<float>();
   for (int64_t l = 0; l < L.levels(); ++l)
     for (int64_t j = 0; j < L.ny(l); ++j)
@@ -452,7 +450,8 @@ void assign(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor&
   const float floor_px = float(size_floor);
   for (int64_t r = 0; r < bs * m; ++r) {
     const float* q = gb + 4 * r;
-    GtBox g{q[0], q[1], q[2], q[3], 0, 0, 0, 0, gl[r], ((q[0] + q[1]) + q[2]) + q[3] > 0.0f};
+    GtBox g{q[0], q[1], q[2], q[3], box_angle(q[0], q[1], q[2], q[3]), 0, 0, 0, 0, gl[r],
+            ((q[0] + q[1]) + q[2]) + q[3] > 0.0f};
     const float cx = (q[0] + q[2]) / 2.0f, cy = (q[1] + q[3]) / 2.0f;
     float w = q[2] - q[0], h = q[3] - q[1];
     w = w < floor_px ? floor_px : w, h = h < floor_px ? floor_px : h;
@@ -461,14 +460,15 @@ void assign(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor&
                       "), got ", g.label, " at image ", r / m, ", box ", r % m);
     gt[r] = g;
   }
-  // only the points some box may take need their box decoded (few when boxes are few)
+  const Assigner<S> a{L, bs, m, nc, k, S(alpha), float(beta), pred, px.data(), py.data(), gt};
+  // only the candidates of some box need their box decoded (few when boxes are few)
   const at::Tensor needed_buf = at::zeros({bs, A}, at::kByte);
   uint8_t* const needed = needed_buf.data_ptr<uint8_t>();
   const auto mark_needed = [&](int64_t b) {
     for (int64_t g = 0; g < m; ++g) {
       if (!gt[b * m + g].valid) continue;
       for (int64_t l = 0; l < L.levels(); ++l) {
-        const Window w = cell_window(gt[b * m + g], L, l);
+        const Window w = candidate_cells(a, gt[b * m + g], l);
         for (int64_t j = w.j0; w.i0 <= w.i1 && j <= w.j1; ++j) {
           uint8_t* row = needed + b * A + L.offsets[l] + j * L.nx(l);
           std::fill(row + w.i0, row + w.i1 + 1, uint8_t(1));
@@ -514,15 +514,15 @@ void assign(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor&
       for (int64_t q = 0; q < n; ++q) {
         const int64_t p = p0 + q, cell = p - L.offsets[l];
         const S cx = S(cell % L.nx(l)) + S(0.5), cy = S(cell / L.nx(l)) + S(0.5);
-        float* o = pred + b * 4 * A + p;
+        float* o = pred + b * kPredRows * A + p;
         o[0] = float((cx - dist[0 * kDecodeBlock + q]) * st);
         o[A] = float((cy - dist[1 * kDecodeBlock + q]) * st);
         o[2 * A] = float((cx + dist[2 * kDecodeBlock + q]) * st);
         o[3 * A] = float((cy + dist[3 * kDecodeBlock + q]) * st);
+        o[4 * A] = box_angle(o[0], o[A], o[2 * A], o[3 * A]);
       }
     }
   };
-  const Assigner<S> a{L, bs, m, nc, k, S(alpha), float(beta), pred, px.data(), py.data(), gt};
   const In* sc = scores.data_ptr<In>();
   const at::Tensor picks_buf = at::empty({int64_t(bs * m * k * sizeof(Pick<S>))}, at::kByte);
   Pick<S>* const picks = reinterpret_cast<Pick<S>*>(picks_buf.data_ptr<uint8_t>());
@@ -537,7 +537,7 @@ void assign(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor&
     resolve_image(a, sc, b, picks + b * m * k, counts + b * m, topk2, out + b * A, tgt + b * A);
   };
   if (bs >= at::get_num_threads()) {
-    // an image a task, its steps one after another: its predicted boxes (4 * A floats) are still
+    // an image a task, its steps one after another: its predicted boxes (kPredRows * A floats) are still
     // in cache when its boxes read them
     at::parallel_for(0, bs, 1, [&](int64_t begin, int64_t end) {
       std::vector<S> dist;

@@ -66,16 +66,16 @@ YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) void decode_block_f32
 
 YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) void overlap_row(const float* g, const float* x1,
                                                                            const float* y1, const float* x2,
-                                                                           const float* y2, int64_t n, float* out,
-                                                                           bool bound) {
-  overlap_row_generic(g, x1, y1, x2, y2, n, out, bound);
+                                                                           const float* y2, const float* angle,
+                                                                           int64_t n, float* out) {
+  overlap_row_generic(g, x1, y1, x2, y2, angle, n, out);
 }
 
 YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) void overlap_gt_row(const float* gx1, const float* gy1,
                                                                               const float* gx2, const float* gy2,
-                                                                              int64_t n, const float* q, float* out,
-                                                                              bool bound) {
-  overlap_gt_row_generic(gx1, gy1, gx2, gy2, n, q, out, bound);
+                                                                              const float* g_angle, int64_t n,
+                                                                              const float* q, float* out) {
+  overlap_gt_row_generic(gx1, gy1, gx2, gy2, g_angle, n, q, out);
 }
 
 YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) void score_power_approx_row(const float* x, int64_t n,
