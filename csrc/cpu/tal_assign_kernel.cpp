@@ -172,6 +172,9 @@ struct BoxScratch {
   std::vector<float> overlap;                       // CIoU clamped at 0
   std::vector<S> logit, sp_approx, overlap_power;  // score logits; score^alpha approximated; overlap^beta
   std::vector<double> ub, metric;                   // upper bound; exact metric (once scored)
+  std::vector<double> most;                         // the largest ub of each of k groups of candidates
+  std::vector<int64_t> reach;                       // the candidates that may have one of the k largest ub
+  std::vector<double> reach_ub;                     // and their ub
   std::vector<uint8_t> scored;
   std::vector<int64_t> idx;                         // a list of candidates
   std::vector<std::pair<double, int64_t>> top;      // largest_k's buffer
@@ -219,7 +222,8 @@ int64_t top_candidates(const Assigner<S>& a, const In* scores, int64_t b, const 
     if (c.i0 <= c.i1) n += (c.j1 - c.j0 + 1) * (c.i1 - c.i0 + 1);
   }
   const auto sized = [n](auto&... v) { (v.resize(size_t(n + kChunk)), ...); };
-  sized(w.point, w.x1, w.y1, w.x2, w.y2, w.angle, w.overlap, w.logit, w.sp_approx, w.overlap_power, w.ub, w.metric);
+  sized(w.point, w.x1, w.y1, w.x2, w.y2, w.angle, w.overlap, w.logit, w.sp_approx, w.overlap_power, w.ub, w.metric,
+        w.reach, w.reach_ub);
   w.scored.assign(size_t(n), 0);
   w.done.clear();
   // the candidates row by row: consecutive points, their predicted boxes copied in chunks
@@ -247,8 +251,20 @@ int64_t top_candidates(const Assigner<S>& a, const In* scores, int64_t b, const 
   const bool prune = partial && n > k && finite;
   double tau = 0.0;
   if (prune) {
-    // the k of largest ub (any k would do; these give the largest tau)
-    largest_k(w.ub.data(), n, k, w.top, w.idx);
+    // the k of largest ub (any k would do; these give the largest tau). They are at or above the
+    // least of the maxima of k disjoint groups of candidates (k distinct candidates reach it: a
+    // lower bound of the k-th largest); with every k-th candidate in a group, each group spans the
+    // box and few candidates reach it: largest_k (a branchy scan) runs over those only
+    w.most.assign(size_t(k), -INFINITY);
+    for (int64_t c = 0, t = 0; c < n; ++c, t = t + 1 == k ? 0 : t + 1) w.most[t] = std::max(w.most[t], w.ub[c]);
+    const double lower = *std::min_element(w.most.begin(), w.most.end());
+    int64_t reach = 0;
+    for (int64_t c = 0; c < n; ++c) {  // stored whatever the test says, counted where it passes
+      w.reach[reach] = c, w.reach_ub[reach] = w.ub[c];
+      reach += w.ub[c] >= lower;
+    }
+    largest_k(w.reach_ub.data(), reach, k, w.top, w.idx);
+    for (int64_t& c : w.idx) c = w.reach[c];
     score_listed(a, w);
     tau = INFINITY;  // the least of their metrics; NaN if one is NaN (then nothing is pruned)
     for (const int64_t c : w.idx) tau = std::isnan(tau) || std::isnan(w.metric[c]) ? NAN : std::min(tau, w.metric[c]);
