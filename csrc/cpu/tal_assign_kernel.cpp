@@ -91,6 +91,7 @@ struct Assigner {
   const float* px;    // [A] point centres, pixels
   const float* py;
   const std::vector<GtBox>& gt;  // [bs * m]
+  Window* cells;                 // [bs * m * levels]: each box's candidate cells on each level (candidate_cells)
 
   bool candidate(const GtBox& g, int64_t p) const {
     return g.valid && strictly_inside(g.lo_x, g.hi_x, px[p]) && strictly_inside(g.lo_y, g.hi_y, py[p]);
@@ -208,9 +209,11 @@ Window candidate_cells(const Assigner<S>& a, const GtBox& g, int64_t l) {
 }
 
 template <typename S, typename In>
-int64_t top_candidates(const Assigner<S>& a, const In* scores, int64_t b, const GtBox& g, Pick<S>* picks,
-                       BoxScratch<S>& w) {
+int64_t top_candidates(const Assigner<S>& a, const In* scores, int64_t r, Pick<S>* picks, BoxScratch<S>& w) {
   const Layout& L = a.layout;
+  const int64_t b = r / a.m;
+  const GtBox& g = a.gt[r];
+  const Window* cells = a.cells + r * L.levels();
   const int64_t k = a.k, A = L.points;
   const bool partial = topk_partial(k, L.points);
   const int64_t head = partial ? k : L.points;  // the points that enter the row whatever their metric
@@ -218,7 +221,7 @@ int64_t top_candidates(const Assigner<S>& a, const In* scores, int64_t b, const 
   const float* pb = a.pred + b * kPredRows * A;
   int64_t n = 0;
   for (int64_t l = 0; l < L.levels(); ++l) {
-    const Window c = candidate_cells(a, g, l);
+    const Window& c = cells[l];
     if (c.i0 <= c.i1) n += (c.j1 - c.j0 + 1) * (c.i1 - c.i0 + 1);
   }
   const auto sized = [n](auto&... v) { (v.resize(size_t(n + kChunk)), ...); };
@@ -229,7 +232,7 @@ int64_t top_candidates(const Assigner<S>& a, const In* scores, int64_t b, const 
   // the candidates row by row: consecutive points, their predicted boxes copied in chunks
   int64_t o = 0;
   for (int64_t l = 0; l < L.levels(); ++l) {
-    const Window c = candidate_cells(a, g, l);
+    const Window& c = cells[l];
     const int64_t len = c.i1 - c.i0 + 1;
     for (int64_t j = c.j0; len > 0 && j <= c.j1; ++j, o += len) {
       const int64_t p0 = L.offsets[l] + j * L.nx(l) + c.i0;
@@ -476,15 +479,17 @@ void assign(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor&
                       "), got ", g.label, " at image ", r / m, ", box ", r % m);
     gt[r] = g;
   }
-  const Assigner<S> a{L, bs, m, nc, k, S(alpha), float(beta), pred, px.data(), py.data(), gt};
+  const at::Tensor cells_buf = at::empty({int64_t(bs * m * L.levels() * sizeof(Window))}, at::kByte);
+  Window* const cells = reinterpret_cast<Window*>(cells_buf.data_ptr<uint8_t>());
+  const Assigner<S> a{L, bs, m, nc, k, S(alpha), float(beta), pred, px.data(), py.data(), gt, cells};
   // only the candidates of some box need their box decoded (few when boxes are few)
   const at::Tensor needed_buf = at::zeros({bs, A}, at::kByte);
   uint8_t* const needed = needed_buf.data_ptr<uint8_t>();
   const auto mark_needed = [&](int64_t b) {
     for (int64_t g = 0; g < m; ++g) {
-      if (!gt[b * m + g].valid) continue;
+      if (!gt[b * m + g].valid) continue;  // its cells are never read
       for (int64_t l = 0; l < L.levels(); ++l) {
-        const Window w = candidate_cells(a, gt[b * m + g], l);
+        const Window w = a.cells[(b * m + g) * L.levels() + l] = candidate_cells(a, gt[b * m + g], l);
         for (int64_t j = w.j0; w.i0 <= w.i1 && j <= w.j1; ++j) {
           uint8_t* row = needed + b * A + L.offsets[l] + j * L.nx(l);
           std::fill(row + w.i0, row + w.i1 + 1, uint8_t(1));
@@ -545,7 +550,7 @@ void assign(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor&
   const at::Tensor counts_buf = at::zeros({bs * m}, at::kLong);
   int64_t* const counts = counts_buf.data_ptr<int64_t>();
   const auto box_top_k = [&](int64_t r, BoxScratch<S>& scratch) {
-    if (gt[r].valid) counts[r] = top_candidates(a, sc, r / m, gt[r], picks + r * k, scratch);
+    if (gt[r].valid) counts[r] = top_candidates(a, sc, r, picks + r * k, scratch);
   };
   int32_t* out = assigned.data_ptr<int32_t>();
   S* tgt = target.data_ptr<S>();
