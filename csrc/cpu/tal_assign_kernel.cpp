@@ -208,6 +208,23 @@ Window candidate_cells(const Assigner<S>& a, const GtBox& g, int64_t l) {
   return w;
 }
 
+// Asks for the lines of box r's candidate score logits (its label's plane): far from the last box's,
+// they miss the caches; a box asks for them while an earlier one is scored.
+template <typename S, typename In>
+void prefetch_scores(const Assigner<S>& a, const In* scores, int64_t r) {
+  const Layout& L = a.layout;
+  const GtBox& g = a.gt[r];
+  if (!g.valid) return;
+  const In* plane = scores + ((r / a.m) * a.nc + g.label) * L.points;
+  for (int64_t l = 0; l < L.levels(); ++l) {
+    const Window& c = a.cells[r * L.levels() + l];
+    for (int64_t j = c.j0; c.i0 <= c.i1 && j <= c.j1; ++j) {
+      const In* run = plane + L.offsets[l] + j * L.nx(l);
+      __builtin_prefetch(run + c.i0), __builtin_prefetch(run + c.i1);
+    }
+  }
+}
+
 template <typename S, typename In>
 int64_t top_candidates(const Assigner<S>& a, const In* scores, int64_t r, Pick<S>* picks, BoxScratch<S>& w) {
   const Layout& L = a.layout;
@@ -550,6 +567,7 @@ void assign(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor&
   const at::Tensor counts_buf = at::zeros({bs * m}, at::kLong);
   int64_t* const counts = counts_buf.data_ptr<int64_t>();
   const auto box_top_k = [&](int64_t r, BoxScratch<S>& scratch) {
+    if (r + 2 < bs * m && (r + 2) / m == r / m) prefetch_scores(a, sc, r + 2);  // the cells are of this image's task
     if (gt[r].valid) counts[r] = top_candidates(a, sc, r, picks + r * k, scratch);
   };
   int32_t* out = assigned.data_ptr<int32_t>();
