@@ -181,6 +181,7 @@ struct BoxScratch {
   std::vector<std::pair<double, int64_t>> top;      // largest_k's buffer
   std::vector<int64_t> done;                        // the candidates scored, in the order they were
   std::vector<Entry> row;                           // the heap's row
+  std::vector<const void*> ahead;                   // a later box's score lines (score_lines)
 };
 
 // The exact metrics of the candidates w.idx that lack them (Assigner::metric's bits).
@@ -208,10 +209,12 @@ Window candidate_cells(const Assigner<S>& a, const GtBox& g, int64_t l) {
   return w;
 }
 
-// Asks for the lines of box r's candidate score logits (its label's plane): far from the last box's,
-// they miss the caches; a box asks for them while an earlier one is scored.
+// The lines of box r's candidate score logits (its label's plane), into `lines`: far from the last
+// box's, they miss the caches, so a box asks for those of a later box while it gathers its own
+// (a few at a time: a burst of requests would wait for free miss buffers).
 template <typename S, typename In>
-void prefetch_scores(const Assigner<S>& a, const In* scores, int64_t r) {
+void score_lines(const Assigner<S>& a, const In* scores, int64_t r, std::vector<const void*>& lines) {
+  lines.clear();
   const Layout& L = a.layout;
   const GtBox& g = a.gt[r];
   if (!g.valid) return;
@@ -220,13 +223,14 @@ void prefetch_scores(const Assigner<S>& a, const In* scores, int64_t r) {
     const Window& c = a.cells[r * L.levels() + l];
     for (int64_t j = c.j0; c.i0 <= c.i1 && j <= c.j1; ++j) {
       const In* run = plane + L.offsets[l] + j * L.nx(l);
-      __builtin_prefetch(run + c.i0), __builtin_prefetch(run + c.i1);
+      lines.push_back(run + c.i0), lines.push_back(run + c.i1);
     }
   }
 }
 
 template <typename S, typename In>
-int64_t top_candidates(const Assigner<S>& a, const In* scores, int64_t r, Pick<S>* picks, BoxScratch<S>& w) {
+int64_t top_candidates(const Assigner<S>& a, const In* scores, int64_t r, int64_t ahead, Pick<S>* picks,
+                       BoxScratch<S>& w) {
   const Layout& L = a.layout;
   const int64_t b = r / a.m;
   const GtBox& g = a.gt[r];
@@ -246,19 +250,24 @@ int64_t top_candidates(const Assigner<S>& a, const In* scores, int64_t r, Pick<S
         w.reach, w.reach_ub);
   w.scored.assign(size_t(n), 0);
   w.done.clear();
-  // the candidates row by row: consecutive points, their predicted boxes copied in chunks
+  // the candidates row by row: consecutive points, their predicted boxes copied in chunks; box
+  // `ahead`'s score lines asked for along the way
+  if (ahead >= 0) score_lines(a, scores, ahead, w.ahead);
+  size_t asked = 0;
   int64_t o = 0;
   for (int64_t l = 0; l < L.levels(); ++l) {
     const Window& c = cells[l];
     const int64_t len = c.i1 - c.i0 + 1;
     for (int64_t j = c.j0; len > 0 && j <= c.j1; ++j, o += len) {
       const int64_t p0 = L.offsets[l] + j * L.nx(l) + c.i0;
+      for (const size_t stop = std::min(w.ahead.size(), asked + 2); asked < stop; ++asked) __builtin_prefetch(w.ahead[asked]);
       for (int64_t q = 0; q < len; ++q) w.point[o + q] = p0 + q, w.logit[o + q] = S(score_row[p0 + q]);
       copy_chunks(pb + p0, len, w.x1.data() + o), copy_chunks(pb + A + p0, len, w.y1.data() + o);
       copy_chunks(pb + 2 * A + p0, len, w.x2.data() + o), copy_chunks(pb + 3 * A + p0, len, w.y2.data() + o);
       copy_chunks(pb + 4 * A + p0, len, w.angle.data() + o);
     }
   }
+  for (; asked < w.ahead.size(); ++asked) __builtin_prefetch(w.ahead[asked]);
   const float gq[5] = {g.x1, g.y1, g.x2, g.y2, g.angle};
   overlap_row(gq, w.x1.data(), w.y1.data(), w.x2.data(), w.y2.data(), w.angle.data(), n, w.overlap.data());
   score_power_approx_row(w.logit.data(), n, a.alpha, w.sp_approx.data());
@@ -567,8 +576,9 @@ void assign(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor&
   const at::Tensor counts_buf = at::zeros({bs * m}, at::kLong);
   int64_t* const counts = counts_buf.data_ptr<int64_t>();
   const auto box_top_k = [&](int64_t r, BoxScratch<S>& scratch) {
-    if (r + 2 < bs * m && (r + 2) / m == r / m) prefetch_scores(a, sc, r + 2);  // the cells are of this image's task
-    if (gt[r].valid) counts[r] = top_candidates(a, sc, r, picks + r * k, scratch);
+    // the box two ahead, if of this image (its cells are computed with the image's)
+    const int64_t ahead = r + 2 < bs * m && (r + 2) / m == r / m ? r + 2 : -1;
+    if (gt[r].valid) counts[r] = top_candidates(a, sc, r, ahead, picks + r * k, scratch);
   };
   int32_t* out = assigned.data_ptr<int32_t>();
   S* tgt = target.data_ptr<S>();
