@@ -1,7 +1,8 @@
 """The anchor-free family's cost on the CPU: the original (ultralytics ``v8DetectionLoss``) and every
 backend of ``yolo_kernels.yolov8`` side by side, forward + backward, with the floor.
 
-    python benchmarks/anchor_free.py --batch 16 --boxes 10 300 --repeats 3 [--threads 1] [--parts] [--md F]
+    python benchmarks/anchor_free.py --batch 16 --boxes 10 300 --repeats 3 [--threads 1] [--parts]
+        [--providers cpp ...] [--md F]
 
 A YOLOv8s head at 640 (strides 8/16/32: 8,400 points, 80 classes, ``reg_max`` 16), random logits,
 ``--boxes`` random boxes per image. Calls are taken in turns (original, reference, ...), the caches
@@ -11,6 +12,8 @@ written once, timed as a copy of both. Peak extra memory: the CPU profiler's all
 call (``yolo_kernels.bench.peak_extra_bytes``). ``--parts`` adds cpp's two steps timed alone in the
 same turns: the assigner (``tal_assign``, with the targets' padding) and the loss with its gradient
 (``detection_loss_with_grad`` of that assignment, as the trainer's eager step runs it).
+``--providers`` times only the named providers (and the floor): e.g. cpp without the original's
+seconds-long calls between its turns.
 """
 
 from __future__ import annotations
@@ -70,7 +73,9 @@ def cpp_parts(model, preds, batch) -> dict:
     return {"cpp: assigner": lambda: backend.assign(problem, options), "cpp: loss with gradient": loss_with_grad}
 
 
-def measure(batch_size: int, boxes: int, repeats: int, seed: int = 0, parts: bool = False) -> list[dict]:
+def measure(
+    batch_size: int, boxes: int, repeats: int, seed: int = 0, parts: bool = False, only: list[str] | None = None
+) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     model = StandIn(nc=80, reg_max=16)
     preds = make_preds(batch_size, grids_for(640, 640), 80, 16, g)
@@ -81,7 +86,8 @@ def measure(batch_size: int, boxes: int, repeats: int, seed: int = 0, parts: boo
     def drop_grads():
         preds["boxes"].grad = preds["scores"].grad = None
 
-    calls = {name: (lambda c=c: step(c, preds, batch)) for name, c in providers(model).items()}
+    chosen = {name: c for name, c in providers(model).items() if only is None or name in only}
+    calls = {name: (lambda c=c: step(c, preds, batch)) for name, c in chosen.items()}
     if parts:
         calls.update(cpp_parts(model, preds, batch))
     sink = {k: torch.empty_like(preds[k]) for k in ("boxes", "scores")}
@@ -124,11 +130,12 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--parts", action="store_true", help="also time cpp's assigner and loss alone")
+    ap.add_argument("--providers", nargs="+", default=None, help="time only these (original, reference, cpp)")
     ap.add_argument("--md", default=None, help="also write the table to this markdown file")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = [r for n in args.boxes for r in measure(args.batch, n, args.repeats, parts=args.parts)]
+    rows = [r for n in args.boxes for r in measure(args.batch, n, args.repeats, parts=args.parts, only=args.providers)]
     text = f"{machine_line(torch.device('cpu'), torch.get_num_threads())}\n\n{table(rows)}"
     print(text)
     if args.md:

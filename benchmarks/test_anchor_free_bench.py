@@ -39,3 +39,17 @@ def test_parts_time_the_assigner_and_the_loss_alone(tmp_path):
         return
     for part in ("cpp: assigner", "cpp: loss with gradient"):
         assert f"| 1 | 2 | {part} |" in text
+
+
+def test_providers_limits_the_table_to_the_named_ones(tmp_path):
+    """--providers times only the named providers, and the floor."""
+    md = tmp_path / "t.md"
+    assert (
+        anchor_free.main(
+            ["--batch", "1", "--boxes", "2", "--repeats", "1", "--providers", "reference", "--md", str(md)]
+        )
+        == 0
+    )
+    text = md.read_text()
+    assert "| 1 | 2 | reference |" in text and "| 1 | 2 | floor |" in text
+    assert "| 1 | 2 | original |" not in text and "| 1 | 2 | cpp |" not in text
