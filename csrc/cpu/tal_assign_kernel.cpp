@@ -70,6 +70,12 @@ inline void copy_chunks(const float* src, int64_t n, float* dst) {
   for (int64_t q = 0; q < n; q += kChunk) std::memcpy(dst + q, src + q, kChunk * sizeof(float));
 }
 
+// Every vector of a scratch set resized to n elements.
+template <typename... V>
+void resize_all(int64_t n, V&... v) {
+  (v.resize(size_t(n)), ...);
+}
+
 template <typename S>
 struct Pick {
   int64_t point;
@@ -245,9 +251,8 @@ int64_t top_candidates(const Assigner<S>& a, const In* scores, int64_t r, int64_
     const Window& c = cells[l];
     if (c.i0 <= c.i1) n += (c.j1 - c.j0 + 1) * (c.i1 - c.i0 + 1);
   }
-  const auto sized = [n](auto&... v) { (v.resize(size_t(n + kChunk)), ...); };
-  sized(w.point, w.x1, w.y1, w.x2, w.y2, w.angle, w.overlap, w.logit, w.sp_approx, w.overlap_power, w.ub, w.metric,
-        w.reach, w.reach_ub);
+  resize_all(n + kChunk, w.point, w.x1, w.y1, w.x2, w.y2, w.angle, w.overlap, w.logit, w.sp_approx, w.overlap_power,
+             w.ub, w.metric, w.reach, w.reach_ub);
   w.scored.assign(size_t(n), 0);
   w.done.clear();
   // the candidates row by row: consecutive points, their predicted boxes copied in chunks; box
@@ -397,8 +402,7 @@ void resolve_image(const Assigner<S>& a, const In* scores, int64_t b, const Pick
       for (const uint8_t* hit = in; (hit = static_cast<const uint8_t*>(std::memchr(hit, 1, in + m - hit))); ++hit)
         hits.push_back(hit - in);  // memchr: a fast scan
       const int64_t nh = int64_t(hits.size());
-      const auto sized = [nh](auto&... v) { (v.resize(size_t(nh)), ...); };
-      sized(hx1, hy1, hx2, hy2, hangle, hov);
+      resize_all(nh, hx1, hy1, hx2, hy2, hangle, hov);
       for (int64_t h = 0; h < nh; ++h) {
         const GtBox& q = gt[hits[h]];
         hx1[h] = q.x1, hy1[h] = q.y1, hx2[h] = q.x2, hy2[h] = q.y2, hangle[h] = q.angle;
