@@ -99,7 +99,9 @@ inline T clamp_nonnegative(T x) {
 // or the value itself when reg_max is 1. Writes dist[s * block + q] and, when log_norm is given,
 // the log of each softmax's normaliser (max + log sum exp). Points go kDecodeBlock at a time, the
 // loops over them vectorise; the assigner and the loss decode with the same operations (the same
-// bits).
+// bits). `ahead` (rows at the same stride, `ahead_n` points wide: the caller's next points) has its
+// lines asked for a row at a time as the rows of x are exponentiated, so that they arrive while
+// these are decoded (asked for in one burst, the requests would wait for free miss buffers).
 constexpr int64_t kDecodeBlock = 256;
 // Asks for every line of x[r * row_stride + q], r < rows, q < n.
 template <typename In>
@@ -113,7 +115,7 @@ inline void prefetch_rows(const In* x, int64_t row_stride, int64_t rows, int64_t
 }
 template <typename T, typename In>
 inline void decode_block(const In* x, int64_t row_stride, int64_t reg_max, int64_t n, int64_t block, T* dist,
-                         T* log_norm) {
+                         T* log_norm, const In* ahead = nullptr, int64_t ahead_n = 0) {
   for (int64_t q0 = 0; q0 < n; q0 += kDecodeBlock) {
     const int64_t m = std::min(kDecodeBlock, n - q0);
     // the 4 * reg_max rows are far apart (row_stride): ask for all their lines at once rather than
@@ -124,6 +126,7 @@ inline void decode_block(const In* x, int64_t row_stride, int64_t reg_max, int64
       T* d = dist + s * block + q0;
       T* ln = log_norm != nullptr ? log_norm + s * block + q0 : nullptr;
       if (reg_max == 1) {
+        if (ahead != nullptr) prefetch_rows(ahead + s * row_stride, row_stride, 1, ahead_n);
         for (int64_t q = 0; q < m; ++q) d[q] = T(xs[q]);
         if (ln != nullptr)
           for (int64_t q = 0; q < m; ++q) ln[q] = T(0);
@@ -136,12 +139,14 @@ inline void decode_block(const In* x, int64_t row_stride, int64_t reg_max, int64
           const T v = T(xs[j * row_stride + q]);
           mx[q] = (v > mx[q] || v != v) ? v : mx[q];  // NaN wins: every bin of the side is NaN after it
         }
-      for (int64_t j = 0; j < reg_max; ++j)
+      for (int64_t j = 0; j < reg_max; ++j) {
+        if (ahead != nullptr) prefetch_rows(ahead + (s * reg_max + j) * row_stride, row_stride, 1, ahead_n);
         for (int64_t q = 0; q < m; ++q) {
           const T e = exp_nonpositive(T(xs[j * row_stride + q]) - mx[q]);
           sum[q] += e;
           mean[q] += e * T(j);
         }
+      }
       for (int64_t q = 0; q < m; ++q) d[q] = mean[q] / sum[q];
       if (ln != nullptr)
         for (int64_t q = 0; q < m; ++q) ln[q] = mx[q] + std::log(sum[q]);
@@ -325,7 +330,7 @@ inline void bin_gradient_row(const double* x, const double* log_norm, const doub
   bin_gradient_row_generic(x, log_norm, dist, t, d_ciou, left, wl, wr, n, j, d_box, d_dist, out);
 }
 void decode_block_f32(const float* x, int64_t row_stride, int64_t reg_max, int64_t n, int64_t block, float* dist,
-                      float* log_norm);
+                      float* log_norm, const float* ahead = nullptr, int64_t ahead_n = 0);
 double softplus_row_sum(const float* x, int64_t n);
 void sigmoid_row_scaled(const float* x, float* out, int64_t n, float scale);
 // softplus_row_sum and sigmoid_row_scaled of one row in one pass (float: one exp per logit)
@@ -341,11 +346,12 @@ inline double softplus_sigmoid_row(const double* x, int64_t n, double* out, doub
 
 // decode_block, through its per-instruction-set build for float predictions.
 template <typename T, typename In>
-inline void decode(const In* x, int64_t row_stride, int64_t reg_max, int64_t n, int64_t block, T* dist, T* log_norm) {
+inline void decode(const In* x, int64_t row_stride, int64_t reg_max, int64_t n, int64_t block, T* dist, T* log_norm,
+                   const In* ahead = nullptr, int64_t ahead_n = 0) {
   if constexpr (std::is_same_v<T, float> && std::is_same_v<In, float>)
-    decode_block_f32(x, row_stride, reg_max, n, block, dist, log_norm);
+    decode_block_f32(x, row_stride, reg_max, n, block, dist, log_norm, ahead, ahead_n);
   else
-    decode_block<T, In>(x, row_stride, reg_max, n, block, dist, log_norm);
+    decode_block<T, In>(x, row_stride, reg_max, n, block, dist, log_norm, ahead, ahead_n);
 }
 
 }  // namespace anchor_free

@@ -64,6 +64,8 @@ inline Window cell_window(const GtBox& g, const Layout& L, int64_t l) {
 
 // The rows of the decoded predictions per image: the box corners (pixels) and the aspect angle.
 constexpr int64_t kPredRows = 5;
+// The decode asks for the rows of the run this many runs ahead of the one it decodes.
+constexpr size_t kRunsAhead = 2;
 // Copies of n floats go 16 at a time (no scalar tail): they read and write up to kChunk - 1 past n.
 constexpr int64_t kChunk = 16;
 inline void copy_chunks(const float* src, int64_t n, float* dst) {
@@ -554,14 +556,16 @@ void assign(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor&
     // decoded in whole vectors (a run of a few points would otherwise go through the loops' scalar
     // tails); the points past the run, still in the rows, are decoded and not used
     const auto width = [&](int64_t p0, int64_t n) { return std::min({(n + 15) / 16 * 16, kDecodeBlock, A - p0}); };
+    // the first runs' rows asked for before the first is decoded (the later ones along the way)
+    for (size_t t = 0; t < std::min(runs.size(), kRunsAhead); ++t)
+      prefetch_rows(x + runs[t].first, A, 4 * R, width(runs[t].first, runs[t].second));
     for (size_t t = 0; t < runs.size(); ++t) {
       const auto [p0, n] = runs[t];
-      // the next run's 4 * R rows are asked for now: they arrive while this run is decoded
-      if (t + 1 < runs.size()) {
-        const auto [next0, next_n] = runs[t + 1];
-        prefetch_rows(x + next0, A, 4 * R, width(next0, next_n));
-      }
-      decode<S, In>(x + p0, A, R, width(p0, n), kDecodeBlock, dist.data(), nullptr);
+      // the lines of a later run's 4 * R rows are asked for as this run's rows are decoded
+      const size_t next = t + kRunsAhead;
+      const In* ahead = next < runs.size() ? x + runs[next].first : nullptr;
+      decode<S, In>(x + p0, A, R, width(p0, n), kDecodeBlock, dist.data(), nullptr, ahead,
+                    ahead != nullptr ? width(runs[next].first, runs[next].second) : 0);
       for (int64_t q = 0; q < n; ++q) {
         const int64_t p = p0 + q, cell = p - L.offsets[l];
         const S cx = S(cell % L.nx(l)) + S(0.5), cy = S(cell / L.nx(l)) + S(0.5);

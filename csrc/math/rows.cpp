@@ -60,8 +60,10 @@ YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) double softplus_sigmo
 YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) void decode_block_f32(const float* x, int64_t row_stride,
                                                                                 int64_t reg_max, int64_t n,
                                                                                 int64_t block, float* dist,
-                                                                                float* log_norm) {
-  decode_block<float, float>(x, row_stride, reg_max, n, block, dist, log_norm);
+                                                                                float* log_norm,
+                                                                                const float* ahead,
+                                                                                int64_t ahead_n) {
+  decode_block<float, float>(x, row_stride, reg_max, n, block, dist, log_norm, ahead, ahead_n);
 }
 
 YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) void overlap_row(const float* g, const float* x1,
