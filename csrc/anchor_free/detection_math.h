@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 #include "math/dual.h"       // Dual, min2/max2, clamp_min, atan_, detach
 #include "math/bce.h"        // the 16-lane product sums of softplus (YkFloat16, log1p_nonnegative)
@@ -344,14 +345,26 @@ inline double softplus_sigmoid_row(const double* x, int64_t n, double* out, doub
   return softplus_row_sum_generic(x, n);
 }
 
-// decode_block, through its per-instruction-set build for float predictions.
+// decode_block, in float math through its per-instruction-set build (half and bfloat16 rows
+// converted to float first, kDecodeBlock points at a time: the build without FMA calls the
+// library's fma per step), in double math as the template.
 template <typename T, typename In>
 inline void decode(const In* x, int64_t row_stride, int64_t reg_max, int64_t n, int64_t block, T* dist, T* log_norm,
                    const In* ahead = nullptr, int64_t ahead_n = 0) {
-  if constexpr (std::is_same_v<T, float> && std::is_same_v<In, float>)
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<In, float>) {
     decode_block_f32(x, row_stride, reg_max, n, block, dist, log_norm, ahead, ahead_n);
-  else
+  } else if constexpr (std::is_same_v<T, float>) {
+    if (ahead != nullptr) prefetch_rows(ahead, row_stride, 4 * reg_max, ahead_n);
+    std::vector<float> rows(size_t(4 * reg_max * kDecodeBlock));
+    for (int64_t q0 = 0; q0 < n; q0 += kDecodeBlock) {
+      const int64_t m = std::min(kDecodeBlock, n - q0);
+      for (int64_t r = 0; r < 4 * reg_max; ++r)
+        for (int64_t q = 0; q < m; ++q) rows[r * kDecodeBlock + q] = float(x[r * row_stride + q0 + q]);
+      decode_block_f32(rows.data(), kDecodeBlock, reg_max, m, block, dist + q0, log_norm != nullptr ? log_norm + q0 : nullptr);
+    }
+  } else {
     decode_block<T, In>(x, row_stride, reg_max, n, block, dist, log_norm, ahead, ahead_n);
+  }
 }
 
 }  // namespace anchor_free

@@ -29,12 +29,9 @@ std::tuple<at::Tensor, at::Tensor> bce_with_logits_cpu(const at::Tensor& x, cons
     using T = scalar_t;
     const T *xp = xc.data_ptr<T>(), *yp = yc.data_ptr<T>();
     T *lp = loss.data_ptr<T>(), *gp = grad.data_ptr<T>();
+    // the row loop (float: its per-instruction-set build in math/rows.cpp)
     at::parallel_for(0, xc.numel(), 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const auto r = bce_with_logits<T>(xp[i], yp[i], T(pos_weight), T(gamma));
-        lp[i] = r.loss;
-        gp[i] = r.grad;
-      }
+      bce_row(xp + begin, yp + begin, lp + begin, gp + begin, end - begin, T(pos_weight), T(gamma));
     });
   });
   return {loss, grad};

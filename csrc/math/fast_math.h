@@ -11,21 +11,24 @@ namespace yolo_kernels {
 
 // exp and log1p by polynomials (float: a few ulp; double: the C library) on arguments where they
 // are well conditioned: exp on [-87, 0], log1p on [0, 1] through log1p(e) = 2 atanh(e / (2 + e)).
-// Branch-free and without library calls, so loops over them vectorise.
+// Branch-free and without library calls, so loops over them vectorise. The polynomials' steps are
+// fused multiply-adds (std::fma: one rounding, the same bits on every instruction set; one
+// instruction where the CPU has FMA, which every clone of math/rows.cpp but the baseline's
+// assumes); the build's -ffp-contract=off keeps the compiler from fusing anything else.
 inline float exp_nonpositive(float x) {
   x = std::max(x, -87.0f);  // below: 2^n would leave the normal range; the result is ~1e-38 either way
   // round to nearest by adding and subtracting 1.5 * 2^23 (a library call would block vectorisation)
-  const float shifted = x * 1.44269504088896341f + 12582912.0f;
+  const float shifted = std::fma(x, 1.44269504088896341f, 12582912.0f);
   const float n = shifted - 12582912.0f;
-  const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723212e-6f;  // x - n ln2, two parts
+  const float r = std::fma(-n, 1.42860682030941723212e-6f, std::fma(-n, 0.693145751953125f, x));  // x - n ln2
   float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  p = std::fma(p, r, 1.0f / 720.0f);
+  p = std::fma(p, r, 1.0f / 120.0f);
+  p = std::fma(p, r, 1.0f / 24.0f);
+  p = std::fma(p, r, 1.0f / 6.0f);
+  p = std::fma(p, r, 0.5f);
+  p = std::fma(p, r, 1.0f);
+  p = std::fma(p, r, 1.0f);
   // 2^n, n in [-126, 0]: n is the low bits of `shifted` (its exponent is that of 1.5 * 2^23), so
   // no float-to-int conversion (undefined for a NaN x, whose p is NaN and so is the result);
   // unsigned arithmetic: defined for any bits
@@ -41,13 +44,13 @@ inline double exp_nonpositive(double x) { return std::exp(x); }
 inline float log1p_unit(float e) {  // log1p(e) for e in [0, 1]
   const float s = e / (2.0f + e), s2 = s * s;
   float p = 1.0f / 15.0f;
-  p = p * s2 + 1.0f / 13.0f;
-  p = p * s2 + 1.0f / 11.0f;
-  p = p * s2 + 1.0f / 9.0f;
-  p = p * s2 + 1.0f / 7.0f;
-  p = p * s2 + 1.0f / 5.0f;
-  p = p * s2 + 1.0f / 3.0f;
-  p = p * s2 + 1.0f;
+  p = std::fma(p, s2, 1.0f / 13.0f);
+  p = std::fma(p, s2, 1.0f / 11.0f);
+  p = std::fma(p, s2, 1.0f / 9.0f);
+  p = std::fma(p, s2, 1.0f / 7.0f);
+  p = std::fma(p, s2, 1.0f / 5.0f);
+  p = std::fma(p, s2, 1.0f / 3.0f);
+  p = std::fma(p, s2, 1.0f);
   return 2.0f * s * p;
 }
 inline double log1p_unit(double e) { return std::log1p(e); }

@@ -9,7 +9,7 @@
 
 #if defined(__x86_64__) && defined(__ELF__) && defined(__has_attribute) && !defined(YOLO_KERNELS_NO_ISA_CLONES)
 #if __has_attribute(target_clones)
-#define YOLO_KERNELS_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define YOLO_KERNELS_ISA_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "default")))
 #endif
 #endif
 #ifndef YOLO_KERNELS_ISA_CLONES
