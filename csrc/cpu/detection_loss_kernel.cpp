@@ -28,6 +28,7 @@
 #include "anchor_free/op_args.h"
 #include "common/checks.h"
 #include "common/grad_pool.h"
+#include "common/parallel.h"
 
 namespace yolo_kernels {
 namespace anchor_free {
@@ -269,37 +270,39 @@ void assigned_terms(const Problem& P, std::array<double, 3>* images, In* gb, In*
   const S* w = P.class_weights.data_ptr<S>();
   const In* xs = P.scores.data_ptr<In>();
   const int64_t* labels = P.gt_labels.data_ptr<int64_t>();
-  at::parallel_for(0, P.bs, 1, [&](int64_t begin, int64_t end) {
+  struct Scratch {
     AssignedPoints<S> pts;
     std::vector<S> g;
-    for (int64_t b = begin; b < end; ++b) {
-      pts.template build<In>(P, b);
-      if (images != nullptr) {
-        std::array<double, 3> sum = {0.0, 0.0, 0.0};
-        for (int64_t q = 0; q < pts.n; ++q) {
-          const S t = pts.t[q];
-          const int64_t label = std::max<int64_t>(labels[b * P.m + pts.box[q]], 0);
-          sum[1] -= double(w[label] * S(xs[(b * nc + label) * A + pts.point[q]]) * t);
-          sum[0] += double(pts.box_term[q] * t);
-          sum[2] += double(pts.dist_term[q] * t);
-        }
-        images[b] = sum;
-      }
-      if (gb == nullptr) continue;
-      pts.gradient(P.R, d.box, d.dist, g);
-      for (int64_t c = 0; c < C; ++c) {  // each row: zero but at the assigned points
-        In* row = gb + (b * C + c) * A;
-        std::fill(row, row + A, In(0));
-        for (int64_t q = 0; q < pts.n; ++q) row[pts.point[q]] = In(g[c * pts.n + q]);
-      }
-      for (int64_t q = 0; q < pts.n; ++q) {  // the class term at the assigned class: (sigmoid - t)
+  };
+  parallel_tasks<Scratch>(P.bs, [&](int64_t b, Scratch& scratch) {  // images of different costs: as threads free up
+    AssignedPoints<S>& pts = scratch.pts;
+    std::vector<S>& g = scratch.g;
+    pts.template build<In>(P, b);
+    if (images != nullptr) {
+      std::array<double, 3> sum = {0.0, 0.0, 0.0};
+      for (int64_t q = 0; q < pts.n; ++q) {
+        const S t = pts.t[q];
         const int64_t label = std::max<int64_t>(labels[b * P.m + pts.box[q]], 0);
-        const int64_t at_ = (b * nc + label) * A + pts.point[q];
-        const S x = S(xs[at_]);
-        S sig;
-        sigmoid_row_scaled(&x, &sig, 1, S(1));
-        gs[at_] = In(d.cls * w[label] * (sig - pts.t[q]));
+        sum[1] -= double(w[label] * S(xs[(b * nc + label) * A + pts.point[q]]) * t);
+        sum[0] += double(pts.box_term[q] * t);
+        sum[2] += double(pts.dist_term[q] * t);
       }
+      images[b] = sum;
+    }
+    if (gb == nullptr) return;
+    pts.gradient(P.R, d.box, d.dist, g);
+    for (int64_t c = 0; c < C; ++c) {  // each row: zero but at the assigned points
+      In* row = gb + (b * C + c) * A;
+      std::fill(row, row + A, In(0));
+      for (int64_t q = 0; q < pts.n; ++q) row[pts.point[q]] = In(g[c * pts.n + q]);
+    }
+    for (int64_t q = 0; q < pts.n; ++q) {  // the class term at the assigned class: (sigmoid - t)
+      const int64_t label = std::max<int64_t>(labels[b * P.m + pts.box[q]], 0);
+      const int64_t at_ = (b * nc + label) * A + pts.point[q];
+      const S x = S(xs[at_]);
+      S sig;
+      sigmoid_row_scaled(&x, &sig, 1, S(1));
+      gs[at_] = In(d.cls * w[label] * (sig - pts.t[q]));
     }
   });
 }

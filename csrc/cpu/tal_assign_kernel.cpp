@@ -35,6 +35,7 @@
 
 #include "anchor_free/detection_math.h"
 #include "anchor_free/op_args.h"
+#include "common/parallel.h"
 
 namespace yolo_kernels {
 namespace anchor_free {
@@ -595,17 +596,18 @@ void assign(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor&
   };
   if (bs >= at::get_num_threads()) {
     // an image a task, its steps one after another: its predicted boxes (kPredRows * A floats) are still
-    // in cache when its boxes read them
-    at::parallel_for(0, bs, 1, [&](int64_t begin, int64_t end) {
+    // in cache when its boxes read them; the images handed out as threads free up (their costs
+    // differ with their boxes' number and areas)
+    struct ImageScratch {
       std::vector<S> dist;
       Runs runs;
-      BoxScratch<S> scratch;
-      for (int64_t b = begin; b < end; ++b) {
-        mark_needed(b);
-        for (int64_t l = 0; l < L.levels(); ++l) decode_level(b, l, dist, runs);
-        for (int64_t r = b * m; r < (b + 1) * m; ++r) box_top_k(r, scratch);
-        resolve(b);
-      }
+      BoxScratch<S> boxes;
+    };
+    parallel_tasks<ImageScratch>(bs, [&](int64_t b, ImageScratch& scratch) {
+      mark_needed(b);
+      for (int64_t l = 0; l < L.levels(); ++l) decode_level(b, l, scratch.dist, scratch.runs);
+      for (int64_t r = b * m; r < (b + 1) * m; ++r) box_top_k(r, scratch.boxes);
+      resolve(b);
     });
     return;
   }
