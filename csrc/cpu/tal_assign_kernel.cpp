@@ -354,17 +354,30 @@ int64_t top_candidates(const Assigner<S>& a, const In* scores, int64_t r, int64_
   return picked;
 }
 
+// Step 3's buffers, kept from image to image by a thread (per point: only `claims` is read
+// before it is written, and it is cleared again point by point after use).
+template <typename S>
+struct ResolveScratch {
+  std::vector<uint8_t> claims;   // [A]: how many boxes kept the point (0, 1, 2: several)
+  std::vector<Pick<S>> first;    // [A]: the first claimer's pick of the point
+  std::vector<int32_t> owner;    // [A]: and its box
+  std::vector<int64_t> touched;  // the points claimed, in index order
+  std::vector<float> win[4];     // the boxes' candidate windows as arrays
+};
+
 // Step 3 for image b: resolve, cut, normalise; writes assigned[A] and target[A].
 template <typename S, typename In>
 void resolve_image(const Assigner<S>& a, const In* scores, int64_t b, const Pick<S>* picks, const int64_t* counts,
-                   c10::optional<int64_t> topk2, int32_t* assigned, S* target) {
+                   c10::optional<int64_t> topk2, int32_t* assigned, S* target, ResolveScratch<S>& r) {
   const int64_t A = a.layout.points, m = a.m;
   const GtBox* gt = a.gt.data() + b * m;
   std::fill(assigned, assigned + A, -1);
   std::fill(target, target + A, S(0));
-  std::vector<uint8_t> claims(A, 0);
-  std::vector<Pick<S>> first(A);   // the first claimer's pick of the point
-  std::vector<int32_t> owner(A);
+  if (int64_t(r.claims.size()) != A) r.claims.assign(size_t(A), 0);
+  resize_all(A, r.first, r.owner);
+  std::vector<uint8_t>& claims = r.claims;
+  std::vector<Pick<S>>& first = r.first;
+  std::vector<int32_t>& owner = r.owner;
   for (int64_t g = 0; g < m; ++g) {
     const Pick<S>* pg = picks + g * a.k;
     for (int64_t t = 0; t < counts[g]; ++t) {
@@ -374,12 +387,13 @@ void resolve_image(const Assigner<S>& a, const In* scores, int64_t b, const Pick
     }
   }
   // the points claimed, in index order: a scan of the claims (A bytes) rather than a sort
-  std::vector<int64_t> touched;
+  std::vector<int64_t>& touched = r.touched;
+  touched.clear();
   for (int64_t p = 0; p < A; ++p)
     if (claims[p] != 0) touched.push_back(p);
   // the boxes' candidate windows as arrays (lo_x, lo_y, hi_x, hi_y; padding: no point inside)
-  std::vector<float> win[4];
-  for (auto& w : win) w.resize(size_t(m));
+  std::vector<float>* win = r.win;
+  for (int64_t i = 0; i < 4; ++i) win[i].resize(size_t(m));
   for (int64_t g = 0; g < m; ++g) {
     const bool valid = gt[g].valid;
     win[0][g] = valid ? gt[g].lo_x : INFINITY, win[1][g] = valid ? gt[g].lo_y : INFINITY;
@@ -429,6 +443,7 @@ void resolve_image(const Assigner<S>& a, const In* scores, int64_t b, const Pick
       won[t] = Pick<S>{p, cand ? a.metric(scores, b, w.label, p, best_ov) : S(0), cand ? best_ov : 0.0f};
     }
     ++per_box[winner[t] + 1];
+    claims[p] = 0;  // cleared for the next image
   }
   for (int64_t g = 0; g < m; ++g) per_box[g + 1] += per_box[g];
   std::vector<Pick<S>> lists(touched.size());  // per box, its points in index order
@@ -591,8 +606,8 @@ void assign(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor&
   };
   int32_t* out = assigned.data_ptr<int32_t>();
   S* tgt = target.data_ptr<S>();
-  const auto resolve = [&](int64_t b) {
-    resolve_image(a, sc, b, picks + b * m * k, counts + b * m, topk2, out + b * A, tgt + b * A);
+  const auto resolve = [&](int64_t b, ResolveScratch<S>& scratch) {
+    resolve_image(a, sc, b, picks + b * m * k, counts + b * m, topk2, out + b * A, tgt + b * A, scratch);
   };
   if (bs >= at::get_num_threads()) {
     // an image a task, its steps one after another: its predicted boxes (kPredRows * A floats) are still
@@ -602,13 +617,21 @@ void assign(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor&
       std::vector<S> dist;
       Runs runs;
       BoxScratch<S> boxes;
+      ResolveScratch<S> resolve;
     };
+    // the images by their cost, the sum of their boxes' candidate windows' areas, costliest first
+    std::vector<double> cost(size_t(bs), 0.0);
+    for (int64_t r = 0; r < bs * m; ++r)
+      if (gt[r].valid) cost[r / m] += double(gt[r].hi_x - gt[r].lo_x) * double(gt[r].hi_y - gt[r].lo_y);
+    std::vector<int64_t> order(static_cast<size_t>(bs));
+    for (int64_t b = 0; b < bs; ++b) order[b] = b;
+    std::stable_sort(order.begin(), order.end(), [&](int64_t i, int64_t j) { return cost[i] > cost[j]; });
     parallel_tasks<ImageScratch>(bs, [&](int64_t b, ImageScratch& scratch) {
       mark_needed(b);
       for (int64_t l = 0; l < L.levels(); ++l) decode_level(b, l, scratch.dist, scratch.runs);
       for (int64_t r = b * m; r < (b + 1) * m; ++r) box_top_k(r, scratch.boxes);
-      resolve(b);
-    });
+      resolve(b, scratch.resolve);
+    }, order.data());
     return;
   }
   // fewer images than threads: each step split finer (levels, boxes) over the threads
@@ -625,7 +648,8 @@ void assign(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor&
     for (int64_t r = begin; r < end; ++r) box_top_k(r, scratch);
   });
   at::parallel_for(0, bs, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) resolve(b);
+    ResolveScratch<S> scratch;
+    for (int64_t b = begin; b < end; ++b) resolve(b, scratch);
   });
 }
 
