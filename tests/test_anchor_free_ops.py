@@ -1,5 +1,5 @@
-"""The anchor-free family's C++ ops one by one (``tal_assign``, ``detection_loss`` and its backward):
-the assignment against the dense reference assigner, float64 gradcheck of the loss with the
+"""The anchor-free family's C++ ops one by one (``pad_targets``, ``tal_assign``, ``detection_loss`` and
+its backward): the padded targets and the assignment against the reference, float64 gradcheck of the loss with the
 assignment held, half precision against the reference on the same values upcast, ``opcheck``, the
 assigner's memory, bad arguments. The whole loss against the original is in test_yolov8.py."""
 
@@ -25,6 +25,37 @@ def targets_of(preds, batch, options, grids):
         batch["batch_idx"], batch["cls"], batch["bboxes"], preds["boxes"].shape[0], image_hw.flip(0)
     )
     return labels.squeeze(-1).long(), boxes
+
+
+@pytest.mark.parametrize(
+    "counts, image_hw, dtype",
+    [
+        ([3, 0, 5], (640.0, 640.0), torch.float32),  # an image without boxes
+        ([0, 0], (320.0, 480.0), torch.float32),  # no boxes at all: m = 0
+        ([7], (256.0, 416.0), torch.float64),  # float64 targets: through float32 as the reference
+        ([2, 9, 1, 4], (96.0, 160.0), torch.float32),
+    ],
+)
+def test_pad_targets_matches_the_reference(counts, image_hw, dtype, gen):
+    batch = make_batch(counts, 80, gen, dtype=dtype)
+    perm = torch.randperm(sum(counts), generator=gen)  # images interleaved: the slots follow input order
+    batch = {k: v[perm] for k, v in batch.items()}
+    batch["bboxes"][:1] = 0.0  # a zero box stays a zero row (not padding to the ops, a box of size 0)
+    bs = len(counts)
+    h, w = image_hw
+    labels, boxes = OPS.pad_targets(batch["batch_idx"], batch["cls"], batch["bboxes"], bs, w, h)
+    want_labels, want_boxes = reference.pad_targets(
+        batch["batch_idx"], batch["cls"], batch["bboxes"], bs, torch.tensor([w, h])
+    )
+    assert labels.dtype == torch.int64 and boxes.dtype == torch.float32
+    assert torch.equal(labels, want_labels.squeeze(-1).long()) and torch.equal(boxes, want_boxes)
+
+
+def test_pad_targets_rejects_images_outside_the_batch():
+    with pytest.raises(RuntimeError, match=r"batch_idx: expected images in \[0, 2\), got 2 at row 1"):
+        OPS.pad_targets(torch.tensor([0.0, 2.0]), torch.zeros(2), torch.full((2, 4), 0.5), 2, 64.0, 64.0)
+    with pytest.raises(RuntimeError, match=r"bboxes: expected shape \[2, 4\]"):
+        OPS.pad_targets(torch.tensor([0.0, 1.0]), torch.zeros(2), torch.full((2, 5), 0.5), 2, 64.0, 64.0)
 
 
 def op_args(preds, labels, gt_boxes, options, grids):
@@ -248,6 +279,8 @@ def test_opcheck(gen):
     boxes, scores = (t.clone().requires_grad_(True) for t in args[:2])
     loss_args = (boxes, scores, labels, gt_boxes, assigned, target, None, *args[4:], 7.5, 0.5, 1.5)
     utils = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    pad_args = (batch["batch_idx"], batch["cls"], batch["bboxes"], 2, 48.0, 32.0)
+    torch.library.opcheck(OPS.pad_targets.default, pad_args, test_utils=utils)
     torch.library.opcheck(OPS.tal_assign.default, assign_args, test_utils=utils)
     torch.library.opcheck(OPS.detection_loss.default, loss_args, test_utils=utils)
     # the backward op has no derivative of its own (a second derivative is an error): plain inputs

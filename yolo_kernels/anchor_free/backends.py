@@ -100,11 +100,10 @@ class CppBackend:
         boxes, scores = problem.boxes, problem.scores
         grids = [n for grid in problem.grids for n in grid]
         strides = list(options.strides)
-        image_hw = reference.image_size(problem.grids, strides, scores.dtype, scores.device)
-        labels, gt_boxes = reference.pad_targets(
-            problem.batch_idx, problem.cls, problem.bboxes, boxes.shape[0], image_hw.flip(0)
+        image_h, image_w = reference.image_size(problem.grids, strides, scores.dtype, scores.device).tolist()
+        labels, gt_boxes = torch.ops.yolo_kernels.pad_targets(
+            problem.batch_idx, problem.cls, problem.bboxes, boxes.shape[0], image_w, image_h
         )
-        labels = labels.squeeze(-1).long()
         assigned, target = torch.ops.yolo_kernels.tal_assign(
             boxes.detach(), scores.detach(), labels, gt_boxes, grids, strides, options.topk, options.second_cut,
             options.alpha, options.beta, options.size_floor,
