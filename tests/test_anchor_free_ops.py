@@ -43,7 +43,7 @@ def test_pad_targets_matches_the_reference(counts, image_hw, dtype, gen):
     batch["bboxes"][:1] = 0.0  # a zero box stays a zero row (not padding to the ops, a box of size 0)
     bs = len(counts)
     h, w = image_hw
-    labels, boxes = OPS.pad_targets(batch["batch_idx"], batch["cls"], batch["bboxes"], bs, w, h)
+    labels, boxes = OPS.pad_targets(batch["batch_idx"], batch["cls"], batch["bboxes"], bs, 80, w, h)
     want_labels, want_boxes = reference.pad_targets(
         batch["batch_idx"], batch["cls"], batch["bboxes"], bs, torch.tensor([w, h])
     )
@@ -51,11 +51,29 @@ def test_pad_targets_matches_the_reference(counts, image_hw, dtype, gen):
     assert torch.equal(labels, want_labels.squeeze(-1).long()) and torch.equal(boxes, want_boxes)
 
 
-def test_pad_targets_rejects_images_outside_the_batch():
-    with pytest.raises(RuntimeError, match=r"batch_idx: expected images in \[0, 2\), got 2 at row 1"):
-        OPS.pad_targets(torch.tensor([0.0, 2.0]), torch.zeros(2), torch.full((2, 4), 0.5), 2, 64.0, 64.0)
-    with pytest.raises(RuntimeError, match=r"bboxes: expected shape \[2, 4\]"):
-        OPS.pad_targets(torch.tensor([0.0, 1.0]), torch.zeros(2), torch.full((2, 5), 0.5), 2, 64.0, 64.0)
+@pytest.mark.parametrize(
+    "column, row, value, message",
+    [
+        ("batch_idx", 1, 2.0, r"batch\['batch_idx'\]: expected integers in \[0, 2\), got 2.0 at row 1"),
+        ("batch_idx", 0, 0.5, r"batch\['batch_idx'\]: expected integers in \[0, 2\), got 0.5 at row 0"),
+        ("cls", 2, float("nan"), r"batch\['cls'\]: expected integers in \[0, 3\), got nan at row 2"),
+        ("x", 1, float("inf"), r"box centre x, y\): expected finite values, got \[inf, 0.5\] at row 1"),
+        ("w", 0, 40.0, r"box w, h\): expected finite sizes in \[0, 2\] .*pixels\?\), got \[40.0, 0.5\] at row 0"),
+        ("w", 2, -1e-05, r"box w, h\): .*, got \[-1e-05, 0.5\] at row 2"),
+    ],
+)
+def test_pad_targets_names_the_first_bad_value(column, row, value, message):
+    """The op checks the values (even with validate=False) with the messages of validate.py."""
+    batch_idx, cls, bboxes = torch.tensor([0.0, 1.0, 1.0]), torch.tensor([0.0, 2.0, 1.0]), torch.full((3, 4), 0.5)
+    target = {"batch_idx": (batch_idx, None), "cls": (cls, None), "x": (bboxes, 0), "w": (bboxes, 2)}[column]
+    if target[1] is None:
+        target[0][row] = value
+    else:
+        target[0][row, target[1]] = value
+    with pytest.raises(ValueError, match=message):
+        OPS.pad_targets(batch_idx, cls, bboxes, 2, 3, 64.0, 64.0)
+    with pytest.raises(RuntimeError, match=r"bboxes: expected shape \[3, 4\]"):
+        OPS.pad_targets(batch_idx, cls, bboxes[:, :3], 2, 3, 64.0, 64.0)
 
 
 def op_args(preds, labels, gt_boxes, options, grids):
@@ -279,7 +297,7 @@ def test_opcheck(gen):
     boxes, scores = (t.clone().requires_grad_(True) for t in args[:2])
     loss_args = (boxes, scores, labels, gt_boxes, assigned, target, None, *args[4:], 7.5, 0.5, 1.5)
     utils = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-    pad_args = (batch["batch_idx"], batch["cls"], batch["bboxes"], 2, 48.0, 32.0)
+    pad_args = (batch["batch_idx"], batch["cls"], batch["bboxes"], 2, 3, 48.0, 32.0)
     torch.library.opcheck(OPS.pad_targets.default, pad_args, test_utils=utils)
     torch.library.opcheck(OPS.tal_assign.default, assign_args, test_utils=utils)
     torch.library.opcheck(OPS.detection_loss.default, loss_args, test_utils=utils)

@@ -69,9 +69,10 @@ SCHEMAS = {
     # gt_boxes [bs, m, 4] (float32 pixel xyxy, all-zero rows padding).
     # An ultralytics batch's targets (batch_idx [n], cls [n], normalised xywh bboxes [n, 4]) per image
     # for the ops below: gt_labels [bs, m] and gt_boxes [bs, m, 4], scaled by the image size (pixels),
-    # m the most boxes of one image, each image's boxes in input order (reference.pad_targets).
-    "pad_targets": "pad_targets(Tensor batch_idx, Tensor cls, Tensor bboxes, int bs, float image_w, float image_h) "
-    "-> (Tensor, Tensor)",
+    # m the most boxes of one image, each image's boxes in input order (reference.pad_targets). The
+    # values are checked as anchor_free/validate.py checks them (ids in [0, bs) and [0, nc), ...).
+    "pad_targets": "pad_targets(Tensor batch_idx, Tensor cls, Tensor bboxes, int bs, int nc, float image_w, "
+    "float image_h) -> (Tensor, Tensor)",
     # The task-aligned assigner: per point the box it is assigned to (int32, -1: none) and its
     # target score (float32, float64 for float64 predictions); topk2 None: no second cut; boxes'
     # sides below size_floor (pixels) are raised to it when searching their points.
@@ -197,7 +198,7 @@ torch.library.register_autograd("yolo_kernels::fused_loss", _fused_loss_backward
 
 
 @torch.library.register_fake("yolo_kernels::pad_targets")
-def _pad_targets_fake(batch_idx, cls, bboxes, bs, image_w, image_h):
+def _pad_targets_fake(batch_idx, cls, bboxes, bs, nc, image_w, image_h):
     m = torch.library.get_ctx().new_dynamic_size()  # the most boxes of one image: data-dependent
     return batch_idx.new_empty(bs, m, dtype=torch.int64), batch_idx.new_empty(bs, m, 4, dtype=torch.float32)
 

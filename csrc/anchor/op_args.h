@@ -47,9 +47,6 @@ inline void check_anchors(const at::Tensor& anchors, const std::string& name) {
               ": expected shape [na, 2] with na >= 1, got ", anchors.sizes());
 }
 
-// The largest normalised box width or height accepted (yolo_kernels/validate.py, MAX_BOX_SIZE).
-constexpr double kMaxBoxSize = 2.0;
-
 // Every value check the loss relies on, on the targets converted to T: column by column, naming the
 // first bad row, with the messages of yolo_kernels/validate.py (ValueError).
 template <typename T>

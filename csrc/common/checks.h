@@ -27,6 +27,9 @@ inline void check_finite_option(T value, const char* name) {
   TORCH_CHECK(std::isfinite(value), name, ": expected a finite number, got ", value);
 }
 
+// The largest normalised box width or height accepted (yolo_kernels/validate.py, MAX_BOX_SIZE).
+constexpr double kMaxBoxSize = 2.0;
+
 // A number as Python prints float(f"{v:.7g}"): at most seven significant digits, the shortest form
 // that reads back, "2.0" rather than "2", exponent form below 1e-4 and from 1e16 (the messages of
 // the value checks are the same from this kernel and from yolo_kernels/validate.py).

@@ -29,6 +29,9 @@ class ReferenceBackend:
     def unavailable_reason(self, device: torch.device | None) -> str | None:
         return None
 
+    def checks_values(self, device: torch.device) -> bool:
+        return False  # DetectionLoss's checks (validate) cover it
+
     def loss(self, problem: Problem, options: DetectionOptions, class_weights, expected_grad=None) -> torch.Tensor:
         return reference.loss(
             problem.boxes,
@@ -92,6 +95,11 @@ class CppBackend:
     def unavailable_reason(self, device: torch.device | None) -> str | None:
         return cpu_kernels_unavailable_reason(device)
 
+    def checks_values(self, device: torch.device) -> bool:
+        """``pad_targets`` checks the target values (ValueError, the messages of ``validate``) in the
+        pass that lays them out, even with ``validate=False``: DetectionLoss skips its own."""
+        return True
+
     def assign(self, problem: Problem, options: DetectionOptions):
         """The assignment step alone: ``(labels, gt_boxes, grids, strides, assigned, target)``, the
         padded targets and the ops' flat arguments with ``tal_assign``'s output (what ``loss``
@@ -102,7 +110,7 @@ class CppBackend:
         strides = list(options.strides)
         image_h, image_w = reference.image_size(problem.grids, strides, scores.dtype, scores.device).tolist()
         labels, gt_boxes = torch.ops.yolo_kernels.pad_targets(
-            problem.batch_idx, problem.cls, problem.bboxes, boxes.shape[0], image_w, image_h
+            problem.batch_idx, problem.cls, problem.bboxes, boxes.shape[0], options.nc, image_w, image_h
         )
         assigned, target = torch.ops.yolo_kernels.tal_assign(
             boxes.detach(), scores.detach(), labels, gt_boxes, grids, strides, options.topk, options.second_cut,

@@ -2,7 +2,8 @@
 
 Structure (types, ranks, sizes, dtypes, devices) is always checked; values (image and class ids,
 box sizes) on CPU in Python with the first bad row named, elsewhere as device-side asserts (no host
-synchronisation), and not at all with ``validate=False``.
+synchronisation), and not at all with ``validate=False``, except by the ``cpp`` backend's
+``pad_targets`` op, which checks them with the same messages in the pass that lays them out.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from ..validate import MAX_BOX_SIZE, first_bad_row
 from .options import DetectionOptions
 
-__all__ = ["Problem", "check_problem", "parse_preds"]
+__all__ = ["Problem", "check_problem", "check_values", "parse_preds"]
 
 SIZE_MESSAGE = (
     f"batch['bboxes'][:, 2:4] (box w, h): expected finite sizes in [0, {MAX_BOX_SIZE:g}] as fractions of the "
@@ -149,7 +150,18 @@ def check_problem(
         raise TypeError(f"batch['bboxes']: expected a floating-point tensor, got {bboxes.dtype}")
     # the trainer's batch may still be on the CPU while the model runs elsewhere (the original moves it too)
     batch_idx, cls, bboxes = (t.to(boxes.device) for t in (batch_idx, cls, bboxes))
-    if validate and n:
-        eager_cpu = boxes.device.type == "cpu" and not torch.compiler.is_compiling()
-        (_check_values_cpu if eager_cpu else _check_values_async)(batch_idx, cls, bboxes, bs, options.nc)
-    return Problem(boxes, scores, grids, batch_idx, cls, bboxes)
+    problem = Problem(boxes, scores, grids, batch_idx, cls, bboxes)
+    if validate:
+        check_values(problem, options.nc)
+    return problem
+
+
+def check_values(problem: Problem, nc: int) -> None:
+    """The targets' values (image and class ids integers in range, box centres finite, sizes in
+    ``[0, MAX_BOX_SIZE]``): on the CPU in eager mode each check's first bad row named (``ValueError``),
+    elsewhere device-side asserts (no host synchronisation)."""
+    if problem.batch_idx.shape[0] == 0:
+        return
+    eager_cpu = problem.boxes.device.type == "cpu" and not torch.compiler.is_compiling()
+    check = _check_values_cpu if eager_cpu else _check_values_async
+    check(problem.batch_idx, problem.cls, problem.bboxes, problem.boxes.shape[0], nc)

@@ -18,7 +18,7 @@ import torch
 from ..config import compute_dtype, unwrap_model
 from .backends import REGISTRY
 from .options import DetectionOptions
-from .validate import check_problem, parse_preds
+from .validate import check_problem, check_values, parse_preds
 
 __all__ = ["DetectionLoss", "E2ELoss"]
 
@@ -49,7 +49,7 @@ class DetectionLoss:
         backend: ``"auto"`` (the fastest that can run on the predictions' device), ``"cpp"``,
             ``"reference"``.
         validate: check the values of the targets (ids, box sizes); ``False`` when the caller
-            vouches for them.
+            vouches for them (the ``cpp`` op checks them anyway, in the pass that lays them out).
     """
 
     def __init__(
@@ -110,8 +110,11 @@ class DetectionLoss:
         to the components, ``1 * weight * batch size`` in the loss's dtype, computed as autograd
         will compute it."""
         options = self.options
-        problem = check_problem(parse_preds(preds), batch, options, self.validate)
+        problem = check_problem(parse_preds(preds), batch, options, validate=False)
         impl = REGISTRY.resolve(self.backend, problem.boxes.device)
+        # a backend that checks the targets' values itself (the cpp op) skips the Python pass
+        if self.validate and not impl.checks_values(problem.boxes.device):
+            check_values(problem, options.nc)
         weights = self.class_weights
         if weights is not None and weights.device != problem.boxes.device:
             weights = weights.to(problem.boxes.device)

@@ -172,6 +172,9 @@ class AnchorFreeTritonBackend:
     def unavailable_reason(self, device: torch.device | None) -> str | None:
         return _unavailable_reason(device)
 
+    def checks_values(self, device: torch.device) -> bool:
+        return False  # DetectionLoss's device-side asserts (validate) cover it
+
     def loss(self, problem, options, class_weights, expected_grad=None) -> torch.Tensor:
         """``expected_grad`` is not needed: backward reads the components' gradient on the device."""
         boxes, scores = problem.boxes, problem.scores
