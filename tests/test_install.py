@@ -112,7 +112,7 @@ def test_install_with_the_extension_disabled(tmp_path):
     assert "backends: ['reference']" in out
     assert (
         "ops: ['bce_with_logits', 'box_iou', 'detection_loss', 'detection_loss_backward', "
-        "'detection_loss_with_grad', 'fused_loss', 'match', 'tal_assign']" in out
+        "'detection_loss_with_grad', 'fused_loss', 'match', 'pad_targets', 'tal_assign']" in out
     )  # schemas from Python
     assert "warnings: 1" in out  # once per process, not per call
     # what is true, and a fix a pip user can run; not "partially initialized module ... circular import"
