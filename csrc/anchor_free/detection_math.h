@@ -355,12 +355,13 @@ inline void decode(const In* x, int64_t row_stride, int64_t reg_max, int64_t n, 
     decode_block_f32(x, row_stride, reg_max, n, block, dist, log_norm, ahead, ahead_n);
   } else if constexpr (std::is_same_v<T, float>) {
     if (ahead != nullptr) prefetch_rows(ahead, row_stride, 4 * reg_max, ahead_n);
-    std::vector<float> rows(size_t(4 * reg_max * kDecodeBlock));
+    static thread_local std::vector<float> rows;  // the thread's, kept from call to call
+    rows.resize(size_t(4 * reg_max * kDecodeBlock));
     for (int64_t q0 = 0; q0 < n; q0 += kDecodeBlock) {
       const int64_t m = std::min(kDecodeBlock, n - q0);
       for (int64_t r = 0; r < 4 * reg_max; ++r)
-        for (int64_t q = 0; q < m; ++q) rows[r * kDecodeBlock + q] = float(x[r * row_stride + q0 + q]);
-      decode_block_f32(rows.data(), kDecodeBlock, reg_max, m, block, dist + q0, log_norm != nullptr ? log_norm + q0 : nullptr);
+        for (int64_t q = 0; q < m; ++q) rows[r * m + q] = float(x[r * row_stride + q0 + q]);
+      decode_block_f32(rows.data(), m, reg_max, m, block, dist + q0, log_norm != nullptr ? log_norm + q0 : nullptr);
     }
   } else {
     decode_block<T, In>(x, row_stride, reg_max, n, block, dist, log_norm, ahead, ahead_n);

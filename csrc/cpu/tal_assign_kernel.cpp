@@ -623,6 +623,7 @@ void assign(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor&
     std::vector<double> cost(size_t(bs), 0.0);
     for (int64_t r = 0; r < bs * m; ++r)
       if (gt[r].valid) cost[r / m] += double(gt[r].hi_x - gt[r].lo_x) * double(gt[r].hi_y - gt[r].lo_y);
+    for (double& c : cost) c = std::isfinite(c) ? c : 0.0;  // a non-finite box: no order among NaNs
     std::vector<int64_t> order(static_cast<size_t>(bs));
     for (int64_t b = 0; b < bs; ++b) order[b] = b;
     std::stable_sort(order.begin(), order.end(), [&](int64_t i, int64_t j) { return cost[i] > cost[j]; });
