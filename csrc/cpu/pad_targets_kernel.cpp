@@ -20,14 +20,8 @@ namespace {
 
 // The values the loss relies on, each check's first bad row named, with the messages of
 // yolo_kernels/anchor_free/validate.py (ValueError): image and class ids integers in range, box
-// centres finite, sizes finite in [0, kMaxBoxSize] (normalised).
-void check_target_values(const at::Tensor& batch_idx, const at::Tensor& cls, const at::Tensor& bboxes, int64_t bs,
-                         int64_t nc) {
-  const at::Tensor bi = batch_idx.reshape(-1).to(at::kDouble).contiguous();
-  const at::Tensor cl = cls.reshape(-1).to(at::kDouble).contiguous();
-  const at::Tensor bb = bboxes.to(at::kDouble).contiguous();
-  const double *b = bi.data_ptr<double>(), *c = cl.data_ptr<double>(), *t = bb.data_ptr<double>();
-  const int64_t n = bi.numel();
+// centres finite, sizes finite in [0, kMaxBoxSize] (normalised). b, c: n values; t: n rows of 4.
+void check_target_values(const double* b, const double* c, const double* t, int64_t n, int64_t bs, int64_t nc) {
   const auto integral_in = [](double v, int64_t hi) { return v >= 0 && v < double(hi) && v == std::trunc(v); };
   for (int64_t i = 0; i < n; ++i)
     TORCH_CHECK_VALUE(integral_in(b[i], bs), "batch['batch_idx']: expected integers in [0, ", bs, "), got ",
@@ -64,27 +58,26 @@ std::tuple<at::Tensor, at::Tensor> pad_targets_cpu(const at::Tensor& batch_idx, 
   TORCH_CHECK(bboxes.dim() == 2 && bboxes.size(0) == n && bboxes.size(1) == 4,
               "bboxes: expected shape [", n, ", 4] (normalised x, y, w, h), got ", bboxes.sizes());
   TORCH_CHECK(nc >= 1, "nc: expected at least one class, got ", nc);
-  check_target_values(batch_idx, cls, bboxes, bs, nc);
-  // as the reference: image indices truncated to int64, labels and boxes through float32
-  const at::Tensor image = batch_idx.reshape(-1).to(at::kLong).contiguous();
-  const at::Tensor label = cls.reshape(-1).to(at::kFloat).contiguous();
-  const at::Tensor box = bboxes.to(at::kFloat).contiguous();
-  const int64_t* im = image.data_ptr<int64_t>();
+  // every input read once, as double (exact for every float dtype and for ids in range)
+  const at::Tensor bi = batch_idx.reshape(-1).to(at::kDouble).contiguous();
+  const at::Tensor cl = cls.reshape(-1).to(at::kDouble).contiguous();
+  const at::Tensor bb = bboxes.to(at::kDouble).contiguous();
+  const double *im = bi.data_ptr<double>(), *lb = cl.data_ptr<double>(), *bx = bb.data_ptr<double>();
+  check_target_values(im, lb, bx, n, bs, nc);
+  // as the reference: image ids (whole, in range) as int64, labels and boxes through float32
   std::vector<int64_t> slot(static_cast<size_t>(n)), count(static_cast<size_t>(bs), 0);
-  for (int64_t i = 0; i < n; ++i) slot[i] = count[im[i]]++;
+  for (int64_t i = 0; i < n; ++i) slot[i] = count[int64_t(im[i])]++;
   const int64_t m = n == 0 ? 0 : *std::max_element(count.begin(), count.end());
   at::Tensor gt_labels = at::zeros({bs, m}, at::kLong);
   at::Tensor gt_boxes = at::zeros({bs, m, 4}, at::kFloat);
   int64_t* gl = gt_labels.data_ptr<int64_t>();
   float* gb = gt_boxes.data_ptr<float>();
-  const float* lb = label.data_ptr<float>();
-  const float* bx = box.data_ptr<float>();
   const float w = float(image_w), h = float(image_h);
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t r = im[i] * m + slot[i];
-    gl[r] = int64_t(lb[i]);
-    const float x = bx[4 * i] * w, y = bx[4 * i + 1] * h, half_w = bx[4 * i + 2] * w / 2.0f,
-                half_h = bx[4 * i + 3] * h / 2.0f;
+    const int64_t r = int64_t(im[i]) * m + slot[i];
+    gl[r] = int64_t(float(lb[i]));
+    const float x = float(bx[4 * i]) * w, y = float(bx[4 * i + 1]) * h, half_w = float(bx[4 * i + 2]) * w / 2.0f,
+                half_h = float(bx[4 * i + 3]) * h / 2.0f;
     gb[4 * r] = x - half_w, gb[4 * r + 1] = y - half_h, gb[4 * r + 2] = x + half_w, gb[4 * r + 3] = y + half_h;
   }
   return {gt_labels, gt_boxes};
