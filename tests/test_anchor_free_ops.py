@@ -350,3 +350,21 @@ def test_bad_arguments_name_the_argument(change, pattern, gen):
     a.update(change(a))
     with pytest.raises((RuntimeError, ValueError), match=pattern):
         OPS.tal_assign(*a.values(), 10, None, 0.5, 6.0, 16.0)
+
+
+def test_loss_names_an_assigned_box_whose_class_is_out_of_range(gen):
+    """The loss reads the score row of each assigned box's class: a class past nc is named, not read
+    out of bounds (the assigner checks its own boxes; an assignment given by the caller is checked
+    here)."""
+    grids = grids_for(64, 64)
+    options = DetectionOptions(nc=3, reg_max=16, strides=(8.0, 16.0, 32.0))
+    preds = make_preds(1, grids, 3, 16, gen)
+    labels, gt_boxes = targets_of(preds, make_batch([2], 3, gen, lo=0.2, hi=0.5), options, grids)
+    args = op_args(preds, labels, gt_boxes, options, grids)
+    assigned, target = OPS.tal_assign(*args, 10, None, 0.5, 6.0, 16.0)
+    assert (assigned >= 0).any()
+    flat, strides = [n for g in grids for n in g], list(options.strides)
+    loss_args = (preds["boxes"], preds["scores"], labels + 10, gt_boxes, assigned, target, None, flat, strides)
+    for op, extra in ((OPS.detection_loss, ()), (OPS.detection_loss_with_grad, ([1.0, 1.0, 1.0],))):
+        with pytest.raises(ValueError, match=r"gt_labels: expected classes below 3 for the assigned boxes, got 1[0-2]"):
+            op(*loss_args, 7.5, 0.5, 1.5, *extra)

@@ -7,8 +7,8 @@
 //
 // The class term is dense: BCE(x, t) = softplus(x) - t x, with t zero but at the assigned points'
 // classes, so the forward pass sums softplus over every logit (one read) and subtracts t x at the
-// assigned points; the gradient is scale * sigmoid(x) over every logit, fixed up at those points (with
-// the loss: from the same exp, in the same pass over the row).
+// assigned points; the gradient is scale * sigmoid(x) over every logit (with the loss: from the same
+// exp, in the same pass over the row), fixed up at those points while the row is in cache.
 // The box terms (CIoU, DFL or L1) live only at the assigned points: they read those points' bins.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -66,9 +66,18 @@ Problem check_problem(const at::Tensor& boxes, const at::Tensor& scores, const a
   P.gt_labels = gt_labels.contiguous(), P.gt_boxes = gt_boxes.contiguous();
   P.assigned = assigned.contiguous(), P.target = target_scores.contiguous();
   const int32_t* a = P.assigned.data_ptr<int32_t>();
-  for (int64_t i = 0; i < P.bs * P.L.points; ++i)
-    TORCH_CHECK(a[i] >= -1 && a[i] < P.m, "assigned: expected box indices in [-1, ", P.m, "), got ", a[i],
-                " at point ", i);
+  const int64_t* labels = P.gt_labels.data_ptr<int64_t>();
+  for (int64_t b = 0; b < P.bs; ++b)
+    for (int64_t p = 0; p < P.L.points; ++p) {
+      const int32_t box = a[b * P.L.points + p];
+      TORCH_CHECK(box >= -1 && box < P.m, "assigned: expected box indices in [-1, ", P.m, "), got ", box,
+                  " at point ", b * P.L.points + p);
+      // an assigned box's class names the score row of its class term (a negative one counts as 0,
+      // as the original's clamp takes it)
+      TORCH_CHECK_VALUE(box < 0 || labels[b * P.m + box] < P.nc, "gt_labels: expected classes below ", P.nc,
+                        " for the assigned boxes, got ", labels[b * P.m + std::max(box, 0)], " at image ", b,
+                        ", box ", box);
+    }
   if (class_weights.has_value()) {
     TORCH_CHECK(class_weights->numel() == P.nc, "class_weights: expected ", P.nc, " weights, got shape ",
                 class_weights->sizes());
@@ -92,6 +101,9 @@ S target_norm(const Problem& P) {
 // point q; read row by row, in point order, so the reads of a row move forward), decoded, and
 // per point the box term (1 - CIoU), the distance term (DFL, or L1 with reg_max 1), and what the
 // gradient needs: d(1 - CIoU) / d distance per side, the DFL's bins and weights per side.
+// (Decoding every point of the image in place instead, block by block, with the gradient rows
+// written whole, costs more even at 300 boxes, where ~30% of the points are assigned: +35% for the
+// loss, the exponentials of the decode and the gradient at the points not assigned.)
 template <typename S>
 struct AssignedPoints {
   int64_t n = 0;
@@ -227,34 +239,79 @@ struct Scales {
   }
 };
 
+// The assigned points of each class row of an image, in point order, with their target scores:
+// the class term's targets (t at a point's assigned class, 0 elsewhere) as lists, so that the
+// class-row pass subtracts t x and fixes up the gradient while the row is in cache (point by point
+// after it, each of those was a miss of its own in a plane far from the last). Built from the
+// image's assigned points (assigned_terms).
+template <typename S>
+struct ClassTargets {
+  std::vector<int64_t> begin;  // [nc + 1]: class c's entries are [begin[c], begin[c + 1])
+  std::vector<int64_t> point;
+  std::vector<S> t;
+
+  // a counting sort of the points (in point order) by their box's class (below nc: check_problem;
+  // a negative one counts as class 0, as the original's clamp takes it)
+  void build(const AssignedPoints<S>& pts, const int64_t* labels, int64_t nc) {
+    begin.assign(size_t(nc + 1), 0);
+    for (int64_t q = 0; q < pts.n; ++q) ++begin[std::max<int64_t>(labels[pts.box[q]], 0) + 1];
+    for (int64_t c = 0; c < nc; ++c) begin[c + 1] += begin[c];
+    point.resize(size_t(pts.n)), t.resize(size_t(pts.n));
+    std::vector<int64_t> fill(begin.begin(), begin.end() - 1);
+    for (int64_t q = 0; q < pts.n; ++q) {
+      const int64_t e = fill[std::max<int64_t>(labels[pts.box[q]], 0)]++;
+      point[e] = pts.point[q], t[e] = pts.t[q];
+    }
+  }
+};
+
 // The dense class rows (bs * nc of them, in a fixed order: deterministic): with `sums`, each row's
-// softplus sum; with `gs`, d loss / d x = d_cls * w * sigmoid(x) written over the row (the assigned
-// points are fixed up by assigned_terms). Both: one pass, one exp per logit (softplus_sigmoid_row).
+// class term sum(softplus(x)) - sum over its assigned points of t x (unweighted); with `gs`,
+// d loss / d x = d_cls * w * (sigmoid(x) - t) written over the row (t zero but at its assigned
+// points, fixed up after the row is written, still in cache). One pass, one exp per logit
+// (softplus_sigmoid_row).
 template <typename In, typename S>
-void class_rows(const Problem& P, double* sums, In* gs, S d_cls) {
+void class_rows(const Problem& P, const std::vector<ClassTargets<S>>& targets, double* sums, In* gs, S d_cls) {
   const int64_t A = P.L.points, nc = P.nc;
   const S* w = P.class_weights.data_ptr<S>();
   const In* xs = P.scores.data_ptr<In>();
   at::parallel_for(0, P.bs * nc, 1, [&](int64_t begin, int64_t end) {
-    std::vector<S> buf, out;
+    std::vector<S> buf, out, at, sig;  // at, sig: the row's logits at its assigned points, their sigmoids
     for (int64_t r = begin; r < end; ++r) {
       const S* x = row_as<S>(xs + r * A, A, buf);
-      if (gs == nullptr) {
-        sums[r] = softplus_row_sum(x, A);
-        continue;
-      }
+      const ClassTargets<S>& image = targets[r / nc];
+      const int64_t e0 = image.begin[r % nc], n = image.begin[r % nc + 1] - e0;
+      const int64_t* point = image.point.data() + e0;
+      const S* t = image.t.data() + e0;
       S* g = nullptr;
       if constexpr (std::is_same_v<S, In>) {
-        g = gs + r * A;
-      } else {
+        g = gs != nullptr ? gs + r * A : nullptr;
+      } else if (gs != nullptr) {
         out.resize(size_t(A));
         g = out.data();
       }
       const S scale = d_cls * w[r % nc];
-      if (sums != nullptr)
-        sums[r] = softplus_sigmoid_row(x, A, g, scale);
+      double row_sum = 0.0;
+      if (g == nullptr)
+        row_sum = softplus_row_sum(x, A);
+      else if (sums != nullptr)
+        row_sum = softplus_sigmoid_row(x, A, g, scale);
       else
         sigmoid_row_scaled(x, g, A, scale);
+      // the assigned points, after the row's pass (in cache then; read before it, their scattered
+      // lines would break the pass's stream)
+      at.resize(size_t(n));
+      for (int64_t i = 0; i < n; ++i) at[i] = x[point[i]];
+      if (sums != nullptr) {
+        double tx = 0.0;
+        for (int64_t i = 0; i < n; ++i) tx += double(at[i] * t[i]);
+        sums[r] = row_sum - tx;
+      }
+      if (g == nullptr) continue;
+      // their gradient d_cls * w * (sigmoid - t), the sigmoids in one call of the row loop
+      sig.resize(size_t(n));
+      sigmoid_row_scaled(at.data(), sig.data(), n, S(1));
+      for (int64_t i = 0; i < n; ++i) g[point[i]] = scale * (sig[i] - t[i]);
       if constexpr (!std::is_same_v<S, In>)
         for (int64_t i = 0; i < A; ++i) gs[r * A + i] = In(out[i]);
     }
@@ -265,16 +322,13 @@ void class_rows(const Problem& P, double* sums, In* gs, S d_cls) {
 // many is assigned (assigned_terms).
 constexpr int64_t kStreamBelow = 8;
 
-// The assigned points of every image (one image a task): with `images`, the sums of their terms
-// (box, the class term's - t x, distance; weighted by t); with `gb` and `gs`, the gradient of the
-// box logits (rows zero but at the assigned points) and the class gradient at the assigned class
-// fixed up to d_cls * w * (sigmoid - t), after class_rows wrote sigmoid there.
+// The assigned points of every image (one image a task): with `images`, the sums of their box and
+// distance terms (weighted by t); with `gb`, the gradient of the box logits (rows zero but at the
+// assigned points); per image, the targets of its class rows (whose pass, class_rows, comes after).
 template <typename In, typename S>
-void assigned_terms(const Problem& P, std::array<double, 3>* images, In* gb, In* gs, Scales<S> d) {
-  const int64_t A = P.L.points, nc = P.nc, C = 4 * P.R;
-  const S* w = P.class_weights.data_ptr<S>();
-  const In* xs = P.scores.data_ptr<In>();
-  const int64_t* labels = P.gt_labels.data_ptr<int64_t>();
+void assigned_terms(const Problem& P, std::array<double, 2>* images, In* gb, Scales<S> d,
+                    std::vector<ClassTargets<S>>& targets) {
+  const int64_t A = P.L.points, C = 4 * P.R;
   struct Scratch {
     AssignedPoints<S> pts;
     std::vector<S> g;
@@ -284,14 +338,12 @@ void assigned_terms(const Problem& P, std::array<double, 3>* images, In* gb, In*
     AssignedPoints<S>& pts = scratch.pts;
     std::vector<S>& g = scratch.g;
     pts.template build<In>(P, b);
+    targets[b].build(pts, P.gt_labels.data_ptr<int64_t>() + b * P.m, P.nc);
     if (images != nullptr) {
-      std::array<double, 3> sum = {0.0, 0.0, 0.0};
+      std::array<double, 2> sum = {0.0, 0.0};
       for (int64_t q = 0; q < pts.n; ++q) {
-        const S t = pts.t[q];
-        const int64_t label = std::max<int64_t>(labels[b * P.m + pts.box[q]], 0);
-        sum[1] -= double(w[label] * S(xs[(b * nc + label) * A + pts.point[q]]) * t);
-        sum[0] += double(pts.box_term[q] * t);
-        sum[2] += double(pts.dist_term[q] * t);
+        sum[0] += double(pts.box_term[q] * pts.t[q]);
+        sum[1] += double(pts.dist_term[q] * pts.t[q]);
       }
       images[b] = sum;
     }
@@ -318,14 +370,6 @@ void assigned_terms(const Problem& P, std::array<double, 3>* images, In* gb, In*
       for (int64_t q = 0; q < pts.n; ++q) staging[pts.point[q]] = In(0);
     }
     if (stream) stream_fence();
-    for (int64_t q = 0; q < pts.n; ++q) {  // the class term at the assigned class: (sigmoid - t)
-      const int64_t label = std::max<int64_t>(labels[b * P.m + pts.box[q]], 0);
-      const int64_t at_ = (b * nc + label) * A + pts.point[q];
-      const S x = S(xs[at_]);
-      S sig;
-      sigmoid_row_scaled(&x, &sig, 1, S(1));
-      gs[at_] = In(d.cls * w[label] * (sig - pts.t[q]));
-    }
   });
 }
 
@@ -348,14 +392,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const Problem& P, Gains g
   if (grad != nullptr) std::tie(grad_boxes, grad_scores) = gradient_buffers(P);
   In* gb = grad != nullptr ? grad_boxes.data_ptr<In>() : nullptr;
   In* gs = grad != nullptr ? grad_scores.data_ptr<In>() : nullptr;
+  std::vector<std::array<double, 2>> images(static_cast<size_t>(bs));
+  std::vector<ClassTargets<S>> targets(static_cast<size_t>(bs));
+  assigned_terms<In, S>(P, images.data(), gb, d, targets);
   std::vector<double> rows(size_t(bs * nc));
-  class_rows<In, S>(P, rows.data(), gs, d.cls);
-  std::vector<std::array<double, 3>> images(static_cast<size_t>(bs));
-  assigned_terms<In, S>(P, images.data(), gb, gs, d);
+  class_rows<In, S>(P, targets, rows.data(), gs, d.cls);
   const S* w = P.class_weights.data_ptr<S>();
   double box = 0.0, cls = 0.0, dist = 0.0;
   for (int64_t r = 0; r < bs * nc; ++r) cls += double(w[r % nc]) * rows[r];
-  for (const auto& s : images) box += s[0], cls += s[1], dist += s[2];
+  for (const auto& s : images) box += s[0], dist += s[1];
   at::Tensor out = at::empty({3}, P.boxes.options().dtype(P.target.scalar_type()));
   S* o = out.data_ptr<S>();
   o[0] = S(box / double(norm)) * S(gains.box);
@@ -370,9 +415,9 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad, const Proble
   TORCH_CHECK(g.numel() == 3, "grad: expected the 3 components' gradient, got shape ", grad.sizes());
   const Scales<S> d = Scales<S>::of(g.data_ptr<double>(), gains, target_norm<S>(P));
   auto [grad_boxes, grad_scores] = gradient_buffers(P);
-  In* gs = grad_scores.data_ptr<In>();
-  class_rows<In, S>(P, nullptr, gs, d.cls);
-  assigned_terms<In, S>(P, nullptr, grad_boxes.data_ptr<In>(), gs, d);
+  std::vector<ClassTargets<S>> targets(static_cast<size_t>(P.bs));
+  assigned_terms<In, S>(P, nullptr, grad_boxes.data_ptr<In>(), d, targets);
+  class_rows<In, S>(P, targets, nullptr, grad_scores.data_ptr<In>(), d.cls);
   return {grad_boxes, grad_scores};
 }
 
