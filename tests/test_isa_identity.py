@@ -99,6 +99,9 @@ static void print_bits(const char* what, const std::vector<double>& v) {
       px1[i] = 100.0f + 20.0f * b[0][i], py1[i] = 100.0f + 20.0f * b[1][i],                           \
       px2[i] = px1[i] + 10.0f * b[8][i], py2[i] = py1[i] + 10.0f * b[9][i],                           \
       pa[i] = anchor_free::box_angle(px1[i], py1[i], px2[i], py2[i]);                                  \
+    anchor_free::box_angle_row_generic(px1.data(), py1.data(), px2.data(), py2.data(), n, sp.data());     \
+    print_bits("box_angle", sp); /* the row of angles (the assigner's decode) and one at a time */   \
+    print_bits("box_angle_each", pa);                                                                 \
     const float g[5] = {90.0f, 95.0f, 160.0f, 170.0f, anchor_free::box_angle(90.0f, 95.0f, 160.0f, 170.0f)}; \
     anchor_free::overlap_row_generic<float>(g, px1.data(), py1.data(), px2.data(), py2.data(), pa.data(), n, \
                                             ov.data());                                               \
@@ -187,14 +190,16 @@ def test_row_functions_are_bitwise_identical_across_instruction_sets(tmp_path):
     if len(outputs) < 2:
         pytest.skip("this CPU has neither AVX2 nor AVX-512: one instruction set, nothing to compare")
     reference = outputs.pop("baseline")
-    # every function printed something (the assigner's rows: 5 lines)
-    assert len(reference) == 4 * 4 + 2 * 2 * 2 + 2 + 5 + 5 + 4 * 2 * 5
+    # every function printed something (the assigner's rows: 7 lines)
+    assert len(reference) == 4 * 4 + 2 * 2 * 2 + 2 + 5 + 7 + 4 * 2 * 5
     # the one-pass softplus sum and sigmoid are the two separate rows' bits
     bits = {line.split()[0]: line.split()[1:] for line in reference}
     assert bits["softplus_sigmoid_sum"] == bits["softplus_sum"]
     assert bits["softplus_sigmoid_grad"] == bits["sigmoid_scaled"]
     # the assigner's CIoU from angles taken once per box is the per-pair formula's
     assert bits["assigner_overlap"] == bits["assigner_overlap_per_pair"]
+    # the decode's row of angles is box_angle's taken one at a time
+    assert bits["box_angle"] == bits["box_angle_each"]
     for isa, lines in outputs.items():
         differing = [i for i, (a, b) in enumerate(zip(lines, reference)) if a != b]
         assert not differing and len(lines) == len(reference), (

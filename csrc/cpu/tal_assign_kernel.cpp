@@ -590,8 +590,9 @@ void assign(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor&
         o[A] = float((cy - dist[1 * kDecodeBlock + q]) * st);
         o[2 * A] = float((cx + dist[2 * kDecodeBlock + q]) * st);
         o[3 * A] = float((cy + dist[3 * kDecodeBlock + q]) * st);
-        o[4 * A] = box_angle(o[0], o[A], o[2 * A], o[3 * A]);
       }
+      float* o = pred + b * kPredRows * A + p0;
+      box_angle_row(o, o + A, o + 2 * A, o + 3 * A, n, o + 4 * A);
     }
   };
   const In* sc = scores.data_ptr<In>();

@@ -90,12 +90,18 @@ Dual<T, N> clamp_min(const Dual<T, N>& x, T lo) { return x.v >= lo ? x : Dual<T,
 template <typename T>
 T clamp_min(T x, T lo) { return x >= lo ? x : lo; }
 
-template <typename T, int N>
-Dual<T, N> atan_(const Dual<T, N>& x) {
-  Dual<T, N> r(std::atan(x.v));
+// arctan of a dual number whose value is value(x.v) (an arctangent: std::atan, or another
+// rounding of it); the derivative 1 / (1 + x^2)
+template <typename T, int N, typename F>
+Dual<T, N> atan_by(const Dual<T, N>& x, F value) {
+  Dual<T, N> r(value(x.v));
   const T g = T(1) / (T(1) + x.v * x.v);
   for (int i = 0; i < N; ++i) r.d[i] = x.d[i] * g;
   return r;
+}
+template <typename T, int N>
+Dual<T, N> atan_(const Dual<T, N>& x) {
+  return atan_by(x, [](T v) { return std::atan(v); });
 }
 template <typename T>
 T atan_(T x) { return std::atan(x); }

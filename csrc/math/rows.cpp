@@ -85,6 +85,12 @@ YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) void score_power_appr
   score_power_approx_row_generic(x, n, alpha, out);
 }
 
+YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) void box_angle_row(const float* x1, const float* y1,
+                                                                             const float* x2, const float* y2,
+                                                                             int64_t n, float* out) {
+  box_angle_row_generic(x1, y1, x2, y2, n, out);
+}
+
 YOLO_KERNELS_ISA_CLONES __attribute__((noinline, flatten)) void bin_gradient_row(
     const float* x, const float* log_norm, const float* dist, const float* t, const float* d_ciou,
     const int32_t* left, const float* wl, const float* wr, int64_t n, int32_t j, float d_box, float d_dist,
